@@ -1,0 +1,6 @@
+"""Imports every built-in method module so that each registers itself."""
+
+from . import (  # noqa: F401
+    cls_topk,
+    uniform,
+)

@@ -1,0 +1,78 @@
+"""One registry of compressors by lower-case name, with their capabilities."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, TypeVar
+
+from .base import Compressor
+
+_NAME = re.compile(r"^[a-z][a-z0-9_+]*$")
+_REGISTRY: dict[str, type[Compressor]] = {}
+
+C = TypeVar("C", bound=type[Compressor])
+
+
+def register(cls: C) -> C:
+    """Class decorator: add a method under its ``name`` (lower-case, unique)."""
+    name = cls.name
+    if not _NAME.match(name or ""):
+        raise ValueError(f"method name {name!r} of {cls.__qualname__} must be lower-case [a-z0-9_+]")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__qualname__} must be a dataclass (its fields are the method's knobs)")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Compressor]:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def get_method(name: str, **knobs: Any) -> Compressor:
+    """Instantiate a method by name; unknown knobs raise ``ValueError`` naming them."""
+    cls = method_class(name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(knobs) - fields)
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no knob(s) {', '.join(unknown)}; its knobs: {', '.join(sorted(fields)) or 'none'}"
+        )
+    return cls(**knobs)
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Capabilities and knob defaults of one method, for docs and ``tokcomp info``."""
+    cls = method_class(name)
+    return {
+        "name": cls.name,
+        "family": cls.family,
+        "paper": cls.paper,
+        "needs_cls_attention": cls.needs_cls_attention,
+        "needs_keys": cls.needs_keys,
+        "needs_text": cls.needs_text,
+        "needs_text_attention": cls.needs_text_attention,
+        "prunes": cls.prunes,
+        "merges": cls.merges,
+        "order_preserving": cls.order_preserving,
+        "supports_fixed_budget": cls.supports_fixed_budget,
+        "adaptive": cls.adaptive,
+        "knobs": {
+            f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(cls)
+        },
+    }
+
+
+def _load_builtin_methods() -> None:
+    from . import builtin  # noqa: F401 - importing registers the built-in methods
