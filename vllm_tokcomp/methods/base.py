@@ -310,4 +310,4 @@ def compress_batch(
     """Compress several items, each with its own budget. Items never influence each other."""
     if len(items) != len(budgets):
         raise ValueError(f"{len(items)} items but {len(budgets)} budgets")
-    return [method(item, budget) for item, budget in zip(items, budgets)]
+    return [method(item, budget) for item, budget in zip(items, budgets, strict=True)]

@@ -1,0 +1,124 @@
+"""``tokcomp`` command: ``serve`` starts vLLM's own OpenAI server with compression; ``info`` prints versions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import BUDGET_KEY, METHOD_KEY, OFF, ConfigError, parse_engine_config, servable_methods
+
+PLUGIN_NAME = "tokcomp"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("usage: tokcomp serve [MODEL] --method NAME --budget N [vllm serve args...]\n       tokcomp info")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return serve(rest)
+    if command == "info":
+        return info()
+    print(f"tokcomp: unknown command {command!r} (expected serve or info)", file=sys.stderr)
+    return 2
+
+
+def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The ``vllm serve`` command line and environment that ``tokcomp serve argv`` runs.
+
+    Raises ``ConfigError`` naming the field for a bad method/budget, before vLLM starts.
+    """
+    parser = argparse.ArgumentParser(prog="tokcomp serve", add_help=False)
+    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--method", default=None)
+    parser.add_argument("--budget", type=int, default=None)
+    parser.add_argument("--mm-processor-kwargs", dest="mm_processor_kwargs", default=None)
+    known, passthrough = parser.parse_known_args(list(argv))
+    if known.model is not None and known.model.startswith("-"):  # not a model, a vLLM flag
+        passthrough.insert(0, known.model)
+        known.model = None
+
+    mm_kwargs: dict[str, object] = {}
+    if known.mm_processor_kwargs:
+        try:
+            mm_kwargs = json.loads(known.mm_processor_kwargs)
+        except json.JSONDecodeError as error:
+            raise ConfigError("--mm-processor-kwargs", f"is not valid JSON: {error}") from None
+        if not isinstance(mm_kwargs, dict):
+            raise ConfigError("--mm-processor-kwargs", "must be a JSON object")
+    mm_kwargs.setdefault(METHOD_KEY, OFF)
+    if known.method is not None:
+        mm_kwargs[METHOD_KEY] = known.method
+    if known.budget is not None:
+        mm_kwargs[BUDGET_KEY] = known.budget
+    parse_engine_config(mm_kwargs)  # fail here, naming the field, rather than deep inside vLLM
+
+    model = known.model
+    if model is None:
+        from .tiny.llava import ensure_default_model
+
+        model = str(ensure_default_model())
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+        "--mm-processor-kwargs", json.dumps(mm_kwargs),
+        # Clients may choose method/budget per request; the processor rejects every other key (HTTP 400).
+        "--trust-request-mm-kwargs",
+        *passthrough,
+    ]
+    env = dict(os.environ)
+    plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p and p != "none"]
+    if "VLLM_PLUGINS" in env and PLUGIN_NAME not in plugins:
+        env["VLLM_PLUGINS"] = ",".join([*plugins, PLUGIN_NAME])
+    return command, env
+
+
+def serve(argv: Sequence[str]) -> int:
+    try:
+        command, env = build_serve_command(argv)
+    except ConfigError as error:
+        print(f"tokcomp serve: bad configuration: {error}", file=sys.stderr)
+        return 2
+    print("tokcomp serve:", " ".join(command[2:]), file=sys.stderr, flush=True)
+    os.execve(sys.executable, command, env)
+    return 0  # not reached
+
+
+def info() -> int:
+    import importlib.metadata as metadata
+
+    import torch
+
+    from .methods import describe
+    from .plugin import SUPPORTED_ARCHITECTURES
+    from .tiny.llava import default_model_dir
+
+    try:
+        import vllm
+
+        vllm_version = vllm.__version__
+    except Exception as error:  # report, don't crash: info is what people run when things are broken
+        vllm_version = f"not importable ({error})"
+    print(f"vllm-tokcomp {metadata.version('vllm-tokcomp')}")
+    print(f"vllm         {vllm_version}")
+    print(f"torch        {torch.__version__}")
+    print("architectures:", ", ".join(SUPPORTED_ARCHITECTURES))
+    print("methods servable through vLLM (fixed budget):", ", ".join(servable_methods()))
+    print("all methods in the library:")
+    from .methods import available_methods
+
+    for name in available_methods():
+        d = describe(name)
+        print(f"  {name:16s} {d['family']:14s} {d['paper']}")
+    model_dir = default_model_dir()
+    state = "built" if (model_dir / "config.json").exists() else "not built yet; built on first `tokcomp serve`"
+    print(f"bundled model: {model_dir} ({state})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

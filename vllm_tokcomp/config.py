@@ -1,0 +1,163 @@
+"""The plugin's configuration: parsed once into a frozen spec, validated with errors naming the field.
+
+Configuration travels through vLLM's ``mm_processor_kwargs`` channel, which
+reaches both the front-end processor and the model:
+
+* engine-wide: ``--mm-processor-kwargs '{"tokcomp_method": "tome", "tokcomp_budget": 64}'``
+* per request: ``extra_body={"mm_processor_kwargs": {"tokcomp_budget": 32}}`` (needs
+  ``--trust-request-mm-kwargs``); request values override engine values.
+
+``tokcomp_method: "none"`` switches compression off. No ``tokcomp_*`` key at
+engine level means the plugin is inert unless a request opts in.
+No vLLM import here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .methods import available_methods, method_class
+
+METHOD_KEY = "tokcomp_method"
+BUDGET_KEY = "tokcomp_budget"
+PLUGIN_KEYS = (METHOD_KEY, BUDGET_KEY)
+OFF = "none"
+DEFAULT_BUDGET = 64
+
+# Signals the vLLM integration can hand to a method today (the vision tower's CLS
+# attention and keys). Methods needing the text query join with the prefill-stage work.
+INTEGRATION_SIGNALS = frozenset({"cls_attention", "keys"})
+
+
+class ConfigError(ValueError):
+    """A bad tokcomp setting; the message names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """What to do with every image of a request: keep ``budget`` tokens chosen by ``method``."""
+
+    method: str
+    budget: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f"tokcomp_{key}": value for key, value in asdict(self).items()}
+
+
+def plugin_keys_in(kwargs: Mapping[str, object] | None) -> dict[str, object]:
+    """The ``tokcomp_*`` entries of a kwargs mapping."""
+    return {k: v for k, v in (kwargs or {}).items() if isinstance(k, str) and k.startswith("tokcomp_")}
+
+
+def without_plugin_keys(kwargs: Mapping[str, object]) -> dict[str, object]:
+    return {k: v for k, v in kwargs.items() if not (isinstance(k, str) and k.startswith("tokcomp_"))}
+
+
+def servable_methods() -> list[str]:
+    """Methods that fit a fixed budget and need only signals the integration provides."""
+    return [name for name in available_methods() if _unservable_reason(name) is None]
+
+
+def _unservable_reason(name: str) -> str | None:
+    cls = method_class(name)
+    if not cls.supports_fixed_budget:
+        return "it has no fixed-budget form (vLLM needs the token count before the encoder runs)"
+    needed = {
+        signal
+        for signal, flag in (
+            ("cls_attention", cls.needs_cls_attention),
+            ("keys", cls.needs_keys),
+            ("text_embeds", cls.needs_text),
+            ("text_attention", cls.needs_text_attention),
+        )
+        if flag
+    }
+    missing = needed - INTEGRATION_SIGNALS
+    if missing:
+        return f"it needs {', '.join(sorted(missing))}, which the vLLM integration does not provide yet"
+    return None
+
+
+def _check_method(value: object, field: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(field, f"must be a method name (string), got {type(value).__name__} {value!r}")
+    if value == OFF:
+        return value
+    if value not in available_methods():
+        raise ConfigError(
+            field, f"unknown method {value!r}; available: {', '.join([OFF, *servable_methods()])}"
+        )
+    reason = _unservable_reason(value)
+    if reason:
+        raise ConfigError(field, f"method {value!r} cannot be served: {reason}")
+    return value
+
+
+def _check_budget(value: object, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, f"must be a positive integer token count, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ConfigError(field, f"must be a positive integer token count, got {value}")
+    return value
+
+
+def _check_keys(kwargs: Mapping[str, object], where: str) -> None:
+    unknown = sorted(set(plugin_keys_in(kwargs)) - set(PLUGIN_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{where}.{unknown[0]}", f"unknown tokcomp setting; known: {', '.join(PLUGIN_KEYS)}"
+        )
+
+
+def parse_engine_config(mm_processor_kwargs: Mapping[str, object] | None) -> CompressionSpec | None:
+    """Engine-wide spec from ``--mm-processor-kwargs``; ``None`` means no compression by default."""
+    where = "mm_processor_kwargs"
+    kwargs = plugin_keys_in(mm_processor_kwargs)
+    _check_keys(kwargs, where)
+    if not kwargs:
+        return None
+    if METHOD_KEY not in kwargs:
+        raise ConfigError(f"{where}.{METHOD_KEY}", f"is required when {BUDGET_KEY} is set")
+    method = _check_method(kwargs[METHOD_KEY], f"{where}.{METHOD_KEY}")
+    budget = _check_budget(kwargs.get(BUDGET_KEY, DEFAULT_BUDGET), f"{where}.{BUDGET_KEY}")
+    if method == OFF:
+        return None
+    return CompressionSpec(method=method, budget=budget)
+
+
+def is_engine_configured(mm_processor_kwargs: Mapping[str, object] | None) -> bool:
+    """True when the server owner put any tokcomp key in ``--mm-processor-kwargs`` (even ``none``)."""
+    return bool(plugin_keys_in(mm_processor_kwargs))
+
+
+def resolve_request(
+    engine_kwargs: Mapping[str, object] | None, request_kwargs: Mapping[str, object] | None
+) -> CompressionSpec | None:
+    """The spec for one request: request values override the engine's, ``none`` switches off."""
+    where = "mm_processor_kwargs"
+    request = plugin_keys_in(request_kwargs)
+    _check_keys(request, where)
+    engine_keys = plugin_keys_in(engine_kwargs)
+    engine_method = engine_keys.get(METHOD_KEY)
+    method = request.get(METHOD_KEY, engine_method)
+    if METHOD_KEY in request:
+        method = _check_method(method, f"{where}.{METHOD_KEY}")
+    if BUDGET_KEY in request:
+        budget = _check_budget(request[BUDGET_KEY], f"{where}.{BUDGET_KEY}")
+    else:
+        budget = engine_keys.get(BUDGET_KEY, DEFAULT_BUDGET)
+    if method is None:
+        if request:
+            raise ConfigError(
+                f"{where}.{METHOD_KEY}", f"is required: the server has no default method (got only {BUDGET_KEY})"
+            )
+        return None
+    if method == OFF:
+        return None
+    return CompressionSpec(method=method, budget=budget)

@@ -1,0 +1,67 @@
+"""CLS attention and attention keys from a CLIP tower's feature layer, without eager attention.
+
+LLaVA-1.5 takes its features from the output of the vision tower's last
+instantiated layer (vLLM builds the tower only up to ``vision_feature_layer``).
+FasterVLM / PruMerge / VisionZip rank patches by the attention of [CLS] in that
+layer. Only one query row is needed, so instead of materialising the full
+``N x N`` attention we capture the layer's fused QKV projection while the tower
+runs (a forward hook that lives only for the duration of one call) and compute
+``softmax(q_cls K^T / sqrt(d))`` per head: O(N) extra work.
+
+Checked against vLLM 0.32.0 ``CLIPAttention`` (fused ``qkv_proj`` whose output
+is ``[q | k | v]`` for this rank's heads).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class VisionSignals:
+    """Per image: ``cls_attention [N]`` (head-averaged, over patch tokens) and ``keys [N, D]``."""
+
+    cls_attention: Tensor
+    keys: Tensor
+
+
+def feature_layer_attention(vision_tower: nn.Module) -> nn.Module:
+    """The self-attention module of the tower's last instantiated layer (the feature layer)."""
+    return vision_tower.vision_model.encoder.layers[-1].self_attn
+
+
+@contextmanager
+def capture_feature_layer_signals(vision_tower: nn.Module, num_patch_tokens: int):
+    """While active, records CLS attention and keys of the feature layer; yields a list filled after the call."""
+    attention = feature_layer_attention(vision_tower)
+    captured: list[VisionSignals] = []
+
+    def hook(_module: nn.Module, _inputs: tuple, output: tuple) -> None:
+        qkv = output[0] if isinstance(output, tuple) else output
+        captured.extend(
+            cls_signals_from_qkv(qkv, attention.num_heads_per_partition, attention.head_dim, num_patch_tokens)
+        )
+
+    handle = attention.qkv_proj.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def cls_signals_from_qkv(qkv: Tensor, num_heads: int, head_dim: int, num_patch_tokens: int) -> list[VisionSignals]:
+    """From fused ``[B, 1 + N, 3 * H * d]`` QKV (CLS first): per image CLS→patch attention and patch keys."""
+    batch, seq, _ = qkv.shape
+    q, k, _v = qkv.float().chunk(3, dim=-1)
+    q_cls = q[:, 0].reshape(batch, num_heads, head_dim)
+    k_heads = k.reshape(batch, seq, num_heads, head_dim)
+    logits = torch.einsum("bhd,bshd->bhs", q_cls, k_heads) * head_dim**-0.5
+    attention = logits.softmax(dim=-1).mean(dim=1)  # over heads, softmax over CLS + patches
+    patches = slice(seq - num_patch_tokens, seq)
+    return [
+        VisionSignals(cls_attention=attention[i, patches], keys=k[i, patches]) for i in range(batch)
+    ]

@@ -1,0 +1,201 @@
+"""LLaVA-1.5 with visual-token compression before KV allocation.
+
+Overrides (vLLM 0.32.0, ``model_executor/models/llava.py``):
+
+* ``CompressedLlavaInfo``: hides ``tokcomp_*`` keys from the HF processor.
+* ``CompressedLlavaProcessor.apply``: validates the request's settings (bad
+  values -> HTTP 400); ``_postprocess_hf_mm_data`` attaches each image's
+  settings; ``_get_prompt_updates`` expands ``<image>`` to the *kept* count, so
+  the scheduler allocates KV blocks only for kept tokens.
+* ``CompressedLlava.embed_multimodal``: runs the tower (capturing CLS attention
+  and keys when the method needs them), projects, and compresses every image to
+  exactly its placeholder count.
+
+Pixtral-HF configs (which share the LLaVA architecture name) and precomputed
+``image_embeds`` pass through uncompressed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..config import (
+    CompressionSpec,
+    ConfigError,
+    is_engine_configured,
+    parse_engine_config,
+    plugin_keys_in,
+    resolve_request,
+    without_plugin_keys,
+)
+from ..methods import VisualTokens, get_method, method_class
+from . import settings
+from .clip_signals import capture_feature_layer_signals
+from .vllm_api import (
+    MULTIMODAL_REGISTRY,
+    ImageEmbeddingItems,
+    ImageProcessorItems,
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+    MultiModalFieldConfig,
+    PromptReplacement,
+    RequestSettingError,
+    context_hiding_keys,
+    engine_mm_processor_kwargs,
+    in_tree_llava_info,
+    in_tree_llava_processor,
+)
+
+logger = logging.getLogger("vllm_tokcomp")
+
+
+class CompressedLlavaInfo(LlavaProcessingInfo):
+    def __init__(self, ctx) -> None:  # noqa: ANN001 - vLLM's InputProcessingContext
+        super().__init__(context_hiding_keys(ctx, without_plugin_keys))
+        self.engine_kwargs = dict(engine_mm_processor_kwargs(ctx))
+        self.engine_spec = parse_engine_config(self.engine_kwargs)  # bad engine config fails at startup
+        self.engine_configured = is_engine_configured(self.engine_kwargs)
+        vision_type = self.get_hf_config().vision_config.model_type
+        self.supported = vision_type == "clip_vision_model"
+        if self.engine_configured:
+            _log_effective_config_once(self.engine_spec, None if self.supported else vision_type)
+
+    def spec_for_request(self, request_kwargs: Mapping[str, object]) -> CompressionSpec | None:
+        spec = resolve_request(self.engine_kwargs, request_kwargs)
+        return spec if self.supported else None
+
+
+class CompressedLlavaProcessor(LlavaMultiModalProcessor):
+    info: CompressedLlavaInfo
+
+    def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
+        request_kwargs = inputs.hf_processor_mm_kwargs or {}
+        if self.info.engine_configured:
+            foreign = sorted(k for k in request_kwargs if k not in plugin_keys_in(request_kwargs))
+            if foreign:
+                raise RequestSettingError(
+                    f"mm_processor_kwargs.{foreign[0]} is not accepted by this server; "
+                    "only tokcomp_method and tokcomp_budget may be set per request",
+                    parameter=f"mm_processor_kwargs.{foreign[0]}",
+                )
+        try:
+            self.info.spec_for_request(request_kwargs)
+        except ConfigError as error:
+            raise RequestSettingError(str(error), parameter=error.field) from None
+        return super().apply(inputs, timing_ctx)
+
+    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
+        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+        pixel_values = processed_data.get("pixel_values")
+        if pixel_values is not None:
+            spec = self.info.spec_for_request(hf_processor_mm_kwargs)
+            processed_data[settings.FIELD] = settings.encode(spec).expand(len(pixel_values), 2).clone()
+        return processed_data
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:  # noqa: ANN001
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[settings.FIELD] = MultiModalFieldConfig.batched("image")
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptReplacement]:  # noqa: ANN001
+        image_token_id = self.info.get_hf_config().image_token_index
+
+        def get_replacement(item_idx: int) -> list[int]:
+            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+            if isinstance(images, ImageEmbeddingItems):
+                return [image_token_id] * images.get_feature_size(item_idx)
+            size = images.get_image_size(item_idx)
+            full = self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
+            spec = settings.decode(out_mm_kwargs["image"][item_idx][settings.FIELD].data)
+            return [image_token_id] * settings.kept_tokens(spec, full)
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=get_replacement)]
+
+
+def build_info(ctx):  # noqa: ANN001, ANN201
+    """Our info for CLIP/SigLIP LLaVA configs; vLLM's own for Pixtral-HF."""
+    if ctx.get_hf_config().vision_config.model_type == "pixtral":
+        return in_tree_llava_info(ctx)
+    return CompressedLlavaInfo(ctx)
+
+
+def build_processor(info, dummy_inputs):  # noqa: ANN001, ANN201
+    if isinstance(info, CompressedLlavaInfo):
+        return CompressedLlavaProcessor(info, dummy_inputs)
+    return in_tree_llava_processor(info, dummy_inputs)
+
+
+@MULTIMODAL_REGISTRY.register_processor(build_processor, info=build_info, dummy_inputs=LlavaDummyInputsBuilder)
+class CompressedLlava(LlavaForConditionalGeneration):
+    """``LlavaForConditionalGeneration`` whose image embeddings are compressed per image."""
+
+    def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings
+        rows = kwargs.pop(settings.FIELD, None)
+        pixel_values = kwargs.get("pixel_values")
+        if rows is None or pixel_values is None:
+            return super().embed_multimodal(**kwargs)
+        specs = [settings.decode(row) for row in rows]
+        if all(spec is None for spec in specs):
+            return super().embed_multimodal(**kwargs)
+        return self._embed_compressed(kwargs, specs)
+
+    def _embed_compressed(self, kwargs: dict, specs: list[CompressionSpec | None]) -> list[torch.Tensor]:
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        pixels = image_input["pixel_values"]
+        wants_signals = any(spec is not None and _uses_vision_signals(spec.method) for spec in specs)
+        grid_side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        num_patches = grid_side * grid_side
+        if wants_signals:
+            with capture_feature_layer_signals(self.vision_tower, num_patches) as signals:
+                features = self._image_pixels_to_features(self.vision_tower, pixels)
+        else:
+            signals = None
+            features = self._image_pixels_to_features(self.vision_tower, pixels)
+        embeds = self.multi_modal_projector(features)
+        outputs = []
+        for index, spec in enumerate(specs):
+            item = embeds[index]
+            if spec is not None:
+                tokens = VisualTokens(
+                    features=item,
+                    grid=(grid_side, grid_side),
+                    cls_attention=None if signals is None else signals[index].cls_attention,
+                    keys=None if signals is None else signals[index].keys,
+                )
+                item = get_method(spec.method)(tokens, spec.budget).features
+            expected = settings.kept_tokens(spec, num_patches)
+            # vLLM silently truncates extra rows; a mismatch must fail here instead.
+            if item.shape[0] != expected:
+                raise RuntimeError(f"tokcomp produced {item.shape[0]} rows for an image with {expected} placeholders")
+            outputs.append(item)
+        return outputs
+
+
+def _uses_vision_signals(method: str) -> bool:
+    """Content-blind methods (uniform, pooling) skip the capture; all others may use keys or CLS attention."""
+    cls = method_class(method)
+    return cls.family not in ("baseline", "transformation") or cls.needs_cls_attention or cls.needs_keys
+
+
+_logged = False
+
+
+def _log_effective_config_once(spec: CompressionSpec | None, unsupported_tower: str | None) -> None:
+    global _logged
+    if _logged:
+        return
+    _logged = True
+    if unsupported_tower is not None:
+        logger.warning(
+            "tokcomp: vision tower %r is not supported (CLIP only); images pass through uncompressed",
+            unsupported_tower,
+        )
+    elif spec is None:
+        logger.warning("tokcomp: compression off by default; requests may opt in with tokcomp_method")
+    else:
+        logger.warning("tokcomp: compressing images with method=%s budget=%d", spec.method, spec.budget)

@@ -1,0 +1,34 @@
+"""vLLM general-plugin entry point (``vllm.general_plugins`` -> ``tokcomp``).
+
+vLLM calls :func:`register` in every process it starts. It must be cheap,
+idempotent, and never raise: it only registers lazily imported model classes
+by ``"module:Class"`` string. Whether anything is compressed is decided by the
+configuration, so an installed but unconfigured plugin changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm_tokcomp")
+
+# Architecture name -> our subclass. The class is imported only when vLLM builds that model.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlavaForConditionalGeneration": "vllm_tokcomp.integration.llava:CompressedLlava",
+}
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    try:
+        from vllm import ModelRegistry
+
+        for architecture, target in SUPPORTED_ARCHITECTURES.items():
+            ModelRegistry.register_model(architecture, target)
+        _registered = True
+    except Exception:  # never take vLLM down for users who did not ask for compression
+        logger.exception("tokcomp: plugin registration failed; serving without compression")
