@@ -2,5 +2,7 @@
 
 from . import (  # noqa: F401
     cls_topk,
+    pool,
+    tome,
     uniform,
 )
