@@ -15,6 +15,9 @@ if str(ROOT) not in sys.path:
 
 from vllm_tokcomp.methods import VisualTokens  # noqa: E402
 
+# tiny tensors: one thread avoids pool start-up and contention on a shared machine
+torch.set_num_threads(1)
+
 
 def make_tokens(
     grid: tuple[int, ...],
