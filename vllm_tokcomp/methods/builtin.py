@@ -3,6 +3,7 @@
 from . import (  # noqa: F401
     adjacent,
     cls_topk,
+    mustdrop,
     pool,
     tome,
     uniform,
