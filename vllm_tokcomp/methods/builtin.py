@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     cls_topk,
     mustdrop,
     pool,
+    prumerge,
     tome,
     uniform,
 )
