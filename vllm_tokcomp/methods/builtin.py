@@ -2,10 +2,16 @@
 
 from . import (  # noqa: F401
     adjacent,
+    btp,
     cls_topk,
+    divprune,
     mustdrop,
     pool,
     prumerge,
+    pumer,
+    random_drop,
+    text_relevance,
     tome,
     uniform,
+    visionzip,
 )

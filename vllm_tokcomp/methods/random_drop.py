@@ -1,0 +1,35 @@
+"""Random pruning: a seeded, content-blind baseline (a surprisingly strong one, per UniPruneBench)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Compressor, TokenAssignment, VisualTokens
+from .registry import register
+
+
+@register
+@dataclass(frozen=True)
+class RandomDrop(Compressor):
+    """Keep ``budget`` tokens drawn uniformly without replacement by a generator seeded with ``seed``.
+
+    The draw depends only on ``seed`` and N, so it is deterministic and the same alone or batched.
+    """
+
+    seed: int = 0
+
+    name = "random"
+    paper = "baseline (random pruning, e.g. UniPruneBench arXiv:2511.02650)"
+    family = "baseline"
+    prunes = True
+
+    def validate(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:
+        generator = torch.Generator().manual_seed(self.seed)
+        kept = torch.sort(torch.randperm(tokens.num_tokens, generator=generator)[:budget]).values
+        return TokenAssignment.from_kept(kept.to(tokens.features.device), tokens.num_tokens)
