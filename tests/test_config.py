@@ -1,0 +1,70 @@
+"""The configuration spec: what is accepted, and that errors name the field."""
+
+import pytest
+
+from vllm_tokcomp.config import (
+    CompressionSpec,
+    ConfigError,
+    parse_engine_config,
+    resolve_request,
+    servable_methods,
+)
+
+
+def test_no_plugin_keys_means_inert():
+    assert parse_engine_config(None) is None
+    assert parse_engine_config({"do_resize": True}) is None
+    assert resolve_request({}, {}) is None
+
+
+def test_engine_spec_and_default_budget():
+    assert parse_engine_config({"tokcomp_method": "uniform", "tokcomp_budget": 32}) == CompressionSpec("uniform", 32)
+    assert parse_engine_config({"tokcomp_method": "uniform"}) == CompressionSpec("uniform", 64)
+    assert parse_engine_config({"tokcomp_method": "none", "tokcomp_budget": 8}) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"tokcomp_method": "bogus"}, "mm_processor_kwargs.tokcomp_method"),
+        ({"tokcomp_method": 3}, "mm_processor_kwargs.tokcomp_method"),
+        ({"tokcomp_method": "uniform", "tokcomp_budget": 0}, "mm_processor_kwargs.tokcomp_budget"),
+        ({"tokcomp_method": "uniform", "tokcomp_budget": -4}, "mm_processor_kwargs.tokcomp_budget"),
+        ({"tokcomp_method": "uniform", "tokcomp_budget": 1.5}, "mm_processor_kwargs.tokcomp_budget"),
+        ({"tokcomp_method": "uniform", "tokcomp_budget": "64"}, "mm_processor_kwargs.tokcomp_budget"),
+        ({"tokcomp_method": "uniform", "tokcomp_budget": True}, "mm_processor_kwargs.tokcomp_budget"),
+        ({"tokcomp_budget": 64}, "mm_processor_kwargs.tokcomp_method"),
+        ({"tokcomp_method": "uniform", "tokcomp_ratio": 0.5}, "mm_processor_kwargs.tokcomp_ratio"),
+    ],
+)
+def test_bad_engine_config_names_the_field(kwargs, field):
+    with pytest.raises(ConfigError) as error:
+        parse_engine_config(kwargs)
+    assert error.value.field == field
+    assert field in str(error.value)
+
+
+def test_request_overrides_engine():
+    engine = {"tokcomp_method": "uniform", "tokcomp_budget": 64}
+    assert resolve_request(engine, {}) == CompressionSpec("uniform", 64)
+    assert resolve_request(engine, {"tokcomp_budget": 16}) == CompressionSpec("uniform", 16)
+    assert resolve_request(engine, {"tokcomp_method": "cls_topk"}) == CompressionSpec("cls_topk", 64)
+    assert resolve_request(engine, {"tokcomp_method": "none"}) is None
+    # A request may opt in on a server that compresses nothing by default.
+    assert resolve_request({}, {"tokcomp_method": "uniform", "tokcomp_budget": 8}) == CompressionSpec("uniform", 8)
+
+
+def test_request_budget_without_any_method_is_rejected():
+    with pytest.raises(ConfigError, match="tokcomp_method"):
+        resolve_request({}, {"tokcomp_budget": 8})
+
+
+@pytest.mark.parametrize("budget", [0, -1, 2.5, "8", None, [8]])
+def test_bad_request_budget(budget):
+    with pytest.raises(ConfigError, match="tokcomp_budget"):
+        resolve_request({"tokcomp_method": "uniform"}, {"tokcomp_budget": budget})
+
+
+def test_servable_methods_have_fixed_budget_forms():
+    names = servable_methods()
+    assert {"uniform", "cls_topk"} <= set(names)
