@@ -272,3 +272,16 @@ def test_unknown_method():
 def test_registry_not_empty():
     assert {"uniform", "cls_topk", "tome", "pool", "bilinear"} <= set(METHODS)
     assert all(math.isfinite(len(name)) for name in METHODS)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_keys_only_matter_where_declared(name):
+    """A method that neither needs nor uses keys gives the same result without them."""
+    cls = method_class(name)
+    if cls.needs_keys or getattr(cls, "uses_keys", False):
+        return
+    tokens = make_tokens((6, 7), seed=12)
+    with_keys = cls()(tokens, 10)
+    without = cls()(dataclasses.replace(tokens, keys=None), 10)
+    assert torch.equal(with_keys.features, without.features)
+    assert torch.equal(with_keys.assignment.destination, without.assignment.destination)

@@ -102,6 +102,7 @@ class AdjacentMerge(Compressor):
     name = "adjacent"
     paper = "sequential neighbour merging (cf. Chat-UniVi arXiv:2311.08046, TESTA arXiv:2310.19060)"
     family = "similarity"
+    uses_keys = True  # cosine of keys when given, else of features (see docs/methods.md)
     merges = True
 
     def validate(self) -> None:

@@ -68,6 +68,7 @@ class PruMerge(Compressor):
     name = "prumerge"
     paper = "LLaVA-PruMerge, Shang et al., arXiv:2403.15388"
     family = "attention"
+    uses_keys = True  # cosine of keys when given, else of features (see docs/methods.md)
     needs_cls_attention = True
     merges = True
     adaptive = True

@@ -46,6 +46,7 @@ class PuMer(Compressor):
     name = "pumer"
     paper = "PuMer, Cao et al., ACL 2023, arXiv:2305.17530"
     family = "query"
+    uses_keys = True  # cosine of keys when given, else of features (see docs/methods.md)
     needs_text = True
     prunes = True
     merges = True

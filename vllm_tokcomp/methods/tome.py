@@ -80,6 +80,7 @@ class ToMe(Compressor):
     name = "tome"
     paper = "ToMe, Bolya et al., ICLR 2023, arXiv:2210.09461"
     family = "similarity"
+    uses_keys = True  # cosine of keys when given, else of features (see docs/methods.md)
     merges = True
 
     def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:

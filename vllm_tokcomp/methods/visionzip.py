@@ -34,6 +34,7 @@ class VisionZip(Compressor):
     name = "visionzip"
     paper = "VisionZip, Yang et al., arXiv:2412.04467"
     family = "attention"
+    uses_keys = True  # cosine of keys when given, else of features (see docs/methods.md)
     needs_cls_attention = True
     prunes = True  # only when no contextual slot is left
     merges = True
