@@ -243,4 +243,3 @@ class MustDropStage2(Compressor):
             keep[order[0]] = True
         kept = torch.nonzero(keep).squeeze(1)
         return self.apply(tokens, TokenAssignment.from_kept(kept, tokens.num_tokens))
-
