@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     tokens = synthetic_tokens()
     rows = []
     for name in available_methods():
@@ -113,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         row["fraction_of_encoder"] = row["median_ms"] / encoder_ms
 
+    load_after = os.getloadavg()
     print(f"threads={args.threads}  N=576  D=1024  budget={args.budget}  torch {torch.__version__}")
+    print(f"1-min load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"{'method':44s} {'family':15s} {'median ms':>10s} {'% of encoder':>13s}")
     for row in rows:
         pct = 100 * row["fraction_of_encoder"]
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
+        "load_average_before_after": [load_before[0], load_after[0]],
         "encoder": {"layers": 24, "width": 1024, "tokens": 577, "median_ms": encoder_ms, "runs_ms": encoder_times},
         "methods": rows,
     }

@@ -15,8 +15,14 @@ if str(ROOT) not in sys.path:
 
 from vllm_tokcomp.methods import VisualTokens  # noqa: E402
 
-# tiny tensors: one thread avoids pool start-up and contention on a shared machine
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: one torch thread avoids pool overhead and contention (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_tokens(

@@ -31,18 +31,18 @@ def balanced_selection(importance: Tensor, features: Tensor, budget: int, balanc
     unit = unit_rows(features)
     taken = torch.zeros(n, dtype=torch.bool, device=features.device)
     nearest = torch.full((n,), float("inf"), dtype=torch.float32, device=features.device)
-    _, first = first_argmax(imp)
-    picked = [int(first)]
-    for step in range(budget):
+    _, index = first_argmax(imp)
+    picked = []
+    for step in range(budget):  # indices stay on the device: no host sync per step
         if step:
             gain = balance * imp + (1 - balance) * nearest
             gain = torch.where(taken, torch.full_like(gain, -float("inf")), gain)
-            picked.append(int(first_argmax(gain)[1]))
-        index = picked[-1]
+            _, index = first_argmax(gain)
+        picked.append(index)
         taken[index] = True
         distance = (1 - unit @ unit[index]) / 2
         nearest = torch.minimum(nearest, distance)
-    return torch.sort(torch.tensor(picked, device=features.device)).values
+    return torch.sort(torch.stack(picked)).values
 
 
 @register

@@ -27,19 +27,20 @@ def farthest_point_selection(features: Tensor, budget: int) -> Tensor:
     distance = 1 - unit @ unit.T
     if n > 1:
         off_diagonal = distance + torch.diag(torch.full((n,), float("inf"), device=distance.device))
-        _, first = first_argmax(off_diagonal.amin(dim=1))
+        _, index = first_argmax(off_diagonal.amin(dim=1))
     else:
-        first = torch.tensor(0)
+        index = torch.zeros((), dtype=torch.long, device=distance.device)
     taken = torch.zeros(n, dtype=torch.bool, device=features.device)
     nearest = torch.full((n,), float("inf"), dtype=torch.float32, device=features.device)
-    picked = [int(first)]
-    for step in range(budget):
+    picked = []
+    for step in range(budget):  # indices stay on the device: no host sync per step
         if step:
             score = torch.where(taken, torch.full_like(nearest, -float("inf")), nearest)
-            picked.append(int(first_argmax(score)[1]))
-        taken[picked[-1]] = True
-        nearest = torch.minimum(nearest, distance[picked[-1]])
-    return torch.sort(torch.tensor(picked, device=features.device)).values
+            _, index = first_argmax(score)
+        picked.append(index)
+        taken[index] = True
+        nearest = torch.minimum(nearest, distance[index])
+    return torch.sort(torch.stack(picked)).values
 
 
 @register
