@@ -41,3 +41,14 @@ def test_text_relevance_parity(reduce, budget):
     tokens = make_tokens((6, 7), seed=budget)
     result = get_method("text_relevance", reduce=reduce)(tokens, budget)
     assert result.assignment.anchor.tolist() == ref_text_relevance(tokens.features, tokens.text_embeds, budget, reduce)
+
+
+def test_text_relevance_keeps_the_described_region():
+    from vllm_tokcomp.methods import VisualTokens
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(2, 16, generator=g)
+    features = torch.randn(30, 16, generator=g)
+    features[[3, 11, 12, 27]] = text[0] + 0.05 * torch.randn(4, 16, generator=g)
+    tokens = VisualTokens(features=features, grid=(5, 6), text_embeds=text)
+    assert get_method("text_relevance")(tokens, 4).assignment.anchor.tolist() == [3, 11, 12, 27]

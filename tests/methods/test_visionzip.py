@@ -44,3 +44,24 @@ def test_parity(budget, ratio):
         assert torch.allclose(result.features[slot].double(), mean, atol=1e-5)
     if ratio == 1.0:
         assert int((result.assignment.destination >= 0).sum()) == budget
+
+
+def test_structured_clusters_merge_into_their_own_target():
+    # 4 dominant tokens with high attention; the other 32 come from 2 colour clusters laid out
+    # in two halves, so the 2 contextual targets (one per half) each absorb exactly their cluster
+    from vllm_tokcomp.methods import VisualTokens
+
+    g = torch.Generator().manual_seed(0)
+    colours = torch.randn(2, 16, generator=g)
+    features = torch.cat([colours[0].expand(18, 16), colours[1].expand(18, 16)]) + 0.01 * torch.randn(
+        36, 16, generator=g
+    )
+    attention = torch.full((36,), 0.01)
+    attention[[0, 1, 34, 35]] = 1.0
+    tokens = VisualTokens(features=features, grid=(6, 6), cls_attention=attention)
+    result = get_method("visionzip", dominant_ratio=4 / 6)(tokens, 6)
+    expected = ref_visionzip(
+        VisualTokens(features=features, grid=(6, 6), cls_attention=attention, keys=features), 6, 4 / 6
+    )
+    assert result.assignment.anchor.tolist() == [a for a, _ in expected]
+    assert result.sizes.tolist() == [1.0, 1.0, 16.0, 16.0, 1.0, 1.0]
