@@ -219,6 +219,14 @@ def test_vllm_detects_openai_content_format():
 
 
 def test_transformers_forward(model_dir, processor, hf_model):
+    from safetensors.torch import load_file
+
+    # transformers maps the llava-hf names back onto its modules.
+    saved = load_file(str(model_dir / "model.safetensors"))
+    loaded = {tiny.normalize_checkpoint_key(k): v for k, v in hf_model.state_dict().items()}
+    assert set(saved) <= set(loaded)
+    assert all(torch.equal(saved[name], loaded[name]) for name in saved)
+
     images = make_images()
     inputs = hf_inputs(processor, image_conversation(images[0]))
     ids = inputs["input_ids"][0].tolist()

