@@ -6,11 +6,12 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .config import BUDGET_KEY, METHOD_KEY, OFF, ConfigError, parse_engine_config, servable_methods
 
 PLUGIN_NAME = "tokcomp"
+DEFAULT_CPU_KV_GIB = "2"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,14 +35,13 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
     Raises ``ConfigError`` naming the field for a bad method/budget, before vLLM starts.
     """
     parser = argparse.ArgumentParser(prog="tokcomp serve", add_help=False)
-    parser.add_argument("model", nargs="?", default=None)
     parser.add_argument("--method", default=None)
     parser.add_argument("--budget", type=int, default=None)
     parser.add_argument("--mm-processor-kwargs", dest="mm_processor_kwargs", default=None)
-    known, passthrough = parser.parse_known_args(list(argv))
-    if known.model is not None and known.model.startswith("-"):  # not a model, a vLLM flag
-        passthrough.insert(0, known.model)
-        known.model = None
+    argv = list(argv)
+    # Like `vllm serve`, the model is the first argument when it is not a flag.
+    model = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    known, passthrough = parser.parse_known_args(argv)
 
     mm_kwargs: dict[str, object] = {}
     if known.mm_processor_kwargs:
@@ -58,7 +58,6 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
         mm_kwargs[BUDGET_KEY] = known.budget
     parse_engine_config(mm_kwargs)  # fail here, naming the field, rather than deep inside vLLM
 
-    model = known.model
     if model is None:
         from .tiny.llava import ensure_default_model
 
@@ -71,10 +70,29 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
         *passthrough,
     ]
     env = dict(os.environ)
+    if _needs_cpu_kv_default(passthrough, env):
+        # vLLM-CPU reserves 92% of the NUMA node's memory by default and refuses to start when other
+        # processes hold part of it; a fixed KV space is what the CPU docs recommend.
+        env["VLLM_CPU_KVCACHE_SPACE"] = DEFAULT_CPU_KV_GIB
+        print(f"tokcomp serve: CPU build, using VLLM_CPU_KVCACHE_SPACE={DEFAULT_CPU_KV_GIB} (GiB)", file=sys.stderr)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p and p != "none"]
     if "VLLM_PLUGINS" in env and PLUGIN_NAME not in plugins:
         env["VLLM_PLUGINS"] = ",".join([*plugins, PLUGIN_NAME])
     return command, env
+
+
+def _needs_cpu_kv_default(passthrough: Sequence[str], env: Mapping[str, str]) -> bool:
+    if env.get("VLLM_CPU_KVCACHE_SPACE") or any(
+        arg.split("=")[0] in ("--kv-cache-memory-bytes", "--gpu-memory-utilization") for arg in passthrough
+    ):
+        return False
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm-cpu")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def serve(argv: Sequence[str]) -> int:

@@ -54,11 +54,20 @@ from .vllm_api import (
 logger = logging.getLogger("vllm_tokcomp")
 
 
+class EngineConfigError(RuntimeError):
+    """A bad engine-wide tokcomp setting: the server must refuse to start."""
+
+
 class CompressedLlavaInfo(LlavaProcessingInfo):
     def __init__(self, ctx) -> None:  # noqa: ANN001 - vLLM's InputProcessingContext
         super().__init__(context_hiding_keys(ctx, without_plugin_keys))
         self.engine_kwargs = dict(engine_mm_processor_kwargs(ctx))
-        self.engine_spec = parse_engine_config(self.engine_kwargs)  # bad engine config fails at startup
+        try:
+            self.engine_spec = parse_engine_config(self.engine_kwargs)
+        except ConfigError as error:
+            # Not a ValueError: vLLM 0.32 turns a ValueError from processor-info construction
+            # into "running in text-only mode" (ModelConfig._supports_multimodal_inputs).
+            raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
         self.engine_configured = is_engine_configured(self.engine_kwargs)
         vision_type = self.get_hf_config().vision_config.model_type
         self.supported = vision_type == "clip_vision_model"

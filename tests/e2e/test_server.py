@@ -1,0 +1,144 @@
+"""The real ``tokcomp serve`` (vLLM's OpenAI server + plugin) driven by the real ``openai`` client."""
+
+import base64
+import io
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from vllm_tokcomp.launch import ServerProcess
+
+from .conftest import REPO
+from .images import make_image
+
+pytestmark = pytest.mark.slow
+
+FULL = 576
+DEFAULT_BUDGET = 64
+
+
+def image_url(seed: int) -> str:
+    buffer = io.BytesIO()
+    make_image(seed).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def messages(seed: int = 1, question: str = "What colour is the circle?") -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image_url(seed)}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava_dir, vllm_env, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    args = ["--method", "tome", "--budget", str(DEFAULT_BUDGET), "--max-model-len", "2048"]
+    args += ["--served-model-name", "tiny-llava", "--max-num-seqs", "8"]
+    with ServerProcess(args, env=vllm_env, log_path=log) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def ask(client, mm_kwargs=None, seed=1):
+    extra = {"mm_processor_kwargs": mm_kwargs} if mm_kwargs is not None else None
+    return client.chat.completions.create(
+        model="tiny-llava", messages=messages(seed), max_tokens=4, temperature=0.0, extra_body=extra
+    )
+
+
+@pytest.fixture(scope="module")
+def text_tokens(client):
+    """Prompt tokens that are not image tokens, measured with compression switched off per request."""
+    return ask(client, {"tokcomp_method": "none"}).usage.prompt_tokens - FULL
+
+
+def test_startup_log_shows_effective_config(server):
+    assert "tokcomp: compressing images with method=tome budget=64" in server.log_text()
+
+
+def test_base64_image_request_uses_server_budget(client, text_tokens):
+    response = ask(client)
+    assert response.choices[0].message.content is not None
+    assert response.usage.prompt_tokens == text_tokens + DEFAULT_BUDGET
+
+
+@pytest.mark.parametrize(
+    ("mm_kwargs", "image_tokens"),
+    [
+        ({"tokcomp_budget": 16}, 16),
+        ({"tokcomp_method": "cls_topk", "tokcomp_budget": 100}, 100),
+        ({"tokcomp_method": "uniform"}, DEFAULT_BUDGET),
+        ({"tokcomp_budget": 5000}, FULL),
+    ],
+)
+def test_per_request_override(client, text_tokens, mm_kwargs, image_tokens):
+    assert ask(client, mm_kwargs).usage.prompt_tokens == text_tokens + image_tokens
+
+
+def test_concurrent_requests_with_different_budgets_get_their_own_counts(client, text_tokens):
+    budgets = [8, 200, 33, 120]
+    with ThreadPoolExecutor(max_workers=len(budgets)) as pool:
+        futures = [pool.submit(ask, client, {"tokcomp_budget": b}, seed) for seed, b in enumerate(budgets)]
+        counts = [f.result().usage.prompt_tokens for f in futures]
+    assert counts == [text_tokens + b for b in budgets]
+
+
+@pytest.mark.parametrize(
+    ("mm_kwargs", "field"),
+    [
+        ({"tokcomp_method": "bogus"}, "tokcomp_method"),
+        ({"tokcomp_method": 7}, "tokcomp_method"),
+        ({"tokcomp_budget": 0}, "tokcomp_budget"),
+        ({"tokcomp_budget": -3}, "tokcomp_budget"),
+        ({"tokcomp_budget": 2.5}, "tokcomp_budget"),
+        ({"tokcomp_budget": "64"}, "tokcomp_budget"),
+        ({"tokcomp_budget": [64]}, "tokcomp_budget"),
+        ({"tokcomp_budget": True}, "tokcomp_budget"),
+        ({"tokcomp_ratio": 0.5}, "tokcomp_ratio"),
+        # Not ours: the server trusts request kwargs only for the plugin's own keys.
+        ({"size": {"shortest_edge": 4000}}, "size"),
+        ({"do_resize": False}, "do_resize"),
+    ],
+)
+def test_bad_request_values_are_400_and_server_keeps_serving(server, client, text_tokens, mm_kwargs, field):
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(client, mm_kwargs)
+    assert error.value.status_code == 400
+    assert field in str(error.value)
+    assert server.is_healthy()
+    assert ask(client).usage.prompt_tokens == text_tokens + DEFAULT_BUDGET
+
+
+def test_tokcomp_serve_refuses_bad_config_before_starting_vllm(vllm_env):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_tokcomp.cli", "serve", "--method", "tome", "--budget", "0"],
+        env=vllm_env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "tokcomp_budget" in proc.stderr
+
+
+def test_plain_vllm_serve_with_bad_config_fails_at_startup_naming_the_field(tiny_llava_dir, vllm_env):
+    """The documented plain form (`vllm serve` + plugin) validates the config during engine startup."""
+    bad = json.dumps({"tokcomp_method": "tome", "tokcomp_budget": -1})
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_llava_dir),
+         "--mm-processor-kwargs", bad, "--max-model-len", "2048", "--port", "0"],
+        env={**vllm_env, "VLLM_PLUGINS": "tokcomp"}, capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode != 0
+    assert "mm_processor_kwargs.tokcomp_budget" in proc.stdout + proc.stderr
