@@ -1,0 +1,59 @@
+"""``tokcomp serve`` builds the documented ``vllm serve`` command; ``tokcomp info`` reports the setup."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vllm_tokcomp.cli import build_serve_command
+from vllm_tokcomp.config import ConfigError
+
+
+def _mm_kwargs(command):
+    return json.loads(command[command.index("--mm-processor-kwargs") + 1])
+
+
+def test_serve_command_passes_config_and_other_vllm_args(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    command, env = build_serve_command(["/models/x", "--method", "tome", "--budget", "32", "--max-model-len", "2048"])
+    assert command[2:5] == ["vllm.entrypoints.cli.main", "serve", "/models/x"]
+    assert _mm_kwargs(command) == {"tokcomp_method": "tome", "tokcomp_budget": 32}
+    assert "--trust-request-mm-kwargs" in command
+    assert command[-2:] == ["--max-model-len", "2048"]
+
+
+def test_serve_merges_user_mm_processor_kwargs(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    command, _ = build_serve_command(["/m", "--mm-processor-kwargs", '{"tokcomp_budget": 8}', "--method", "uniform"])
+    assert _mm_kwargs(command) == {"tokcomp_method": "uniform", "tokcomp_budget": 8}
+
+
+def test_serve_without_method_is_plugin_on_compression_off(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    command, _ = build_serve_command(["/m"])
+    assert _mm_kwargs(command) == {"tokcomp_method": "none"}
+
+
+def test_serve_adds_plugin_to_an_allow_list(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
+    _, env = build_serve_command(["/m"])
+    assert env["VLLM_PLUGINS"] == "lora_filesystem_resolver,tokcomp"
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [(["/m", "--method", "nope"], "tokcomp_method"), (["/m", "--method", "tome", "--budget", "0"], "tokcomp_budget"),
+     (["/m", "--mm-processor-kwargs", "{bad json"], "--mm-processor-kwargs")],
+)
+def test_bad_config_names_the_field(args, field):
+    with pytest.raises(ConfigError, match=field):
+        build_serve_command(args)
+
+
+def test_info_lists_versions_methods_architectures_and_model():
+    out = subprocess.run([sys.executable, "-m", "vllm_tokcomp.cli", "info"], capture_output=True, text=True, check=True)
+    text = out.stdout
+    for expected in ("vllm ", "torch ", "LlavaForConditionalGeneration", "tome", "cls_topk", "bundled model:"):
+        assert expected in text

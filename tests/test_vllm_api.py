@@ -1,0 +1,77 @@
+"""Fails loudly when a vLLM upgrade moves an internal the plugin relies on (checked against 0.32.0).
+
+Each check names the place in vllm_tokcomp that depends on it.
+"""
+
+import inspect
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+
+
+def test_version_we_checked():
+    from vllm_tokcomp.integration.vllm_api import VLLM_VERSION_CHECKED
+
+    assert vllm.__version__.split("+")[0] == VLLM_VERSION_CHECKED, (
+        "vLLM changed: re-check every item in this file, then bump VLLM_VERSION_CHECKED"
+    )
+
+
+def test_processing_context_merge_hook():
+    """integration/vllm_api.context_hiding_keys overrides this one method of a frozen dataclass."""
+    from vllm.multimodal.processing.context import InputProcessingContext
+
+    assert "get_merged_mm_kwargs" in vars(InputProcessingContext)
+    assert {f for f in InputProcessingContext.__dataclass_fields__} == {"model_config", "tokenizer"}
+
+
+def test_llava_factories_and_model_methods():
+    """integration/llava.py: Pixtral dispatch and the embedding path it re-runs."""
+    from vllm.model_executor.models import llava
+
+    assert callable(llava._build_llava_or_pixtral_hf_info)
+    assert callable(llava._build_llava_or_pixtral_hf_processor)
+    for name in ("_parse_and_validate_image_input", "_image_pixels_to_features", "embed_multimodal"):
+        assert hasattr(llava.LlavaForConditionalGeneration, name), name
+    params = inspect.signature(llava.BaseLlavaMultiModalProcessor._get_prompt_updates).parameters
+    assert list(params) == ["self", "mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"]
+
+
+def test_clip_attention_layout():
+    """integration/clip_signals.py hooks the fused qkv projection of the feature layer."""
+    from vllm.model_executor.models.clip import CLIPAttention, CLIPEncoderLayer
+
+    source = inspect.getsource(CLIPAttention.forward)
+    assert "self.qkv_proj(hidden_states)" in source and "chunk(3, dim=-1)" in source
+    init = inspect.getsource(CLIPAttention.__init__)
+    assert "self.num_heads_per_partition" in init and "self.head_dim" in init
+    assert "self.self_attn" in inspect.getsource(CLIPEncoderLayer.__init__)
+
+
+def test_value_error_in_processor_info_means_text_only():
+    """Why integration/llava.py raises EngineConfigError (a RuntimeError) for a bad engine config."""
+    from vllm.config.model import ModelConfig
+
+    assert "except ValueError" in inspect.getsource(ModelConfig._supports_multimodal_inputs)
+
+
+def test_scheduler_hooks_used_by_kv_probe():
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    assert list(inspect.signature(Scheduler._update_after_schedule).parameters) == ["self", "scheduler_output"]
+    assert "delay_free_blocks" in inspect.signature(Scheduler._free_request).parameters
+    assert hasattr(KVCacheManager, "get_block_ids")
+    from vllm_tokcomp.integration.kv_probe import BlockRecordingScheduler
+
+    assert issubclass(BlockRecordingScheduler, Scheduler)
+
+
+def test_http_400_mapping_for_request_errors():
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_tokcomp.integration.vllm_api import RequestSettingError
+
+    error = RequestSettingError("bad", parameter="mm_processor_kwargs.tokcomp_budget")
+    assert isinstance(error, VLLMValidationError) and isinstance(error, ValueError)
