@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import math
+import json
 import sys
+import tempfile
+from pathlib import Path
 
 from openai import OpenAI
 from PIL import Image, ImageDraw
 
-from vllm_tokcomp.launch import ServerProcess, kv_block_size
+from vllm_tokcomp.integration.kv_probe import LOG_ENV, SCHEDULER_CLS
+from vllm_tokcomp.launch import ServerProcess
 
 
 def demo_image() -> Image.Image:
@@ -46,7 +49,10 @@ def main() -> int:
     serve_args = [*([args.model] if args.model else []), "--method", args.method, "--budget", str(args.budget)]
     serve_args += ["--max-model-len", "2048", "--served-model-name", "tiny-llava"]
     print(f"starting: tokcomp serve {' '.join(serve_args)}", flush=True)
-    with ServerProcess(serve_args) as server:
+    # The KV blocks shown are read from inside the engine (one JSON line per finished request).
+    kv_log = Path(tempfile.mkdtemp(prefix="tokcomp-demo-")) / "kv.jsonl"
+    serve_args += ["--scheduler-cls", SCHEDULER_CLS]
+    with ServerProcess(serve_args, env={LOG_ENV: str(kv_log)}) as server:
         client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
         messages = [
             {
@@ -66,14 +72,14 @@ def main() -> int:
 
         compressed = ask(None)
         plain = ask({"tokcomp_method": "none"})
-        block = kv_block_size(server.get("/metrics")) or 16
 
+    kv_compressed, kv_plain = (json.loads(line) for line in kv_log.read_text().splitlines())
     full_prompt, small_prompt = plain.usage.prompt_tokens, compressed.usage.prompt_tokens
     text_tokens = full_prompt - 576
     rows = [
         ("image tokens", 576, small_prompt - text_tokens),
         ("prompt tokens", full_prompt, small_prompt),
-        (f"KV blocks (block size {block})", math.ceil(full_prompt / block), math.ceil(small_prompt / block)),
+        (f"KV blocks held (block size {kv_plain['block_size']})", kv_plain["max_blocks"], kv_compressed["max_blocks"]),
     ]
     print(f"\nanswer ({args.method}, budget {args.budget}): {compressed.choices[0].message.content!r}")
     print(f"answer (uncompressed):         {plain.choices[0].message.content!r}\n")

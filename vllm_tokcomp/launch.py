@@ -112,14 +112,3 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def kv_block_size(metrics_text: str) -> int | None:
-    """The KV block size the server runs with, from its Prometheus ``vllm:cache_config_info`` line."""
-    for line in metrics_text.splitlines():
-        if line.startswith("vllm:cache_config_info"):
-            for part in line[line.index("{") + 1 : line.index("}")].split(","):
-                key, _, value = part.partition("=")
-                if key.strip() == "block_size":
-                    return int(value.strip().strip('"'))
-    return None
