@@ -26,9 +26,12 @@ PLUGIN_KEYS = (METHOD_KEY, BUDGET_KEY)
 OFF = "none"
 DEFAULT_BUDGET = 64
 
-# Signals the vLLM integration can hand to a method today (the vision tower's CLS
-# attention and keys). Methods needing the text query join with the prefill-stage work.
-INTEGRATION_SIGNALS = frozenset({"cls_attention", "keys"})
+# Signals the vLLM integration hands to methods: the vision tower's CLS attention and keys,
+# the prompt's text embedded by the LM, and text->vision attention from an LM probe.
+INTEGRATION_SIGNALS = frozenset({"cls_attention", "keys", "text_embeds", "text_attention"})
+# Internal key: the prompt's text token ids, injected by the processor for text-guided methods
+# (so they are part of vLLM's multimodal hash). Never accepted from a request.
+QUERY_KEY = "tokcomp_query"
 
 
 class ConfigError(ValueError):
@@ -53,6 +56,12 @@ class CompressionSpec:
 def plugin_keys_in(kwargs: Mapping[str, object] | None) -> dict[str, object]:
     """The ``tokcomp_*`` entries of a kwargs mapping."""
     return {k: v for k, v in (kwargs or {}).items() if isinstance(k, str) and k.startswith("tokcomp_")}
+
+
+def method_reads_text(method: str) -> bool:
+    """Whether the method uses the prompt's text (embeddings or text->vision attention)."""
+    cls = method_class(method)
+    return cls.needs_text or cls.needs_text_attention or getattr(cls, "uses_text_attention", False)
 
 
 def without_plugin_keys(kwargs: Mapping[str, object]) -> dict[str, object]:

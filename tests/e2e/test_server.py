@@ -40,11 +40,17 @@ def messages(seed: int = 1, question: str = "What colour is the circle?") -> lis
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llava_dir, vllm_env, tmp_path_factory):
+def selection_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("selection") / "selection.jsonl"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava_dir, vllm_env, tmp_path_factory, selection_log):
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = ["--method", "tome", "--budget", str(DEFAULT_BUDGET), "--max-model-len", "2048"]
     args += ["--served-model-name", "tiny-llava", "--max-num-seqs", "8"]
-    with ServerProcess(args, env=vllm_env, log_path=log) as running:
+    env = {**vllm_env, "TOKCOMP_SELECTION_LOG": str(selection_log)}
+    with ServerProcess(args, env=env, log_path=log) as running:
         yield running
 
 
@@ -53,10 +59,10 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-def ask(client, mm_kwargs=None, seed=1):
+def ask(client, mm_kwargs=None, seed=1, question="What colour is the circle?"):
     extra = {"mm_processor_kwargs": mm_kwargs} if mm_kwargs is not None else None
     return client.chat.completions.create(
-        model="tiny-llava", messages=messages(seed), max_tokens=4, temperature=0.0, extra_body=extra
+        model="tiny-llava", messages=messages(seed, question), max_tokens=4, temperature=0.0, extra_body=extra
     )
 
 
@@ -142,3 +148,37 @@ def test_plain_vllm_serve_with_bad_config_fails_at_startup_naming_the_field(tiny
     )
     assert proc.returncode != 0
     assert "mm_processor_kwargs.tokcomp_budget" in proc.stdout + proc.stderr
+
+
+def _selections(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_text_guided_mustdrop_selects_per_question_and_caches_per_question(client, text_tokens, selection_log):
+    """The question travels with the image into the multimodal hash and drives the LM probe."""
+    mustdrop = {"tokcomp_method": "mustdrop", "tokcomp_budget": 48}
+    image = 7  # not used by other tests, so nothing is cached yet
+    before = len(_selections(selection_log))
+    first = ask(client, mustdrop, seed=image, question="What colour is the big circle on the left?")
+    second = ask(client, mustdrop, seed=image, question="How many squares are there?")
+    records = _selections(selection_log)[before:]
+    assert [r["method"] for r in records] == ["mustdrop", "mustdrop"]
+    assert records[0]["anchors"] != records[1]["anchors"], "different questions should keep different tokens"
+    assert len(records[0]["anchors"]) == len(records[1]["anchors"]) == 48
+    again = ask(client, mustdrop, seed=image, question="What colour is the big circle on the left?")
+    assert len(_selections(selection_log)) == before + 2, "the same question must be served from the cache"
+    assert again.choices[0].message.content == first.choices[0].message.content
+    questions = ("What colour is the big circle on the left?", "How many squares are there?")
+    for response, question in zip((first, second), questions, strict=True):
+        plain = ask(client, {"tokcomp_method": "none"}, seed=image, question=question).usage.prompt_tokens
+        assert response.usage.prompt_tokens == plain - FULL + 48
+
+
+@pytest.mark.parametrize("method", ["mustdrop_s2", "text_relevance", "pumer"])
+def test_other_text_guided_methods_are_served(client, text_tokens, method):
+    assert ask(client, {"tokcomp_method": method, "tokcomp_budget": 40}).usage.prompt_tokens == text_tokens + 40
+
+
+def test_request_cannot_inject_the_internal_query(client):
+    with pytest.raises(openai.BadRequestError, match="tokcomp_query"):
+        ask(client, {"tokcomp_query": "1,2,3"})

@@ -17,15 +17,20 @@ Pixtral-HF configs (which share the LLaVA architecture name) and precomputed
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from ..config import (
+    QUERY_KEY,
     CompressionSpec,
     ConfigError,
     is_engine_configured,
+    method_reads_text,
     parse_engine_config,
     plugin_keys_in,
     resolve_request,
@@ -34,6 +39,7 @@ from ..config import (
 from ..methods import VisualTokens, get_method, method_class
 from . import settings
 from .clip_signals import capture_feature_layer_signals
+from .lm_probe import text_to_vision_attention
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
     ImageEmbeddingItems,
@@ -75,6 +81,7 @@ class CompressedLlavaInfo(LlavaProcessingInfo):
             _log_effective_config_once(self.engine_spec, None if self.supported else vision_type)
 
     def spec_for_request(self, request_kwargs: Mapping[str, object]) -> CompressionSpec | None:
+        request_kwargs = {k: v for k, v in request_kwargs.items() if k != QUERY_KEY}
         spec = resolve_request(self.engine_kwargs, request_kwargs)
         return spec if self.supported else None
 
@@ -92,10 +99,21 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
                     "only tokcomp_method and tokcomp_budget may be set per request",
                     parameter=f"mm_processor_kwargs.{foreign[0]}",
                 )
+        if QUERY_KEY in request_kwargs:
+            raise RequestSettingError(f"mm_processor_kwargs.{QUERY_KEY} is set by the server, not by requests",
+                                      parameter=f"mm_processor_kwargs.{QUERY_KEY}")
         try:
-            self.info.spec_for_request(request_kwargs)
+            spec = self.info.spec_for_request(request_kwargs)
         except ConfigError as error:
             raise RequestSettingError(str(error), parameter=error.field) from None
+        if spec is not None and method_reads_text(spec.method):
+            # The question becomes part of the multimodal hash: a cached selection is never reused
+            # for another question, and the same question hits the cache.
+            excluded = {self.info.get_hf_config().image_token_index, *self.info.get_tokenizer().all_special_ids}
+            query = settings.query_ids(list(inputs.prompt), excluded)
+            inputs = dataclasses.replace(
+                inputs, hf_processor_mm_kwargs={**request_kwargs, QUERY_KEY: ",".join(map(str, query))}
+            )
         return super().apply(inputs, timing_ctx)
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
@@ -103,12 +121,17 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
         pixel_values = processed_data.get("pixel_values")
         if pixel_values is not None:
             spec = self.info.spec_for_request(hf_processor_mm_kwargs)
-            processed_data[settings.FIELD] = settings.encode(spec).expand(len(pixel_values), 2).clone()
+            count = len(pixel_values)
+            processed_data[settings.FIELD] = settings.encode(spec).expand(count, 2).clone()
+            query = str(hf_processor_mm_kwargs.get(QUERY_KEY) or "")
+            ids = [int(t) for t in query.split(",") if t]
+            processed_data[settings.QUERY_FIELD] = settings.encode_query(ids).expand(count, -1).clone()
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:  # noqa: ANN001
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         fields[settings.FIELD] = MultiModalFieldConfig.batched("image")
+        fields[settings.QUERY_FIELD] = MultiModalFieldConfig.batched("image")
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptReplacement]:  # noqa: ANN001
@@ -145,15 +168,31 @@ class CompressedLlava(LlavaForConditionalGeneration):
 
     def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings
         rows = kwargs.pop(settings.FIELD, None)
+        queries = kwargs.pop(settings.QUERY_FIELD, None)
         pixel_values = kwargs.get("pixel_values")
         if rows is None or pixel_values is None:
             return super().embed_multimodal(**kwargs)
         specs = [settings.decode(row) for row in rows]
         if all(spec is None for spec in specs):
             return super().embed_multimodal(**kwargs)
-        return self._embed_compressed(kwargs, specs)
+        query_ids = [settings.decode_query(row) for row in queries] if queries is not None else [None] * len(specs)
+        return self._embed_compressed(kwargs, specs, query_ids)
 
-    def _embed_compressed(self, kwargs: dict, specs: list[CompressionSpec | None]) -> list[torch.Tensor]:
+    def _text_signals(self, method: str, features: torch.Tensor, ids: torch.Tensor | None) -> dict:
+        """Text embeddings and/or probe attention for text-guided methods; empty for a text-free prompt."""
+        if ids is None or ids.numel() == 0 or not method_reads_text(method):
+            return {}
+        language_model = self.get_language_model()
+        text = language_model.embed_input_ids(ids.to(features.device))
+        signals = {"text_embeds": text}
+        cls = method_class(method)
+        if cls.needs_text_attention or getattr(cls, "uses_text_attention", False):
+            signals["text_attention"] = text_to_vision_attention(language_model, features, text)
+        return signals
+
+    def _embed_compressed(
+        self, kwargs: dict, specs: list[CompressionSpec | None], query_ids: list[torch.Tensor | None]
+    ) -> list[torch.Tensor]:
         image_input = self._parse_and_validate_image_input(**kwargs)
         pixels = image_input["pixel_values"]
         wants_signals = any(spec is not None and _uses_vision_signals(spec.method) for spec in specs)
@@ -175,14 +214,45 @@ class CompressedLlava(LlavaForConditionalGeneration):
                     grid=(grid_side, grid_side),
                     cls_attention=None if signals is None else signals[index].cls_attention,
                     keys=None if signals is None else signals[index].keys,
+                    **self._text_signals(spec.method, item, query_ids[index]),
                 )
-                item = get_method(spec.method)(tokens, spec.budget).features
+                result = get_method(spec.method)(_with_text_fallback(spec.method, tokens), spec.budget)
+                item = result.features
+                _log_selection(spec, result.assignment.anchor)
             expected = settings.kept_tokens(spec, num_patches)
             # vLLM silently truncates extra rows; a mismatch must fail here instead.
             if item.shape[0] != expected:
                 raise RuntimeError(f"tokcomp produced {item.shape[0]} rows for an image with {expected} placeholders")
             outputs.append(item)
         return outputs
+
+
+SELECTION_LOG_ENV = "TOKCOMP_SELECTION_LOG"
+
+
+def _log_selection(spec: CompressionSpec, anchors: torch.Tensor) -> None:
+    """Debug aid: with ``$TOKCOMP_SELECTION_LOG`` set, append which patches each compressed image kept."""
+    path = os.environ.get(SELECTION_LOG_ENV)
+    if path:
+        record = {"method": spec.method, "budget": spec.budget, "anchors": anchors.tolist()}
+        with open(path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+
+def _with_text_fallback(method: str, tokens: VisualTokens) -> VisualTokens:
+    """A prompt without text (vLLM's profiling dummy is just ``<image>``) still gets exactly its budget.
+
+    Methods that require the text then see a single neutral query: uniform text attention, and
+    the mean visual token as the text embedding.
+    """
+    cls = method_class(method)
+    updates = {}
+    if cls.needs_text and tokens.text_embeds is None:
+        updates["text_embeds"] = tokens.features.mean(dim=0, keepdim=True)
+    if cls.needs_text_attention and tokens.text_attention is None:
+        n = tokens.num_tokens
+        updates["text_attention"] = torch.full((1, n), 1.0 / n, device=tokens.features.device)
+    return dataclasses.replace(tokens, **updates) if updates else tokens
 
 
 def _uses_vision_signals(method: str) -> bool:

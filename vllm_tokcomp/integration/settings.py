@@ -14,7 +14,10 @@ from ..config import CompressionSpec
 from ..methods import available_methods
 
 FIELD = "tokcomp_settings"
+QUERY_FIELD = "tokcomp_query"
 OFF_INDEX = -1
+# Text tokens kept for text-guided methods: the last ones, where the question sits in a chat prompt.
+MAX_QUERY_TOKENS = 256
 
 
 def encode(spec: CompressionSpec | None) -> torch.Tensor:
@@ -33,3 +36,18 @@ def decode(row: torch.Tensor) -> CompressionSpec | None:
 def kept_tokens(spec: CompressionSpec | None, num_tokens: int) -> int:
     """Tokens an item keeps: exactly ``min(budget, N)``, the contract with the placeholder count."""
     return num_tokens if spec is None else min(spec.budget, num_tokens)
+
+
+def query_ids(prompt: list[int], excluded: set[int]) -> list[int]:
+    """The prompt's text tokens (placeholders and special tokens removed), the last ``MAX_QUERY_TOKENS``."""
+    return [t for t in prompt if t not in excluded][-MAX_QUERY_TOKENS:]
+
+
+def encode_query(ids: list[int]) -> torch.Tensor:
+    row = torch.full((MAX_QUERY_TOKENS,), OFF_INDEX, dtype=torch.int64)
+    row[: len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    return row
+
+
+def decode_query(row: torch.Tensor) -> torch.Tensor:
+    return row[row != OFF_INDEX]

@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     cls_topk,
     divprune,
     mustdrop,
+    mustdrop_pipeline,
     pool,
     prumerge,
     pumer,
