@@ -75,3 +75,19 @@ def test_http_400_mapping_for_request_errors():
 
     error = RequestSettingError("bad", parameter="mm_processor_kwargs.tokcomp_budget")
     assert isinstance(error, VLLMValidationError) and isinstance(error, ValueError)
+
+
+def test_llama_layout_used_by_the_lm_probe():
+    """integration/lm_probe.py re-runs the first decoder layers with plain attention."""
+    from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+
+    init = inspect.getsource(LlamaAttention.__init__)
+    for attribute in ("self.q_size", "self.kv_size", "self.num_heads", "self.num_kv_heads", "self.scaling"):
+        assert attribute in init, attribute
+    assert "self.head_dim" in init
+    forward = inspect.getsource(LlamaAttention.forward)
+    assert "self.rotary_emb(positions, q, k)" in forward
+    layer = inspect.getsource(LlamaDecoderLayer.forward)
+    assert "self.input_layernorm(hidden_states, residual)" in layer
+    assert "self.post_attention_layernorm(hidden_states, residual)" in layer
+    assert hasattr(LlamaForCausalLM, "embed_input_ids")

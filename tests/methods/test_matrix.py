@@ -44,6 +44,12 @@ BAD_KNOBS: dict[str, list[tuple[dict, str]]] = {
         ({"window": 0}, "window"),
         ({"key_ratio": -0.1}, "key_ratio"),
     ],
+    "mustdrop": [
+        ({"threshold": 1.5}, "threshold"),
+        ({"window": 0}, "window"),
+        ({"global_threshold": -1.0}, "global_threshold"),
+        ({"stage2": "yes"}, "stage2"),
+    ],
     "mustdrop_s2": [
         ({"global_threshold": -1.0}, "global_threshold"),
         ({"individual_threshold": 2.0}, "individual_threshold"),
