@@ -68,3 +68,30 @@ def test_bad_request_budget(budget):
 def test_servable_methods_have_fixed_budget_forms():
     names = servable_methods()
     assert {"uniform", "cls_topk"} <= set(names)
+
+
+def test_options_are_validated_and_merged():
+    engine = {"tokcomp_method": "mustdrop", "tokcomp_options": {"stage1": False}}
+    spec = resolve_request(engine, {"tokcomp_options": {"threshold": 0.9}})
+    assert spec == CompressionSpec("mustdrop", 64, (("stage1", False), ("threshold", 0.9)))
+    # another method per request starts from that method's defaults
+    assert resolve_request(engine, {"tokcomp_method": "tome"}) == CompressionSpec("tome", 64)
+    assert CompressionSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
+    "options", [{"threshold": 7.0}, {"no_such_knob": 1}, "stage1=false", {"stage2": "yes"}]
+)
+def test_bad_options_name_the_field(options):
+    with pytest.raises(ConfigError, match="tokcomp_options"):
+        parse_engine_config({"tokcomp_method": "mustdrop", "tokcomp_options": options})
+    with pytest.raises(ConfigError, match="tokcomp_options"):
+        resolve_request({"tokcomp_method": "mustdrop"}, {"tokcomp_options": options})
+
+
+def test_settings_row_round_trips():
+    from vllm_tokcomp.integration import settings
+
+    spec = CompressionSpec("mustdrop", 48, (("stage1", False),))
+    assert settings.decode(settings.encode(spec)) == spec
+    assert settings.decode(settings.encode(None)) is None

@@ -15,14 +15,15 @@ No vLLM import here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from .methods import available_methods, method_class
+from .methods import available_methods, get_method, method_class
 
 METHOD_KEY = "tokcomp_method"
 BUDGET_KEY = "tokcomp_budget"
-PLUGIN_KEYS = (METHOD_KEY, BUDGET_KEY)
+OPTIONS_KEY = "tokcomp_options"
+PLUGIN_KEYS = (METHOD_KEY, BUDGET_KEY, OPTIONS_KEY)
 OFF = "none"
 DEFAULT_BUDGET = 64
 
@@ -48,9 +49,14 @@ class CompressionSpec:
 
     method: str
     budget: int
+    options: tuple[tuple[str, Any], ...] = ()  # the method's knobs, sorted by name
 
     def to_dict(self) -> dict[str, Any]:
-        return {f"tokcomp_{key}": value for key, value in asdict(self).items()}
+        return {METHOD_KEY: self.method, BUDGET_KEY: self.budget, OPTIONS_KEY: dict(self.options)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CompressionSpec:
+        return cls(data[METHOD_KEY], data[BUDGET_KEY], tuple(sorted(dict(data.get(OPTIONS_KEY) or {}).items())))
 
 
 def plugin_keys_in(kwargs: Mapping[str, object] | None) -> dict[str, object]:
@@ -116,6 +122,19 @@ def _check_budget(value: object, field: str) -> int:
     return value
 
 
+def _check_options(method: str, value: object, field: str) -> tuple[tuple[str, Any], ...]:
+    """Knobs for ``method``, validated by instantiating it (unknown knob or bad value: error naming it)."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise ConfigError(field, f"must be an object of {method!r} knobs, got {type(value).__name__} {value!r}")
+    try:
+        get_method(method, **value)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(field, str(error)) from None
+    return tuple(sorted(value.items()))
+
+
 def _check_keys(kwargs: Mapping[str, object], where: str) -> None:
     unknown = sorted(set(plugin_keys_in(kwargs)) - set(PLUGIN_KEYS))
     if unknown:
@@ -137,7 +156,8 @@ def parse_engine_config(mm_processor_kwargs: Mapping[str, object] | None) -> Com
     budget = _check_budget(kwargs.get(BUDGET_KEY, DEFAULT_BUDGET), f"{where}.{BUDGET_KEY}")
     if method == OFF:
         return None
-    return CompressionSpec(method=method, budget=budget)
+    options = _check_options(method, kwargs.get(OPTIONS_KEY), f"{where}.{OPTIONS_KEY}")
+    return CompressionSpec(method=method, budget=budget, options=options)
 
 
 def is_engine_configured(mm_processor_kwargs: Mapping[str, object] | None) -> bool:
@@ -169,4 +189,12 @@ def resolve_request(
         return None
     if method == OFF:
         return None
-    return CompressionSpec(method=method, budget=budget)
+    # Engine knobs belong to the engine's method; a request that picks another method starts from defaults.
+    options = dict(engine_keys.get(OPTIONS_KEY) or {}) if method == engine_method else {}
+    if OPTIONS_KEY in request:
+        if not isinstance(request[OPTIONS_KEY], Mapping):
+            options = request[OPTIONS_KEY]  # let _check_options name the type error
+        else:
+            options.update(request[OPTIONS_KEY])
+    checked = _check_options(method, options, f"{where}.{OPTIONS_KEY}")
+    return CompressionSpec(method=method, budget=budget, options=checked)

@@ -89,6 +89,7 @@ def test_base64_image_request_uses_server_budget(client, text_tokens):
         ({"tokcomp_method": "cls_topk", "tokcomp_budget": 100}, 100),
         ({"tokcomp_method": "uniform"}, DEFAULT_BUDGET),
         ({"tokcomp_budget": 5000}, FULL),
+        ({"tokcomp_method": "mustdrop", "tokcomp_budget": 20, "tokcomp_options": {"stage1": False}}, 20),
     ],
 )
 def test_per_request_override(client, text_tokens, mm_kwargs, image_tokens):
@@ -115,6 +116,8 @@ def test_concurrent_requests_with_different_budgets_get_their_own_counts(client,
         ({"tokcomp_budget": [64]}, "tokcomp_budget"),
         ({"tokcomp_budget": True}, "tokcomp_budget"),
         ({"tokcomp_ratio": 0.5}, "tokcomp_ratio"),
+        ({"tokcomp_options": {"no_such_knob": 1}}, "tokcomp_options"),
+        ({"tokcomp_method": "mustdrop", "tokcomp_options": {"threshold": 7.0}}, "tokcomp_options"),
         # Not ours: the server trusts request kwargs only for the plugin's own keys.
         ({"size": {"shortest_edge": 4000}}, "size"),
         ({"do_resize": False}, "do_resize"),

@@ -96,7 +96,7 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
             if foreign:
                 raise RequestSettingError(
                     f"mm_processor_kwargs.{foreign[0]} is not accepted by this server; "
-                    "only tokcomp_method and tokcomp_budget may be set per request",
+                    "only tokcomp_method, tokcomp_budget and tokcomp_options may be set per request",
                     parameter=f"mm_processor_kwargs.{foreign[0]}",
                 )
         if QUERY_KEY in request_kwargs:
@@ -122,7 +122,7 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
         if pixel_values is not None:
             spec = self.info.spec_for_request(hf_processor_mm_kwargs)
             count = len(pixel_values)
-            processed_data[settings.FIELD] = settings.encode(spec).expand(count, 2).clone()
+            processed_data[settings.FIELD] = settings.encode(spec).expand(count, -1).clone()
             query = str(hf_processor_mm_kwargs.get(QUERY_KEY) or "")
             ids = [int(t) for t in query.split(",") if t]
             processed_data[settings.QUERY_FIELD] = settings.encode_query(ids).expand(count, -1).clone()
@@ -216,7 +216,8 @@ class CompressedLlava(LlavaForConditionalGeneration):
                     keys=None if signals is None else signals[index].keys,
                     **self._text_signals(spec.method, item, query_ids[index]),
                 )
-                result = get_method(spec.method)(_with_text_fallback(spec.method, tokens), spec.budget)
+                method = get_method(spec.method, **dict(spec.options))
+                result = method(_with_text_fallback(spec.method, tokens), spec.budget)
                 item = result.features
                 _log_selection(spec, result.assignment.anchor)
             expected = settings.kept_tokens(spec, num_patches)

@@ -1,36 +1,41 @@
 """Per-image compression settings, carried from the processor to the model as a tensor field.
 
 ``embed_multimodal`` sees only multimodal kwargs, never the request, so the
-processor attaches ``tokcomp_settings = [method_index, budget]`` to every image
-(``method_index = -1``: leave uncompressed). Because the same value decides the
-placeholder count (processor) and the rows returned (model), they cannot drift.
+processor attaches ``tokcomp_settings`` to every image: the spec as UTF-8 JSON in
+a fixed-size uint8 row (all zeros: leave uncompressed). Because the same value
+decides the placeholder count (processor) and the rows returned (model), they
+cannot drift.
 """
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from ..config import CompressionSpec
-from ..methods import available_methods
 
 FIELD = "tokcomp_settings"
 QUERY_FIELD = "tokcomp_query"
 OFF_INDEX = -1
+SETTINGS_BYTES = 1024
 # Text tokens kept for text-guided methods: the last ones, where the question sits in a chat prompt.
 MAX_QUERY_TOKENS = 256
 
 
 def encode(spec: CompressionSpec | None) -> torch.Tensor:
-    if spec is None:
-        return torch.tensor([OFF_INDEX, 0], dtype=torch.int64)
-    return torch.tensor([available_methods().index(spec.method), spec.budget], dtype=torch.int64)
+    row = torch.zeros(SETTINGS_BYTES, dtype=torch.uint8)
+    if spec is not None:
+        data = json.dumps(spec.to_dict(), sort_keys=True).encode()
+        if len(data) > SETTINGS_BYTES:
+            raise ValueError(f"tokcomp settings take {len(data)} bytes, more than {SETTINGS_BYTES}")
+        row[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return row
 
 
 def decode(row: torch.Tensor) -> CompressionSpec | None:
-    method_index, budget = (int(v) for v in row.tolist())
-    if method_index == OFF_INDEX:
-        return None
-    return CompressionSpec(method=available_methods()[method_index], budget=budget)
+    data = bytes(row[row != 0].tolist())
+    return CompressionSpec.from_dict(json.loads(data)) if data else None
 
 
 def kept_tokens(spec: CompressionSpec | None, num_tokens: int) -> int:
