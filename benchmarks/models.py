@@ -1,0 +1,167 @@
+"""Model shapes for the benchmarks, written locally (nothing is downloaded).
+
+* ``tiny``: the bundled tiny LLaVA (``vllm_tokcomp.tiny.llava``), real random weights. CI smoke.
+* ``llava-proportioned``: a CPU-sized LLaVA-1.5 whose vision encoder costs about 4 % of the
+  LM's prefill FLOPs for 576 + 64 tokens, as in LLaVA-1.5-7B (CLIP ViT-L/14-336 vs Vicuna-7B:
+  4.6 % by :func:`flops`). Widths keep LLaVA's 1 : 4 vision : LM ratio, every head is 64 wide.
+  Random weights from vLLM's dummy loader (``load_format="dummy"``).
+* ``llava-1.5-7b``: the real LLaVA-1.5-7B architecture (``llava-hf/llava-1.5-7b-hf`` config
+  values), dummy weights, for GPU runs (about 14 GB in bf16).
+
+The two written models reuse the tiny model's tokenizer, chat template and CLIP image
+processor (336 px, patch 14, so 576 image tokens). The 7B config keeps its 32064-row vocab;
+the tokenizer has 2048 entries, all ids below that, so the extra rows are simply never used,
+and ``image_token_index`` is the tiny tokenizer's ``<image>`` (4) instead of llava-hf's 32000.
+Neither changes the cost of a forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vllm_tokcomp.tiny.llava import default_model_dir, ensure_default_model
+
+MODEL_PRESETS = ("tiny", "llava-proportioned", "llava-1.5-7b")
+SHAPES_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Shape:
+    vision_hidden: int
+    vision_layers: int  # as in the config; vLLM instantiates up to vision_feature_layer (-2)
+    vision_heads: int
+    vision_intermediate: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+    vocab_size: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+
+    @property
+    def vision_layers_used(self) -> int:
+        return self.vision_layers - 1  # vision_feature_layer = -2
+
+
+SHAPES: dict[str, Shape] = {
+    "tiny": Shape(64, 3, 2, 256, 256, 2, 4, 4, 512, 2048),
+    "llava-proportioned": Shape(256, 5, 4, 1024, 1024, 8, 16, 16, 2816, 2048),
+    "llava-1.5-7b": Shape(1024, 24, 16, 4096, 4096, 32, 32, 32, 11008, 32064, rms_norm_eps=1e-5),
+}
+IMAGE_SIZE, PATCH_SIZE = 336, 14
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
+
+
+def flops(shape: Shape, text_tokens: int = 64, image_tokens: int = NUM_PATCHES) -> dict:
+    """Forward FLOPs (2 per multiply-add) of one image's encoder pass and of the LM prefill.
+
+    Vision: patch embedding, the instantiated layers on 1 + 576 tokens (QKV/O, MLP, the two
+    attention matmuls) and the projector on 576 rows. LM prefill over ``text + image`` tokens:
+    projections, SwiGLU MLP, causal attention matmuls, and the LM head for the last position.
+    """
+    n = NUM_PATCHES + 1
+    d, f = shape.vision_hidden, shape.vision_intermediate
+    per_layer = 2 * n * 4 * d * d + 2 * n * 2 * d * f + 2 * 2 * n * n * d
+    vision = shape.vision_layers_used * per_layer + 2 * NUM_PATCHES * 3 * PATCH_SIZE**2 * d
+    h = shape.text_hidden
+    projector = 2 * NUM_PATCHES * (d * h + h * h)
+    t = text_tokens + image_tokens
+    hd = h // shape.text_heads
+    q_o = 2 * t * 2 * h * (shape.text_heads * hd)
+    kv = 2 * t * 2 * h * (shape.text_kv_heads * hd)
+    mlp = 2 * t * 3 * h * shape.text_intermediate
+    attn = 2 * 2 * (t * (t + 1) / 2) * shape.text_heads * hd
+    lm = shape.text_layers * (q_o + kv + mlp + attn) + 2 * h * shape.vocab_size
+    return {
+        "vision_tower": vision,
+        "projector": projector,
+        "encoder": vision + projector,
+        "lm_prefill": lm,
+        "encoder_over_lm_prefill": (vision + projector) / lm,
+        "text_tokens": text_tokens,
+        "image_tokens": image_tokens,
+    }
+
+
+def _models_root() -> Path:
+    return default_model_dir().parent
+
+
+def _write_model(name: str, shape: Shape) -> Path:
+    target = _models_root() / f"bench-{name}-v{SHAPES_VERSION}"
+    marker = target / "tokcomp_bench_shape.json"
+    expected = {"preset": name, "shape": asdict(shape), "version": SHAPES_VERSION}
+    if marker.is_file() and json.loads(marker.read_text()) == expected:
+        return target
+    tiny = ensure_default_model()
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in tiny.iterdir():
+        if item.name in ("model.safetensors", "config.json") or item.name.startswith("tokcomp_"):
+            continue
+        shutil.copy2(item, tmp / item.name)
+    config = json.loads((tiny / "config.json").read_text())
+    vision, text = config["vision_config"], config["text_config"]
+    vision.update(
+        hidden_size=shape.vision_hidden,
+        projection_dim=shape.vision_hidden,
+        num_hidden_layers=shape.vision_layers,
+        num_attention_heads=shape.vision_heads,
+        intermediate_size=shape.vision_intermediate,
+    )
+    text.update(
+        hidden_size=shape.text_hidden,
+        num_hidden_layers=shape.text_layers,
+        num_attention_heads=shape.text_heads,
+        num_key_value_heads=shape.text_kv_heads,
+        head_dim=shape.text_hidden // shape.text_heads,
+        intermediate_size=shape.text_intermediate,
+        vocab_size=shape.vocab_size,
+        max_position_embeddings=shape.max_position_embeddings,
+        rms_norm_eps=shape.rms_norm_eps,
+    )
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (tmp / marker.name).write_text(json.dumps(expected, indent=2) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model(preset_or_path: str) -> tuple[Path, str, dict]:
+    """(model directory, load_format, info) for a preset name or a model directory."""
+    if preset_or_path == "tiny":
+        path, load_format = ensure_default_model(), "auto"
+    elif preset_or_path in SHAPES:
+        path, load_format = _write_model(preset_or_path, SHAPES[preset_or_path]), "dummy"
+    else:
+        path, load_format = Path(preset_or_path), "auto"
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"--model: {preset_or_path!r} is neither a preset ({', '.join(MODEL_PRESETS)}) "
+                             "nor a model directory")
+    info: dict = {"preset": preset_or_path if preset_or_path in SHAPES else None, "path": str(path),
+                  "load_format": load_format}
+    shape = SHAPES.get(preset_or_path) or shape_from_config(path)
+    if shape is not None:
+        info["shape"] = asdict(shape)
+        info["flops_per_request"] = flops(shape)
+    return path, load_format, info
+
+
+def shape_from_config(path: Path) -> Shape | None:
+    try:
+        config = json.loads((path / "config.json").read_text())
+        v, t = config["vision_config"], config["text_config"]
+        return Shape(
+            v["hidden_size"], v["num_hidden_layers"], v["num_attention_heads"], v["intermediate_size"],
+            t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"],
+            t.get("num_key_value_heads", t["num_attention_heads"]), t["intermediate_size"], t["vocab_size"],
+        )
+    except (OSError, KeyError, ValueError):
+        return None
