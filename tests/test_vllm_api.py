@@ -91,3 +91,15 @@ def test_llama_layout_used_by_the_lm_probe():
     assert "self.input_layernorm(hidden_states, residual)" in layer
     assert "self.post_attention_layernorm(hidden_states, residual)" in layer
     assert hasattr(LlamaForCausalLM, "embed_input_ids")
+
+
+def test_clip_tower_layout_used_by_the_in_tower_merge():
+    """integration/mustdrop_tower.py re-runs vLLM's CLIP tower layer by layer."""
+    from vllm.model_executor.models.clip import CLIPVisionModel, CLIPVisionTransformer
+    from vllm.model_executor.models.vision import resolve_visual_encoder_outputs
+
+    forward = inspect.getsource(CLIPVisionTransformer.forward)
+    assert "self.embeddings(pixel_values)" in forward and "self.pre_layrnorm(hidden_states)" in forward
+    assert "resolve_visual_encoder_outputs(" in forward and "self.post_layernorm" in forward
+    assert "self.vision_model = CLIPVisionTransformer(" in inspect.getsource(CLIPVisionModel.__init__)
+    assert "feature_select_strategy" in inspect.signature(resolve_visual_encoder_outputs).parameters

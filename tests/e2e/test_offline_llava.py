@@ -27,11 +27,24 @@ COMPRESSED = [
     ("cls_topk", 100, 0),
     ("uniform", 48, 2),  # two images, each to 48
     ("tome", 1, 1),
+    ("mustdrop", 64, 0),  # stage 1 inside the tower, stage 2 from the LM probe
+    ("mustdrop", 40, 2),
 ]
+IDENTITY_GROUPS = {
+    "unconfigured": None,
+    "budget=576": {"tokcomp_method": "tome", "tokcomp_budget": FULL},
+    "budget=1000": {"tokcomp_method": "cls_topk", "tokcomp_budget": 1000},
+    "method=none": {"tokcomp_method": "none"},
+    # Re-running vLLM's CLIP tower layer by layer (MustDrop's in-tower merge path) with nothing to merge.
+    "mustdrop budget=576": {"tokcomp_method": "mustdrop", "tokcomp_budget": FULL},
+}
 
 
 def _with(kwargs):
     return [{**r, "mm_kwargs": kwargs} for r in BASE_REQUESTS]
+
+
+OFFSET = len(IDENTITY_GROUPS) * len(BASE_REQUESTS)  # where the compressed requests start
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +56,7 @@ def plain(tiny_llava_dir, vllm_env, tmp_path_factory):
 @pytest.fixture(scope="module")
 def plugin(tiny_llava_dir, vllm_env, tmp_path_factory):
     requests = (
-        BASE_REQUESTS  # installed, not configured
-        + _with({"tokcomp_method": "tome", "tokcomp_budget": FULL})  # budget = token count
-        + _with({"tokcomp_method": "cls_topk", "tokcomp_budget": 1000})  # budget > token count
-        + _with({"tokcomp_method": "none"})
+        [request for kwargs in IDENTITY_GROUPS.values() for request in _with(kwargs)]
         + [{**BASE_REQUESTS[i], "mm_kwargs": {"tokcomp_method": m, "tokcomp_budget": b}} for m, b, i in COMPRESSED]
         + [{**BASE_REQUESTS[0], "mm_kwargs": {"tokcomp_method": "uniform", "tokcomp_budget": 0}}]
     )
@@ -65,13 +75,13 @@ def test_baseline_is_not_degenerate(plain):
     assert len({tuple(o) for o in outputs}) > 1, "different images should give different greedy outputs"
 
 
-@pytest.mark.parametrize("group", [0, 1, 2, 3], ids=["unconfigured", "budget=576", "budget=1000", "method=none"])
+@pytest.mark.parametrize("group", range(len(IDENTITY_GROUPS)), ids=list(IDENTITY_GROUPS))
 def test_identity_settings_match_plain_vllm_token_for_token(plain, plugin, group):
     assert _group(plugin, group) == plain["results"]
 
 
 def test_prompt_tokens_are_text_plus_budget(plain, plugin):
-    offset = 4 * len(BASE_REQUESTS)
+    offset = OFFSET
     for k, (method, budget, base) in enumerate(COMPRESSED):
         result = plugin["results"][offset + k]
         images = len(BASE_REQUESTS[base]["images"])
@@ -80,7 +90,7 @@ def test_prompt_tokens_are_text_plus_budget(plain, plugin):
 
 
 def test_kv_blocks_read_from_engine_drop_with_the_budget(plain, plugin):
-    offset = 4 * len(BASE_REQUESTS)
+    offset = OFFSET
     kv_plain = plain["kv"]
     kv = plugin["kv"]
     assert len(kv) == len(plugin["results"]) - 1  # the rejected request never reached the engine

@@ -40,6 +40,7 @@ from ..methods import VisualTokens, get_method, method_class
 from . import settings
 from .clip_signals import capture_feature_layer_signals
 from .lm_probe import text_to_vision_attention
+from .mustdrop_tower import encode_with_window_merge, supports_tower_merge
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
     ImageEmbeddingItems,
@@ -195,37 +196,80 @@ class CompressedLlava(LlavaForConditionalGeneration):
     ) -> list[torch.Tensor]:
         image_input = self._parse_and_validate_image_input(**kwargs)
         pixels = image_input["pixel_values"]
-        wants_signals = any(spec is not None and _uses_vision_signals(spec.method) for spec in specs)
         grid_side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        grid = (grid_side, grid_side)
         num_patches = grid_side * grid_side
+        in_tower = [index for index, spec in enumerate(specs) if self._merges_in_tower(spec)]
+        batched = [index for index in range(len(specs)) if index not in in_tower]
+        outputs: dict[int, torch.Tensor] = {}
+        if batched:
+            outputs.update(self._embed_batched(pixels, batched, [specs[i] for i in batched], query_ids, grid))
+        for index in in_tower:
+            outputs[index] = self._embed_mustdrop_in_tower(pixels[index], specs[index], query_ids[index], grid)
+        ordered = []
+        for index, spec in enumerate(specs):
+            item = outputs[index]
+            expected = settings.kept_tokens(spec, num_patches)
+            # vLLM silently truncates extra rows; a mismatch must fail here instead.
+            if item.shape[0] != expected:
+                raise RuntimeError(f"tokcomp produced {item.shape[0]} rows for an image with {expected} placeholders")
+            ordered.append(item)
+        return ordered
+
+    def _embed_batched(self, pixels, indices, specs, query_ids, grid) -> dict[int, torch.Tensor]:  # noqa: ANN001
+        """The tower on the whole sub-batch as vLLM runs it, then each image compressed on its own."""
+        wants_signals = any(spec is not None and _uses_vision_signals(spec.method) for spec in specs)
+        subset = pixels[indices]
         if wants_signals:
-            with capture_feature_layer_signals(self.vision_tower, num_patches) as signals:
-                features = self._image_pixels_to_features(self.vision_tower, pixels)
+            with capture_feature_layer_signals(self.vision_tower, grid[0] * grid[1]) as signals:
+                features = self._image_pixels_to_features(self.vision_tower, subset)
         else:
             signals = None
-            features = self._image_pixels_to_features(self.vision_tower, pixels)
+            features = self._image_pixels_to_features(self.vision_tower, subset)
         embeds = self.multi_modal_projector(features)
-        outputs = []
-        for index, spec in enumerate(specs):
-            item = embeds[index]
+        outputs = {}
+        for position, (index, spec) in enumerate(zip(indices, specs, strict=True)):
+            item = embeds[position]
             if spec is not None:
                 tokens = VisualTokens(
                     features=item,
-                    grid=(grid_side, grid_side),
-                    cls_attention=None if signals is None else signals[index].cls_attention,
-                    keys=None if signals is None else signals[index].keys,
+                    grid=grid,
+                    cls_attention=None if signals is None else signals[position].cls_attention,
+                    keys=None if signals is None else signals[position].keys,
                     **self._text_signals(spec.method, item, query_ids[index]),
                 )
                 method = get_method(spec.method, **dict(spec.options))
                 result = method(_with_text_fallback(spec.method, tokens), spec.budget)
                 item = result.features
                 _log_selection(spec, result.assignment.anchor)
-            expected = settings.kept_tokens(spec, num_patches)
-            # vLLM silently truncates extra rows; a mismatch must fail here instead.
-            if item.shape[0] != expected:
-                raise RuntimeError(f"tokcomp produced {item.shape[0]} rows for an image with {expected} placeholders")
-            outputs.append(item)
+            outputs[index] = item
         return outputs
+
+    def _merges_in_tower(self, spec: CompressionSpec | None) -> bool:
+        if spec is None or spec.method != "mustdrop" or not dict(spec.options).get("stage1", True):
+            return False
+        return supports_tower_merge(self.vision_tower)
+
+    def _embed_mustdrop_in_tower(self, pixels, spec: CompressionSpec, ids, grid) -> torch.Tensor:  # noqa: ANN001
+        """MustDrop with stage 1 inside the tower (after layer 0), then stage 2 on the merged tokens."""
+        options = dict(spec.options)
+        method = get_method("mustdrop", **{**options, "stage1": False})
+        tower = encode_with_window_merge(
+            self.vision_tower, pixels, grid=grid, budget=spec.budget, threshold=method.threshold,
+            window=method.window, feature_select_strategy=self.config.vision_feature_select_strategy,
+        )
+        embeds = self.multi_modal_projector(tower.features)
+        tokens = VisualTokens(
+            features=embeds,
+            grid=(embeds.shape[0],),
+            cls_attention=tower.signals.cls_attention,
+            keys=tower.signals.keys,
+            sizes=tower.sizes,
+            **self._text_signals("mustdrop", embeds, ids),
+        )
+        result = method(tokens, spec.budget)
+        _log_selection(spec, tower.assignment.then(result.assignment).anchor)
+        return result.features
 
 
 SELECTION_LOG_ENV = "TOKCOMP_SELECTION_LOG"
