@@ -1,0 +1,242 @@
+"""Accuracy vs visual-token budget through vLLM with the tokcomp plugin.
+
+``python benchmarks/accuracy.py [--data DIR] [--model DIR] [--methods all] [--budgets 576,192,128,64,32]``
+
+Runs every question of a data set (a folder with ``questions.jsonl`` in the format of
+docs/dataset.md; default: the test split of the synthetic task, generated on first use) through
+ONE vLLM engine with greedy decoding, for the uncompressed baseline and every method x budget
+(the method and budget travel per request in ``mm_processor_kwargs``). Answers are scored by
+exact match after ``normalize_answer``. Writes ``OUT.json`` (every arm, per question type, the
+baseline's predictions), ``OUT.md`` (accuracy and relative accuracy per method and budget, and
+per question type) and ``OUT.png`` (accuracy vs tokens per image, one line per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+FULL = 576
+DEFAULT_BUDGETS = (576, 192, 128, 64, 32)
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "accuracy"
+
+
+# ----------------------------------------------------------------------------- data and scoring
+def load_dataset(folder: Path, limit: int | None = None) -> list[dict]:
+    records = []
+    with open(folder / "questions.jsonl") as handle:
+        for line in handle:
+            if line.strip():
+                record = json.loads(line)
+                record.setdefault("type", "all")
+                record["image_path"] = str(folder / record["image"])
+                records.append(record)
+    return records[:limit] if limit else records
+
+
+def default_dataset(seed: int = 0, images: int = 250) -> Path:
+    """The synthetic test split (``images`` images, 2 questions each), generated once into a cache folder."""
+    root = Path(os.environ.get("TOKCOMP_DATA_DIR", Path.home() / ".cache" / "vllm-tokcomp" / "data"))
+    out = root / f"vqa-v1-seed{seed}-test{images}"
+    if not (out / "test" / "questions.jsonl").exists() or not (out / "spec.json").exists():
+        from vllm_tokcomp.data.generate import main as generate
+
+        generate([str(out), "--seed", str(seed), "--test", str(images)])
+    return out / "test"
+
+
+def score(records: list[dict], predictions: list[str]) -> dict:
+    from vllm_tokcomp.data.spec import normalize_answer
+
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for record, prediction in zip(records, predictions, strict=True):
+        ok = normalize_answer(prediction) == normalize_answer(record["answer"])
+        hits["all"].append(ok)
+        hits[record["type"]].append(ok)
+    return {
+        "accuracy": sum(hits["all"]) / max(1, len(hits["all"])),
+        "n": len(hits["all"]),
+        "per_type": {t: sum(v) / len(v) for t, v in sorted(hits.items()) if t != "all"},
+    }
+
+
+# ----------------------------------------------------------------------------- engine
+def _engine_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_PLUGINS", "tokcomp")
+    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="tokcomp-acc-vllm-"))
+
+
+def run_arms(model: str, records: list[dict], arms: list[tuple[str, int]], *, chunk: int, max_tokens: int,
+             progress: bool = True) -> list[list[str]]:
+    """Greedy answers of every record for every (method, budget) arm, from one engine."""
+    _engine_env()
+    from PIL import Image
+    from tqdm import tqdm
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, max_model_len=1024, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 1})
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    images = {}
+    for record in records:
+        if record["image_path"] not in images:
+            with Image.open(record["image_path"]) as image:
+                images[record["image_path"]] = image.convert("RGB")
+    conversations = [
+        [{"role": "user", "content": [{"type": "image_pil", "image_pil": images[r["image_path"]]},
+                                      {"type": "text", "text": r["question"]}]}]
+        for r in records
+    ]
+    results = []
+    bar = tqdm(total=len(arms) * len(records), unit="q", disable=not progress, dynamic_ncols=True)
+    for method, budget in arms:
+        bar.set_description(f"{method}@{budget}")
+        kwargs = {"tokcomp_method": method, "tokcomp_budget": budget}
+        answers = []
+        for start in range(0, len(conversations), chunk):
+            outputs = llm.chat(conversations[start:start + chunk], params, mm_processor_kwargs=kwargs, use_tqdm=False)
+            answers += [o.outputs[0].text for o in outputs]
+            bar.update(len(outputs))
+        results.append(answers)
+    bar.close()
+    return results
+
+
+# ----------------------------------------------------------------------------- reports
+def markdown(report: dict) -> str:
+    budgets = report["budgets"]
+    base = report["baseline"]["accuracy"]
+    lines = [
+        f"# Accuracy vs visual tokens ({report['model_name']}, {report['n']} questions)",
+        "",
+        f"Data: `{report['data']}`; greedy, exact match after normalisation; one vLLM engine, method and budget "
+        "per request. Cells: accuracy (relative to uncompressed).",
+        "",
+        "| method | " + " | ".join(f"{b} tok" for b in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
+    by_arm = {(a["method"], a["budget"]): a for a in report["arms"]}
+    for method in report["methods"]:
+        cells = []
+        for b in budgets:
+            arm = report["baseline"] if b >= FULL else by_arm.get((method, b))
+            cells.append("–" if arm is None else f"{arm['accuracy']:.3f} ({arm['accuracy'] / base:.0%})"
+                         if base else f"{arm['accuracy']:.3f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    types = sorted(report["baseline"]["per_type"])
+    lines += ["", "## Per question type", "", "| method | tokens | all | rel | " + " | ".join(types) + " |",
+              "|---|---:|---:|---:|" + "---:|" * len(types)]
+    for arm in [report["baseline"], *report["arms"]]:
+        rel = f"{arm['accuracy'] / base:.0%}" if base else "–"
+        lines.append(f"| {arm['method']} | {arm['budget']} | {arm['accuracy']:.3f} | {rel} | "
+                     + " | ".join(f"{arm['per_type'].get(t, float('nan')):.2f}" for t in types) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    base = report["baseline"]["accuracy"]
+    for method in report["methods"]:
+        pts = sorted((a["budget"], a["accuracy"]) for a in report["arms"] if a["method"] == method)
+        pts.append((FULL, base))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.axhline(base, color="black", linestyle="--", linewidth=1, label="uncompressed")
+    if report.get("chance") is not None:
+        ax.axhline(report["chance"], color="gray", linestyle=":", linewidth=1, label="majority answer")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(report["budgets"], [str(b) for b in report["budgets"]])
+    ax.set_xlabel("visual tokens per image")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{report['model_name']}: accuracy vs tokens ({report['n']} questions)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def majority_baseline(records: list[dict]) -> float:
+    """Accuracy of always giving each question type's most common answer (a floor for 'sees nothing')."""
+    by_type: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        by_type[r["type"]][r["answer"]] += 1
+    return sum(max(c.values()) for c in by_type.values()) / max(1, len(records))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="folder with questions.jsonl (default: test split)")
+    parser.add_argument("--model", default=None, help="model folder (default: the bundled tiny LLaVA)")
+    parser.add_argument("--methods", default="all", help="comma list of servable methods, or 'all'")
+    parser.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)))
+    parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument("--chunk", type=int, default=64, help="requests per llm.chat call")
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output path stem (.json/.md/.png)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from vllm_tokcomp.config import servable_methods
+
+    methods = servable_methods() if args.methods == "all" else [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(servable_methods()))
+    if unknown:
+        parser.error(f"not servable through vLLM: {', '.join(unknown)}")
+    budgets = sorted({int(b) for b in args.budgets.split(",") if b}, reverse=True)
+    if FULL not in budgets:
+        budgets.insert(0, FULL)
+    data = args.data or default_dataset()
+    if args.model is None:
+        from vllm_tokcomp.tiny.llava import ensure_default_model
+
+        model = str(ensure_default_model())
+    else:
+        model = args.model
+    records = load_dataset(Path(data), args.limit)
+    arms = [("none", FULL)] + [(m, b) for m in methods for b in budgets if b < FULL]
+    start = time.perf_counter()
+    answers = run_arms(model, records, arms, chunk=args.chunk, max_tokens=args.max_tokens,
+                       progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    scored = [{"method": m, "budget": b, **score(records, a)} for (m, b), a in zip(arms, answers, strict=True)]
+    report = {
+        "model": model,
+        "model_name": Path(model).name,
+        "data": str(data),
+        "n": len(records),
+        "budgets": budgets,
+        "methods": methods,
+        "chance": majority_baseline(records),
+        "seconds": round(elapsed, 1),
+        "baseline": scored[0],
+        "arms": scored[1:],
+        "baseline_predictions": [{"id": r.get("id"), "answer": r["answer"], "prediction": p}
+                                 for r, p in zip(records, answers[0], strict=True)],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(report))
+    plot(report, args.out.with_suffix(".png"))
+    print(markdown(report))
+    print(f"wrote {args.out.with_suffix('.json')}, .md, .png ({elapsed:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""benchmarks/accuracy.py: scoring and reports (fast), and one end-to-end run through real vLLM (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import accuracy  # noqa: E402
+
+RECORDS = [
+    {"question": "q1", "answer": "red", "type": "color"},
+    {"question": "q2", "answer": "3", "type": "count"},
+    {"question": "q3", "answer": "yes", "type": "presence"},
+    {"question": "q4", "answer": "no", "type": "presence"},
+]
+
+
+def test_score_normalises_and_splits_by_type() -> None:
+    result = accuracy.score(RECORDS, [" Red.", "three", "Yes", "yes"])
+    assert result["n"] == 4
+    assert result["accuracy"] == pytest.approx(0.75)
+    assert result["per_type"] == {"color": 1.0, "count": 1.0, "presence": 0.5}
+
+
+def test_majority_baseline() -> None:
+    assert accuracy.majority_baseline(RECORDS) == pytest.approx(0.75)
+
+
+def test_markdown_and_plot(tmp_path: Path) -> None:
+    base = {"method": "none", "budget": 576, **accuracy.score(RECORDS, ["red", "3", "yes", "no"])}
+    arm = {"method": "uniform", "budget": 64, **accuracy.score(RECORDS, ["red", "2", "yes", "no"])}
+    report = {"model_name": "m", "data": "d", "n": 4, "budgets": [576, 64], "methods": ["uniform"],
+              "baseline": base, "arms": [arm], "chance": 0.5}
+    text = accuracy.markdown(report)
+    assert "| uniform | 1.000 (100%) | 0.750 (75%) |" in text
+    assert "| uniform | 64 | 0.750 | 75% |" in text
+    accuracy.plot(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_load_dataset_resolves_images(tmp_path: Path) -> None:
+    (tmp_path / "questions.jsonl").write_text(json.dumps({"image": "a.png", "question": "q", "answer": "x"}) + "\n")
+    [record] = accuracy.load_dataset(tmp_path)
+    assert record["image_path"] == str(tmp_path / "a.png") and record["type"] == "all"
+
+
+@pytest.mark.slow
+def test_harness_end_to_end(tmp_path: Path) -> None:
+    from vllm_tokcomp.data.generate import main as generate
+    from vllm_tokcomp.tiny.llava import ensure_default_model
+
+    generate([str(tmp_path / "data"), "--seed", "0", "--test", "2"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_PLUGINS": "tokcomp", "PYTHONPATH": str(REPO_ROOT)}
+    out = tmp_path / "res" / "accuracy"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "accuracy.py"), "--data", str(tmp_path / "data" / "test"),
+         "--model", str(ensure_default_model()), "--methods", "uniform,cls_topk", "--budgets", "576,32",
+         "--out", str(out), "--no-progress"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["n"] == 4
+    assert [(a["method"], a["budget"]) for a in report["arms"]] == [("uniform", 32), ("cls_topk", 32)]
+    assert len(report["baseline_predictions"]) == 4
+    assert out.with_suffix(".md").read_text().startswith("# Accuracy vs visual tokens")
+    assert out.with_suffix(".png").stat().st_size > 1000

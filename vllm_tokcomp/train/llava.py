@@ -1,0 +1,382 @@
+"""Train the tiny LLaVA-1.5-shaped model on the synthetic VQA task (docs/dataset.md).
+
+``python -m vllm_tokcomp.train.llava OUT [--clip-steps N] [--qa-steps N] ...``
+
+Stage 1 (``clip``): CLIP-style contrastive pre-training of the vision tower. The image embedding
+is the tower's CLS token (``post_layernorm`` of the last layer, as in CLIP) through a linear head;
+the text side is a small transformer over the words of a generated scene caption
+(:func:`vllm_tokcomp.data.scene_caption`). Symmetric InfoNCE with a learned temperature.
+
+Stage 2 (``qa``): the whole LLaVA model (tower at a lower learning rate, projector, LM) on the
+question answering task. Each image carries all its questions as a multi-turn conversation in
+the model's chat format, so one 576-token image forward teaches several answers; the loss is on
+answer tokens and ``</s>`` only, and the LM head is applied at those positions only.
+
+Data is generated on the fly from the training split's seeds (image ``i`` of the run is image
+``i`` of ``python -m vllm_tokcomp.data.generate --seed SEED``), so runs are deterministic and
+never see validation/test images. ``OUT/ckpt.pt`` is written every ``--save-every`` steps and a
+run resumes from it; ``OUT/model.safetensors`` (bf16, llava-hf names) is the result, to be
+turned into a model folder with ``python -m vllm_tokcomp.tiny.llava DIR --weights OUT/model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm_tokcomp.data.generate import scene_rng
+from vllm_tokcomp.data.spec import BACKGROUNDS, COLORS, DIGITS, SHAPES, SIZES
+from vllm_tokcomp.data.synth import make_questions, make_scene, render_scene, scene_caption
+from vllm_tokcomp.tiny import llava as tiny
+
+MEAN = np.array(tiny.OPENAI_CLIP_MEAN, np.float32)
+STD = np.array(tiny.OPENAI_CLIP_STD, np.float32)
+CAPTION_WORDS = (
+    [".", "background", "digit", *BACKGROUNDS, *DIGITS, *SIZES, *COLORS, *SHAPES]
+    + ["top", "middle", "bottom", "left", "center", "right"]
+)
+MAX_CAPTION = 48
+
+
+def pixels(image) -> torch.Tensor:  # noqa: ANN001 - PIL image, 336 x 336
+    """What CLIPImageProcessor gives for a 336 x 336 image (resize and crop are no-ops)."""
+    arr = (np.asarray(image, np.float32) / 255.0 - MEAN) / STD
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def build_model() -> nn.Module:
+    from transformers import LlavaForConditionalGeneration
+
+    config = tiny._make_config()
+    config.dtype = torch.float32
+    model = LlavaForConditionalGeneration(config)
+    state = {k: v.float() for k, v in tiny.random_state_dict(0).items()}
+    # transformers names <- llava-hf names
+    mapped = {}
+    for key, value in state.items():
+        if key.startswith("language_model.model."):
+            key = "model.language_model." + key[len("language_model.model."):]
+        elif key == "language_model.lm_head.weight":
+            key = "lm_head.weight"
+        elif key.startswith("vision_tower.vision_model."):
+            key = "model.vision_tower." + key[len("vision_tower.vision_model."):]
+        else:
+            key = "model." + key
+        mapped[key] = value
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    if unexpected or [m for m in missing if "position_ids" not in m]:
+        raise RuntimeError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
+    with torch.no_grad():  # a trainable start for the LM head (the random init has logits of std 8)
+        gen = torch.Generator().manual_seed(1)
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.02)
+    return model
+
+
+def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """bf16 state dict in llava-hf names (what :func:`tiny.build_tiny_llava` ``weights=`` takes)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if "position_ids" in key:
+            continue
+        out[tiny.normalize_checkpoint_key(key)] = value.detach().to(torch.bfloat16).contiguous()
+    return out
+
+
+# ----------------------------------------------------------------------------- stage 1: CLIP
+class CaptionEncoder(nn.Module):
+    def __init__(self, dim: int = 64, layers: int = 2) -> None:
+        super().__init__()
+        self.vocab = {w: i + 1 for i, w in enumerate(CAPTION_WORDS)}
+        self.embed = nn.Embedding(len(self.vocab) + 1, dim)
+        self.pos = nn.Parameter(torch.randn(MAX_CAPTION, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, 2, dim * 4, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers)
+        self.norm = nn.LayerNorm(dim)
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.zeros(len(captions), MAX_CAPTION, dtype=torch.long)
+        for i, caption in enumerate(captions):
+            words = [self.vocab[w] for w in caption.split()][:MAX_CAPTION]
+            ids[i, : len(words)] = torch.tensor(words)
+        return ids, ids == 0
+
+    def forward(self, captions: list[str]) -> torch.Tensor:
+        ids, pad = self.tokenize(captions)
+        x = self.encoder(self.embed(ids) + self.pos, src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).float()
+        return self.norm((x * keep).sum(1) / keep.sum(1))
+
+
+class ClipHeads(nn.Module):
+    def __init__(self, vision_dim: int, dim: int = 64) -> None:
+        super().__init__()
+        self.text = CaptionEncoder(dim)
+        self.image_proj = nn.Linear(vision_dim, dim, bias=False)
+        self.text_proj = nn.Linear(dim, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+
+def clip_batch(seed: int, start: int, n: int) -> tuple[torch.Tensor, list[str]]:
+    images, captions = [], []
+    for index in range(start, start + n):
+        scene = make_scene(scene_rng(seed, "train", index))
+        images.append(pixels(render_scene(scene)))
+        captions.append(scene_caption(scene))
+    return torch.stack(images), captions
+
+
+def clip_loss(model: nn.Module, heads: ClipHeads, images: torch.Tensor, captions: list[str]) -> tuple:
+    vision = model.model.vision_tower
+    cls = vision(pixel_values=images).pooler_output  # post_layernorm(CLS of the last layer)
+    img = F.normalize(heads.image_proj(cls), dim=-1)
+    txt = F.normalize(heads.text_proj(heads.text(captions)), dim=-1)
+    logits = heads.logit_scale.clamp(max=math.log(100)).exp() * img @ txt.T
+    target = torch.arange(len(captions))
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    acc = (logits.argmax(1) == target).float().mean().item()
+    return loss, acc
+
+
+# ----------------------------------------------------------------------------- stage 2: QA
+class QAEncoder:
+    """Token ids and labels of a multi-turn conversation in the tiny model's chat format."""
+
+    def __init__(self) -> None:
+        self.tok = tiny._hf_tokenizer(tiny.train_tokenizer())
+        self.image_id = tiny.IMAGE_TOKEN_ID
+        self.eos = tiny.EOS_TOKEN_ID
+
+    def ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def conversation(self, qas: list[dict]) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        for turn, qa in enumerate(qas):
+            prompt = ("<s>USER: <image>\n" if turn == 0 else "USER: ") + qa["question"] + " ASSISTANT:"
+            p = self.ids(prompt)
+            if turn == 0:
+                at = p.index(self.image_id)
+                p = p[:at] + [self.image_id] * tiny.NUM_IMAGE_TOKENS + p[at + 1:]
+            a = self.ids(" " + qa["answer"]) + [self.eos]
+            ids += p + a
+            labels += [-100] * len(p) + a
+        return ids, labels
+
+
+def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int) -> dict:
+    images, seqs = [], []
+    for index in range(start, start + n):
+        rng = scene_rng(seed, "train", index)
+        scene = make_scene(rng)
+        images.append(pixels(render_scene(scene)))
+        seqs.append(enc.conversation(make_questions(scene, rng, per_image)))
+    length = max(len(s[0]) for s in seqs)
+    input_ids = torch.full((n, length), tiny.PAD_TOKEN_ID, dtype=torch.long)
+    labels = torch.full((n, length), -100, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    for i, (ids, lab) in enumerate(seqs):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"pixel_values": torch.stack(images), "input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def qa_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model.model(
+        input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+    )
+    hidden = out.last_hidden_state[:, :-1]
+    target = batch["labels"][:, 1:]
+    sel = target != -100
+    logits = model.lm_head(hidden[sel])
+    loss = F.cross_entropy(logits, target[sel])
+    return loss, (logits.argmax(-1) == target[sel])
+
+
+def answer_correct(model: nn.Module, batch: dict) -> list[bool]:
+    """Greedy exact match of each conversation's first answer (+ ``</s>``), by teacher forcing:
+    greedy decoding emits the answer iff the argmax is right at every answer position."""
+    with torch.no_grad():
+        out = model.model(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+        )
+        target = batch["labels"][:, 1:]
+        pred = model.lm_head(out.last_hidden_state[:, :-1]).argmax(-1)
+    result = []
+    for i in range(target.shape[0]):
+        pos = (target[i] != -100).nonzero().flatten().tolist()
+        first = []
+        for p in pos:  # the first answer runs up to and including the first </s>
+            first.append(p)
+            if target[i, p].item() == tiny.EOS_TOKEN_ID:
+                break
+        result.append(all(pred[i, p].item() == target[i, p].item() for p in first))
+    return result
+
+
+# ----------------------------------------------------------------------------- loop
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def save(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.train.llava", description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0, help="data seed (training split of the generator)")
+    parser.add_argument("--clip-steps", type=int, default=200)
+    parser.add_argument("--clip-batch", type=int, default=32)
+    parser.add_argument("--clip-lr", type=float, default=1e-3)
+    parser.add_argument("--qa-steps", type=int, default=1000)
+    parser.add_argument("--qa-batch", type=int, default=8)
+    parser.add_argument("--qa-lr", type=float, default=1e-3)
+    parser.add_argument("--tower-lr-scale", type=float, default=0.3)
+    parser.add_argument("--questions-per-image", type=int, default=6)
+    parser.add_argument("--save-every", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-images", type=int, default=64, help="validation images checked at each save")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = open(args.out / "log.jsonl", "a")
+    model = build_model()
+    vision_dim = model.config.vision_config.hidden_size
+    heads = ClipHeads(vision_dim)
+    enc = QAEncoder()
+    ckpt_path = args.out / "ckpt.pt"
+    stage, step = "clip", 0
+    clip_opt = torch.optim.AdamW(
+        list(model.model.vision_tower.parameters()) + list(heads.parameters()), lr=args.clip_lr, weight_decay=0.05
+    )
+    tower = set(id(p) for p in model.model.vision_tower.parameters())
+    qa_opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if id(p) in tower], "scale": args.tower_lr_scale},
+            {"params": [p for p in model.parameters() if id(p) not in tower], "scale": 1.0},
+        ],
+        lr=args.qa_lr,
+        weight_decay=0.0,
+    )
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ck["model"])
+        heads.load_state_dict(ck["heads"])
+        clip_opt.load_state_dict(ck["clip_opt"])
+        qa_opt.load_state_dict(ck["qa_opt"])
+        stage, step = ck["stage"], ck["step"]
+        print(f"resumed at {stage} step {step}", flush=True)
+
+    def checkpoint() -> None:
+        save(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "clip_opt": clip_opt.state_dict(),
+                         "qa_opt": qa_opt.state_dict(), "stage": stage, "step": step})
+
+    model.train()
+    t0 = time.perf_counter()
+    if stage == "clip":
+        while step < args.clip_steps:
+            for group in clip_opt.param_groups:
+                group["lr"] = lr_at(step, args.clip_steps, args.clip_lr, 20)
+            images, captions = clip_batch(args.seed, 10_000_000 + step * args.clip_batch, args.clip_batch)
+            loss, acc = clip_loss(model, heads, images, captions)
+            clip_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(clip_opt.param_groups[0]["params"], 1.0)
+            clip_opt.step()
+            step += 1
+            rec = {"stage": "clip", "step": step, "loss": round(loss.item(), 4), "acc": round(acc, 3),
+                   "s": round(time.perf_counter() - t0, 1)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if step % 10 == 0:
+                print(rec, flush=True)
+            if step % args.save_every == 0:
+                checkpoint()
+        stage, step = "qa", 0
+        checkpoint()
+
+    val_batches = []
+    while step < args.qa_steps:
+        for group in qa_opt.param_groups:
+            group["lr"] = lr_at(step, args.qa_steps, args.qa_lr, 30) * group["scale"]
+        batch = qa_batch(enc, args.seed, step * args.qa_batch, args.qa_batch, args.questions_per_image)
+        loss, hits = qa_loss(model, batch)
+        qa_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        qa_opt.step()
+        step += 1
+        rec = {"stage": "qa", "step": step, "loss": round(loss.item(), 4),
+               "tok_acc": round(hits.float().mean().item(), 3), "s": round(time.perf_counter() - t0, 1)}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        if step % 10 == 0:
+            print(rec, flush=True)
+        if step % args.save_every == 0 or step == args.qa_steps:
+            checkpoint()
+            from safetensors.torch import save_file
+
+            save_file(export_state(model), str(args.out / "model.safetensors"), metadata={"format": "pt"})
+            if args.eval_images and (step % (args.save_every * 4) == 0 or step == args.qa_steps):
+                model.eval()
+                if not val_batches:
+                    val_batches = [_val_batch(enc, args.seed, i, 16) for i in range(0, args.eval_images, 16)]
+                correct = []
+                for vb, types in val_batches:
+                    correct += list(zip(types, answer_correct(model, vb), strict=True))
+                per_type = {t: round(np.mean([c for tt, c in correct if tt == t]), 3) for t in sorted(set(types))}
+                erec = {"stage": "qa-val", "step": step, "acc": round(float(np.mean([c for _, c in correct])), 3),
+                        "per_type": per_type}
+                print(erec, flush=True)
+                log.write(json.dumps(erec) + "\n")
+                log.flush()
+                model.train()
+    return 0
+
+
+def _val_batch(enc: QAEncoder, seed: int, start: int, n: int) -> tuple[dict, list[str]]:
+    """Validation-split images, one question each (the first of the generator's questions)."""
+    images, seqs, types = [], [], []
+    for index in range(start, start + n):
+        rng = scene_rng(seed, "val", index)
+        scene = make_scene(rng)
+        questions = make_questions(scene, rng, 2)  # the same as the generated val split (2 per image)
+        qa = questions[index % len(questions)]
+        images.append(pixels(render_scene(scene)))
+        seqs.append(enc.conversation([qa]))
+        types.append(qa["type"])
+    length = max(len(s[0]) for s in seqs)
+    batch = {
+        "input_ids": torch.full((n, length), tiny.PAD_TOKEN_ID, dtype=torch.long),
+        "labels": torch.full((n, length), -100, dtype=torch.long),
+        "attention_mask": torch.zeros((n, length), dtype=torch.long),
+        "pixel_values": torch.stack(images),
+    }
+    for i, (ids, lab) in enumerate(seqs):
+        batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
+        batch["labels"][i, : len(lab)] = torch.tensor(lab)
+        batch["attention_mask"][i, : len(ids)] = 1
+    return batch, types
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
