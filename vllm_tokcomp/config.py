@@ -25,6 +25,7 @@ BUDGET_KEY = "tokcomp_budget"
 OPTIONS_KEY = "tokcomp_options"
 PLUGIN_KEYS = (METHOD_KEY, BUDGET_KEY, OPTIONS_KEY)
 OFF = "none"
+AUTO = "auto"  # per-image budget estimated from the pixels (MustDrop-style spatial redundancy)
 DEFAULT_BUDGET = 64
 
 # Signals the vLLM integration hands to methods: the vision tower's CLS attention and keys,
@@ -48,7 +49,7 @@ class CompressionSpec:
     """What to do with every image of a request: keep ``budget`` tokens chosen by ``method``."""
 
     method: str
-    budget: int
+    budget: int | str  # a token count, or AUTO until the processor resolves it per image
     options: tuple[tuple[str, Any], ...] = ()  # the method's knobs, sorted by name
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,9 +115,12 @@ def _check_method(value: object, field: str) -> str:
     return value
 
 
-def _check_budget(value: object, field: str) -> int:
+def _check_budget(value: object, field: str) -> int | str:
+    if value == AUTO:
+        return AUTO
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(field, f"must be a positive integer token count, got {type(value).__name__} {value!r}")
+        kind = type(value).__name__
+        raise ConfigError(field, f"must be a positive integer token count or {AUTO!r}, got {kind} {value!r}")
     if value < 1:
         raise ConfigError(field, f"must be a positive integer token count, got {value}")
     return value

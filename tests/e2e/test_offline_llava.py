@@ -58,6 +58,7 @@ def plugin(tiny_llava_dir, vllm_env, tmp_path_factory):
     requests = (
         [request for kwargs in IDENTITY_GROUPS.values() for request in _with(kwargs)]
         + [{**BASE_REQUESTS[i], "mm_kwargs": {"tokcomp_method": m, "tokcomp_budget": b}} for m, b, i in COMPRESSED]
+        + [{**BASE_REQUESTS[0], "mm_kwargs": {"tokcomp_method": "mustdrop", "tokcomp_budget": "auto"}}]
         + [{**BASE_REQUESTS[0], "mm_kwargs": {"tokcomp_method": "uniform", "tokcomp_budget": 0}}]
     )
     job = {"model": str(tiny_llava_dir), "requests": requests, "max_tokens": MAX_TOKENS}
@@ -108,3 +109,18 @@ def test_bad_request_value_is_a_clear_error(plugin):
     error = plugin["results"][-1]
     assert error["error_type"] in ("RequestSettingError", "ValueError")
     assert "tokcomp_budget" in error["error"]
+
+
+def test_auto_budget_is_the_pixel_redundancy_estimate(tiny_llava_dir, plain, plugin):
+    from transformers import AutoProcessor
+
+    from vllm_tokcomp.methods.redundancy import adaptive_budget
+
+    from .images import make_image
+
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    pixels = processor.image_processor(make_image(BASE_REQUESTS[0]["images"][0]), return_tensors="pt")["pixel_values"]
+    expected = adaptive_budget(pixels[0], FULL)
+    assert expected < FULL  # the test image has flat regions
+    text_tokens = plain["results"][0]["prompt_tokens"] - FULL
+    assert plugin["results"][OFFSET + len(COMPRESSED)]["prompt_tokens"] == text_tokens + expected

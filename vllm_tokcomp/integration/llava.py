@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..config import (
+    AUTO,
     QUERY_KEY,
     CompressionSpec,
     ConfigError,
@@ -37,6 +38,7 @@ from ..config import (
     without_plugin_keys,
 )
 from ..methods import VisualTokens, get_method, method_class
+from ..methods.redundancy import adaptive_budget
 from . import settings
 from .clip_signals import capture_feature_layer_signals
 from .lm_probe import text_to_vision_attention
@@ -123,11 +125,21 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
         if pixel_values is not None:
             spec = self.info.spec_for_request(hf_processor_mm_kwargs)
             count = len(pixel_values)
-            processed_data[settings.FIELD] = settings.encode(spec).expand(count, -1).clone()
+            processed_data[settings.FIELD] = torch.stack([self._resolve_budget(spec, image) for image in pixel_values])
             query = str(hf_processor_mm_kwargs.get(QUERY_KEY) or "")
             ids = [int(t) for t in query.split(",") if t]
             processed_data[settings.QUERY_FIELD] = settings.encode_query(ids).expand(count, -1).clone()
         return processed_data
+
+    def _resolve_budget(self, spec: CompressionSpec | None, pixels: torch.Tensor) -> torch.Tensor:
+        """The image's settings row; an ``auto`` budget becomes a count estimated from its pixels."""
+        if spec is not None and spec.budget == AUTO:
+            vision = self.info.get_hf_config().vision_config
+            grid = vision.image_size // vision.patch_size
+            knobs = {k: v for k, v in spec.options if k in ("threshold", "window")}
+            budget = adaptive_budget(pixels, grid * grid, patch=vision.patch_size, **knobs)
+            spec = dataclasses.replace(spec, budget=budget)
+        return settings.encode(spec)
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:  # noqa: ANN001
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
@@ -322,4 +334,4 @@ def _log_effective_config_once(spec: CompressionSpec | None, unsupported_tower: 
     elif spec is None:
         logger.warning("tokcomp: compression off by default; requests may opt in with tokcomp_method")
     else:
-        logger.warning("tokcomp: compressing images with method=%s budget=%d", spec.method, spec.budget)
+        logger.warning("tokcomp: compressing images with method=%s budget=%s", spec.method, spec.budget)
