@@ -7,6 +7,7 @@ exercise exactly the server a user runs.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,7 +65,10 @@ class ServerProcess:
         if self.plain:
             env["VLLM_PLUGINS"] = ""  # an empty allow-list loads no general plugin
         self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        # Own process group: stopping the server also stops vLLM's engine-core and worker processes.
+        self.process = subprocess.Popen(
+            self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -98,14 +102,22 @@ class ServerProcess:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            self._signal_group(signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._signal_group(signal.SIGKILL)
                 self.process.wait()
+        if self.process is not None:
+            self._signal_group(signal.SIGKILL)  # leftovers of a server that died on its own
         if getattr(self, "_log", None):
             self._log.close()
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
 
     def __enter__(self) -> ServerProcess:
         return self.start()

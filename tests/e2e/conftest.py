@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,11 +34,23 @@ def vllm_env(tmp_path_factory) -> dict[str, str]:
 def run_engine(job: dict, env: dict[str, str], *, plugins: str, kv_log: Path) -> dict:
     """Run ``offline_runner`` in a fresh process with ``VLLM_PLUGINS=plugins``; return its RESULT."""
     env = {**env, "VLLM_PLUGINS": plugins, "TOKCOMP_KV_LOG": str(kv_log)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.e2e.offline_runner", json.dumps(job)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )
+    proc = run_process_group([sys.executable, "-m", "tests.e2e.offline_runner", json.dumps(job)], env, timeout=900)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     raise AssertionError(f"engine failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def run_process_group(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` in its own process group; on timeout kill the whole group (vLLM's engine and workers too)."""
+    with subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            output = f"{stdout[-3000:]}\n{stderr[-3000:]}"
+            raise AssertionError(f"timed out after {timeout} s: {command[:4]}\n{output}") from None
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)

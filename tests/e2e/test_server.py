@@ -12,7 +12,7 @@ import pytest
 
 from vllm_tokcomp.launch import ServerProcess
 
-from .conftest import REPO
+from .conftest import run_process_group
 from .images import make_image
 
 pytestmark = pytest.mark.slow
@@ -144,10 +144,10 @@ def test_tokcomp_serve_refuses_bad_config_before_starting_vllm(vllm_env):
 def test_plain_vllm_serve_with_bad_config_fails_at_startup_naming_the_field(tiny_llava_dir, vllm_env):
     """The documented plain form (`vllm serve` + plugin) validates the config during engine startup."""
     bad = json.dumps({"tokcomp_method": "tome", "tokcomp_budget": -1})
-    proc = subprocess.run(
+    proc = run_process_group(
         [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_llava_dir),
          "--mm-processor-kwargs", bad, "--max-model-len", "2048", "--port", "0"],
-        env={**vllm_env, "VLLM_PLUGINS": "tokcomp"}, capture_output=True, text=True, timeout=300, cwd=REPO,
+        {**vllm_env, "VLLM_PLUGINS": "tokcomp"}, timeout=300,
     )
     assert proc.returncode != 0
     assert "mm_processor_kwargs.tokcomp_budget" in proc.stdout + proc.stderr
