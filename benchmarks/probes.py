@@ -13,8 +13,10 @@
 * ``EncoderTimer``: a worker extension (``worker_extension_cls``). After the engine is built
   the benchmark calls ``collective_rpc("tokcomp_bench_install")``, which wraps the model
   instance's ``embed_multimodal`` (vision tower + projector, and for the plugin the
-  compression too) and, when the plugin's model is loaded, the compression method call
-  inside it, with wall-clock timers (``torch.cuda.synchronize`` around them on CUDA).
+  compression too) and, when the plugin's model is loaded, the compression method call and
+  the text-signal step (text embedding / LM probe of text-guided methods) inside it, with
+  wall-clock timers (``torch.cuda.synchronize`` around them on CUDA). The CLS-attention /
+  key capture during the tower forward is not separated: it counts as encoder time.
   ``collective_rpc("tokcomp_bench_stats")`` returns the running totals.
 
 Nothing here changes what the engine computes. Checked against vLLM 0.32.0.
@@ -108,7 +110,8 @@ class EncoderTimer:
     """Worker extension: wall-clock timers around ``embed_multimodal`` and the compression call."""
 
     def tokcomp_bench_install(self) -> dict:
-        stats = {"encoder_calls": 0, "encoder_items": 0, "encoder_s": 0.0, "method_calls": 0, "method_s": 0.0}
+        stats = {"encoder_calls": 0, "encoder_items": 0, "encoder_s": 0.0, "method_calls": 0, "method_s": 0.0,
+                 "text_signals_s": 0.0}
         self._tokcomp_bench = stats
         model = self.get_model()
         original = model.embed_multimodal
@@ -124,6 +127,18 @@ class EncoderTimer:
             return output
 
         model.embed_multimodal = timed_embed  # instance attribute: the runner's calls find it first
+        if hasattr(model, "_text_signals"):  # the plugin's text embedding / LM probe for text-guided methods
+            original_signals = model._text_signals
+
+            def timed_signals(*args: object, **kwargs: object):  # noqa: ANN202
+                _sync()
+                start = time.perf_counter()
+                result = original_signals(*args, **kwargs)
+                _sync()
+                stats["text_signals_s"] += time.perf_counter() - start
+                return result
+
+            model._text_signals = timed_signals
         plugin_model = False
         try:
             from vllm_tokcomp.integration import llava as plugin_llava

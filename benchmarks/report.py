@@ -44,6 +44,7 @@ def _machine_line(result: dict) -> str:
     device = f"GPU {gpu['name']}" if gpu else f"CPU {m.get('cpu_model')} ({m.get('cpus_available')} cores)"
     eng = next(iter(result.get("engines", {}).values()), {}) if result.get("engines") else {}
     dtype = eng.get("dtype") or result.get("config", {}).get("engine_kwargs", {}).get("dtype")
+    dtype = dtype or result.get("config", {}).get("dtype")
     return (f"{device}, {v.get('vllm_distribution')} {v.get('vllm')}, torch {v.get('torch')}, dtype {dtype}, "
             f"load avg {fmt(m.get('load_avg_1m_start'), 1)}→{fmt(m.get('load_avg_1m_end'), 1)}, "
             f"{result.get('created')}, commit {str(m.get('git_commit'))[:10]}")
@@ -188,7 +189,9 @@ def serving_markdown(result: dict, level: int = 3) -> str:
             "",
             f"Mixed budgets in one stream ({mixed['load']}, {mixed['requests']} requests, method "
             f"`{mixed['method']}`, budgets drawn per request): {fmt(mixed['requests_per_s'], 2)} req/s overall; "
-            f"prompt tokens = text + budget for every request: {_yes(mixed['prompt_tokens_exact'])}.",
+            f"prompt tokens = text + budget for every request: {_yes(mixed['prompt_tokens_exact'])}; KV blocks "
+            f"read from the engine = ceil((prompt + output - 1) / block) for every request: "
+            f"{_yes(mixed.get('kv_blocks_exact'))}.",
             "",
             "| budget | requests | TTFT p50 ms | TPOT p50 ms | E2E p50 ms |",
             "|---:|---:|---:|---:|---:|",

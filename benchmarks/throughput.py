@@ -207,7 +207,7 @@ def analyse_arm(arm: Arm, batches: list[dict], output_len: int) -> dict:
     encoder = {k: sum(b["encoder"].get(k, 0) for b in batches) for k in batches[0]["encoder"]} if batches else {}
     st = _steps_summary(steps)
     enc_s = encoder.get("encoder_s", 0.0)
-    method_s = encoder.get("method_s", 0.0)
+    method_s = encoder.get("method_s", 0.0) + encoder.get("text_signals_s", 0.0)
     lm_prefill_s = max(st["prefill_step_s"] - enc_s, 0.0)
     other_s = max(wall - st["exec_s"], 0.0)
     block_size = kv[0]["block_size"] if kv else None
