@@ -29,6 +29,11 @@ DEFAULT_QUESTION = (
 PLAIN = "plain"  # plain vLLM, the plugin filtered out of the process (VLLM_PLUGINS="")
 OFF = "off"  # plugin installed and loaded, no tokcomp setting: compression off
 SCHEMA_VERSION = 1
+PROGRESS_PREFIX = "TOKCOMP_BENCH "  # engine_worker -> throughput.py progress lines on stdout
+STEP_LOG_ENV = "TOKCOMP_BENCH_STEP_LOG"  # benchmarks.probes writes one JSON line per engine step here
+SCHEDULER_CLS = "benchmarks.probes.BenchScheduler"
+ASYNC_SCHEDULER_CLS = "benchmarks.probes.BenchAsyncScheduler"
+WORKER_EXTENSION_CLS = "benchmarks.probes.EncoderTimer"
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "cyan"]
 
 

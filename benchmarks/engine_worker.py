@@ -17,10 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import llava_prompt, make_image
-from benchmarks.probes import ASYNC_SCHEDULER_CLS, SCHEDULER_CLS, STEP_LOG_ENV, WORKER_EXTENSION_CLS
-
-PROGRESS_PREFIX = "TOKCOMP_BENCH "
+from benchmarks.common import (
+    ASYNC_SCHEDULER_CLS,
+    PROGRESS_PREFIX,
+    SCHEDULER_CLS,
+    STEP_LOG_ENV,
+    WORKER_EXTENSION_CLS,
+    llava_prompt,
+    make_image,
+)
 
 
 def _lines_since(path: Path, offset: int) -> tuple[list[dict], int]:

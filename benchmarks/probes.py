@@ -31,12 +31,8 @@ from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
+from benchmarks.common import STEP_LOG_ENV
 from vllm_tokcomp.integration.kv_probe import BlockRecordingScheduler
-
-STEP_LOG_ENV = "TOKCOMP_BENCH_STEP_LOG"
-SCHEDULER_CLS = "benchmarks.probes.BenchScheduler"
-ASYNC_SCHEDULER_CLS = "benchmarks.probes.BenchAsyncScheduler"
-WORKER_EXTENSION_CLS = "benchmarks.probes.EncoderTimer"
 
 
 class _StepRecorder:

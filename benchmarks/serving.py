@@ -37,9 +37,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import OFF, PLAIN, Arm  # noqa: E402
+from benchmarks.common import OFF, PLAIN, SCHEDULER_CLS, Arm  # noqa: E402
 from benchmarks.models import MODEL_PRESETS, resolve_model  # noqa: E402
-from benchmarks.probes import SCHEDULER_CLS  # noqa: E402
 from benchmarks.throughput import is_cpu_build  # noqa: E402
 
 SERVED_NAME = "bench"

@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,10 +43,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import OFF, PLAIN, Arm  # noqa: E402
-from benchmarks.engine_worker import PROGRESS_PREFIX  # noqa: E402
+from benchmarks.common import OFF, PLAIN, PROGRESS_PREFIX, STEP_LOG_ENV, Arm  # noqa: E402
 from benchmarks.models import MODEL_PRESETS, resolve_model  # noqa: E402
-from benchmarks.probes import STEP_LOG_ENV  # noqa: E402
 
 MEMORY_BOUND_BLOCK_SIZE = {"cpu": 32, "cuda": 16}  # vLLM's CPU attention needs multiples of 32
 
@@ -157,23 +157,40 @@ def run_engine(name: str, batches: list[dict], args: argparse.Namespace, model: 
     if progress is not None:
         progress.set_postfix_str(f"{tag}: starting engine")
     with open(log_path, "w") as log:
+        # Own process group: if this run is interrupted, the engine's EngineCore/worker processes go with it.
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.engine_worker", str(job_path)],
-                                cwd=common.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith(PROGRESS_PREFIX):
-                event = json.loads(line[len(PROGRESS_PREFIX):])
-                if progress is not None and "arm" in event:
-                    progress.update(1)
-                    kind = "" if event["timed"] else " (warmup)"
-                    progress.set_postfix_str(f"{tag}: {event['arm']}{kind} {event['wall_s']:.1f}s")
-            else:
-                log.write(line)
-        rc = proc.wait()
+                                cwd=common.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(PROGRESS_PREFIX):
+                    event = json.loads(line[len(PROGRESS_PREFIX):])
+                    if progress is not None and "arm" in event:
+                        progress.update(1)
+                        kind = "" if event["timed"] else " (warmup)"
+                        progress.set_postfix_str(f"{tag}: {event['arm']}{kind} {event['wall_s']:.1f}s")
+                else:
+                    log.write(line)
+            rc = proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            raise
     if rc != 0 or not Path(job["out"]).exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
         raise RuntimeError(f"engine {tag} failed (rc={rc}); log {log_path}:\n{tail}")
     return json.loads(Path(job["out"]).read_text())
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # --- analysis -----------------------------------------------------------------------------------
@@ -239,6 +256,8 @@ def analyse_arm(arm: Arm, batches: list[dict], output_len: int) -> dict:
             "blocks_per_request": sorted({k["max_blocks"] for k in kv}),
             "mean_blocks_per_request": sum(k["max_blocks"] for k in kv) / len(kv) if kv else None,
             "exact": bool(kv_rows) and all(kv_rows) and len(kv) == n,
+            "per_request": [{k: r[k] for k in ("prompt_tokens", "output_tokens", "max_blocks", "block_size")}
+                            for r in kv],
         },
         "time": {
             "encoder_s": enc_s,
