@@ -1,0 +1,352 @@
+"""Deterministic builder of a tiny Qwen2-VL model in Hugging Face format (offline, seconds to build).
+
+Geometry that matters for visual-token work is the real one: dynamic resolution
+(``Qwen2VLImageProcessor``, patch 14, 2x2 spatial merge, temporal patch 2), M-RoPE with
+``mrope_section`` summing to ``head_dim / 2``, and the Qwen2-VL special tokens
+(``<|vision_start|>``, ``<|image_pad|>``, ``<|video_pad|>``, ``<|vision_end|>``) and chat template.
+``min_pixels``/``max_pixels`` are small, so an image becomes an 8x8 .. 16x16 grid of merged tokens
+(a 336x336 image: 12x12 = 144 LM tokens; 224x448: 8x16 = 128).
+
+Everything is generated locally: a byte-level BPE tokenizer trained on the built-in corpus
+(:mod:`vllm_tokcomp.tiny.corpus`), random bf16 weights with one seeded generator per tensor
+(names in transformers' layout, ``model.visual.*`` / ``model.language_model.*`` / ``lm_head.*``,
+which vLLM's ``hf_to_vllm_mapper`` maps). Building twice with the same seed gives identical files.
+Special tokens' ``lm_head`` rows are zero, so random-weight greedy decoding runs to ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BUILDER_VERSION = 1
+MODEL_SUBDIR = "tiny-qwen2-vl-v1"
+MANIFEST_NAME = "tokcomp_tiny.json"
+
+# --- geometry -------------------------------------------------------------------------
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+FACTOR = PATCH_SIZE * MERGE_SIZE  # 28 px per merged token side
+MIN_PIXELS = 8 * 8 * FACTOR * FACTOR  # at least ~8x8 merged tokens
+MAX_PIXELS = 16 * 16 * FACTOR * FACTOR  # at most ~16x16 merged tokens
+VISION_EMBED = 64
+VISION_HEADS = 2
+VISION_DEPTH = 2
+VISION_MLP_RATIO = 4
+TEXT_HIDDEN = 256
+TEXT_HEADS = 4
+TEXT_KV_HEADS = 2
+TEXT_HEAD_DIM = TEXT_HIDDEN // TEXT_HEADS  # 64: vLLM's CPU attention supports 32, 64, 80, ...
+TEXT_LAYERS = 2
+TEXT_INTERMEDIATE = 512
+MROPE_SECTION = [8, 12, 12]  # sums to TEXT_HEAD_DIM / 2 (t, h, w)
+ROPE_THETA = 10000.0
+MAX_POSITION_EMBEDDINGS = 8192
+VOCAB_SIZE = 2048
+
+# --- tokenizer ------------------------------------------------------------------------
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)  # ids 0..6
+(ENDOFTEXT_ID, IM_START_ID, IM_END_ID, VISION_START_ID, VISION_END_ID, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID) = range(
+    len(SPECIAL_TOKENS)
+)
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# Init scales: as for the tiny LLaVA (see tiny/llava.py), activations near unit RMS, residual
+# updates halved, lm_head logits with a standard deviation of about LOGIT_STD.
+QK_GAIN = 1.5
+RESIDUAL_GAIN = 0.5
+LOGIT_STD = 8.0
+MERGER_GAIN = 2.0  # the merger's output layer: image tokens weigh more, greedy outputs depend on the image
+NORM_JITTER = 0.1
+BIAS_STD = 0.1
+
+# The Qwen2-VL chat template (Qwen/Qwen2-VL-7B-Instruct), media parts rendered where they appear.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def train_tokenizer():  # noqa: ANN201 - returns tokenizers.Tokenizer (lazy import)
+    """Byte-level BPE on the built-in corpus with the Qwen2-VL special tokens at ids 0..6."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from .corpus import iter_corpus
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(iter_corpus()), trainer=trainer)
+    if tokenizer.get_vocab_size() != VOCAB_SIZE:
+        raise RuntimeError(f"tokenizer has {tokenizer.get_vocab_size()} entries, expected {VOCAB_SIZE}")
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != token_id:
+            raise RuntimeError(f"special token {token!r} did not get id {token_id}")
+    return tokenizer
+
+
+def _hf_tokenizer(tokenizer):  # noqa: ANN001, ANN202
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+        model_max_length=MAX_POSITION_EMBEDDINGS,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
+
+
+def make_config():  # noqa: ANN201 - transformers.Qwen2VLConfig
+    from transformers import Qwen2VLConfig
+
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": VOCAB_SIZE,
+            "hidden_size": TEXT_HIDDEN,
+            "intermediate_size": TEXT_INTERMEDIATE,
+            "num_hidden_layers": TEXT_LAYERS,
+            "num_attention_heads": TEXT_HEADS,
+            "num_key_value_heads": TEXT_KV_HEADS,
+            "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+            "max_window_layers": TEXT_LAYERS,
+            "rms_norm_eps": 1e-6,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA, "mrope_section": MROPE_SECTION},
+            "bos_token_id": ENDOFTEXT_ID,
+            "eos_token_id": IM_END_ID,
+            "dtype": "bfloat16",
+        },
+        vision_config={
+            "depth": VISION_DEPTH,
+            "embed_dim": VISION_EMBED,
+            "hidden_size": TEXT_HIDDEN,
+            "num_heads": VISION_HEADS,
+            "mlp_ratio": VISION_MLP_RATIO,
+            "in_channels": 3,
+            "patch_size": PATCH_SIZE,
+            "spatial_merge_size": MERGE_SIZE,
+            "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+            "hidden_act": "quick_gelu",
+        },
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+        bos_token_id=ENDOFTEXT_ID,
+        eos_token_id=IM_END_ID,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    return config
+
+
+def checkpoint_shapes() -> dict[str, tuple[int, ...]]:
+    """Every tensor name (transformers layout) and shape of the tiny model, from a meta-device instance."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(make_config())
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"tiny-qwen2-vl-v{BUILDER_VERSION}:{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _init_std(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
+    if name.endswith("norm.weight") or name.endswith(("norm1.weight", "norm2.weight", "ln_q.weight")):
+        return "norm", NORM_JITTER
+    if name.endswith(".bias"):
+        return "bias", BIAS_STD
+    if name.endswith("embed_tokens.weight"):
+        return "normal", 1.0
+    if name == "lm_head.weight":
+        return "normal", LOGIT_STD / math.sqrt(shape[1])
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    gain = 1.0
+    if ".language_model." in name:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            gain = QK_GAIN
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            gain = RESIDUAL_GAIN
+    elif name.endswith("merger.mlp.2.weight"):
+        gain = MERGER_GAIN
+    return "normal", gain / math.sqrt(fan_in)
+
+
+def random_state_dict(seed: int = 0) -> dict:
+    """Deterministic random bf16 weights, one generator per tensor seeded from ``(seed, name)``."""
+    import torch
+
+    state = {}
+    for name, shape in checkpoint_shapes().items():
+        generator = torch.Generator(device="cpu").manual_seed(_tensor_seed(seed, name))
+        kind, scale = _init_std(name, shape)
+        tensor = torch.randn(shape, generator=generator, dtype=torch.float32) * scale
+        if kind == "norm":
+            tensor += 1.0
+        if name == "lm_head.weight":
+            tensor[: len(SPECIAL_TOKENS)] = 0.0  # never emit special tokens with random weights
+        state[name] = tensor.to(torch.bfloat16).contiguous()
+    return state
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write the tiny Qwen2-VL model (config, weights, tokenizer, processors, chat template) into ``out_dir``."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST_NAME
+    if manifest_path.exists():
+        manifest_path.unlink()
+    tokenizer = _hf_tokenizer(train_tokenizer())
+    pixels = {
+        "min_pixels": MIN_PIXELS,
+        "max_pixels": MAX_PIXELS,
+        "patch_size": PATCH_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "merge_size": MERGE_SIZE,
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
+    }
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    make_config().save_pretrained(str(out))
+    GenerationConfig(bos_token_id=ENDOFTEXT_ID, eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID).save_pretrained(
+        str(out)
+    )
+    save_file(random_state_dict(seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
+    manifest = {
+        "builder": "vllm_tokcomp.tiny.qwen2_vl",
+        "builder_version": BUILDER_VERSION,
+        "seed": seed,
+        "image_token_id": IMAGE_TOKEN_ID,
+        "video_token_id": VIDEO_TOKEN_ID,
+        "files": {name: {"size": (out / name).stat().st_size, "sha256": _sha256(out / name)} for name in files},
+    }
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, manifest_path)
+    return out
+
+
+def is_complete_model_dir(path: str | Path) -> bool:
+    try:
+        manifest = json.loads((Path(path) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    builder = manifest.get("builder"), manifest.get("builder_version")
+    return builder == ("vllm_tokcomp.tiny.qwen2_vl", BUILDER_VERSION)
+
+
+def default_model_dir() -> Path:
+    """``$TOKCOMP_MODELS_DIR/tiny-qwen2-vl-v1`` (default root ``~/.cache/vllm-tokcomp/models``)."""
+    from .llava import MODELS_DIR_ENV
+
+    root = os.environ.get(MODELS_DIR_ENV)
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "vllm-tokcomp" / "models"
+    return base / MODEL_SUBDIR
+
+
+def ensure_default_model() -> Path:
+    """:func:`default_model_dir`, built first (in a temporary sibling renamed into place) if missing."""
+    import shutil
+
+    from .llava import _exclusive_lock
+
+    target = default_model_dir()
+    if is_complete_model_dir(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(target.parent / f".{target.name}.lock"):
+        if is_complete_model_dir(target):
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            build_tiny_qwen2_vl(tmp, seed=0)
+            os.chmod(tmp, 0o755)
+            if target.exists():
+                shutil.rmtree(target, ignore_errors=True)
+            os.rename(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.tiny.qwen2_vl", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", help="output directory (default: build/ensure the default model)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    if args.out_dir is None:
+        path = ensure_default_model()
+    else:
+        path = build_tiny_qwen2_vl(args.out_dir, seed=args.seed)
+    print(f"{path} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
