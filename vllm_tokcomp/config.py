@@ -84,17 +84,7 @@ def _unservable_reason(name: str) -> str | None:
     cls = method_class(name)
     if not cls.supports_fixed_budget:
         return "it has no fixed-budget form (vLLM needs the token count before the encoder runs)"
-    needed = {
-        signal
-        for signal, flag in (
-            ("cls_attention", cls.needs_cls_attention),
-            ("keys", cls.needs_keys),
-            ("text_embeds", cls.needs_text),
-            ("text_attention", cls.needs_text_attention),
-        )
-        if flag
-    }
-    missing = needed - INTEGRATION_SIGNALS
+    missing = set(cls.required_signals()) - INTEGRATION_SIGNALS
     if missing:
         return f"it needs {', '.join(sorted(missing))}, which the vLLM integration does not provide yet"
     return None

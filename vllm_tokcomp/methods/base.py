@@ -234,17 +234,19 @@ class Compressor:
         """Weights for averaging tokens that share a slot; size-weighted by default."""
         return tokens.token_sizes()
 
+    @classmethod
+    def required_signals(cls) -> list[str]:
+        """The ``VisualTokens`` fields this method cannot run without."""
+        flags = (
+            ("cls_attention", cls.needs_cls_attention),
+            ("keys", cls.needs_keys),
+            ("text_embeds", cls.needs_text),
+            ("text_attention", cls.needs_text_attention),
+        )
+        return [signal for signal, needed in flags if needed]
+
     def check_inputs(self, tokens: VisualTokens) -> None:
-        missing = [
-            signal
-            for signal, needed in (
-                ("cls_attention", self.needs_cls_attention),
-                ("keys", self.needs_keys),
-                ("text_embeds", self.needs_text),
-                ("text_attention", self.needs_text_attention),
-            )
-            if needed and getattr(tokens, signal) is None
-        ]
+        missing = [signal for signal in self.required_signals() if getattr(tokens, signal) is None]
         if missing:
             raise ValueError(f"method {self.name!r} needs {', '.join(missing)} but they were not given")
 
