@@ -103,3 +103,25 @@ def test_clip_tower_layout_used_by_the_in_tower_merge():
     assert "resolve_visual_encoder_outputs(" in forward and "self.post_layernorm" in forward
     assert "self.vision_model = CLIPVisionTransformer(" in inspect.getsource(CLIPVisionModel.__init__)
     assert "feature_select_strategy" in inspect.signature(resolve_visual_encoder_outputs).parameters
+
+
+def test_qwen2_vl_hooks():
+    """integration/qwen2_vl.py: positions are final when the runner asks for them (no EVS recompute)."""
+    from vllm.model_executor.models import qwen2_vl
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    model = qwen2_vl.Qwen2VLForConditionalGeneration
+    assert list(inspect.signature(model.get_mrope_input_positions).parameters) == [
+        "self", "input_tokens", "mm_features"
+    ]
+    assert "yield offset, 1, h // spatial_merge_size" in inspect.getsource(model.iter_mm_grid_thw)
+    params = inspect.signature(qwen2_vl.Qwen2VLMultiModalProcessor._get_prompt_updates).parameters
+    assert list(params) == ["self", "mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"]
+    # The runner takes the initial M-RoPE positions from the model and only rewrites them through
+    # recompute_mrope_positions when EVS pruning is on, which the CPU runner never switches on.
+    assert "get_mrope_input_positions(" in inspect.getsource(GPUModelRunner)
+    assert "self.is_multimodal_pruning_enabled and self.uses_mrope" in inspect.getsource(
+        GPUModelRunner._gather_mm_embeddings
+    )
+    assert "is_multimodal_pruning_enabled" not in inspect.getsource(CPUModelRunner)

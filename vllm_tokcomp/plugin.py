@@ -15,6 +15,7 @@ logger = logging.getLogger("vllm_tokcomp")
 # Architecture name -> our subclass. The class is imported only when vLLM builds that model.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "vllm_tokcomp.integration.llava:CompressedLlava",
+    "Qwen2VLForConditionalGeneration": "vllm_tokcomp.integration.qwen2_vl:CompressedQwen2VL",
 }
 
 _registered = False

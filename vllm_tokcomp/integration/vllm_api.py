@@ -21,6 +21,12 @@ from vllm.model_executor.models.llava import (
     _build_llava_or_pixtral_hf_info,
     _build_llava_or_pixtral_hf_processor,
 )
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
@@ -39,6 +45,10 @@ __all__ = [
     "MULTIMODAL_REGISTRY",
     "MultiModalFieldConfig",
     "PromptReplacement",
+    "Qwen2VLDummyInputsBuilder",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2VLMultiModalProcessor",
+    "Qwen2VLProcessingInfo",
     "RequestSettingError",
     "VLLM_VERSION_CHECKED",
     "context_hiding_keys",

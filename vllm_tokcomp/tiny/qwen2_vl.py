@@ -28,6 +28,9 @@ from pathlib import Path
 
 BUILDER_VERSION = 1
 MODEL_SUBDIR = "tiny-qwen2-vl-v1"
+MODEL_SUBDIR_2_5 = "tiny-qwen2.5-vl-v1"
+VARIANTS = ("qwen2_vl", "qwen2_5_vl")
+ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 MANIFEST_NAME = "tokcomp_tiny.json"
 
 # --- geometry -------------------------------------------------------------------------
@@ -134,10 +137,43 @@ def _hf_tokenizer(tokenizer):  # noqa: ANN001, ANN202
     return hf_tok
 
 
-def make_config():  # noqa: ANN201 - transformers.Qwen2VLConfig
-    from transformers import Qwen2VLConfig
+def make_config(variant: str = "qwen2_vl"):  # noqa: ANN201 - transformers.Qwen2VLConfig / Qwen2_5_VLConfig
+    """Qwen2-VL, or Qwen2.5-VL (``variant="qwen2_5_vl"``: SwiGLU RMSNorm tower with window attention,
+    window 56 px = 2x2 merged tokens, full attention in the last block, tokens_per_second 2)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
-    config = Qwen2VLConfig(
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    vision = {
+        "depth": VISION_DEPTH,
+        "embed_dim": VISION_EMBED,
+        "hidden_size": TEXT_HIDDEN,
+        "num_heads": VISION_HEADS,
+        "mlp_ratio": VISION_MLP_RATIO,
+        "in_channels": 3,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": MERGE_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "hidden_act": "quick_gelu",
+    }
+    if variant == "qwen2_5_vl":
+        vision = {
+            "depth": VISION_DEPTH,
+            "hidden_size": VISION_EMBED,
+            "out_hidden_size": TEXT_HIDDEN,
+            "intermediate_size": VISION_EMBED * VISION_MLP_RATIO,
+            "num_heads": VISION_HEADS,
+            "in_channels": 3,
+            "patch_size": PATCH_SIZE,
+            "spatial_merge_size": MERGE_SIZE,
+            "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+            "hidden_act": "silu",
+            "window_size": 56,
+            "fullatt_block_indexes": [VISION_DEPTH - 1],
+            "tokens_per_second": 2,
+        }
+    config_class = Qwen2_5_VLConfig if variant == "qwen2_5_vl" else Qwen2VLConfig
+    config = config_class(
         text_config={
             "vocab_size": VOCAB_SIZE,
             "hidden_size": TEXT_HIDDEN,
@@ -155,18 +191,7 @@ def make_config():  # noqa: ANN201 - transformers.Qwen2VLConfig
             "eos_token_id": IM_END_ID,
             "dtype": "bfloat16",
         },
-        vision_config={
-            "depth": VISION_DEPTH,
-            "embed_dim": VISION_EMBED,
-            "hidden_size": TEXT_HIDDEN,
-            "num_heads": VISION_HEADS,
-            "mlp_ratio": VISION_MLP_RATIO,
-            "in_channels": 3,
-            "patch_size": PATCH_SIZE,
-            "spatial_merge_size": MERGE_SIZE,
-            "temporal_patch_size": TEMPORAL_PATCH_SIZE,
-            "hidden_act": "quick_gelu",
-        },
+        vision_config=vision,
         image_token_id=IMAGE_TOKEN_ID,
         video_token_id=VIDEO_TOKEN_ID,
         vision_start_token_id=VISION_START_ID,
@@ -176,22 +201,24 @@ def make_config():  # noqa: ANN201 - transformers.Qwen2VLConfig
         tie_word_embeddings=False,
         dtype="bfloat16",
     )
-    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    config.architectures = [ARCHITECTURES[variant]]
     return config
 
 
-def checkpoint_shapes() -> dict[str, tuple[int, ...]]:
+def checkpoint_shapes(variant: str = "qwen2_vl") -> dict[str, tuple[int, ...]]:
     """Every tensor name (transformers layout) and shape of the tiny model, from a meta-device instance."""
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
+    model_class = Qwen2_5_VLForConditionalGeneration if variant == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
     with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(make_config())
+        model = model_class(make_config(variant))
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _tensor_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"tiny-qwen2-vl-v{BUILDER_VERSION}:{seed}:{name}".encode()).digest()
+def _tensor_seed(seed: int, name: str, variant: str = "qwen2_vl") -> int:
+    tag = "tiny-qwen2-vl" if variant == "qwen2_vl" else f"tiny-{variant}"
+    digest = hashlib.sha256(f"{tag}-v{BUILDER_VERSION}:{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -216,13 +243,13 @@ def _init_std(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
     return "normal", gain / math.sqrt(fan_in)
 
 
-def random_state_dict(seed: int = 0) -> dict:
+def random_state_dict(seed: int = 0, variant: str = "qwen2_vl") -> dict:
     """Deterministic random bf16 weights, one generator per tensor seeded from ``(seed, name)``."""
     import torch
 
     state = {}
-    for name, shape in checkpoint_shapes().items():
-        generator = torch.Generator(device="cpu").manual_seed(_tensor_seed(seed, name))
+    for name, shape in checkpoint_shapes(variant).items():
+        generator = torch.Generator(device="cpu").manual_seed(_tensor_seed(seed, name, variant))
         kind, scale = _init_std(name, shape)
         tensor = torch.randn(shape, generator=generator, dtype=torch.float32) * scale
         if kind == "norm":
@@ -241,8 +268,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write the tiny Qwen2-VL model (config, weights, tokenizer, processors, chat template) into ``out_dir``."""
+def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0, variant: str = "qwen2_vl") -> Path:
+    """Write the tiny Qwen2-VL (or Qwen2.5-VL) model: config, weights, tokenizer, processors, chat template."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
@@ -269,16 +296,17 @@ def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     )
     processor.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    make_config().save_pretrained(str(out))
+    make_config(variant).save_pretrained(str(out))
     GenerationConfig(bos_token_id=ENDOFTEXT_ID, eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID).save_pretrained(
         str(out)
     )
-    save_file(random_state_dict(seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(random_state_dict(seed, variant), str(out / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(out / "model.safetensors", 0o644)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
     manifest = {
         "builder": "vllm_tokcomp.tiny.qwen2_vl",
         "builder_version": BUILDER_VERSION,
+        "variant": variant,
         "seed": seed,
         "image_token_id": IMAGE_TOKEN_ID,
         "video_token_id": VIDEO_TOKEN_ID,
@@ -290,40 +318,40 @@ def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
-def is_complete_model_dir(path: str | Path) -> bool:
+def is_complete_model_dir(path: str | Path, variant: str = "qwen2_vl") -> bool:
     try:
         manifest = json.loads((Path(path) / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
         return False
-    builder = manifest.get("builder"), manifest.get("builder_version")
-    return builder == ("vllm_tokcomp.tiny.qwen2_vl", BUILDER_VERSION)
+    builder = manifest.get("builder"), manifest.get("builder_version"), manifest.get("variant", "qwen2_vl")
+    return builder == ("vllm_tokcomp.tiny.qwen2_vl", BUILDER_VERSION, variant)
 
 
-def default_model_dir() -> Path:
-    """``$TOKCOMP_MODELS_DIR/tiny-qwen2-vl-v1`` (default root ``~/.cache/vllm-tokcomp/models``)."""
+def default_model_dir(variant: str = "qwen2_vl") -> Path:
+    """``$TOKCOMP_MODELS_DIR/tiny-qwen2-vl-v1`` or ``tiny-qwen2.5-vl-v1`` (root ``~/.cache/vllm-tokcomp/models``)."""
     from .llava import MODELS_DIR_ENV
 
     root = os.environ.get(MODELS_DIR_ENV)
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "vllm-tokcomp" / "models"
-    return base / MODEL_SUBDIR
+    return base / (MODEL_SUBDIR_2_5 if variant == "qwen2_5_vl" else MODEL_SUBDIR)
 
 
-def ensure_default_model() -> Path:
+def ensure_default_model(variant: str = "qwen2_vl") -> Path:
     """:func:`default_model_dir`, built first (in a temporary sibling renamed into place) if missing."""
     import shutil
 
     from .llava import _exclusive_lock
 
-    target = default_model_dir()
-    if is_complete_model_dir(target):
+    target = default_model_dir(variant)
+    if is_complete_model_dir(target, variant):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(target.parent / f".{target.name}.lock"):
-        if is_complete_model_dir(target):
+        if is_complete_model_dir(target, variant):
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            build_tiny_qwen2_vl(tmp, seed=0)
+            build_tiny_qwen2_vl(tmp, seed=0, variant=variant)
             os.chmod(tmp, 0o755)
             if target.exists():
                 shutil.rmtree(target, ignore_errors=True)
@@ -338,12 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.tiny.qwen2_vl", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", help="output directory (default: build/ensure the default model)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", choices=VARIANTS, default="qwen2_vl")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.out_dir is None:
-        path = ensure_default_model()
+        path = ensure_default_model(args.variant)
     else:
-        path = build_tiny_qwen2_vl(args.out_dir, seed=args.seed)
+        path = build_tiny_qwen2_vl(args.out_dir, seed=args.seed, variant=args.variant)
     print(f"{path} ({time.perf_counter() - start:.1f}s)")
     return 0
 

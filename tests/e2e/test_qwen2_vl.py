@@ -1,0 +1,194 @@
+"""Real vLLM, tiny Qwen2-VL: compression off is token-identical to plain vLLM; on, prompts shrink to
+text + min(budget, grid) per image, and the M-RoPE positions the engine uses equal an independent
+computation from the grid and the kept indices (text after an image keeps its uncompressed positions).
+
+Two engines in fresh processes (this file is also the runner: ``python -m tests.e2e.test_qwen2_vl JOB``):
+plain vLLM (``VLLM_PLUGINS=""``) and the plugin, which logs the positions it hands to the runner
+(``$TOKCOMP_POSITIONS_LOG``, written in ``CompressedQwen2VL.get_mrope_input_positions``).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 8
+IMAGE_PAD, VISION_START = 5, 3  # tiny Qwen2-VL ids
+# (seed, width, height) -> merged grid (h, w): 336x336 -> 12x12, 448x224 -> 8x16
+WIDE = [5, 448, 224]
+BASE_REQUESTS = [
+    {"images": [[1, 336, 336]], "question": "What colour is the circle?"},
+    {"images": [WIDE], "question": "Is there a square?"},
+    {"images": [[3, 336, 336], WIDE], "question": "Which image has more shapes?"},
+]
+GRIDS = {(336, 336): (12, 12), (448, 224): (8, 16)}
+IDENTITY_GROUPS = {
+    "unconfigured": None,
+    "budget=everything": {"tokcomp_method": "pool", "tokcomp_budget": 10_000},
+    "method=none": {"tokcomp_method": "none"},
+}
+COMPRESSED = [("pool", 36, 0), ("uniform", 50, 1), ("pool", 20, 2), ("bilinear", 30, 0), ("random", 17, 2)]
+REFUSED = [{"tokcomp_method": "tome", "tokcomp_budget": 16}, {"tokcomp_method": "pool", "tokcomp_budget": 0}]
+
+
+def _plugin_requests():
+    requests = [{**r, "mm_kwargs": kwargs} for kwargs in IDENTITY_GROUPS.values() for r in BASE_REQUESTS]
+    requests += [
+        {**BASE_REQUESTS[i], "mm_kwargs": {"tokcomp_method": m, "tokcomp_budget": b}} for m, b, i in COMPRESSED
+    ]
+    requests += [{**BASE_REQUESTS[0], "mm_kwargs": kwargs} for kwargs in REFUSED]
+    return requests
+
+
+def _run(job, env, plugins, log):
+    env = {**env, "VLLM_PLUGINS": plugins, "TOKCOMP_POSITIONS_LOG": str(log)}
+    proc = subprocess.run([sys.executable, "-m", "tests.e2e.test_qwen2_vl", json.dumps(job)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            result["positions"] = [json.loads(x) for x in open(log)] if os.path.exists(log) else []
+            return result
+    raise AssertionError(f"engine failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def qwen_dir():
+    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="module")
+def plain(qwen_dir, vllm_env, tmp_path_factory):
+    job = {"model": str(qwen_dir), "requests": BASE_REQUESTS}
+    return _run(job, vllm_env, "", tmp_path_factory.mktemp("pos") / "plain.jsonl")
+
+
+@pytest.fixture(scope="module")
+def plugin(qwen_dir, vllm_env, tmp_path_factory):
+    job = {"model": str(qwen_dir), "requests": _plugin_requests()}
+    return _run(job, vllm_env, "tokcomp", tmp_path_factory.mktemp("pos") / "plugin.jsonl")
+
+
+def _kept(method, budget, grid):
+    """Kept raster indices, independently of the integration: the library method on the bare grid."""
+    import torch
+
+    from vllm_tokcomp.methods import VisualTokens, get_method
+
+    n = math.prod(grid)
+    if budget >= n:
+        return list(range(n))
+    return get_method(method).select(VisualTokens(torch.zeros(n, 1), (1, *grid)), budget).anchor.tolist()
+
+
+def expected_positions(prompt, images, kept):
+    """M-RoPE positions from first principles: text counts up; a kept image token sits at
+    item start + (0, row, col) of the patch it stands for; text after an image continues from
+    item start + max(h, w), as if the image were uncompressed."""
+    pos, nxt, i, item = [], 0, 0, 0
+    while i < len(prompt):
+        if prompt[i] != IMAGE_PAD:
+            pos.append([nxt] * 3)
+            nxt += 1
+            i += 1
+            continue
+        h, w = images[item]
+        for index in kept[item]:
+            pos.append([nxt, nxt + index // w, nxt + index % w])
+        i += len(kept[item])
+        nxt += max(h, w)
+        item += 1
+    assert item == len(images)
+    return [list(axis) for axis in zip(*pos, strict=True)], nxt - len(prompt)
+
+
+def _grids(request):
+    return [GRIDS[(w, h)] for _, w, h in request["images"]]
+
+
+def test_baseline_is_not_degenerate(plain):
+    outputs = [tuple(r["output"]) for r in plain["results"]]
+    assert all(len(o) == MAX_TOKENS for o in outputs) and len(set(outputs)) > 1
+
+
+@pytest.mark.parametrize("group", range(len(IDENTITY_GROUPS)), ids=list(IDENTITY_GROUPS))
+def test_identity_settings_match_plain_vllm_token_for_token(plain, plugin, group):
+    n = len(BASE_REQUESTS)
+    got = [{k: r[k] for k in ("prompt_tokens", "output")} for r in plugin["results"][group * n : (group + 1) * n]]
+    assert got == [{k: r[k] for k in ("prompt_tokens", "output")} for r in plain["results"]]
+
+
+def test_prompt_tokens_are_text_plus_kept(plain, plugin):
+    offset = len(IDENTITY_GROUPS) * len(BASE_REQUESTS)
+    for k, (method, budget, base) in enumerate(COMPRESSED):
+        grids = _grids(BASE_REQUESTS[base])
+        full = sum(h * w for h, w in grids)
+        text = plain["results"][base]["prompt_tokens"] - full
+        got = plugin["results"][offset + k]
+        assert got["prompt_tokens"] == text + sum(min(budget, h * w) for h, w in grids), (method, budget)
+        assert got["prompt"].count(IMAGE_PAD) == sum(min(budget, h * w) for h, w in grids)
+        assert len(got["output"]) == MAX_TOKENS
+
+
+def test_engine_positions_equal_independent_computation(plain, plugin):
+    by_prompt = {tuple(record["prompt"]): record for record in plugin["positions"]}
+    checked = 0
+    requests = _plugin_requests()
+    for request, result in zip(requests, plugin["results"], strict=True):
+        if "error" in result:
+            continue
+        spec = request["mm_kwargs"] or {}
+        grids = _grids(request)
+        method, budget = spec.get("tokcomp_method", "none"), spec.get("tokcomp_budget", 10_000)
+        kept = [_kept(method, budget if method != "none" else 10_000, grid) for grid in grids]
+        positions, delta = expected_positions(result["prompt"], grids, kept)
+        record = by_prompt[tuple(result["prompt"])]
+        assert record["positions"] == positions, spec
+        assert record["delta"] == delta, spec
+        checked += 1
+    assert checked == len(requests) - len(REFUSED)
+    # The plain engine's positions (in-tree code, no log) give the same greedy tokens as ours at budget=everything,
+    # and our formula at budget=everything is the in-tree layout: text after an image continues at start + max(h, w).
+
+
+def test_content_dependent_method_and_bad_budget_are_refused(plugin):
+    tome, zero = plugin["results"][-2:]
+    assert "selects tokens by content" in tome["error"] and "tokcomp_method" in tome["error"]
+    assert "tokcomp_budget" in zero["error"]
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+
+    from tests.e2e.images import make_image
+
+    llm = LLM(model=job["model"], max_model_len=2048, enforce_eager=True, seed=0,
+              mm_processor_kwargs=job.get("engine_mm_kwargs"), limit_mm_per_prompt={"image": 2, "video": 0})
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    results = []
+    for request in job["requests"]:
+        content = [{"type": "image_pil", "image_pil": make_image(seed, size=336).resize((w, h))}
+                   for seed, w, h in request["images"]]
+        content.append({"type": "text", "text": request["question"]})
+        try:
+            output = llm.chat([{"role": "user", "content": content}], params,
+                              mm_processor_kwargs=request.get("mm_kwargs"), use_tqdm=False)[0]
+            results.append({"prompt_tokens": len(output.prompt_token_ids), "prompt": list(output.prompt_token_ids),
+                            "output": list(output.outputs[0].token_ids)})
+        except ValueError as error:
+            results.append({"error": str(error), "error_type": type(error).__name__})
+    print("RESULT " + json.dumps({"results": results}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

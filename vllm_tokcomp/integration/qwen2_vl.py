@@ -1,0 +1,275 @@
+"""Qwen2-VL with visual-token compression before KV allocation, M-RoPE positions kept right.
+
+Same config keys and per-image settings field as the LLaVA integration (``integration/llava.py``).
+Overrides (vLLM 0.32.0, ``model_executor/models/qwen2_vl.py``):
+
+* ``CompressedQwen2VLInfo``: hides ``tokcomp_*`` keys from the HF processor, parses the engine config.
+* ``CompressedQwen2VLProcessor``: validates request settings (HTTP 400), attaches each image's settings,
+  and in ``_get_prompt_updates`` expands ``<|image_pad|>`` to ``min(budget, t*h*w / merge^2)`` tokens.
+  ``get_mm_max_tokens_per_item`` stays the unpruned maximum (profiling and encoder-cache budgets).
+* ``CompressedQwen2VL.embed_multimodal``: the tower as vLLM runs it, then every image compressed to
+  exactly its placeholder count.
+* ``CompressedQwen2VL.get_mrope_input_positions``: the *final* M-RoPE positions, computed when the
+  request is added (route "positions up front", no runner internals):
+
+  - a kept token takes the (t, h, w) position of its anchor (for a merged token: the input token it
+    merged into, ``TokenAssignment.anchor``), shifted like the uncompressed item;
+  - text after an item keeps the position it would have had uncompressed (vLLM's EVS rule): the
+    next text starts at ``item_start + max(t, h, w extent)`` of the *full* grid.
+
+  This needs each image's anchors before the encoder runs, so it serves the **fixed-layout** methods
+  (``FIXED_LAYOUT_METHODS``: uniform, random, pool, bilinear; their anchors depend only on the grid
+  and the budget). Content-dependent selection would need vLLM's EVS recompute hook, which the V1
+  runner only calls with ``video_pruning_rate > 0`` and the CPU runner never calls
+  (``CPUModelRunner.load_model`` does not set ``is_multimodal_pruning_enabled``); such methods are
+  refused with a clear error instead of being served with wrong positions.
+
+Videos pass through uncompressed (settings are attached to images only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+import numpy as np
+import torch
+
+from ..config import (
+    METHOD_KEY,
+    QUERY_KEY,
+    CompressionSpec,
+    ConfigError,
+    is_engine_configured,
+    parse_engine_config,
+    plugin_keys_in,
+    resolve_request,
+    without_plugin_keys,
+)
+from ..methods import VisualTokens, get_method
+from . import settings
+from .vllm_api import (
+    MULTIMODAL_REGISTRY,
+    MultiModalFieldConfig,
+    PromptReplacement,
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+    RequestSettingError,
+    context_hiding_keys,
+    engine_mm_processor_kwargs,
+)
+
+logger = logging.getLogger("vllm_tokcomp")
+
+# Methods whose kept anchors depend only on the grid and the budget (and their knobs), not on content.
+FIXED_LAYOUT_METHODS = frozenset({"uniform", "random", "pool", "bilinear"})
+POSITIONS_LOG_ENV = "TOKCOMP_POSITIONS_LOG"
+METHOD_FIELD = f"mm_processor_kwargs.{METHOD_KEY}"
+
+
+class EngineConfigError(RuntimeError):
+    """A bad engine-wide tokcomp setting: the server must refuse to start (not a ValueError, see llava.py)."""
+
+
+def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec | None:
+    if spec is not None and spec.method not in FIXED_LAYOUT_METHODS:
+        raise ConfigError(
+            field,
+            f"method {spec.method!r} selects tokens by content; on Qwen2-VL the M-RoPE positions are fixed "
+            "before the encoder runs, so only fixed-layout methods are served: "
+            + ", ".join(sorted(FIXED_LAYOUT_METHODS)),
+        )
+    return spec
+
+
+def kept_anchors(spec: CompressionSpec | None, grid: tuple[int, ...]) -> torch.Tensor:
+    """Raster indices (into ``grid``) whose positions the kept tokens take, in output order."""
+    n = int(np.prod(grid))
+    if spec is None or spec.budget >= n:
+        return torch.arange(n)
+    method = get_method(spec.method, **dict(spec.options))
+    tokens = VisualTokens(features=torch.zeros(n, 1), grid=tuple(grid))
+    return method.select(tokens, spec.budget).anchor
+
+
+def item_positions(
+    grid: tuple[int, int, int], anchors: torch.Tensor, t_factor: float = 1.0
+) -> tuple[np.ndarray, int]:
+    """``[3, len(anchors)]`` M-RoPE positions of the kept tokens relative to the item start, and the
+    extent of the full item (the next text starts at ``item start + extent``)."""
+    indices = np.indices(grid).reshape(3, -1)
+    if t_factor != 1.0:
+        indices[0] = (indices[0] * t_factor).astype(np.int64)
+    return indices[:, anchors.numpy()], int(indices.max()) + 1
+
+
+class CompressedQwen2VLInfo(Qwen2VLProcessingInfo):
+    def __init__(self, ctx) -> None:  # noqa: ANN001 - vLLM's InputProcessingContext
+        super().__init__(context_hiding_keys(ctx, without_plugin_keys))
+        self.engine_kwargs = dict(engine_mm_processor_kwargs(ctx))
+        try:
+            self.engine_spec = _check_servable(parse_engine_config(self.engine_kwargs), METHOD_FIELD)
+        except ConfigError as error:
+            raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
+        self.engine_configured = is_engine_configured(self.engine_kwargs)
+        if self.engine_configured:
+            _log_effective_config_once(self.engine_spec)
+
+    def spec_for_request(self, request_kwargs: Mapping[str, object]) -> CompressionSpec | None:
+        request_kwargs = {k: v for k, v in request_kwargs.items() if k != QUERY_KEY}
+        return _check_servable(resolve_request(self.engine_kwargs, request_kwargs), METHOD_FIELD)
+
+
+class CompressedQwen2VLProcessor(Qwen2VLMultiModalProcessor):
+    info: CompressedQwen2VLInfo
+
+    def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
+        request_kwargs = inputs.hf_processor_mm_kwargs or {}
+        if self.info.engine_configured:
+            foreign = sorted(k for k in request_kwargs if k not in plugin_keys_in(request_kwargs))
+            if foreign:
+                raise RequestSettingError(
+                    f"mm_processor_kwargs.{foreign[0]} is not accepted by this server; "
+                    "only tokcomp_method, tokcomp_budget and tokcomp_options may be set per request",
+                    parameter=f"mm_processor_kwargs.{foreign[0]}",
+                )
+        if QUERY_KEY in request_kwargs:
+            raise RequestSettingError(f"mm_processor_kwargs.{QUERY_KEY} is set by the server, not by requests",
+                                      parameter=f"mm_processor_kwargs.{QUERY_KEY}")
+        try:
+            self.info.spec_for_request(request_kwargs)
+        except ConfigError as error:
+            raise RequestSettingError(str(error), parameter=error.field) from None
+        return super().apply(inputs, timing_ctx)
+
+    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
+        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+        grid_thw = processed_data.get("image_grid_thw")
+        if grid_thw is not None and processed_data.get("pixel_values") is not None:
+            spec = self.info.spec_for_request(hf_processor_mm_kwargs)
+            processed_data[settings.FIELD] = settings.encode(spec).expand(len(grid_thw), -1).clone()
+        return processed_data
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:  # noqa: ANN001
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[settings.FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptReplacement]:  # noqa: ANN001
+        updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
+        vocab = self.info.get_tokenizer().get_vocab()
+        image_token_id = vocab[self.info.get_hf_processor().image_token]
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+
+        def image_replacement(item_idx: int) -> list[int]:
+            item = out_mm_kwargs["image"][item_idx]
+            full = int(item["image_grid_thw"].data.prod()) // (merge * merge)
+            field = item.get(settings.FIELD)
+            spec = None if field is None else settings.decode(field.data)
+            return [image_token_id] * settings.kept_tokens(spec, full)
+
+        return [
+            PromptReplacement(modality="image", target=[image_token_id], replacement=partial(image_replacement))
+            if update.modality == "image"
+            else update
+            for update in updates
+        ]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    CompressedQwen2VLProcessor, info=CompressedQwen2VLInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
+)
+class CompressedQwen2VL(Qwen2VLForConditionalGeneration):
+    """``Qwen2VLForConditionalGeneration`` whose image embeddings are compressed per image."""
+
+    def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings
+        rows = kwargs.pop(settings.FIELD, None)
+        specs = [] if rows is None else [settings.decode(row) for row in rows]
+        embeddings = super().embed_multimodal(**kwargs)
+        if not any(spec is not None for spec in specs):
+            return embeddings
+        grids = kwargs["image_grid_thw"]
+        merge = self.config.vision_config.spatial_merge_size
+        # embed_multimodal returns items modality by modality, in the order of the kwargs' keys.
+        image_first = next(k for k in kwargs if k in ("pixel_values", "image_embeds", "pixel_values_videos",
+                                                       "video_embeds")) in ("pixel_values", "image_embeds")
+        num_videos = len(embeddings) - len(specs)
+        start = 0 if image_first else num_videos
+        out = list(embeddings)
+        for index, spec in enumerate(specs):
+            if spec is None or "pixel_values" not in kwargs:
+                continue
+            t, h, w = (int(v) for v in grids[index].tolist())
+            grid = (t, h // merge, w // merge)
+            item = out[start + index]
+            method = get_method(spec.method, **dict(spec.options))
+            result = method(VisualTokens(features=item, grid=grid), min(spec.budget, item.shape[0]))
+            expected = settings.kept_tokens(spec, item.shape[0])
+            # vLLM silently truncates extra rows; a mismatch must fail here instead.
+            if result.features.shape[0] != expected:
+                raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
+            if not torch.equal(result.assignment.anchor.cpu(), kept_anchors(spec, grid)):
+                raise RuntimeError("tokcomp: the selection differs from the layout its positions were computed for")
+            out[start + index] = result.features
+        return tuple(out)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):  # noqa: ANN001, ANN201 - SupportsMRoPE
+        positions: list[np.ndarray] = []
+        next_start = 0  # first position after the last item / text span
+        st = 0  # index in input_tokens
+        items = []
+        for feature, (offset, t, h, w, t_factor) in zip(
+            sorted(mm_features, key=lambda f: f.mm_position.offset), self.iter_mm_grid_thw(mm_features), strict=True
+        ):
+            spec = None
+            if feature.modality == "image" and feature.data is not None and settings.FIELD in feature.data:
+                spec = settings.decode(feature.data[settings.FIELD].data)
+            anchors = kept_anchors(spec, (t, h, w))
+            if anchors.numel() != feature.mm_position.length:
+                raise RuntimeError(
+                    f"tokcomp: item at {offset} has {feature.mm_position.length} placeholders, layout {anchors.numel()}"
+                )
+            text_len = offset - st
+            positions.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_start)
+            base = next_start + text_len
+            kept, extent = item_positions((t, h, w), anchors, t_factor)
+            positions.append(kept + base)
+            next_start = base + extent
+            st = offset + anchors.numel()
+            items.append({"offset": offset, "grid": [t, h, w], "anchors": anchors.tolist()})
+        if st < len(input_tokens):
+            text_len = len(input_tokens) - st
+            positions.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_start)
+        llm_positions = np.concatenate(positions, axis=1).reshape(3, -1) if positions else np.zeros((3, 0), np.int64)
+        delta = int(llm_positions.max()) + 1 - len(input_tokens) if llm_positions.size else 0
+        _log_positions(input_tokens, items, llm_positions, delta)
+        return torch.from_numpy(np.ascontiguousarray(llm_positions)), delta
+
+
+def _log_positions(input_tokens, items, positions: np.ndarray, delta: int) -> None:  # noqa: ANN001
+    """Debug aid: with ``$TOKCOMP_POSITIONS_LOG`` set, append the M-RoPE positions handed to the runner."""
+    path = os.environ.get(POSITIONS_LOG_ENV)
+    if path:
+        record = {"prompt": list(input_tokens), "items": items, "positions": positions.tolist(), "delta": delta}
+        with open(path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+
+_logged = False
+
+
+def _log_effective_config_once(spec: CompressionSpec | None) -> None:
+    global _logged
+    if _logged:
+        return
+    _logged = True
+    if spec is None:
+        logger.warning("tokcomp: compression off by default; requests may opt in with tokcomp_method")
+    else:
+        logger.warning("tokcomp: compressing Qwen2-VL images with method=%s budget=%d", spec.method, spec.budget)
+
