@@ -182,7 +182,7 @@ def majority_baseline(records: list[dict]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="folder with questions.jsonl (default: test split)")
-    parser.add_argument("--model", default=None, help="model folder (default: the bundled tiny LLaVA)")
+    parser.add_argument("--model", default=None, help="model folder (default: the bundled trained tiny LLaVA)")
     parser.add_argument("--methods", default="all", help="comma list of servable methods, or 'all'")
     parser.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)))
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
@@ -203,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         budgets.insert(0, FULL)
     data = args.data or default_dataset()
     if args.model is None:
-        from vllm_tokcomp.tiny.llava import ensure_default_model
+        from vllm_tokcomp.tiny import llava as tiny
 
-        model = str(ensure_default_model())
+        model = str(tiny.ensure_trained_model() if tiny.TRAINED_WEIGHTS.is_file() else tiny.ensure_default_model())
     else:
         model = args.model
     records = load_dataset(Path(data), args.limit)

@@ -63,6 +63,8 @@ BUILDER_VERSION = 1
 MODEL_SUBDIR = "tiny-llava-v1"
 MANIFEST_NAME = "tokcomp_tiny.json"
 MODELS_DIR_ENV = "TOKCOMP_MODELS_DIR"
+TRAINED_MODEL_SUBDIR = "tiny-llava-vqa-v1"
+TRAINED_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "tiny_llava_vqa.safetensors"
 
 # --- geometry -------------------------------------------------------------------------
 IMAGE_SIZE = 336
@@ -166,8 +168,10 @@ __all__ = [
     "checkpoint_shapes",
     "default_model_dir",
     "ensure_default_model",
+    "ensure_trained_model",
     "is_complete_model_dir",
     "main",
+    "trained_model_dir",
 ]
 
 
@@ -386,6 +390,11 @@ def normalize_checkpoint_key(name: str) -> str:
     return name
 
 
+def _weights_file(weights: str | Path) -> Path:
+    path = Path(weights)
+    return path / "model.safetensors" if path.is_dir() else path
+
+
 def load_external_weights(weights: str | Path, vocab_size: int = VOCAB_SIZE) -> dict:
     """Load a safetensors state dict, normalise names, check names and shapes, cast to bf16."""
     import torch
@@ -496,6 +505,7 @@ def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, weights: str | Path 
         "builder_version": BUILDER_VERSION,
         "seed": None if weights is not None else seed,
         "weights": "random" if weights is None else "external:" + _sha256(out / "model.safetensors"),
+        "source": None if weights is None else _sha256(_weights_file(weights)),
         "num_image_tokens": NUM_IMAGE_TOKENS,
         "image_token_id": IMAGE_TOKEN_ID,
         "files": {name: {"size": (out / name).stat().st_size, "sha256": _sha256(out / name)} for name in files},
@@ -555,17 +565,44 @@ def ensure_default_model() -> Path:
     The build goes to a temporary sibling directory that is renamed into place, under an
     exclusive file lock, so concurrent processes never see a half-written model directory.
     """
-    target = default_model_dir()
-    if is_complete_model_dir(target):
+    return _ensure_model(default_model_dir(), None)
+
+
+def trained_model_dir() -> Path:
+    """``$TOKCOMP_MODELS_DIR/tiny-llava-vqa-v1``: the model with the bundled trained weights."""
+    return default_model_dir().parent / TRAINED_MODEL_SUBDIR
+
+
+def ensure_trained_model() -> Path:
+    """Like :func:`ensure_default_model`, with the bundled weights trained on the synthetic VQA task
+    (``vllm_tokcomp/assets/tiny_llava_vqa.safetensors``, see ``vllm_tokcomp.train.llava``).
+    Rebuilt when the bundled file changes."""
+    if not TRAINED_WEIGHTS.is_file():
+        raise FileNotFoundError(f"bundled trained weights not found: {TRAINED_WEIGHTS}")
+    return _ensure_model(trained_model_dir(), TRAINED_WEIGHTS)
+
+
+def _ensure_model(target: Path, weights: Path | None) -> Path:
+    source = None if weights is None else _sha256(weights)
+
+    def ready() -> bool:
+        if not is_complete_model_dir(target):
+            return False
+        return json.loads((target / MANIFEST_NAME).read_text()).get("source") == source
+
+    if ready():
         return target
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(parent / f".{target.name}.lock"):
-        if is_complete_model_dir(target):  # another process finished while we waited
+        if ready():  # another process finished while we waited
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
         try:
-            build_tiny_llava(tmp, seed=0)
+            if weights is None:
+                build_tiny_llava(tmp, seed=0)
+            else:
+                build_tiny_llava(tmp, weights=weights)
             os.chmod(tmp, 0o755)
             if target.exists() or target.is_symlink():  # stale, incomplete leftover
                 stale = parent / f".{target.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -574,7 +611,7 @@ def ensure_default_model() -> Path:
             try:
                 os.rename(tmp, target)
             except OSError:
-                if not is_complete_model_dir(target):  # lost a race without the lock
+                if not ready():  # lost a race without the lock
                     raise
         finally:
             if tmp.exists():

@@ -173,13 +173,25 @@ class QAEncoder:
         return ids, labels
 
 
+def dense_questions(scene, rng: np.random.Generator, k: int) -> list[dict]:  # noqa: ANN001 - Scene
+    """Up to ``k`` distinct questions about one scene: rounds of :func:`make_questions` (all types each)."""
+    out: list[dict] = []
+    seen: set[str] = set()
+    for _round in range(max(1, math.ceil(k / 3))):
+        for qa in make_questions(scene, rng, 6):
+            if qa["question"] not in seen and len(out) < k:
+                seen.add(qa["question"])
+                out.append(qa)
+    return out
+
+
 def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int) -> dict:
     images, seqs = [], []
     for index in range(start, start + n):
         rng = scene_rng(seed, "train", index)
         scene = make_scene(rng)
         images.append(pixels(render_scene(scene)))
-        seqs.append(enc.conversation(make_questions(scene, rng, per_image)))
+        seqs.append(enc.conversation(dense_questions(scene, rng, per_image)))
     length = max(len(s[0]) for s in seqs)
     input_ids = torch.full((n, length), tiny.PAD_TOKEN_ID, dtype=torch.long)
     labels = torch.full((n, length), -100, dtype=torch.long)
