@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--dtype", default=None, help="default: float32 on CPU builds, auto on CUDA")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="eager mode (default: on for CPU builds, off on CUDA so vLLM uses CUDA graphs)")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="VLLM_CPU_KVCACHE_SPACE on CPU (default 2)")
     p.add_argument("--server-args", default="", help="extra arguments for both servers (one string)")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/serving-<model>.json)")
@@ -77,10 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def server_args(args: argparse.Namespace, model: Path, load_format: str) -> list[str]:
     dtype = args.dtype or ("float32" if is_cpu_build() else "auto")
+    eager = is_cpu_build() if args.enforce_eager is None else args.enforce_eager
     return [
         str(model), "--served-model-name", SERVED_NAME, "--max-model-len", str(args.max_model_len),
         "--max-num-seqs", str(args.max_num_seqs), "--dtype", dtype, "--load-format", load_format,
-        "--enforce-eager", "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
+        *(["--enforce-eager"] if eager else []), "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
         "--limit-mm-per-prompt", json.dumps({"image": 1}), "--scheduler-cls", SCHEDULER_CLS,
         "--seed", "0", *args.server_args.split(),
     ]

@@ -61,6 +61,8 @@ def build_parser(mode_default: str = "throughput") -> argparse.ArgumentParser:
                    help="requests per arm over the whole run (default: 4 x rounds; memory-bound: 48 x rounds)")
     p.add_argument("--rounds", type=int, default=2, help="rounds (each starts both engines once)")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests per arm after each engine start")
+    p.add_argument("--warmup-batch", type=int, default=None,
+                   help="untimed full batch of the largest arm first in each engine (default: requests per round)")
     p.add_argument("--output-len", type=int, default=16, help="generated tokens per request (ignore_eos)")
     p.add_argument("--question", default=common.DEFAULT_QUESTION, help="text of every request")
     p.add_argument("--max-model-len", type=int, default=1024)
@@ -76,6 +78,8 @@ def build_parser(mode_default: str = "throughput") -> argparse.ArgumentParser:
     p.add_argument("--async-scheduling", action="store_true", help="GPU: keep vLLM's async scheduling "
                    "(step times then overlap; KV and concurrency numbers are unaffected)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="eager mode (default: on for CPU builds, off on CUDA so vLLM uses CUDA graphs)")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/<mode>-<model>.json)")
     p.add_argument("--markdown", default=None, help="markdown output (default: next to the JSON)")
     p.add_argument("--plot", default=None, help="PNG output (default: next to the JSON; 'none' to skip)")
@@ -95,10 +99,17 @@ def is_cpu_build() -> bool:
 
 
 # --- planning ------------------------------------------------------------------------------------
-def plan_rounds(arms: list[Arm], rounds: int, per_round: int, warmup: int) -> list[list[dict]]:
-    """Per round, the engine runs in order: ``{"engine": "plain"|"plugin", "batches": [...]}``."""
+def plan_rounds(arms: list[Arm], rounds: int, per_round: int, warmup: int,
+                warmup_batch: int | None = None) -> list[list[dict]]:
+    """Per round, the engine runs in order: ``{"engine": "plain"|"plugin", "batches": [...]}``.
+
+    Each engine first runs an untimed batch of ``warmup_batch`` (default ``per_round``) requests of
+    its largest arm, so the first timed batch does not pay for first-time allocations and kernel
+    setup at full batch size, then ``warmup`` untimed requests per arm, then the timed batches.
+    """
     plugin_arms = [a for a in arms if not a.plain]
     plain_arms = [a for a in arms if a.plain]
+    warmup_batch = per_round if warmup_batch is None else warmup_batch
     schedule = []
     for r in range(rounds):
         seeds = [1000 * (r + 1) + i for i in range(per_round)]
@@ -107,6 +118,10 @@ def plan_rounds(arms: list[Arm], rounds: int, per_round: int, warmup: int) -> li
             if not engine_arms:
                 continue
             batches = []
+            if warmup_batch:
+                largest = max(engine_arms, key=lambda a: a.image_tokens())
+                batches.append({"arm": largest.name, "round": r, "timed": False, "mm_kwargs": largest.mm_kwargs(),
+                                "seeds": [2 * 10**6 + 1000 * r + i for i in range(warmup_batch)]})
             for k, arm in enumerate(engine_arms):
                 if warmup:
                     warm = [10**6 + 1000 * r + 100 * k + i for i in range(warmup)]
@@ -134,6 +149,7 @@ def engine_kwargs(args: argparse.Namespace, load_format: str) -> dict:
     if args.gpu_memory_utilization:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     kwargs["dtype"] = args.dtype or ("float32" if is_cpu_build() else "auto")
+    kwargs["enforce_eager"] = is_cpu_build() if args.enforce_eager is None else args.enforce_eager
     return kwargs
 
 
@@ -423,7 +439,7 @@ def main(argv: list[str] | None = None, mode_default: str = "throughput") -> dic
     workdir.mkdir(parents=True, exist_ok=True)
     slug = args.model if args.model in MODEL_PRESETS else Path(args.model).name
     out = Path(args.out) if args.out else common.RESULTS_DIR / f"{args.mode}-{slug}.json"
-    schedule = plan_rounds(arms, args.rounds, per_round, args.warmup)
+    schedule = plan_rounds(arms, args.rounds, per_round, args.warmup, args.warmup_batch)
     machine = common.machine_info()
     progress = None
     if not args.quiet:
@@ -456,7 +472,9 @@ def main(argv: list[str] | None = None, mode_default: str = "throughput") -> dic
         "model": model_info,
         "config": {
             "mode": args.mode, "methods": methods, "budgets": budgets, "rounds": args.rounds,
-            "requests_per_arm_per_round": per_round, "warmup_per_arm": args.warmup, "output_len": args.output_len,
+            "requests_per_arm_per_round": per_round, "warmup_per_arm": args.warmup,
+            "warmup_batch": per_round if args.warmup_batch is None else args.warmup_batch,
+            "output_len": args.output_len,
             "question": args.question, "engine_kwargs": ekwargs, "kv_cache_gib": args.kv_cache_gib,
             "plain_fit": args.plain_fit if memory_bound else None,
             "encoder_timing": "wall time of embed_multimodal in the worker (benchmarks/probes.py EncoderTimer)",

@@ -121,6 +121,8 @@ def test_plan_rounds_alternates_engines_and_rotates_arms():
         assert all(b["seeds"] == timed[0]["seeds"] for b in timed)  # same images for every arm in a round
         warm = [b for b in plugin["batches"] if not b["timed"]]
         assert not set(s for b in warm for s in b["seeds"]) & set(timed[0]["seeds"])
+        assert warm[0]["arm"] == "off" and len(warm[0]["seeds"]) == 2  # full batch of the largest arm first
+        assert plugin["batches"].index(timed[0]) == len(warm)
     assert orders == [["off", "tome@64", "tome@32"], ["tome@64", "tome@32", "off"], ["tome@32", "off", "tome@64"]]
     assert plan[0][1]["batches"][-1]["mm_kwargs"] == {"tokcomp_method": "tome", "tokcomp_budget": 32}
     assert plan[0][0]["batches"][-1]["mm_kwargs"] is None
