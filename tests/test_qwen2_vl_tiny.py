@@ -60,3 +60,16 @@ def test_loads_in_transformers_and_generates_per_image(model_dir):
         assert len(generated) == 8 and len(set(generated.tolist())) > 2
         outputs.append(generated.tolist())
     assert len({tuple(o) for o in outputs}) > 1, "different images should give different greedy outputs"
+
+
+def test_qwen2_5_variant_config_and_weights():
+    config = tiny.make_config("qwen2_5_vl")
+    assert config.architectures == ["Qwen2_5_VLForConditionalGeneration"]
+    assert config.vision_config.out_hidden_size == config.text_config.hidden_size == tiny.TEXT_HIDDEN
+    assert config.vision_config.fullatt_block_indexes == [tiny.VISION_DEPTH - 1]
+    shapes = tiny.checkpoint_shapes("qwen2_5_vl")
+    assert "model.visual.blocks.0.mlp.gate_proj.weight" in shapes  # the SwiGLU tower, not Qwen2-VL's
+    state = tiny.random_state_dict(0, "qwen2_5_vl")
+    assert state.keys() == shapes.keys()
+    with pytest.raises(ValueError, match="variant"):
+        tiny.make_config("qwen3_vl")

@@ -16,6 +16,7 @@ logger = logging.getLogger("vllm_tokcomp")
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "vllm_tokcomp.integration.llava:CompressedLlava",
     "Qwen2VLForConditionalGeneration": "vllm_tokcomp.integration.qwen2_vl:CompressedQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "vllm_tokcomp.integration.qwen2_vl:CompressedQwen2_5_VL",
 }
 
 _registered = False

@@ -47,10 +47,14 @@ def _plugin_requests():
     return requests
 
 
-def _run(job, env, plugins, log):
+def start_engine(job, env, plugins, log):
     env = {**env, "VLLM_PLUGINS": plugins, "TOKCOMP_POSITIONS_LOG": str(log)}
-    proc = subprocess.run([sys.executable, "-m", "tests.e2e.test_qwen2_vl", json.dumps(job)], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "tests.e2e.test_qwen2_vl", json.dumps(job)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
+
+
+def _run(job, env, plugins, log):
+    proc = start_engine(job, env, plugins, log)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT "):])
@@ -173,7 +177,8 @@ def main() -> None:
     from tests.e2e.images import make_image
 
     llm = LLM(model=job["model"], max_model_len=2048, enforce_eager=True, seed=0,
-              mm_processor_kwargs=job.get("engine_mm_kwargs"), limit_mm_per_prompt={"image": 2, "video": 0})
+              mm_processor_kwargs=job.get("engine_mm_kwargs"), limit_mm_per_prompt={"image": 2, "video": 0},
+              **job.get("llm_kwargs", {}))
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     results = []
     for request in job["requests"]:

@@ -55,6 +55,10 @@ from .vllm_api import (
     MULTIMODAL_REGISTRY,
     MultiModalFieldConfig,
     PromptReplacement,
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
     Qwen2VLDummyInputsBuilder,
     Qwen2VLForConditionalGeneration,
     Qwen2VLMultiModalProcessor,
@@ -108,25 +112,51 @@ def item_positions(
     return indices[:, anchors.numpy()], int(indices.max()) + 1
 
 
-class CompressedQwen2VLInfo(Qwen2VLProcessingInfo):
+def _evs_rate(ctx) -> float:  # noqa: ANN001
+    """vLLM's own video pruning (EVS) rate; > 0 means vLLM prunes videos and rewrites positions itself."""
+    return float(ctx.model_config.get_multimodal_config().video_pruning_rate or 0.0)
+
+
+class _InfoMixin:
+    """Processing info for both families: engine config parsed once, ``tokcomp_*`` hidden from HF."""
+
     def __init__(self, ctx) -> None:  # noqa: ANN001 - vLLM's InputProcessingContext
         super().__init__(context_hiding_keys(ctx, without_plugin_keys))
         self.engine_kwargs = dict(engine_mm_processor_kwargs(ctx))
+        self.evs_rate = _evs_rate(ctx)
         try:
-            self.engine_spec = _check_servable(parse_engine_config(self.engine_kwargs), METHOD_FIELD)
+            self.engine_spec = self._check(parse_engine_config(self.engine_kwargs))
         except ConfigError as error:
             raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
         self.engine_configured = is_engine_configured(self.engine_kwargs)
         if self.engine_configured:
             _log_effective_config_once(self.engine_spec)
 
+    def _check(self, spec: CompressionSpec | None) -> CompressionSpec | None:
+        if spec is not None and self.evs_rate > 0:
+            # Composing would need our selection inside vLLM's 4-channel EVS embeddings; refuse instead.
+            raise ConfigError(
+                METHOD_FIELD,
+                f"tokcomp compression cannot be combined with vLLM's video_pruning_rate={self.evs_rate} (EVS); "
+                "unset one of them",
+            )
+        return _check_servable(spec, METHOD_FIELD)
+
     def spec_for_request(self, request_kwargs: Mapping[str, object]) -> CompressionSpec | None:
         request_kwargs = {k: v for k, v in request_kwargs.items() if k != QUERY_KEY}
-        return _check_servable(resolve_request(self.engine_kwargs, request_kwargs), METHOD_FIELD)
+        return self._check(resolve_request(self.engine_kwargs, request_kwargs))
 
 
-class CompressedQwen2VLProcessor(Qwen2VLMultiModalProcessor):
-    info: CompressedQwen2VLInfo
+class CompressedQwen2VLInfo(_InfoMixin, Qwen2VLProcessingInfo):
+    pass
+
+
+class CompressedQwen2_5_VLInfo(_InfoMixin, Qwen2_5_VLProcessingInfo):
+    pass
+
+
+class _ProcessorMixin:
+    info: _InfoMixin
 
     def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
         request_kwargs = inputs.hf_processor_mm_kwargs or {}
@@ -181,11 +211,16 @@ class CompressedQwen2VLProcessor(Qwen2VLMultiModalProcessor):
         ]
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    CompressedQwen2VLProcessor, info=CompressedQwen2VLInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
-)
-class CompressedQwen2VL(Qwen2VLForConditionalGeneration):
-    """``Qwen2VLForConditionalGeneration`` whose image embeddings are compressed per image."""
+class CompressedQwen2VLProcessor(_ProcessorMixin, Qwen2VLMultiModalProcessor):
+    pass
+
+
+class CompressedQwen2_5_VLProcessor(_ProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+class _ModelMixin:
+    """Compression in ``embed_multimodal`` and final positions in ``get_mrope_input_positions``."""
 
     def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings
         rows = kwargs.pop(settings.FIELD, None)
@@ -219,6 +254,9 @@ class CompressedQwen2VL(Qwen2VLForConditionalGeneration):
         return tuple(out)
 
     def get_mrope_input_positions(self, input_tokens, mm_features):  # noqa: ANN001, ANN201 - SupportsMRoPE
+        if getattr(self, "is_multimodal_pruning_enabled", False):
+            # vLLM's EVS is on (Qwen2.5-VL): tokcomp is refused at processing time, vLLM owns the positions.
+            return super().get_mrope_input_positions(input_tokens, mm_features)
         positions: list[np.ndarray] = []
         next_start = 0  # first position after the last item / text span
         st = 0  # index in input_tokens
@@ -251,6 +289,20 @@ class CompressedQwen2VL(Qwen2VLForConditionalGeneration):
         return torch.from_numpy(np.ascontiguousarray(llm_positions)), delta
 
 
+@MULTIMODAL_REGISTRY.register_processor(
+    CompressedQwen2VLProcessor, info=CompressedQwen2VLInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
+)
+class CompressedQwen2VL(_ModelMixin, Qwen2VLForConditionalGeneration):
+    """``Qwen2VLForConditionalGeneration`` whose image embeddings are compressed per image."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    CompressedQwen2_5_VLProcessor, info=CompressedQwen2_5_VLInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+)
+class CompressedQwen2_5_VL(_ModelMixin, Qwen2_5_VLForConditionalGeneration):
+    """``Qwen2_5_VLForConditionalGeneration`` whose image embeddings are compressed per image."""
+
+
 def _log_positions(input_tokens, items, positions: np.ndarray, delta: int) -> None:  # noqa: ANN001
     """Debug aid: with ``$TOKCOMP_POSITIONS_LOG`` set, append the M-RoPE positions handed to the runner."""
     path = os.environ.get(POSITIONS_LOG_ENV)
@@ -271,5 +323,5 @@ def _log_effective_config_once(spec: CompressionSpec | None) -> None:
     if spec is None:
         logger.warning("tokcomp: compression off by default; requests may opt in with tokcomp_method")
     else:
-        logger.warning("tokcomp: compressing Qwen2-VL images with method=%s budget=%d", spec.method, spec.budget)
+        logger.warning("tokcomp: compressing Qwen-VL images with method=%s budget=%d", spec.method, spec.budget)
 

@@ -21,6 +21,12 @@ from vllm.model_executor.models.llava import (
     _build_llava_or_pixtral_hf_info,
     _build_llava_or_pixtral_hf_processor,
 )
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
 from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLDummyInputsBuilder,
     Qwen2VLForConditionalGeneration,
@@ -45,6 +51,10 @@ __all__ = [
     "MULTIMODAL_REGISTRY",
     "MultiModalFieldConfig",
     "PromptReplacement",
+    "Qwen2_5_VLDummyInputsBuilder",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen2_5_VLMultiModalProcessor",
+    "Qwen2_5_VLProcessingInfo",
     "Qwen2VLDummyInputsBuilder",
     "Qwen2VLForConditionalGeneration",
     "Qwen2VLMultiModalProcessor",
