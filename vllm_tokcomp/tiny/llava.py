@@ -59,6 +59,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from .tokenizer import train_bpe_tokenizer
+
 BUILDER_VERSION = 1
 MODEL_SUBDIR = "tiny-llava-v1"
 MANIFEST_NAME = "tokcomp_tiny.json"
@@ -180,27 +182,7 @@ __all__ = [
 # ======================================================================================
 def train_tokenizer():  # noqa: ANN201 - returns tokenizers.Tokenizer (lazy import)
     """Train the byte-level BPE tokenizer on the built-in corpus (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from .corpus import iter_corpus
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(list(iter_corpus()), trainer=trainer)
-    if tokenizer.get_vocab_size() != VOCAB_SIZE:
-        raise RuntimeError(f"tokenizer has {tokenizer.get_vocab_size()} entries, expected {VOCAB_SIZE}")
-    for token_id, token in enumerate(SPECIAL_TOKENS):
-        if tokenizer.token_to_id(token) != token_id:
-            raise RuntimeError(f"special token {token!r} did not get id {token_id}")
-    return tokenizer
+    return train_bpe_tokenizer(SPECIAL_TOKENS, VOCAB_SIZE)
 
 
 def _hf_tokenizer(tokenizer):  # noqa: ANN001, ANN202
