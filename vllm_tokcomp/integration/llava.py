@@ -33,7 +33,6 @@ from ..config import (
     is_engine_configured,
     method_reads_text,
     parse_engine_config,
-    plugin_keys_in,
     resolve_request,
     without_plugin_keys,
 )
@@ -43,6 +42,7 @@ from . import settings
 from .clip_signals import capture_feature_layer_signals
 from .lm_probe import text_to_vision_attention
 from .mustdrop_tower import encode_with_window_merge, supports_tower_merge
+from .requests import check_request
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
     ImageEmbeddingItems,
@@ -53,7 +53,6 @@ from .vllm_api import (
     LlavaProcessingInfo,
     MultiModalFieldConfig,
     PromptReplacement,
-    RequestSettingError,
     context_hiding_keys,
     engine_mm_processor_kwargs,
     in_tree_llava_info,
@@ -94,21 +93,9 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
 
     def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
         request_kwargs = inputs.hf_processor_mm_kwargs or {}
-        if self.info.engine_configured:
-            foreign = sorted(k for k in request_kwargs if k not in plugin_keys_in(request_kwargs))
-            if foreign:
-                raise RequestSettingError(
-                    f"mm_processor_kwargs.{foreign[0]} is not accepted by this server; "
-                    "only tokcomp_method, tokcomp_budget and tokcomp_options may be set per request",
-                    parameter=f"mm_processor_kwargs.{foreign[0]}",
-                )
-        if QUERY_KEY in request_kwargs:
-            raise RequestSettingError(f"mm_processor_kwargs.{QUERY_KEY} is set by the server, not by requests",
-                                      parameter=f"mm_processor_kwargs.{QUERY_KEY}")
-        try:
-            spec = self.info.spec_for_request(request_kwargs)
-        except ConfigError as error:
-            raise RequestSettingError(str(error), parameter=error.field) from None
+        spec = check_request(
+            request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
+        )
         if spec is not None and method_reads_text(spec.method):
             # The question becomes part of the multimodal hash: a cached selection is never reused
             # for another question, and the same question hits the cache.

@@ -45,12 +45,12 @@ from ..config import (
     ConfigError,
     is_engine_configured,
     parse_engine_config,
-    plugin_keys_in,
     resolve_request,
     without_plugin_keys,
 )
 from ..methods import VisualTokens, get_method
 from . import settings
+from .requests import check_request
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
     MultiModalFieldConfig,
@@ -63,7 +63,6 @@ from .vllm_api import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
-    RequestSettingError,
     context_hiding_keys,
     engine_mm_processor_kwargs,
 )
@@ -159,22 +158,11 @@ class _ProcessorMixin:
     info: _InfoMixin
 
     def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
-        request_kwargs = inputs.hf_processor_mm_kwargs or {}
-        if self.info.engine_configured:
-            foreign = sorted(k for k in request_kwargs if k not in plugin_keys_in(request_kwargs))
-            if foreign:
-                raise RequestSettingError(
-                    f"mm_processor_kwargs.{foreign[0]} is not accepted by this server; "
-                    "only tokcomp_method, tokcomp_budget and tokcomp_options may be set per request",
-                    parameter=f"mm_processor_kwargs.{foreign[0]}",
-                )
-        if QUERY_KEY in request_kwargs:
-            raise RequestSettingError(f"mm_processor_kwargs.{QUERY_KEY} is set by the server, not by requests",
-                                      parameter=f"mm_processor_kwargs.{QUERY_KEY}")
-        try:
-            self.info.spec_for_request(request_kwargs)
-        except ConfigError as error:
-            raise RequestSettingError(str(error), parameter=error.field) from None
+        check_request(
+            inputs.hf_processor_mm_kwargs or {},
+            engine_configured=self.info.engine_configured,
+            resolve=self.info.spec_for_request,
+        )
         return super().apply(inputs, timing_ctx)
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
