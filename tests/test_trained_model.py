@@ -1,0 +1,116 @@
+"""The bundled trained tiny LLaVA (vllm_tokcomp/assets/tiny_llava_vqa.safetensors) loads through the real
+loaders and answers synthetic test questions in the task's vocabulary: transformers (fast) and vLLM (slow, and
+agreeing with transformers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from vllm_tokcomp.data.spec import ANSWER_VOCAB, normalize_answer  # noqa: E402
+from vllm_tokcomp.tiny import llava as tiny  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not tiny.TRAINED_WEIGHTS.is_file(), reason="no bundled trained weights")
+
+N_QUESTIONS = 8  # the first questions of `python -m vllm_tokcomp.data.generate OUT --seed 0 --test 4`
+
+
+@pytest.fixture(scope="module")
+def handful(tmp_path_factory) -> list[dict]:
+    from vllm_tokcomp.data.generate import main as generate
+
+    out = tmp_path_factory.mktemp("vqa")
+    generate([str(out), "--seed", "0", "--test", "4"])
+    records = []
+    for line in (out / "test" / "questions.jsonl").read_text().splitlines()[:N_QUESTIONS]:
+        record = json.loads(line)
+        record["image_path"] = str(out / "test" / record["image"])
+        records.append(record)
+    return records
+
+
+def transformers_answers(model_dir: Path, records: list[dict]) -> list[str]:
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    torch.set_num_threads(1)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    answers = []
+    for record in records:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        inputs = processor(images=Image.open(record["image_path"]).convert("RGB"), text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        assert tiny.EOS_TOKEN_ID in new, (record["question"], new)  # a short answer, then </s>
+        answers.append(processor.tokenizer.decode(new, skip_special_tokens=True))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    old = os.environ.get(tiny.MODELS_DIR_ENV)
+    os.environ[tiny.MODELS_DIR_ENV] = str(root)
+    try:
+        path = tiny.ensure_trained_model()
+        assert tiny.ensure_trained_model() == path  # built once, then reused
+    finally:
+        if old is None:
+            os.environ.pop(tiny.MODELS_DIR_ENV)
+        else:
+            os.environ[tiny.MODELS_DIR_ENV] = old
+    return path
+
+
+def test_transformers_answers_from_the_vocabulary(model_dir: Path, handful: list[dict]) -> None:
+    # The bundled checkpoint is far from the 90 % target (benchmarks/results/accuracy.md), so this checks
+    # that it loads and answers in the task's closed vocabulary, not that the answers are right.
+    for record, answer in zip(handful, transformers_answers(model_dir, handful), strict=True):
+        assert normalize_answer(answer) in ANSWER_VOCAB, (record["question"], answer)
+
+
+VLLM_SCRIPT = """
+import json, sys
+from PIL import Image
+from vllm import LLM, SamplingParams
+job = json.loads(sys.argv[1])
+llm = LLM(model=job["model"], max_model_len=1024, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 1})
+convs = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": Image.open(r["image_path"]).convert("RGB")},
+          {"type": "text", "text": r["question"]}]}] for r in job["records"]]
+outs = llm.chat(convs, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+print("RESULT " + json.dumps([o.outputs[0].text for o in outs]), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_vllm_answers(model_dir: Path, handful: list[dict], tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_PLUGINS": "tokcomp", "PYTHONPATH": str(REPO_ROOT)}
+    job = {"model": str(model_dir), "records": handful}
+    proc = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, json.dumps(job)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stderr[-4000:]
+    answers = json.loads(lines[0][len("RESULT "):])
+    reference = transformers_answers(model_dir, handful)
+    assert all(normalize_answer(a) in ANSWER_VOCAB for a in answers), answers
+    agree = sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(answers, reference, strict=True))
+    assert agree >= len(handful) - 1, (answers, reference)  # bf16 kernels may flip one near-tie
