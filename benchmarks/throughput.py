@@ -85,6 +85,9 @@ def build_parser(mode_default: str = "throughput") -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="PNG output (default: next to the JSON; 'none' to skip)")
     p.add_argument("--workdir", default=None, help="logs and per-engine files (default: a temp dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--reanalyse", default=None, metavar="JSON",
+                   help="no engines: redo the analysis of an earlier run from its --workdir engine results "
+                   "(arms, config, machine info from JSON) and rewrite JSON, markdown and plot")
     return p
 
 
@@ -226,6 +229,8 @@ def _steps_summary(steps: list[dict]) -> dict:
         "preemptions": sum(s["preempted"] for s in steps),
         "max_kv_usage": max((s["kv_usage"] or 0.0 for s in steps), default=0.0),
         "mean_decode_batch": (sum(s["decode_tokens"] for s in decode) / len(decode)) if decode else None,
+        "prefill_tokens": sum(s["prefill_tokens"] for s in active),
+        "decode_tokens": sum(s["decode_tokens"] for s in active),
     }
 
 
@@ -373,7 +378,7 @@ def evaluate_goals(rows: dict, text_tokens: int, args: argparse.Namespace) -> di
             "met": None if noise is None else abs(ratio - 1.0) <= noise,
             "note": "noise band = largest (max-min)/median of per-round req/s of the two arms",
         }
-    at64 = [r for r in rows.values() if r["budget"] == 64 and "bounds" in r]
+    at64 = [r for r in rows.values() if r["budget"] == 64 and "bounds" in r and args.mode == "throughput"]
     if at64:
         goals["budget64_vs_amdahl"] = {
             r["name"]: {
@@ -416,8 +421,39 @@ def markdown(result: dict) -> str:
     return throughput_markdown(result)
 
 
+def reanalyse(args: argparse.Namespace) -> dict:
+    """Analysis of an earlier run again, from the raw engine results it left in ``--workdir``."""
+    old = json.loads(Path(args.reanalyse).read_text())
+    if not args.workdir:
+        raise SystemExit("--reanalyse needs the run's --workdir (its r*-*.result.json files)")
+    cfg = old["config"]
+    args.mode, args.output_len = cfg["mode"], cfg["output_len"]
+    args.max_num_seqs = cfg["engine_kwargs"]["max_num_seqs"]
+    arms = [Arm(a["name"], a["method"], a["budget"]) for a in old["arms"]]
+    results = []
+    for entry in old["rounds"]:
+        path = Path(args.workdir) / f"r{entry['round']}-{entry['engine']}.result.json"
+        results.append(json.loads(path.read_text()))
+    result = {**old, **analyse(arms, results, args), "reanalysed": common.timestamp()}
+    _write_outputs(result, Path(args.reanalyse), args)
+    return result
+
+
+def _write_outputs(result: dict, out: Path, args: argparse.Namespace) -> None:
+    common.write_json(out, result)
+    md_path = Path(args.markdown) if args.markdown else out.with_suffix(".md")
+    md_path.write_text(markdown(result))
+    if args.plot != "none":
+        from benchmarks.plots import plot_throughput
+
+        plot_throughput(result, Path(args.plot) if args.plot else out.with_suffix(".png"))
+    print(markdown(result))
+
+
 def main(argv: list[str] | None = None, mode_default: str = "throughput") -> dict:
     args = build_parser(mode_default).parse_args(argv)
+    if args.reanalyse:
+        return reanalyse(args)
     methods = common.parse_list(args.methods)
     budgets = common.parse_list(args.budgets, int)
     common.check_methods(methods)
@@ -484,14 +520,7 @@ def main(argv: list[str] | None = None, mode_default: str = "throughput") -> dic
         **analysis,
     }
     result["machine"]["load_avg_1m_end"] = common.machine_info()["load_avg_1m_start"]
-    common.write_json(out, result)
-    md_path = Path(args.markdown) if args.markdown else out.with_suffix(".md")
-    md_path.write_text(markdown(result))
-    if args.plot != "none":
-        from benchmarks.plots import plot_throughput
-
-        plot_throughput(result, Path(args.plot) if args.plot else out.with_suffix(".png"))
-    print(markdown(result))
+    _write_outputs(result, out, args)
     print(f"results: {out}  (logs: {workdir})")
     return result
 
