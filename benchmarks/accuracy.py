@@ -80,8 +80,10 @@ def _engine_env() -> None:
 
 
 def run_arms(model: str, records: list[dict], arms: list[tuple[str, int]], *, chunk: int, max_tokens: int,
-             progress: bool = True) -> list[list[str]]:
-    """Greedy answers of every record for every (method, budget) arm, from one engine."""
+             progress: bool = True, on_arm=None) -> list[list[str]]:  # noqa: ANN001
+    """Greedy answers of every record for every (method, budget) arm, from one engine.
+
+    ``on_arm(answers_so_far)`` is called after each arm (the harness writes partial reports)."""
     _engine_env()
     from PIL import Image
     from tqdm import tqdm
@@ -110,6 +112,8 @@ def run_arms(model: str, records: list[dict], arms: list[tuple[str, int]], *, ch
             answers += [o.outputs[0].text for o in outputs]
             bar.update(len(outputs))
         results.append(answers)
+        if on_arm is not None:
+            on_arm(results)
     bar.close()
     return results
 
@@ -211,11 +215,28 @@ def main(argv: list[str] | None = None) -> int:
     records = load_dataset(Path(data), args.limit)
     arms = [("none", FULL)] + [(m, b) for m in methods for b in budgets if b < FULL]
     start = time.perf_counter()
+
+    def write(answers: list[list[str]]) -> dict:
+        report = build_report(model, data, records, budgets, methods, arms, answers, time.perf_counter() - start)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(report))
+        plot(report, args.out.with_suffix(".png"))
+        return report
+
     answers = run_arms(model, records, arms, chunk=args.chunk, max_tokens=args.max_tokens,
-                       progress=not args.no_progress)
-    elapsed = time.perf_counter() - start
-    scored = [{"method": m, "budget": b, **score(records, a)} for (m, b), a in zip(arms, answers, strict=True)]
-    report = {
+                       progress=not args.no_progress, on_arm=write)
+    report = write(answers)
+    print(markdown(report))
+    print(f"wrote {args.out.with_suffix('.json')}, .md, .png ({report['seconds']:.0f}s)")
+    return 0
+
+
+def build_report(model: str, data: Path, records: list[dict], budgets: list[int], methods: list[str],
+                 arms: list[tuple[str, int]], answers: list[list[str]], elapsed: float) -> dict:
+    """The report over the arms answered so far (``complete`` is False for a partial one)."""
+    scored = [{"method": m, "budget": b, **score(records, a)} for (m, b), a in zip(arms, answers, strict=False)]
+    return {
         "model": model,
         "model_name": Path(model).name,
         "data": str(data),
@@ -226,16 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(elapsed, 1),
         "baseline": scored[0],
         "arms": scored[1:],
+        "complete": len(answers) == len(arms),
         "baseline_predictions": [{"id": r.get("id"), "answer": r["answer"], "prediction": p}
                                  for r, p in zip(records, answers[0], strict=True)],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    plot(report, args.out.with_suffix(".png"))
-    print(markdown(report))
-    print(f"wrote {args.out.with_suffix('.json')}, .md, .png ({elapsed:.0f}s)")
-    return 0
 
 
 if __name__ == "__main__":
