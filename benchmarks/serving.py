@@ -151,9 +151,19 @@ async def run_load(base_url: str, load: str, jobs: list[tuple[str, dict | None]]
 
 
 # --- analysis ------------------------------------------------------------------------------------------
+def busy_seconds(records: list[dict]) -> float | None:
+    """Sum over rounds of (last end - first start): the time the arm's requests were being served."""
+    spans: dict[object, tuple[float, float]] = {}
+    for r in records:
+        if r.get("ok"):
+            lo, hi = spans.get(r.get("round"), (r["start"], r["end"]))
+            spans[r.get("round")] = (min(lo, r["start"]), max(hi, r["end"]))
+    return sum(hi - lo for lo, hi in spans.values()) if spans else None
+
+
 def level_row(arm: Arm, load: str, records: list[dict], slo: dict | None) -> dict:
     ok = [r for r in records if r.get("ok")]
-    duration = (max(r["end"] for r in ok) - min(r["start"] for r in ok)) if ok else None
+    duration = busy_seconds(records)
     out_tokens = sum(r.get("output_tokens") or 0 for r in ok)
     good = None
     if slo and ok and duration:
@@ -197,7 +207,7 @@ def default_slo(levels: dict, args: argparse.Namespace, loads: list[str]) -> dic
 
 def mixed_summary(records: list[dict], kv: list[dict], text_tokens: int | None, method: str, load: str) -> dict:
     ok = [r for r in records if r.get("ok")]
-    duration = (max(r["end"] for r in ok) - min(r["start"] for r in ok)) if ok else None
+    duration = busy_seconds(records)
     budgets = sorted({r["budget"] for r in records})
     exact = text_tokens is not None and all(
         r.get("prompt_tokens") == text_tokens + min(r["budget"], common.FULL_IMAGE_TOKENS) for r in ok
@@ -229,6 +239,14 @@ def mixed_summary(records: list[dict], kv: list[dict], text_tokens: int | None, 
             for b in budgets
         ],
     }
+
+
+def _compact(record: dict) -> dict:
+    keys = ("round", "ok", "budget", "start", "end", "ttft", "tpot", "e2e", "prompt_tokens", "output_tokens", "error")
+    out = {k: record[k] for k in keys if k in record}
+    if "itl" in record:
+        out["itl"] = [round(x, 5) for x in record["itl"]]
+    return out
 
 
 # --- main ------------------------------------------------------------------------------------------------
@@ -300,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
                         jobs = [(url(s), arm.mm_kwargs()) for s in seeds]
                         records = asyncio.run(run_load(srv.base_url, load, jobs, args.question, args.output_len,
                                                        seed=r))
+                        for record in records:
+                            record["round"] = r
                         levels.setdefault((arm.name, load), []).extend(records)
                         if progress is not None:
                             progress.update(1)
@@ -313,8 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
                     jobs = [(url(5000 + 1000 * r + i), {"tokcomp_method": method, "tokcomp_budget": b})
                             for i, b in enumerate(picks)]
                     mixed_load = loads[-1] if loads[-1].startswith("c=") else "c=4"
-                    mixed_records += asyncio.run(run_load(srv.base_url, mixed_load, jobs, args.question,
-                                                          args.output_len, seed=r))
+                    batch = asyncio.run(run_load(srv.base_url, mixed_load, jobs, args.question, args.output_len,
+                                                 seed=r))
+                    for record in batch:
+                        record["round"] = r
+                    mixed_records += batch
                     time.sleep(0.5)  # the KV record is written when the engine frees the request
                     mixed_kv += [json.loads(line) for line in kv_log.read_text().splitlines()[offset:]]
                     if progress is not None:
@@ -351,6 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
         "slo": slo,
         "text_tokens": text_tokens,
         "levels": rows,
+        "raw": {f"{arm}|{load}": [_compact(r) for r in recs] for (arm, load), recs in levels.items()},
+        "mixed_raw": [_compact(r) for r in mixed_records],
         "mixed": mixed_summary(mixed_records, mixed_kv, text_tokens, methods[0] if methods else "uniform",
                                (loads[-1] if loads[-1].startswith("c=") else "c=4")) if mixed_records else None,
     }

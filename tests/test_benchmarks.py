@@ -208,6 +208,8 @@ def test_serving_rows_slo_and_mixed_stream():
     assert slo["ttft_ms"] == pytest.approx(400.0) and slo["tpot_ms"] == pytest.approx(20.0)
     row = level_row(common.Arm("plain"), "c=1", plain + [{"ok": False, "error": "boom", "budget": None}], slo)
     assert row["completed"] == 2 and row["errors"] == ["boom"]
+    later = [{**rec(100.0, 0.1, 0.01, prompt=616), "round": 1}]  # a second round: its idle gap is not counted
+    assert level_row(common.Arm("plain"), "c=1", plain + later, slo)["duration_s"] == pytest.approx(0.33 + 0.13)
     assert row["goodput_requests_per_s"] == pytest.approx(2 / row["duration_s"])
     assert row["latency_ms"]["ttft"]["median"] == pytest.approx(200.0)
     mixed = [rec(0, 0.1, 0.01, budget=64, prompt=104), rec(0, 0.1, 0.01, budget=576, prompt=616)]
