@@ -37,6 +37,14 @@ def _yes(flag: bool | None) -> str:
     return {True: "yes", False: "**no**", None: "–"}[flag]
 
 
+def _met_cell(d: dict) -> str:
+    if not d:
+        return "–"
+    if not d.get("met") and d.get("capped_by_requests"):
+        return "**no** (every request of a batch was running: too few requests)"
+    return _yes(d.get("met"))
+
+
 def _machine_line(result: dict) -> str:
     m = result["machine"]
     v = m.get("versions", {})
@@ -97,7 +105,7 @@ def throughput_markdown(result: dict, level: int = 3) -> str:
             lines.append(
                 f"| {a['name']} | {','.join(map(str, a['prompt_tokens']))} | "
                 f"{fmt(a['kv']['mean_blocks_per_request'], 1)} | {a['steps']['max_running']} | "
-                f"{fmt(d.get('target'), 1)} | {_yes(d.get('met')) if d else '–'} | "
+                f"{fmt(d.get('target'), 1)} | {_met_cell(d)} | "
                 f"{fmt(d.get('kv_block_ratio'), 2)} | {a['steps']['preemptions']} | "
                 f"{fmt(a['requests_per_s'], 2)} | {fmt(b.get('speedup'), 2)} |"
             )
