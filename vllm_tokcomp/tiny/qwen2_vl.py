@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from . import files
 from .tokenizer import train_bpe_tokenizer
 
 BUILDER_VERSION = 1
@@ -33,7 +31,6 @@ MODEL_SUBDIR = "tiny-qwen2-vl-v1"
 MODEL_SUBDIR_2_5 = "tiny-qwen2.5-vl-v1"
 VARIANTS = ("qwen2_vl", "qwen2_5_vl")
 ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
-MANIFEST_NAME = "tokcomp_tiny.json"
 
 # --- geometry -------------------------------------------------------------------------
 PATCH_SIZE = 14
@@ -242,24 +239,13 @@ def random_state_dict(seed: int = 0, variant: str = "qwen2_vl") -> dict:
     return state
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0, variant: str = "qwen2_vl") -> Path:
     """Write the tiny Qwen2-VL (or Qwen2.5-VL) model: config, weights, tokenizer, processors, chat template."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / MANIFEST_NAME
-    if manifest_path.exists():
-        manifest_path.unlink()
+    files.start_build(out)
     tokenizer = _hf_tokenizer(train_tokenizer())
     pixels = {
         "min_pixels": MIN_PIXELS,
@@ -283,65 +269,34 @@ def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0, variant: str = "q
         str(out)
     )
     save_file(random_state_dict(seed, variant), str(out / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(out / "model.safetensors", 0o644)
-    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
-    manifest = {
+    files.write_manifest(out, {
         "builder": "vllm_tokcomp.tiny.qwen2_vl",
         "builder_version": BUILDER_VERSION,
         "variant": variant,
         "seed": seed,
         "image_token_id": IMAGE_TOKEN_ID,
         "video_token_id": VIDEO_TOKEN_ID,
-        "files": {name: {"size": (out / name).stat().st_size, "sha256": _sha256(out / name)} for name in files},
-    }
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, manifest_path)
+    })
     return out
 
 
 def is_complete_model_dir(path: str | Path, variant: str = "qwen2_vl") -> bool:
-    try:
-        manifest = json.loads((Path(path) / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return False
+    manifest = files.read_manifest(path) or {}
     builder = manifest.get("builder"), manifest.get("builder_version"), manifest.get("variant", "qwen2_vl")
     return builder == ("vllm_tokcomp.tiny.qwen2_vl", BUILDER_VERSION, variant)
 
 
 def default_model_dir(variant: str = "qwen2_vl") -> Path:
     """``$TOKCOMP_MODELS_DIR/tiny-qwen2-vl-v1`` or ``tiny-qwen2.5-vl-v1`` (root ``~/.cache/vllm-tokcomp/models``)."""
-    from .llava import MODELS_DIR_ENV
-
-    root = os.environ.get(MODELS_DIR_ENV)
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "vllm-tokcomp" / "models"
-    return base / (MODEL_SUBDIR_2_5 if variant == "qwen2_5_vl" else MODEL_SUBDIR)
+    return files.models_root() / (MODEL_SUBDIR_2_5 if variant == "qwen2_5_vl" else MODEL_SUBDIR)
 
 
 def ensure_default_model(variant: str = "qwen2_vl") -> Path:
     """:func:`default_model_dir`, built first (in a temporary sibling renamed into place) if missing."""
-    import shutil
-
-    from .llava import _exclusive_lock
-
     target = default_model_dir(variant)
-    if is_complete_model_dir(target, variant):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.parent / f".{target.name}.lock"):
-        if is_complete_model_dir(target, variant):
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            build_tiny_qwen2_vl(tmp, seed=0, variant=variant)
-            os.chmod(tmp, 0o755)
-            if target.exists():
-                shutil.rmtree(target, ignore_errors=True)
-            os.rename(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return files.build_in_place(
+        target, lambda: is_complete_model_dir(target, variant), lambda tmp: build_tiny_qwen2_vl(tmp, variant=variant)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
