@@ -27,6 +27,8 @@ def test_serve_merges_user_mm_processor_kwargs(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     command, _ = build_serve_command(["/m", "--mm-processor-kwargs", '{"tokcomp_budget": 8}', "--method", "uniform"])
     assert _mm_kwargs(command) == {"tokcomp_method": "uniform", "tokcomp_budget": 8}
+    command, _ = build_serve_command(["/m", "--method", "pool", "--ratio", "0.25"])
+    assert _mm_kwargs(command) == {"tokcomp_method": "pool", "tokcomp_ratio": 0.25}
 
 
 def test_serve_without_method_is_plugin_on_compression_off(monkeypatch):
@@ -45,7 +47,9 @@ def test_serve_adds_plugin_to_an_allow_list(monkeypatch):
 @pytest.mark.parametrize(
     ("args", "field"),
     [(["/m", "--method", "nope"], "tokcomp_method"), (["/m", "--method", "tome", "--budget", "0"], "tokcomp_budget"),
-     (["/m", "--mm-processor-kwargs", "{bad json"], "--mm-processor-kwargs")],
+     (["/m", "--mm-processor-kwargs", "{bad json"], "--mm-processor-kwargs"),
+     (["/m", "--method", "pool", "--ratio", "1.5"], "tokcomp_ratio"),
+     (["/m", "--method", "pool", "--ratio", "0.5", "--budget", "8"], "tokcomp_ratio")],
 )
 def test_bad_config_names_the_field(args, field):
     with pytest.raises(ConfigError, match=field):

@@ -34,7 +34,14 @@ def test_engine_spec_and_default_budget():
         ({"tokcomp_method": "uniform", "tokcomp_budget": "64"}, "mm_processor_kwargs.tokcomp_budget"),
         ({"tokcomp_method": "uniform", "tokcomp_budget": True}, "mm_processor_kwargs.tokcomp_budget"),
         ({"tokcomp_budget": 64}, "mm_processor_kwargs.tokcomp_method"),
-        ({"tokcomp_method": "uniform", "tokcomp_ratio": 0.5}, "mm_processor_kwargs.tokcomp_ratio"),
+        ({"tokcomp_method": "uniform", "tokcomp_rate": 0.5}, "mm_processor_kwargs.tokcomp_rate"),
+        ({"tokcomp_method": "uniform", "tokcomp_ratio": 0}, "mm_processor_kwargs.tokcomp_ratio"),
+        ({"tokcomp_method": "uniform", "tokcomp_ratio": 1.5}, "mm_processor_kwargs.tokcomp_ratio"),
+        ({"tokcomp_method": "uniform", "tokcomp_ratio": "0.5"}, "mm_processor_kwargs.tokcomp_ratio"),
+        ({"tokcomp_method": "uniform", "tokcomp_ratio": float("nan")}, "mm_processor_kwargs.tokcomp_ratio"),
+        ({"tokcomp_method": "uniform", "tokcomp_ratio": True}, "mm_processor_kwargs.tokcomp_ratio"),
+        ({"tokcomp_method": "uniform", "tokcomp_ratio": 0.5, "tokcomp_budget": 8}, "mm_processor_kwargs.tokcomp_ratio"),
+        ({"tokcomp_ratio": 0.5}, "mm_processor_kwargs.tokcomp_method"),
     ],
 )
 def test_bad_engine_config_names_the_field(kwargs, field):
@@ -95,3 +102,32 @@ def test_settings_row_round_trips():
     spec = CompressionSpec("mustdrop", 48, (("stage1", False),))
     assert settings.decode(settings.encode(spec)) == spec
     assert settings.decode(settings.encode(None)) is None
+
+
+def test_ratio_is_a_share_of_each_item():
+    spec = parse_engine_config({"tokcomp_method": "pool", "tokcomp_ratio": 0.25})
+    assert spec == CompressionSpec("pool", None, ratio=0.25)
+    # ceil(ratio * N), at least one token, exact for decimal ratios (0.1 * 30 is 3.0000000000000004)
+    assert [spec.for_item(n).budget for n in (576, 144, 128, 3, 1)] == [144, 36, 32, 1, 1]
+    assert CompressionSpec("pool", None, ratio=0.1).for_item(30).budget == 3
+    assert CompressionSpec("pool", None, ratio=1).for_item(77).budget == 77
+    assert spec.for_item(576).ratio is None
+    assert CompressionSpec("pool", 64).for_item(576) == CompressionSpec("pool", 64)
+    # The settings row round-trips it, and rows without a ratio keep their old bytes (same multimodal hash).
+    assert CompressionSpec.from_dict(spec.to_dict()) == spec
+    assert "tokcomp_ratio" not in CompressionSpec("pool", 64).to_dict()
+
+
+def test_request_count_and_share_replace_each_other():
+    by_count = {"tokcomp_method": "pool", "tokcomp_budget": 64}
+    by_share = {"tokcomp_method": "pool", "tokcomp_ratio": 0.5}
+    assert resolve_request(by_count, {"tokcomp_ratio": 0.25}) == CompressionSpec("pool", None, ratio=0.25)
+    assert resolve_request(by_share, {"tokcomp_budget": 16}) == CompressionSpec("pool", 16)
+    assert resolve_request(by_share, {}) == CompressionSpec("pool", None, ratio=0.5)
+    assert resolve_request(by_share, {"tokcomp_method": "uniform"}) == CompressionSpec("uniform", None, ratio=0.5)
+    with pytest.raises(ConfigError) as error:
+        resolve_request(by_count, {"tokcomp_ratio": 0.5, "tokcomp_budget": 3})
+    assert error.value.field == "mm_processor_kwargs.tokcomp_ratio"
+    with pytest.raises(ConfigError) as error:
+        resolve_request(by_count, {"tokcomp_ratio": 2})
+    assert error.value.field == "mm_processor_kwargs.tokcomp_ratio"

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from .config import BUDGET_KEY, METHOD_KEY, OFF, ConfigError, parse_engine_config, servable_methods
+from .config import BUDGET_KEY, METHOD_KEY, OFF, RATIO_KEY, ConfigError, parse_engine_config, servable_methods
 
 PLUGIN_NAME = "tokcomp"
 DEFAULT_CPU_KV_GIB = "2"
@@ -18,7 +18,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("usage: tokcomp serve [MODEL] --method NAME --budget N [vllm serve args...]\n       tokcomp info")
+        print("usage: tokcomp serve [MODEL] --method NAME [--budget N | --ratio R] [vllm serve args...]")
+        print("       tokcomp info")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "serve":
@@ -37,6 +38,7 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
     parser = argparse.ArgumentParser(prog="tokcomp serve", add_help=False)
     parser.add_argument("--method", default=None)
     parser.add_argument("--budget", type=int, default=None)
+    parser.add_argument("--ratio", type=float, default=None)
     parser.add_argument("--mm-processor-kwargs", dest="mm_processor_kwargs", default=None)
     argv = list(argv)
     # Like `vllm serve`, the model is the first argument when it is not a flag.
@@ -56,6 +58,8 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
         mm_kwargs[METHOD_KEY] = known.method
     if known.budget is not None:
         mm_kwargs[BUDGET_KEY] = known.budget
+    if known.ratio is not None:
+        mm_kwargs[RATIO_KEY] = known.ratio
     parse_engine_config(mm_kwargs)  # fail here, naming the field, rather than deep inside vLLM
 
     if model is None:

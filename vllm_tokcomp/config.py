@@ -7,6 +7,11 @@ reaches both the front-end processor and the model:
 * per request: ``extra_body={"mm_processor_kwargs": {"tokcomp_budget": 32}}`` (needs
   ``--trust-request-mm-kwargs``); request values override engine values.
 
+The token budget of an item is either a count (``tokcomp_budget``: the same for every image) or a
+share (``tokcomp_ratio``: ``ceil(ratio * N)`` of an item's ``N`` tokens, the natural unit for
+dynamic-resolution models); one level (engine or request) gives one of the two, and a request's
+choice replaces the engine's.
+
 ``tokcomp_method: "none"`` switches compression off. No ``tokcomp_*`` key at
 engine level means the plugin is inert unless a request opts in.
 No vLLM import here.
@@ -14,6 +19,8 @@ No vLLM import here.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +30,8 @@ from .methods import available_methods, get_method, method_class
 METHOD_KEY = "tokcomp_method"
 BUDGET_KEY = "tokcomp_budget"
 OPTIONS_KEY = "tokcomp_options"
-PLUGIN_KEYS = (METHOD_KEY, BUDGET_KEY, OPTIONS_KEY)
+RATIO_KEY = "tokcomp_ratio"
+PLUGIN_KEYS = (METHOD_KEY, BUDGET_KEY, RATIO_KEY, OPTIONS_KEY)
 OFF = "none"
 AUTO = "auto"  # per-image budget estimated from the pixels (MustDrop-style spatial redundancy)
 DEFAULT_BUDGET = 64
@@ -49,15 +57,32 @@ class CompressionSpec:
     """What to do with every image of a request: keep ``budget`` tokens chosen by ``method``."""
 
     method: str
-    budget: int | str  # a token count, or AUTO until the processor resolves it per image
+    budget: int | str | None  # a token count, AUTO until the processor resolves it per image, None with a ratio
     options: tuple[tuple[str, Any], ...] = ()  # the method's knobs, sorted by name
+    ratio: float | None = None  # share of each item's tokens to keep, instead of a count
 
     def to_dict(self) -> dict[str, Any]:
-        return {METHOD_KEY: self.method, BUDGET_KEY: self.budget, OPTIONS_KEY: dict(self.options)}
+        data = {METHOD_KEY: self.method, BUDGET_KEY: self.budget, OPTIONS_KEY: dict(self.options)}
+        if self.ratio is not None:
+            data[RATIO_KEY] = self.ratio
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CompressionSpec:
-        return cls(data[METHOD_KEY], data[BUDGET_KEY], tuple(sorted(dict(data.get(OPTIONS_KEY) or {}).items())))
+        options = tuple(sorted(dict(data.get(OPTIONS_KEY) or {}).items()))
+        return cls(data[METHOD_KEY], data[BUDGET_KEY], options, data.get(RATIO_KEY))
+
+    def for_item(self, num_tokens: int) -> CompressionSpec:
+        """This spec with a ratio turned into the item's token count (what the processor hands on)."""
+        if self.ratio is None:
+            return self
+        return dataclasses.replace(self, budget=ratio_count(self.ratio, num_tokens), ratio=None)
+
+
+def ratio_count(ratio: float, num_tokens: int) -> int:
+    """Tokens kept of ``num_tokens`` at ``ratio``: ``ceil(ratio * N)``, at least 1. Rounded first so
+    that e.g. 0.1 * 30 keeps 3, not 4."""
+    return max(1, math.ceil(round(ratio * num_tokens, 6)))
 
 
 def plugin_keys_in(kwargs: Mapping[str, object] | None) -> dict[str, object]:
@@ -116,6 +141,27 @@ def _check_budget(value: object, field: str) -> int | str:
     return value
 
 
+def _check_ratio(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(field, f"must be a number in (0, 1], the share of each item's tokens to keep, got {value!r}")
+    if not 0 < value <= 1:
+        raise ConfigError(field, f"must be in (0, 1] (the share of each item's tokens to keep), got {value}")
+    return float(value)
+
+
+def _check_amount(kwargs: Mapping[str, object], where: str) -> tuple[int | str | None, float | None] | None:
+    """(budget, ratio) given at one level, or None when it gives neither; both at once is an error."""
+    if RATIO_KEY in kwargs and BUDGET_KEY in kwargs:
+        raise ConfigError(
+            f"{where}.{RATIO_KEY}", f"give either {BUDGET_KEY} (a count) or {RATIO_KEY} (a share), not both"
+        )
+    if RATIO_KEY in kwargs:
+        return None, _check_ratio(kwargs[RATIO_KEY], f"{where}.{RATIO_KEY}")
+    if BUDGET_KEY in kwargs:
+        return _check_budget(kwargs[BUDGET_KEY], f"{where}.{BUDGET_KEY}"), None
+    return None
+
+
 def _check_options(method: str, value: object, field: str) -> tuple[tuple[str, Any], ...]:
     """Knobs for ``method``, validated by instantiating it (unknown knob or bad value: error naming it)."""
     if value is None:
@@ -145,13 +191,14 @@ def parse_engine_config(mm_processor_kwargs: Mapping[str, object] | None) -> Com
     if not kwargs:
         return None
     if METHOD_KEY not in kwargs:
-        raise ConfigError(f"{where}.{METHOD_KEY}", f"is required when {BUDGET_KEY} is set")
+        given = next(k for k in PLUGIN_KEYS if k in kwargs)
+        raise ConfigError(f"{where}.{METHOD_KEY}", f"is required when {given} is set")
     method = _check_method(kwargs[METHOD_KEY], f"{where}.{METHOD_KEY}")
-    budget = _check_budget(kwargs.get(BUDGET_KEY, DEFAULT_BUDGET), f"{where}.{BUDGET_KEY}")
+    budget, ratio = _check_amount(kwargs, where) or (DEFAULT_BUDGET, None)
     if method == OFF:
         return None
     options = _check_options(method, kwargs.get(OPTIONS_KEY), f"{where}.{OPTIONS_KEY}")
-    return CompressionSpec(method=method, budget=budget, options=options)
+    return CompressionSpec(method=method, budget=budget, options=options, ratio=ratio)
 
 
 def is_engine_configured(mm_processor_kwargs: Mapping[str, object] | None) -> bool:
@@ -171,14 +218,17 @@ def resolve_request(
     method = request.get(METHOD_KEY, engine_method)
     if METHOD_KEY in request:
         method = _check_method(method, f"{where}.{METHOD_KEY}")
-    if BUDGET_KEY in request:
-        budget = _check_budget(request[BUDGET_KEY], f"{where}.{BUDGET_KEY}")
-    else:
-        budget = engine_keys.get(BUDGET_KEY, DEFAULT_BUDGET)
+    # The engine's values were validated at startup; a request's count or share replaces them.
+    budget, ratio = (
+        _check_amount(request, where)
+        or (engine_keys.get(BUDGET_KEY, DEFAULT_BUDGET if RATIO_KEY not in engine_keys else None),
+            engine_keys.get(RATIO_KEY))
+    )
     if method is None:
         if request:
+            given = ", ".join(sorted(request))
             raise ConfigError(
-                f"{where}.{METHOD_KEY}", f"is required: the server has no default method (got only {BUDGET_KEY})"
+                f"{where}.{METHOD_KEY}", f"is required: the server has no default method (got only {given})"
             )
         return None
     if method == OFF:
@@ -191,4 +241,4 @@ def resolve_request(
         else:
             options.update(request[OPTIONS_KEY])
     checked = _check_options(method, options, f"{where}.{OPTIONS_KEY}")
-    return CompressionSpec(method=method, budget=budget, options=checked)
+    return CompressionSpec(method=method, budget=budget, options=checked, ratio=None if ratio is None else float(ratio))

@@ -41,6 +41,22 @@ def run_engine(job: dict, env: dict[str, str], *, plugins: str, kv_log: Path) ->
     raise AssertionError(f"engine failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
+def run_runner_module(module: str, job: dict, env: dict[str, str], *, plugins: str,
+                      logs: dict[str, tuple[str, Path]]) -> dict:
+    """Run ``python -m module JOB`` (a test file that is also an engine runner) in a fresh process group with
+    ``VLLM_PLUGINS=plugins``; return its RESULT, with each debug log ``{key: (env var, path)}`` read back as
+    ``result[key]`` (one JSON record per line)."""
+    env = {**env, "VLLM_PLUGINS": plugins, **{var: str(path) for var, path in logs.values()}}
+    proc = run_process_group([sys.executable, "-m", module, json.dumps(job)], env, timeout=900)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            for key, (_var, path) in logs.items():
+                result[key] = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
+            return result
+    raise AssertionError(f"engine failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
 def run_process_group(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """Run ``command`` in its own process group; on timeout kill the whole group (vLLM's engine and workers too)."""
     with subprocess.Popen(

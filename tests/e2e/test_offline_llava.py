@@ -59,6 +59,7 @@ def plugin(tiny_llava_dir, vllm_env, tmp_path_factory):
         [request for kwargs in IDENTITY_GROUPS.values() for request in _with(kwargs)]
         + [{**BASE_REQUESTS[i], "mm_kwargs": {"tokcomp_method": m, "tokcomp_budget": b}} for m, b, i in COMPRESSED]
         + [{**BASE_REQUESTS[0], "mm_kwargs": {"tokcomp_method": "mustdrop", "tokcomp_budget": "auto"}}]
+        + [{**BASE_REQUESTS[2], "mm_kwargs": {"tokcomp_method": "tome", "tokcomp_ratio": 0.25}}]
         + [{**BASE_REQUESTS[0], "mm_kwargs": {"tokcomp_method": "uniform", "tokcomp_budget": 0}}]
     )
     job = {"model": str(tiny_llava_dir), "requests": requests, "max_tokens": MAX_TOKENS}
@@ -124,3 +125,8 @@ def test_auto_budget_is_the_pixel_redundancy_estimate(tiny_llava_dir, plain, plu
     assert expected < FULL  # the test image has flat regions
     text_tokens = plain["results"][0]["prompt_tokens"] - FULL
     assert plugin["results"][OFFSET + len(COMPRESSED)]["prompt_tokens"] == text_tokens + expected
+
+
+def test_ratio_keeps_a_share_of_every_image(plain, plugin):
+    text_tokens = plain["results"][2]["prompt_tokens"] - 2 * FULL
+    assert plugin["results"][OFFSET + len(COMPRESSED) + 1]["prompt_tokens"] == text_tokens + 2 * 144  # 576 / 4 each

@@ -9,13 +9,11 @@ plain vLLM (``VLLM_PLUGINS=""``) and the plugin, which logs the positions it han
 
 import json
 import math
-import os
-import subprocess
 import sys
 
 import pytest
 
-from .conftest import REPO
+from .conftest import run_process_group, run_runner_module
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +33,10 @@ IDENTITY_GROUPS = {
     "method=none": {"tokcomp_method": "none"},
 }
 COMPRESSED = [("pool", 36, 0), ("uniform", 50, 1), ("pool", 20, 2), ("bilinear", 30, 0), ("random", 17, 2)]
-REFUSED = [{"tokcomp_method": "tome", "tokcomp_budget": 16}, {"tokcomp_method": "pool", "tokcomp_budget": 0}]
+# A share of each image instead of a count: 0.25 of 12x12 and 8x16 keeps 36 and 32; 0.3 of 144 keeps 44.
+RATIOS = [("pool", 0.25, 2), ("uniform", 0.3, 0), ("bilinear", 0.5, 1)]
+REFUSED = [{"tokcomp_method": "tome", "tokcomp_budget": 16}, {"tokcomp_method": "pool", "tokcomp_budget": 0},
+           {"tokcomp_method": "pool", "tokcomp_budget": "auto"}]
 
 
 def _plugin_requests():
@@ -43,24 +44,19 @@ def _plugin_requests():
     requests += [
         {**BASE_REQUESTS[i], "mm_kwargs": {"tokcomp_method": m, "tokcomp_budget": b}} for m, b, i in COMPRESSED
     ]
+    requests += [{**BASE_REQUESTS[i], "mm_kwargs": {"tokcomp_method": m, "tokcomp_ratio": r}} for m, r, i in RATIOS]
     requests += [{**BASE_REQUESTS[0], "mm_kwargs": kwargs} for kwargs in REFUSED]
     return requests
 
 
 def start_engine(job, env, plugins, log):
     env = {**env, "VLLM_PLUGINS": plugins, "TOKCOMP_POSITIONS_LOG": str(log)}
-    return subprocess.run([sys.executable, "-m", "tests.e2e.test_qwen2_vl", json.dumps(job)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return run_process_group([sys.executable, "-m", "tests.e2e.test_qwen2_vl", json.dumps(job)], env, timeout=900)
 
 
 def _run(job, env, plugins, log):
-    proc = start_engine(job, env, plugins, log)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-            result["positions"] = [json.loads(x) for x in open(log)] if os.path.exists(log) else []
-            return result
-    raise AssertionError(f"engine failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    logs = {"positions": ("TOKCOMP_POSITIONS_LOG", log)}
+    return run_runner_module("tests.e2e.test_qwen2_vl", job, env, plugins=plugins, logs=logs)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +76,15 @@ def plain(qwen_dir, vllm_env, tmp_path_factory):
 def plugin(qwen_dir, vllm_env, tmp_path_factory):
     job = {"model": str(qwen_dir), "requests": _plugin_requests()}
     return _run(job, vllm_env, "tokcomp", tmp_path_factory.mktemp("pos") / "plugin.jsonl")
+
+
+def _count(spec, n):
+    """Tokens an image of n keeps under a request's settings, written out plainly."""
+    if spec.get("tokcomp_method", "none") == "none":
+        return n
+    if "tokcomp_ratio" in spec:
+        return max(1, math.ceil(round(spec["tokcomp_ratio"] * n, 6)))
+    return min(spec["tokcomp_budget"], n)
 
 
 def _kept(method, budget, grid):
@@ -143,6 +148,17 @@ def test_prompt_tokens_are_text_plus_kept(plain, plugin):
         assert len(got["output"]) == MAX_TOKENS
 
 
+def test_ratio_keeps_a_share_of_each_image(plain, plugin):
+    offset = len(IDENTITY_GROUPS) * len(BASE_REQUESTS) + len(COMPRESSED)
+    expected = {(0.25, 2): [36, 32], (0.3, 0): [44], (0.5, 1): [64]}  # by hand: ceil(r * h * w) per image
+    for k, (method, ratio, base) in enumerate(RATIOS):
+        grids = _grids(BASE_REQUESTS[base])
+        text = plain["results"][base]["prompt_tokens"] - sum(h * w for h, w in grids)
+        got = plugin["results"][offset + k]
+        assert got["prompt_tokens"] == text + sum(expected[ratio, base]), (method, ratio)
+        assert len(got["output"]) == MAX_TOKENS
+
+
 def test_engine_positions_equal_independent_computation(plain, plugin):
     by_prompt = {tuple(record["prompt"]): record for record in plugin["positions"]}
     checked = 0
@@ -152,8 +168,8 @@ def test_engine_positions_equal_independent_computation(plain, plugin):
             continue
         spec = request["mm_kwargs"] or {}
         grids = _grids(request)
-        method, budget = spec.get("tokcomp_method", "none"), spec.get("tokcomp_budget", 10_000)
-        kept = [_kept(method, budget if method != "none" else 10_000, grid) for grid in grids]
+        method = spec.get("tokcomp_method", "none")
+        kept = [_kept(method, _count(spec, math.prod(grid)), grid) for grid in grids]
         positions, delta = expected_positions(result["prompt"], grids, kept)
         record = by_prompt[tuple(result["prompt"])]
         assert record["positions"] == positions, spec
@@ -165,9 +181,10 @@ def test_engine_positions_equal_independent_computation(plain, plugin):
 
 
 def test_content_dependent_method_and_bad_budget_are_refused(plugin):
-    tome, zero = plugin["results"][-2:]
+    tome, zero, auto = plugin["results"][-len(REFUSED):]
     assert "selects tokens by content" in tome["error"] and "tokcomp_method" in tome["error"]
     assert "tokcomp_budget" in zero["error"]
+    assert "tokcomp_budget" in auto["error"] and "tokcomp_ratio" in auto["error"]
 
 
 def main() -> None:

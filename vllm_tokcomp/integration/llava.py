@@ -119,10 +119,12 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
         return processed_data
 
     def _resolve_budget(self, spec: CompressionSpec | None, pixels: torch.Tensor) -> torch.Tensor:
-        """The image's settings row; an ``auto`` budget becomes a count estimated from its pixels."""
+        """The image's settings row; a ratio or an ``auto`` budget becomes a count (from the pixels for ``auto``)."""
+        vision = self.info.get_hf_config().vision_config
+        grid = vision.image_size // vision.patch_size
+        if spec is not None:
+            spec = spec.for_item(grid * grid)
         if spec is not None and spec.budget == AUTO:
-            vision = self.info.get_hf_config().vision_config
-            grid = vision.image_size // vision.patch_size
             knobs = {k: v for k, v in spec.options if k in ("threshold", "window")}
             budget = adaptive_budget(pixels, grid * grid, patch=vision.patch_size, **knobs)
             spec = dataclasses.replace(spec, budget=budget)
@@ -321,4 +323,5 @@ def _log_effective_config_once(spec: CompressionSpec | None, unsupported_tower: 
     elif spec is None:
         logger.warning("tokcomp: compression off by default; requests may opt in with tokcomp_method")
     else:
-        logger.warning("tokcomp: compressing images with method=%s budget=%s", spec.method, spec.budget)
+        amount = f"ratio={spec.ratio}" if spec.ratio is not None else f"budget={spec.budget}"
+        logger.warning("tokcomp: compressing images with method=%s %s", spec.method, amount)

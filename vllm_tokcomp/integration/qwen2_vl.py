@@ -39,8 +39,11 @@ import numpy as np
 import torch
 
 from ..config import (
+    AUTO,
+    BUDGET_KEY,
     METHOD_KEY,
     QUERY_KEY,
+    RATIO_KEY,
     CompressionSpec,
     ConfigError,
     is_engine_configured,
@@ -80,6 +83,12 @@ class EngineConfigError(RuntimeError):
 
 
 def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec | None:
+    if spec is not None and spec.budget == AUTO:
+        raise ConfigError(
+            field.replace(METHOD_KEY, BUDGET_KEY),
+            f"{AUTO!r} (pixel-redundancy estimate) is implemented for LLaVA's fixed 24x24 grid only; "
+            f"on Qwen2-VL give a count or {RATIO_KEY}",
+        )
     if spec is not None and spec.method not in FIXED_LAYOUT_METHODS:
         raise ConfigError(
             field,
@@ -93,11 +102,12 @@ def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec
 def kept_anchors(spec: CompressionSpec | None, grid: tuple[int, ...]) -> torch.Tensor:
     """Raster indices (into ``grid``) whose positions the kept tokens take, in output order."""
     n = int(np.prod(grid))
-    if spec is None or spec.budget >= n:
+    kept = settings.kept_tokens(spec, n)
+    if kept >= n:
         return torch.arange(n)
     method = get_method(spec.method, **dict(spec.options))
     tokens = VisualTokens(features=torch.zeros(n, 1), grid=tuple(grid))
-    return method.select(tokens, spec.budget).anchor
+    return method.select(tokens, kept).anchor
 
 
 def item_positions(
@@ -170,7 +180,11 @@ class _ProcessorMixin:
         grid_thw = processed_data.get("image_grid_thw")
         if grid_thw is not None and processed_data.get("pixel_values") is not None:
             spec = self.info.spec_for_request(hf_processor_mm_kwargs)
-            processed_data[settings.FIELD] = settings.encode(spec).expand(len(grid_thw), -1).clone()
+            merge = self.info.get_hf_config().vision_config.spatial_merge_size
+            # One row per image: a ratio becomes each image's own count (dynamic resolution).
+            rows = [settings.encode(None if spec is None else spec.for_item(int(g.prod()) // (merge * merge)))
+                    for g in grid_thw]
+            processed_data[settings.FIELD] = torch.stack(rows)
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:  # noqa: ANN001
@@ -231,8 +245,8 @@ class _ModelMixin:
             grid = (t, h // merge, w // merge)
             item = out[start + index]
             method = get_method(spec.method, **dict(spec.options))
-            result = method(VisualTokens(features=item, grid=grid), min(spec.budget, item.shape[0]))
             expected = settings.kept_tokens(spec, item.shape[0])
+            result = method(VisualTokens(features=item, grid=grid), expected)
             # vLLM silently truncates extra rows; a mismatch must fail here instead.
             if result.features.shape[0] != expected:
                 raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
@@ -311,5 +325,6 @@ def _log_effective_config_once(spec: CompressionSpec | None) -> None:
     if spec is None:
         logger.warning("tokcomp: compression off by default; requests may opt in with tokcomp_method")
     else:
-        logger.warning("tokcomp: compressing Qwen-VL images with method=%s budget=%d", spec.method, spec.budget)
+        amount = f"ratio={spec.ratio}" if spec.ratio is not None else f"budget={spec.budget}"
+        logger.warning("tokcomp: compressing Qwen-VL images with method=%s %s", spec.method, amount)
 

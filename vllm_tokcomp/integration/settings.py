@@ -39,8 +39,14 @@ def decode(row: torch.Tensor) -> CompressionSpec | None:
 
 
 def kept_tokens(spec: CompressionSpec | None, num_tokens: int) -> int:
-    """Tokens an item keeps: exactly ``min(budget, N)``, the contract with the placeholder count."""
-    return num_tokens if spec is None else min(spec.budget, num_tokens)
+    """Tokens an item keeps: exactly ``min(budget, N)`` (a ratio resolved per item first), the contract
+    with the placeholder count."""
+    if spec is None:
+        return num_tokens
+    budget = spec.for_item(num_tokens).budget
+    if not isinstance(budget, int):
+        raise ValueError(f"tokcomp budget {budget!r} was not resolved to a count before processing")
+    return min(budget, num_tokens)
 
 
 def query_ids(prompt: list[int], excluded: set[int]) -> list[int]:
