@@ -44,6 +44,7 @@ class Arm:
     name: str
     method: str | None = None
     budget: int | None = None
+    options: dict | None = None  # the method's knobs (``tokcomp_options``), e.g. {"stage2": False}
 
     @property
     def plain(self) -> bool:
@@ -53,34 +54,81 @@ class Arm:
         """Per-request ``mm_processor_kwargs`` (``None``: send none at all)."""
         if self.method is None:
             return None
-        return {"tokcomp_method": self.method, "tokcomp_budget": self.budget}
+        kwargs = {"tokcomp_method": self.method, "tokcomp_budget": self.budget}
+        if self.options:
+            kwargs["tokcomp_options"] = dict(self.options)
+        return kwargs
 
     def image_tokens(self, full: int = FULL_IMAGE_TOKENS) -> int:
         return full if self.budget is None else min(self.budget, full)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "method": self.method, "budget": self.budget}
+        data = {"name": self.name, "method": self.method, "budget": self.budget}
+        if self.options:
+            data["options"] = dict(self.options)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Arm:
+        return cls(data["name"], data["method"], data["budget"], data.get("options"))
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    """``"mustdrop[stage2=false,threshold=0.9]"`` -> ("mustdrop", {"stage2": False, "threshold": 0.9});
+    values are JSON (numbers, true/false), anything else is a string."""
+    name, _, rest = text.partition("[")
+    options = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise SystemExit(f"bad method variant {text!r}: expected name[knob=value,...]")
+        for item in filter(None, rest[:-1].split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise SystemExit(f"bad knob {item!r} in {text!r}: expected knob=value")
+            try:
+                options[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key.strip()] = value.strip()
+    return name.strip(), options
 
 
 def make_arms(methods: Sequence[str], budgets: Sequence[int], *, plain: bool = True, off: bool = True) -> list[Arm]:
+    """Arms for every method (or ``name[knob=value,...]`` variant) x budget."""
     arms = [Arm(PLAIN)] if plain else []
     if off:
         arms.append(Arm(OFF))
-    arms += [Arm(f"{m}@{b}", m, b) for m in methods for b in budgets]
+    for text in methods:
+        method, options = parse_method(text)
+        arms += [Arm(f"{text}@{b}", method, b, options or None) for b in budgets]
     return arms
 
 
 def check_methods(methods: Sequence[str]) -> None:
-    from vllm_tokcomp.config import servable_methods
+    from vllm_tokcomp.config import ConfigError, parse_engine_config, servable_methods
 
     servable = servable_methods()
-    bad = [m for m in methods if m not in servable]
-    if bad:
-        raise SystemExit(f"not servable through vLLM: {', '.join(bad)}; choose from {', '.join(servable)}")
+    for text in methods:
+        method, options = parse_method(text)
+        if method not in servable:
+            raise SystemExit(f"not servable through vLLM: {method}; choose from {', '.join(servable)}")
+        try:  # knobs are checked by the plugin's own validation
+            parse_engine_config({"tokcomp_method": method, "tokcomp_options": options})
+        except ConfigError as error:
+            raise SystemExit(f"{text}: {error}") from None
 
 
 def parse_list(text: str, kind: type = str) -> list:
-    return [kind(part.strip()) for part in text.split(",") if part.strip()]
+    """Comma-separated items; commas inside ``[...]`` (method knobs) do not split."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    return [kind(part.strip()) for part in items if part.strip()]
 
 
 def rotate(items: Sequence, k: int) -> list:

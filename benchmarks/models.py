@@ -7,6 +7,12 @@
   Random weights from vLLM's dummy loader (``load_format="dummy"``).
 * ``llava-1.5-7b``: the real LLaVA-1.5-7B architecture (``llava-hf/llava-1.5-7b-hf`` config
   values), dummy weights, for GPU runs (about 14 GB in bf16).
+* ``clip-l-encoder``: the full CLIP ViT-L/14-336 tower (24 layers x 1024) in front of a small LM
+  (4 x 512): an encoder-heavy model to measure what happens *inside the vision tower* (MustDrop's
+  stage-1 merge after layer 0). Its weights are written with transformers' own random init
+  (normal, CLIP's scales), not vLLM's dummy loader: the merge is content-dependent, and with the
+  dummy loader's near-zero uniform weights every patch's features look alike after layer 0, so every
+  window would merge and the saving would be overstated. About 0.7 GB in bf16.
 
 The two written models reuse the tiny model's tokenizer, chat template and CLIP image
 processor (336 px, patch 14, so 576 image tokens). The 7B config keeps its 32064-row vocab;
@@ -25,7 +31,8 @@ from pathlib import Path
 
 from vllm_tokcomp.tiny.llava import default_model_dir, ensure_default_model
 
-MODEL_PRESETS = ("tiny", "llava-proportioned", "llava-1.5-7b")
+MODEL_PRESETS = ("tiny", "llava-proportioned", "llava-1.5-7b", "clip-l-encoder")
+RANDOM_INIT_PRESETS = frozenset({"clip-l-encoder"})  # weights written from transformers' init, see above
 SHAPES_VERSION = 1
 
 
@@ -53,6 +60,7 @@ SHAPES: dict[str, Shape] = {
     "tiny": Shape(64, 3, 2, 256, 256, 2, 4, 4, 512, 2048),
     "llava-proportioned": Shape(256, 5, 4, 1024, 1024, 8, 16, 16, 2816, 2048),
     "llava-1.5-7b": Shape(1024, 24, 16, 4096, 4096, 32, 32, 32, 11008, 32064, rms_norm_eps=1e-5),
+    "clip-l-encoder": Shape(1024, 24, 16, 4096, 512, 4, 8, 8, 1408, 2048),
 }
 IMAGE_SIZE, PATCH_SIZE = 336, 14
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
@@ -128,10 +136,27 @@ def _write_model(name: str, shape: Shape) -> Path:
         rms_norm_eps=shape.rms_norm_eps,
     )
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if name in RANDOM_INIT_PRESETS:
+        _write_random_init_weights(tmp)
     (tmp / marker.name).write_text(json.dumps(expected, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
+
+
+def _write_random_init_weights(model_dir: Path) -> None:
+    """``model.safetensors`` from transformers' random init of the config in ``model_dir`` (bf16, llava-hf names)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from vllm_tokcomp.tiny.llava import normalize_checkpoint_key
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(model_dir))
+    state = {normalize_checkpoint_key(k): v.detach().to(torch.bfloat16).contiguous()
+             for k, v in model.state_dict().items() if "position_ids" not in k}
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
 def resolve_model(preset_or_path: str) -> tuple[Path, str, dict]:
@@ -139,7 +164,8 @@ def resolve_model(preset_or_path: str) -> tuple[Path, str, dict]:
     if preset_or_path == "tiny":
         path, load_format = ensure_default_model(), "auto"
     elif preset_or_path in SHAPES:
-        path, load_format = _write_model(preset_or_path, SHAPES[preset_or_path]), "dummy"
+        path = _write_model(preset_or_path, SHAPES[preset_or_path])
+        load_format = "auto" if preset_or_path in RANDOM_INIT_PRESETS else "dummy"
     else:
         path, load_format = Path(preset_or_path), "auto"
         if not (path / "config.json").is_file():

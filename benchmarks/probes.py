@@ -102,6 +102,26 @@ def _count_items(output: object) -> int:
     return int(shape[0]) if shape else 0
 
 
+class _TimedMethod:
+    """A compressor whose calls are timed; every other attribute (knobs such as MustDrop's ``threshold``,
+    which the in-tower path reads) is the method's own."""
+
+    def __init__(self, method: object, stats: dict) -> None:
+        self._method, self._stats = method, stats
+
+    def __call__(self, *args: object, **kwargs: object):  # noqa: ANN204
+        _sync()
+        start = time.perf_counter()
+        result = self._method(*args, **kwargs)
+        _sync()
+        self._stats["method_s"] += time.perf_counter() - start
+        self._stats["method_calls"] += 1
+        return result
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._method, name)
+
+
 class EncoderTimer:
     """Worker extension: wall-clock timers around ``embed_multimodal`` and the compression call."""
 
@@ -146,18 +166,7 @@ class EncoderTimer:
             original_get_method = plugin_llava.get_method
 
             def timed_get_method(name: str, **knobs: object):  # noqa: ANN202
-                method = original_get_method(name, **knobs)
-
-                def call(*args: object, **kwargs: object):  # noqa: ANN202
-                    _sync()
-                    start = time.perf_counter()
-                    result = method(*args, **kwargs)
-                    _sync()
-                    stats["method_s"] += time.perf_counter() - start
-                    stats["method_calls"] += 1
-                    return result
-
-                return call
+                return _TimedMethod(original_get_method(name, **knobs), stats)
 
             plugin_llava.get_method = timed_get_method
             plugin_llava._tokcomp_bench_timed = True

@@ -429,7 +429,7 @@ def reanalyse(args: argparse.Namespace) -> dict:
     cfg = old["config"]
     args.mode, args.output_len = cfg["mode"], cfg["output_len"]
     args.max_num_seqs = cfg["engine_kwargs"]["max_num_seqs"]
-    arms = [Arm(a["name"], a["method"], a["budget"]) for a in old["arms"]]
+    arms = [Arm.from_dict(a) for a in old["arms"]]
     results = []
     for entry in old["rounds"]:
         path = Path(args.workdir) / f"r{entry['round']}-{entry['engine']}.result.json"

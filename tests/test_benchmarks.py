@@ -20,7 +20,7 @@ from benchmarks.models import SHAPES, flops
 from benchmarks.throughput import analyse, plan_rounds
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("tome", "uniform")
+METHODS = ("tome", "mustdrop[stage2=false]")  # a method variant with knobs, as issue 6 measures
 BUDGETS = (64, 32)
 OUTPUT_LEN = 4
 BLOCK = 32  # vLLM's CPU attention needs a multiple of 32; 16 would be the CUDA default
@@ -108,6 +108,25 @@ def test_smoke_kv_blocks_are_exactly_text_plus_budget(smoke):
 
 
 # --- fast unit tests ------------------------------------------------------------------------------------
+def test_method_variants_carry_their_knobs_to_the_request():
+    assert common.parse_list("tome,mustdrop[stage2=false,threshold=0.9],uniform") == [
+        "tome", "mustdrop[stage2=false,threshold=0.9]", "uniform"]
+    assert common.parse_method("mustdrop[stage2=false,threshold=0.9]") == ("mustdrop", {"stage2": False,
+                                                                                       "threshold": 0.9})
+    assert common.parse_method("tome") == ("tome", {})
+    arms = common.make_arms(["mustdrop[stage2=false]"], [64], plain=False, off=False)
+    assert [a.name for a in arms] == ["mustdrop[stage2=false]@64"]
+    assert arms[0].mm_kwargs() == {"tokcomp_method": "mustdrop", "tokcomp_budget": 64,
+                                   "tokcomp_options": {"stage2": False}}
+    assert common.Arm.from_dict(arms[0].to_dict()) == arms[0]
+    assert common.make_arms(["tome"], [8], plain=False, off=False)[0].mm_kwargs() == {
+        "tokcomp_method": "tome", "tokcomp_budget": 8}
+    with pytest.raises(SystemExit, match="stage9"):
+        common.check_methods(["mustdrop[stage9=true]"])
+    with pytest.raises(SystemExit, match="not servable"):
+        common.check_methods(["bogus[x=1]"])
+
+
 def test_plan_rounds_alternates_engines_and_rotates_arms():
     arms = common.make_arms(["tome"], [64, 32])
     plan = plan_rounds(arms, rounds=3, per_round=2, warmup=1)
@@ -261,3 +280,17 @@ def test_report_renders_committed_results():
     for path, data in report.load_results(common.RESULTS_DIR):
         assert data["schema_version"] == common.SCHEMA_VERSION, path
     assert common.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+
+
+def test_mustdrop_auto_compares_both_counts_on_real_images(tmp_path):
+    """Smoke run of benchmarks/mustdrop_auto.py on two test images with the bundled tiny model."""
+    from benchmarks import mustdrop_auto
+
+    out = tmp_path / "auto.json"
+    result = mustdrop_auto.main(["--images", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["summary"]["all"]["images"] == 2
+    for row in result["rows"]:
+        assert 1 <= row["auto"] <= 576 and 1 <= row["threshold_form"] <= 576
+    # 64 windows of 3x3: merging every one of them still leaves 64 tokens.
+    assert all(row["threshold_form"] >= 64 for row in result["rows"])
+    assert "| all | 2 |" in out.with_suffix(".md").read_text()
