@@ -1,13 +1,16 @@
 """Qwen2-VL with visual-token compression before KV allocation, M-RoPE positions kept right.
 
-Same config keys and per-image settings field as the LLaVA integration (``integration/llava.py``).
+Same config keys and settings rows as the LLaVA integration (``integration/llava.py``), one row per image
+(``tokcomp_settings``) and per video (``tokcomp_video_settings``): images and videos are compressed alike,
+each item over its own merged grid ``(t, h, w)``.
 Overrides (vLLM 0.32.0, ``model_executor/models/qwen2_vl.py``):
 
 * ``CompressedQwen2VLInfo``: hides ``tokcomp_*`` keys from the HF processor, parses the engine config.
-* ``CompressedQwen2VLProcessor``: validates request settings (HTTP 400), attaches each image's settings,
-  and in ``_get_prompt_updates`` expands ``<|image_pad|>`` to ``min(budget, t*h*w / merge^2)`` tokens.
+* ``CompressedQwen2VLProcessor``: validates request settings (HTTP 400), attaches each item's settings,
+  and in ``_get_prompt_updates`` expands ``<|image_pad|>`` / ``<|video_pad|>`` to ``min(budget, t*h*w / merge^2)``
+  tokens (uncompressed items get exactly vLLM's own replacement).
   ``get_mm_max_tokens_per_item`` stays the unpruned maximum (profiling and encoder-cache budgets).
-* ``CompressedQwen2VL.embed_multimodal``: the tower as vLLM runs it, then every image compressed to
+* ``CompressedQwen2VL.embed_multimodal``: the tower as vLLM runs it, then every item compressed to
   exactly its placeholder count.
 * ``CompressedQwen2VL.get_mrope_input_positions``: the *final* M-RoPE positions, computed when the
   request is added (route "positions up front", no runner internals):
@@ -24,7 +27,8 @@ Overrides (vLLM 0.32.0, ``model_executor/models/qwen2_vl.py``):
   (``CPUModelRunner.load_model`` does not set ``is_multimodal_pruning_enabled``); such methods are
   refused with a clear error instead of being served with wrong positions.
 
-Videos pass through uncompressed (settings are attached to images only).
+A video's kept token keeps its frame: ``(start + frame * t_factor, start + row, start + col)``, with vLLM's
+``t_factor`` (Qwen2.5-VL: seconds per temporal patch x ``tokens_per_second``).
 """
 
 from __future__ import annotations
@@ -177,37 +181,43 @@ class _ProcessorMixin:
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-        grid_thw = processed_data.get("image_grid_thw")
-        if grid_thw is not None and processed_data.get("pixel_values") is not None:
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        for modality, pixels_key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+            grid_thw = processed_data.get(f"{modality}_grid_thw")
+            if grid_thw is None or processed_data.get(pixels_key) is None:
+                continue
             spec = self.info.spec_for_request(hf_processor_mm_kwargs)
-            merge = self.info.get_hf_config().vision_config.spatial_merge_size
-            # One row per image: a ratio becomes each image's own count (dynamic resolution).
+            # One row per item: a ratio becomes each item's own count (dynamic resolution, video length).
             rows = [settings.encode(None if spec is None else spec.for_item(int(g.prod()) // (merge * merge)))
                     for g in grid_thw]
-            processed_data[settings.FIELD] = torch.stack(rows)
+            processed_data[MODALITY_FIELDS[modality]] = torch.stack(rows)
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:  # noqa: ANN001
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        fields[settings.FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        for modality, field in MODALITY_FIELDS.items():
+            fields[field] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptReplacement]:  # noqa: ANN001
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
-        vocab = self.info.get_tokenizer().get_vocab()
-        image_token_id = vocab[self.info.get_hf_processor().image_token]
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
 
-        def image_replacement(item_idx: int) -> list[int]:
-            item = out_mm_kwargs["image"][item_idx]
-            full = int(item["image_grid_thw"].data.prod()) // (merge * merge)
-            field = item.get(settings.FIELD)
+        def replacement(item_idx: int, modality: str, original: PromptReplacement) -> object:
+            item = out_mm_kwargs[modality][item_idx]
+            field = item.get(MODALITY_FIELDS[modality])
             spec = None if field is None else settings.decode(field.data)
-            return [image_token_id] * settings.kept_tokens(spec, full)
+            if spec is None:  # uncompressed: exactly what vLLM would insert (incl. its own EVS count)
+                return original.replacement(item_idx) if callable(original.replacement) else original.replacement
+            full = int(item[f"{modality}_grid_thw"].data.prod()) // (merge * merge)
+            return [original.target[0]] * settings.kept_tokens(spec, full)
 
         return [
-            PromptReplacement(modality="image", target=[image_token_id], replacement=partial(image_replacement))
-            if update.modality == "image"
+            PromptReplacement(
+                modality=update.modality, target=update.target,
+                replacement=partial(replacement, modality=update.modality, original=update),
+            )
+            if update.modality in MODALITY_FIELDS
             else update
             for update in updates
         ]
@@ -221,38 +231,51 @@ class CompressedQwen2_5_VLProcessor(_ProcessorMixin, Qwen2_5_VLMultiModalProcess
     pass
 
 
+MODALITY_FIELDS = {"image": settings.FIELD, "video": settings.VIDEO_FIELD}
+_KWARG_MODALITY = {"pixel_values": "image", "image_embeds": "image", "pixel_values_videos": "video",
+                   "video_embeds": "video"}
+
+
+def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, int, int]) -> torch.Tensor:
+    """One image's or video's embeddings (raster order over the merged ``grid``) to its placeholder count."""
+    method = get_method(spec.method, **dict(spec.options))
+    expected = settings.kept_tokens(spec, item.shape[0])
+    result = method(VisualTokens(features=item, grid=grid), expected)
+    # vLLM silently truncates extra rows; a mismatch must fail here instead.
+    if result.features.shape[0] != expected:
+        raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
+    if not torch.equal(result.assignment.anchor.cpu(), kept_anchors(spec, grid)):
+        raise RuntimeError("tokcomp: the selection differs from the layout its positions were computed for")
+    return result.features
+
+
 class _ModelMixin:
     """Compression in ``embed_multimodal`` and final positions in ``get_mrope_input_positions``."""
 
     def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings
-        rows = kwargs.pop(settings.FIELD, None)
-        specs = [] if rows is None else [settings.decode(row) for row in rows]
+        rows = {modality: kwargs.pop(field, None) for modality, field in MODALITY_FIELDS.items()}
+        specs = {modality: [] if r is None else [settings.decode(row) for row in r] for modality, r in rows.items()}
         embeddings = super().embed_multimodal(**kwargs)
-        if not any(spec is not None for spec in specs):
+        if not any(spec is not None for items in specs.values() for spec in items):
             return embeddings
-        grids = kwargs["image_grid_thw"]
         merge = self.config.vision_config.spatial_merge_size
-        # embed_multimodal returns items modality by modality, in the order of the kwargs' keys.
-        image_first = next(k for k in kwargs if k in ("pixel_values", "image_embeds", "pixel_values_videos",
-                                                       "video_embeds")) in ("pixel_values", "image_embeds")
-        num_videos = len(embeddings) - len(specs)
-        start = 0 if image_first else num_videos
+        # embed_multimodal returns items modality by modality, in the order the kwargs' keys first name them.
+        order = []
+        for key in kwargs:
+            modality = _KWARG_MODALITY.get(key)
+            if modality is not None and modality not in order:
+                order.append(modality)
         out = list(embeddings)
-        for index, spec in enumerate(specs):
-            if spec is None or "pixel_values" not in kwargs:
-                continue
-            t, h, w = (int(v) for v in grids[index].tolist())
-            grid = (t, h // merge, w // merge)
-            item = out[start + index]
-            method = get_method(spec.method, **dict(spec.options))
-            expected = settings.kept_tokens(spec, item.shape[0])
-            result = method(VisualTokens(features=item, grid=grid), expected)
-            # vLLM silently truncates extra rows; a mismatch must fail here instead.
-            if result.features.shape[0] != expected:
-                raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
-            if not torch.equal(result.assignment.anchor.cpu(), kept_anchors(spec, grid)):
-                raise RuntimeError("tokcomp: the selection differs from the layout its positions were computed for")
-            out[start + index] = result.features
+        start = 0
+        for modality in order:
+            grids = kwargs[f"{modality}_grid_thw"]
+            for index, spec in enumerate(specs[modality]):
+                if spec is not None:
+                    t, h, w = (int(v) for v in grids[index].tolist())
+                    out[start + index] = _compress_item(out[start + index], spec, (t, h // merge, w // merge))
+            start += len(grids)
+        if start != len(out):
+            raise RuntimeError(f"tokcomp: {len(out)} multimodal embeddings for {start} items")
         return tuple(out)
 
     def get_mrope_input_positions(self, input_tokens, mm_features):  # noqa: ANN001, ANN201 - SupportsMRoPE
@@ -267,8 +290,9 @@ class _ModelMixin:
             sorted(mm_features, key=lambda f: f.mm_position.offset), self.iter_mm_grid_thw(mm_features), strict=True
         ):
             spec = None
-            if feature.modality == "image" and feature.data is not None and settings.FIELD in feature.data:
-                spec = settings.decode(feature.data[settings.FIELD].data)
+            field = MODALITY_FIELDS.get(feature.modality)
+            if field is not None and feature.data is not None and field in feature.data:
+                spec = settings.decode(feature.data[field].data)
             anchors = kept_anchors(spec, (t, h, w))
             if anchors.numel() != feature.mm_position.length:
                 raise RuntimeError(

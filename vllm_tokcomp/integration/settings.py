@@ -16,6 +16,7 @@ import torch
 from ..config import CompressionSpec
 
 FIELD = "tokcomp_settings"
+VIDEO_FIELD = "tokcomp_video_settings"  # the same row for each video (a field belongs to one modality)
 QUERY_FIELD = "tokcomp_query"
 OFF_INDEX = -1
 SETTINGS_BYTES = 1024
