@@ -111,3 +111,14 @@ def test_pool_accepts_bare_grid():
     features = torch.arange(16.0).reshape(16, 1)
     result = get_method("pool")(VisualTokens(features=features, grid=(4, 4)), 4)
     assert result.features.squeeze(1).tolist() == [2.5, 4.5, 10.5, 12.5]
+
+
+def test_budget_of_one_per_frame_pools_each_frame_to_one_token():
+    """The LLaMA-VID-like extreme video mode: budget = frames keeps one pooled token per frame."""
+    frames, h, w = 3, 8, 8
+    x = torch.arange(frames, dtype=torch.float32).repeat_interleave(h * w)[:, None].expand(-1, 2).contiguous()
+    result = get_method("pool")(VisualTokens(x, (frames, h, w)), frames)
+    assert result.features[:, 0].tolist() == [0.0, 1.0, 2.0]  # each the mean of its own frame only
+    anchors = result.assignment.anchor.tolist()
+    assert [a // (h * w) for a in anchors] == [0, 1, 2]  # one per frame, at the frame's centre patch
+    assert [a % (h * w) for a in anchors] == [3 * w + 3] * frames

@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     btp,
     cls_topk,
     divprune,
+    evs,
     mustdrop,
     mustdrop_pipeline,
     pool,
