@@ -115,28 +115,49 @@ def _background(scene: Scene) -> np.ndarray:
     return c1 + noise.astype(np.float32)
 
 
+def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, fill: tuple[int, int, int] | int) -> None:
+    r = SIZES[obj.size] // 2
+    x, y = obj.x, obj.y
+    if obj.shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif obj.shape == "square":
+        s = int(r * 0.85)
+        draw.rectangle([x - s, y - s, x + s, y + s], fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    else:  # cross
+        t = max(r // 3, 4)
+        draw.rectangle([x - r, y - t, x + r, y + t], fill=fill)
+        draw.rectangle([x - t, y - r, x + t, y + r], fill=fill)
+
+
 def render_scene(scene: Scene) -> Image.Image:
     """Pixels of a scene: 336 x 336 RGB."""
     pixels = np.clip(_background(scene), 0, 255).round().astype(np.uint8)
     image = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        rgb, r = COLORS[obj.color], SIZES[obj.size] // 2
-        x, y = obj.x, obj.y
-        if obj.shape == "circle":
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=rgb)
-        elif obj.shape == "square":
-            s = int(r * 0.85)
-            draw.rectangle([x - s, y - s, x + s, y + s], fill=rgb)
-        elif obj.shape == "triangle":
-            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=rgb)
-        else:  # cross
-            t = max(r // 3, 4)
-            draw.rectangle([x - r, y - t, x + r, y + t], fill=rgb)
-            draw.rectangle([x - t, y - r, x + t, y + r], fill=rgb)
+        _draw_object(draw, obj, COLORS[obj.color])
     if scene.digit is not None:
         _draw_digit(draw, *scene.digit_xy, scene.digit)
     return image
+
+
+DIGIT_LABEL = 255
+
+
+def label_map(scene: Scene) -> np.ndarray:
+    """Which object covers each pixel (uint8, 336 x 336): 0 background, ``i + 1`` for
+    ``scene.objects[i]``, :data:`DIGIT_LABEL` for the digit box. Same geometry as :func:`render_scene`;
+    used as dense supervision when pre-training the vision tower."""
+    image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(image)
+    for i, obj in enumerate(scene.objects):
+        _draw_object(draw, obj, i + 1)
+    if scene.digit is not None:
+        x0, y0 = scene.digit_xy
+        draw.rectangle([x0, y0, x0 + DIGIT_BOX - 1, y0 + DIGIT_BOX - 1], fill=DIGIT_LABEL)
+    return np.asarray(image)
 
 
 # ----------------------------------------------------------------------------- questions

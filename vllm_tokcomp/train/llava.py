@@ -6,6 +6,12 @@ Stage 1 (``clip``): CLIP-style contrastive pre-training of the vision tower. The
 is the tower's CLS token (``post_layernorm`` of the last layer, as in CLIP) through a linear head;
 the text side is a small transformer over the words of a generated scene caption
 (:func:`vllm_tokcomp.data.scene_caption`). Symmetric InfoNCE with a learned temperature.
+With ``--dense-weight`` > 0, linear heads on the patch features the projector reads (layer -2)
+also predict, per 14 x 14 patch, the colour and shape of the object covering it, the digit in a
+digit box, and the colour and shape of an object whose centre falls in it (labels from
+:func:`vllm_tokcomp.data.synth.label_map`); the heads are thrown away after training.
+``--sincos-positions`` starts the tower's position embeddings from a fixed 2-D sine-cosine table
+(as in MAE) instead of noise, a locality prior for a tower trained from scratch.
 
 Stage 2 (``qa``): the whole LLaVA model (tower at a lower learning rate, projector, LM) on the
 question answering task. Each image carries all its questions as a multi-turn conversation in
@@ -35,7 +41,7 @@ from torch import nn
 
 from vllm_tokcomp.data.generate import scene_rng
 from vllm_tokcomp.data.spec import BACKGROUNDS, COLORS, DIGITS, SHAPES, SIZES
-from vllm_tokcomp.data.synth import make_questions, make_scene, render_scene, scene_caption
+from vllm_tokcomp.data.synth import DIGIT_LABEL, label_map, make_questions, make_scene, render_scene, scene_caption
 from vllm_tokcomp.tiny import llava as tiny
 
 MEAN = np.array(tiny.OPENAI_CLIP_MEAN, np.float32)
@@ -116,6 +122,46 @@ class CaptionEncoder(nn.Module):
         return self.norm((x * keep).sum(1) / keep.sum(1))
 
 
+# Per-patch targets: (name, classes); class 0 = nothing there.
+DENSE_TARGETS = (("color", len(COLORS) + 1), ("shape", len(SHAPES) + 1), ("digit", len(DIGITS) + 1),
+                 ("center_color", len(COLORS) + 1), ("center_shape", len(SHAPES) + 1))
+GRID = tiny.IMAGE_SIZE // tiny.PATCH_SIZE
+MIN_COVER = 30  # pixels of a 196-pixel patch an object must cover to label it
+
+
+def patch_labels(scene) -> np.ndarray:  # noqa: ANN001 - Scene
+    """``(576, len(DENSE_TARGETS))`` int64 targets in CLIP's patch order (row-major)."""
+    p = tiny.PATCH_SIZE
+    lab = label_map(scene).reshape(GRID, p, GRID, p).transpose(0, 2, 1, 3).reshape(GRID * GRID, p * p)
+    colors, shapes = list(COLORS), list(SHAPES)
+    out = np.zeros((GRID * GRID, len(DENSE_TARGETS)), np.int64)
+    for index in np.flatnonzero(lab.max(1) > 0):
+        values, counts = np.unique(lab[index][lab[index] > 0], return_counts=True)
+        if counts.max() < MIN_COVER:
+            continue
+        value = int(values[counts.argmax()])
+        if value == DIGIT_LABEL:
+            out[index, 2] = scene.digit + 1
+        else:
+            obj = scene.objects[value - 1]
+            out[index, 0], out[index, 1] = colors.index(obj.color) + 1, shapes.index(obj.shape) + 1
+    for obj in scene.objects:
+        index = (obj.y // p) * GRID + obj.x // p
+        out[index, 3], out[index, 4] = colors.index(obj.color) + 1, shapes.index(obj.shape) + 1
+    return out
+
+
+def sincos_positions(dim: int) -> torch.Tensor:
+    """2-D sine-cosine position table for CLS + 24 x 24 patches (CLS row zero), as in MAE."""
+    grid = np.arange(GRID, dtype=np.float32)
+    rows, cols = np.meshgrid(grid, grid, indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+    parts = [f(axis.reshape(-1, 1) * omega) for axis in (rows, cols) for f in (np.sin, np.cos)]
+    table = np.concatenate([np.zeros((1, dim), np.float32), np.concatenate(parts, 1)], 0)
+    return torch.from_numpy(table.astype(np.float32))
+
+
 class ClipHeads(nn.Module):
     def __init__(self, vision_dim: int, dim: int = 64) -> None:
         super().__init__()
@@ -123,27 +169,45 @@ class ClipHeads(nn.Module):
         self.image_proj = nn.Linear(vision_dim, dim, bias=False)
         self.text_proj = nn.Linear(dim, dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.dense = nn.ModuleList([nn.Linear(vision_dim, classes) for _, classes in DENSE_TARGETS])
 
 
-def clip_batch(seed: int, start: int, n: int) -> tuple[torch.Tensor, list[str]]:
-    images, captions = [], []
+def clip_batch(seed: int, start: int, n: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    images, captions, labels = [], [], []
     for index in range(start, start + n):
         scene = make_scene(scene_rng(seed, "train", index))
         images.append(pixels(render_scene(scene)))
         captions.append(scene_caption(scene))
-    return torch.stack(images), captions
+        labels.append(patch_labels(scene))
+    return torch.stack(images), captions, torch.from_numpy(np.stack(labels))
 
 
-def clip_loss(model: nn.Module, heads: ClipHeads, images: torch.Tensor, captions: list[str]) -> tuple:
+def clip_loss(
+    model: nn.Module, heads: ClipHeads, images: torch.Tensor, captions: list[str], labels: torch.Tensor,
+    dense_weight: float = 0.0,
+) -> tuple[torch.Tensor, float, dict[str, float]]:
     vision = model.model.vision_tower
-    cls = vision(pixel_values=images).pooler_output  # post_layernorm(CLS of the last layer)
+    out = vision(pixel_values=images, output_hidden_states=dense_weight > 0)
+    cls = out.pooler_output  # post_layernorm(CLS of the last layer)
     img = F.normalize(heads.image_proj(cls), dim=-1)
     txt = F.normalize(heads.text_proj(heads.text(captions)), dim=-1)
     logits = heads.logit_scale.clamp(max=math.log(100)).exp() * img @ txt.T
     target = torch.arange(len(captions))
     loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
     acc = (logits.argmax(1) == target).float().mean().item()
-    return loss, acc
+    dense_acc: dict[str, float] = {}
+    if dense_weight > 0:
+        features = out.hidden_states[tiny.VISION_FEATURE_LAYER][:, 1:]  # what the projector reads
+        for k, ((name, classes), head) in enumerate(zip(DENSE_TARGETS, heads.dense, strict=True)):
+            y = labels[..., k].reshape(-1)
+            pred = head(features).reshape(-1, classes)
+            weight = torch.ones(classes)
+            weight[0] = 0.2  # most patches are empty
+            loss = loss + dense_weight * F.cross_entropy(pred, y, weight=weight)
+            hit = y > 0
+            if hit.any():
+                dense_acc[name] = round((pred[hit].argmax(-1) == y[hit]).float().mean().item(), 3)
+    return loss, acc, dense_acc
 
 
 # ----------------------------------------------------------------------------- stage 2: QA
@@ -186,32 +250,55 @@ def dense_questions(scene, rng: np.random.Generator, k: int) -> list[dict]:  # n
 
 
 def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int) -> dict:
-    images, seqs = [], []
+    images, seqs, labels = [], [], []
     for index in range(start, start + n):
         rng = scene_rng(seed, "train", index)
         scene = make_scene(rng)
         images.append(pixels(render_scene(scene)))
         seqs.append(enc.conversation(dense_questions(scene, rng, per_image)))
+        labels.append(patch_labels(scene))
     length = max(len(s[0]) for s in seqs)
     input_ids = torch.full((n, length), tiny.PAD_TOKEN_ID, dtype=torch.long)
+    patch_targets = labels
     labels = torch.full((n, length), -100, dtype=torch.long)
     mask = torch.zeros((n, length), dtype=torch.long)
     for i, (ids, lab) in enumerate(seqs):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
-    return {"pixel_values": torch.stack(images), "input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    return {"pixel_values": torch.stack(images), "input_ids": input_ids, "labels": labels, "attention_mask": mask,
+            "patch_labels": torch.from_numpy(np.stack(patch_targets))}
 
 
-def qa_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    out = model.model(
-        input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
-    )
+def qa_loss(
+    model: nn.Module, batch: dict, heads: ClipHeads | None = None, dense_weight: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer-token loss; with ``dense_weight`` > 0 plus the per-patch label loss on the features the
+    projector reads (captured by a hook on the feature layer), so the tower keeps learning objects."""
+    captured: list[torch.Tensor] = []
+    handle = None
+    if dense_weight > 0:
+        layers = model.model.vision_tower.encoder.layers
+        handle = layers[tiny.VISION_FEATURE_LAYER].register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        out = model.model(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+        )
+    finally:
+        if handle is not None:
+            handle.remove()
     hidden = out.last_hidden_state[:, :-1]
     target = batch["labels"][:, 1:]
     sel = target != -100
     logits = model.lm_head(hidden[sel])
     loss = F.cross_entropy(logits, target[sel])
+    if dense_weight > 0:
+        features = captured[0][:, 1:]
+        for k, ((_name, classes), head) in enumerate(zip(DENSE_TARGETS, heads.dense, strict=True)):
+            weight = torch.ones(classes)
+            weight[0] = 0.2
+            y = batch["patch_labels"][..., k].reshape(-1)
+            loss = loss + dense_weight * F.cross_entropy(head(features).reshape(-1, classes), y, weight=weight)
     return loss, (logits.argmax(-1) == target[sel])
 
 
@@ -257,10 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-steps", type=int, default=200)
     parser.add_argument("--clip-batch", type=int, default=32)
     parser.add_argument("--clip-lr", type=float, default=1e-3)
+    parser.add_argument("--dense-weight", type=float, default=0.0, help="weight of the per-patch label loss")
+    parser.add_argument("--sincos-positions", action="store_true", help="start position embeddings from 2-D sin-cos")
     parser.add_argument("--qa-steps", type=int, default=1000)
     parser.add_argument("--qa-batch", type=int, default=8)
     parser.add_argument("--qa-lr", type=float, default=1e-3)
     parser.add_argument("--tower-lr-scale", type=float, default=0.3)
+    parser.add_argument("--qa-dense-weight", type=float, default=0.0, help="keep the per-patch loss during QA")
     parser.add_argument("--questions-per-image", type=int, default=6)
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
@@ -272,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "log.jsonl", "a")
     model = build_model()
+    if args.sincos_positions:
+        with torch.no_grad():
+            table = model.model.vision_tower.embeddings.position_embedding.weight
+            table.copy_(sincos_positions(table.shape[1]))
     vision_dim = model.config.vision_config.hidden_size
     heads = ClipHeads(vision_dim)
     enc = QAEncoder()
@@ -285,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             {"params": [p for p in model.parameters() if id(p) in tower], "scale": args.tower_lr_scale},
             {"params": [p for p in model.parameters() if id(p) not in tower], "scale": 1.0},
+            {"params": list(heads.dense.parameters()), "scale": 1.0},
         ],
         lr=args.qa_lr,
         weight_decay=0.0,
@@ -294,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(ck["model"])
         heads.load_state_dict(ck["heads"])
         clip_opt.load_state_dict(ck["clip_opt"])
-        qa_opt.load_state_dict(ck["qa_opt"])
         stage, step = ck["stage"], ck["step"]
+        if stage == "qa" and step > 0:  # before that the QA optimizer holds nothing worth restoring
+            qa_opt.load_state_dict(ck["qa_opt"])
         print(f"resumed at {stage} step {step}", flush=True)
 
     def checkpoint() -> None:
@@ -308,15 +404,15 @@ def main(argv: list[str] | None = None) -> int:
         while step < args.clip_steps:
             for group in clip_opt.param_groups:
                 group["lr"] = lr_at(step, args.clip_steps, args.clip_lr, 20)
-            images, captions = clip_batch(args.seed, 10_000_000 + step * args.clip_batch, args.clip_batch)
-            loss, acc = clip_loss(model, heads, images, captions)
+            images, captions, labels = clip_batch(args.seed, 10_000_000 + step * args.clip_batch, args.clip_batch)
+            loss, acc, dense_acc = clip_loss(model, heads, images, captions, labels, args.dense_weight)
             clip_opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(clip_opt.param_groups[0]["params"], 1.0)
             clip_opt.step()
             step += 1
             rec = {"stage": "clip", "step": step, "loss": round(loss.item(), 4), "acc": round(acc, 3),
-                   "s": round(time.perf_counter() - t0, 1)}
+                   "dense_acc": dense_acc, "s": round(time.perf_counter() - t0, 1)}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             if step % 10 == 0:
@@ -331,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in qa_opt.param_groups:
             group["lr"] = lr_at(step, args.qa_steps, args.qa_lr, 30) * group["scale"]
         batch = qa_batch(enc, args.seed, step * args.qa_batch, args.qa_batch, args.questions_per_image)
-        loss, hits = qa_loss(model, batch)
+        loss, hits = qa_loss(model, batch, heads, args.qa_dense_weight)
         qa_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
