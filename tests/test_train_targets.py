@@ -1,0 +1,51 @@
+"""The training script's per-patch targets: the label map matches the rendered pixels, and patch labels name
+the object covering each 14 x 14 patch (the supervision the tower is pre-trained with)."""
+
+import numpy as np
+import torch
+
+from vllm_tokcomp.data.generate import scene_rng
+from vllm_tokcomp.data.spec import COLORS, SHAPES
+from vllm_tokcomp.data.synth import Obj, Scene, label_map, make_scene, render_scene
+from vllm_tokcomp.train.llava import DENSE_TARGETS, patch_labels, sincos_positions
+
+
+def _plain(objects, digit=None, digit_xy=None):
+    params = {"c1": (90, 90, 90), "c2": (90, 90, 90), "dir": 0, "period": 8, "noise_seed": 0}
+    return Scene("plain", objects, digit, digit_xy, params)
+
+
+def test_label_map_covers_exactly_the_painted_pixels():
+    for index in range(20):
+        scene = make_scene(scene_rng(0, "train", index))
+        if scene.background != "plain":
+            continue
+        pixels, labels = np.asarray(render_scene(scene)), label_map(scene)
+        for i, obj in enumerate(scene.objects):
+            painted = (pixels == np.array(COLORS[obj.color])).all(-1)
+            assert painted[labels == i + 1].all()  # every labelled pixel shows the object's colour
+            assert not (painted & (labels == 0)).any()  # and no pixel of that colour is left unlabelled
+            assert (labels == i + 1).any()
+
+
+def test_patch_labels_name_the_object_under_each_patch():
+    square = Obj("square", "blue", "large", x=7 * 14 + 7, y=5 * 14 + 7)  # centred on patch (row 5, col 7)
+    circle = Obj("circle", "red", "small", x=20 * 14, y=18 * 14)
+    scene = _plain([square, circle], digit=7, digit_xy=(14 * 14, 2 * 14))
+    labels = patch_labels(scene)
+    names = [name for name, _ in DENSE_TARGETS]
+    colour, shape, digit, centre_colour, centre_shape = (names.index(n) for n in
+                                                         ("color", "shape", "digit", "center_color", "center_shape"))
+    at = 5 * 24 + 7
+    assert labels[at, colour] == list(COLORS).index("blue") + 1 and labels[at, shape] == SHAPES.index("square") + 1
+    assert labels[at, centre_shape] == SHAPES.index("square") + 1
+    assert labels[0, colour] == labels[0, shape] == labels[0, digit] == 0  # empty corner
+    assert labels[2 * 24 + 14, digit] == 7 + 1  # the digit box's top-left patch
+    assert (labels[:, centre_colour] > 0).sum() == 2  # one centre patch per object
+    assert labels[(18 * 14) // 14 * 24 + (20 * 14) // 14, centre_colour] == list(COLORS).index("red") + 1
+
+
+def test_sincos_positions_are_distinct_per_patch():
+    table = sincos_positions(64)
+    assert table.shape == (577, 64) and torch.count_nonzero(table[0]) == 0
+    assert len({tuple(row.tolist()) for row in table[1:]}) == 576
