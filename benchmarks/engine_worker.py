@@ -74,7 +74,7 @@ def main() -> None:
         disable_log_stats=False,  # fills RequestOutput.metrics
         enable_prefix_caching=False,  # repeated images must cost the same in every arm
         mm_processor_cache_gb=0,
-        limit_mm_per_prompt={"image": 1},
+        limit_mm_per_prompt=job.get("limit_mm_per_prompt", {"image": 1}),
         **engine,
     )
     installed = llm.collective_rpc("tokcomp_bench_install")[0]
@@ -93,7 +93,7 @@ def main() -> None:
         "async_scheduling": async_scheduling,
         "plugins_env": os.environ.get("VLLM_PLUGINS"),
     }
-    prompt = llava_prompt(job["question"])
+    prompt = job.get("prompt") or llava_prompt(job["question"])
     params = SamplingParams(max_tokens=job["output_len"], min_tokens=job["output_len"], ignore_eos=True,
                             temperature=0.0)
     images: dict[int, object] = {}

@@ -1,6 +1,8 @@
 """Model shapes for the benchmarks, written locally (nothing is downloaded).
 
 * ``tiny``: the bundled tiny LLaVA (``vllm_tokcomp.tiny.llava``), real random weights. CI smoke.
+* ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl``: the bundled tiny Qwen builders (``vllm_tokcomp.tiny.qwen2_vl``);
+  a 336 x 336 image is 144 LM tokens there. Only the fixed-layout methods are served on Qwen.
 * ``llava-proportioned``: a CPU-sized LLaVA-1.5 whose vision encoder costs about 4 % of the
   LM's prefill FLOPs for 576 + 64 tokens, as in LLaVA-1.5-7B (CLIP ViT-L/14-336 vs Vicuna-7B:
   4.6 % by :func:`flops`). Widths keep LLaVA's 1 : 4 vision : LM ratio, every head is 64 wide.
@@ -31,7 +33,8 @@ from pathlib import Path
 
 from vllm_tokcomp.tiny.llava import default_model_dir, ensure_default_model
 
-MODEL_PRESETS = ("tiny", "llava-proportioned", "llava-1.5-7b", "clip-l-encoder")
+MODEL_PRESETS = ("tiny", "llava-proportioned", "llava-1.5-7b", "clip-l-encoder", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
+QWEN_PRESETS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}  # the bundled tiny Qwen builders
 RANDOM_INIT_PRESETS = frozenset({"clip-l-encoder"})  # weights written from transformers' init, see above
 SHAPES_VERSION = 1
 
@@ -163,6 +166,10 @@ def resolve_model(preset_or_path: str) -> tuple[Path, str, dict]:
     """(model directory, load_format, info) for a preset name or a model directory."""
     if preset_or_path == "tiny":
         path, load_format = ensure_default_model(), "auto"
+    elif preset_or_path in QWEN_PRESETS:
+        from vllm_tokcomp.tiny import qwen2_vl
+
+        path, load_format = qwen2_vl.ensure_default_model(QWEN_PRESETS[preset_or_path]), "auto"
     elif preset_or_path in SHAPES:
         path = _write_model(preset_or_path, SHAPES[preset_or_path])
         load_format = "auto" if preset_or_path in RANDOM_INIT_PRESETS else "dummy"
@@ -171,13 +178,56 @@ def resolve_model(preset_or_path: str) -> tuple[Path, str, dict]:
         if not (path / "config.json").is_file():
             raise SystemExit(f"--model: {preset_or_path!r} is neither a preset ({', '.join(MODEL_PRESETS)}) "
                              "nor a model directory")
-    info: dict = {"preset": preset_or_path if preset_or_path in SHAPES else None, "path": str(path),
+    info: dict = {"preset": preset_or_path if preset_or_path in MODEL_PRESETS else None, "path": str(path),
                   "load_format": load_format}
+    info["image_tokens"] = full_image_tokens(path)
+    info["family"] = "qwen2_vl" if is_qwen_vl(path) else "llava"
     shape = SHAPES.get(preset_or_path) or shape_from_config(path)
     if shape is not None:
         info["shape"] = asdict(shape)
         info["flops_per_request"] = flops(shape)
     return path, load_format, info
+
+
+def is_qwen_vl(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("model_type") in ("qwen2_vl", "qwen2_5_vl")
+
+
+def full_image_tokens(path: Path, image_size: int = IMAGE_SIZE) -> int:
+    """LM tokens of one uncompressed ``image_size`` x ``image_size`` benchmark image for this model:
+    LLaVA-1.5 ``(image_size / patch)^2``; Qwen2-VL from its image processor (grid / merge^2)."""
+    if is_qwen_vl(path):
+        from PIL import Image
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(path))
+        grid = processor.image_processor(Image.new("RGB", (image_size, image_size)), return_tensors="pt")
+        merge = processor.image_processor.merge_size
+        return int(grid["image_grid_thw"][0].prod()) // (merge * merge)
+    vision = json.loads((path / "config.json").read_text())["vision_config"]
+    return (vision.get("image_size", IMAGE_SIZE) // vision.get("patch_size", PATCH_SIZE)) ** 2
+
+
+def image_prompt(path: Path, question: str) -> str:
+    """The single-image prompt for ``question``: LLaVA-1.5's (vicuna_v1), or the model's own chat template."""
+    if not is_qwen_vl(path):
+        from benchmarks.common import llava_prompt
+
+        return llava_prompt(question)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(path))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def mm_limits(path: Path) -> dict[str, int]:
+    """``limit_mm_per_prompt``: one image (and no video profiling for video-capable Qwen models)."""
+    return {"image": 1, "video": 0} if is_qwen_vl(path) else {"image": 1}
 
 
 def shape_from_config(path: Path) -> Shape | None:

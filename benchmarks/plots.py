@@ -47,6 +47,7 @@ def plot_throughput(result: dict, path: Path) -> Path:
     groups = _by_method(result["arms"])
     budgets = sorted({a["budget"] for a in result["arms"] if a.get("budget")})
     text = result["text_tokens"]
+    full = result["model"].get("image_tokens", FULL_IMAGE_TOKENS)
     memory = result["benchmark"] == "memory_bound"
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     title = result["model"].get("preset") or Path(result["model"]["path"]).name
@@ -58,9 +59,8 @@ def plot_throughput(result: dict, path: Path) -> Path:
         _reference_lines(left, arms, lambda a: a["steps"]["max_running"])
         if base and budgets:
             dense = _dense(budgets)
-            goal = [0.95 * (text + FULL_IMAGE_TOKENS) / (text + min(b, FULL_IMAGE_TOKENS))
-                    * base["steps"]["max_running"] for b in dense]
-            left.plot(dense, goal, color="tab:red", linewidth=1, label="goal 0.95·(t+576)/(t+b)·plain")
+            goal = [0.95 * (text + full) / (text + min(b, full)) * base["steps"]["max_running"] for b in dense]
+            left.plot(dense, goal, color="tab:red", linewidth=1, label=f"goal 0.95·(t+{full})/(t+b)·plain")
         left.set_ylabel("max concurrently running requests")
         left.set_title(f"{title}: fixed KV cache ({result['engines'].get('plugin', {}).get('num_kv_blocks')} blocks)")
     else:
@@ -70,7 +70,7 @@ def plot_throughput(result: dict, path: Path) -> Path:
         if base and budgets:
             dense = _dense(budgets)
             share = base["time"]["encoder_share"]
-            ratio = [(text + min(b, FULL_IMAGE_TOKENS)) / (text + FULL_IMAGE_TOKENS) for b in dense]
+            ratio = [(text + min(b, full)) / (text + full) for b in dense]
             left.plot(dense, [base["requests_per_s"] * amdahl_speedup(share, r) for r in ratio], color="tab:red",
                       linewidth=1.2, label=f"Amdahl bound (encoder share {100 * share:.1f}%)")
             t = base["time"]

@@ -71,6 +71,8 @@ def _model_line(result: dict) -> str:
         )
     if flops:
         parts.append(f"encoder/LM-prefill FLOPs at 576+64 tokens: {_pct(flops['encoder_over_lm_prefill'], 1)}")
+    if model.get("image_tokens") not in (None, 576):
+        parts.append(f"{model['image_tokens']} LM tokens per uncompressed image")
     return ", ".join(parts)
 
 
@@ -79,6 +81,7 @@ def throughput_markdown(result: dict, level: int = 3) -> str:
     cfg = result["config"]
     eng = result.get("engines", {}).get("plugin") or next(iter(result.get("engines", {}).values()), {})
     memory = result["benchmark"] == "memory_bound"
+    full = result["model"].get("image_tokens", 576)
     title = "Memory-bound regime (fixed small KV cache)" if memory else "Offline throughput"
     lines = [
         f"{h} {title}: {result['model'].get('preset') or result['model'].get('path')}",
@@ -94,7 +97,7 @@ def throughput_markdown(result: dict, level: int = 3) -> str:
     ]
     if memory:
         lines += [
-            "| arm | prompt tok | KV blocks/req | max running | goal ≥ 0.95·(t+576)/(t+b)·plain | met | "
+            f"| arm | prompt tok | KV blocks/req | max running | goal ≥ 0.95·(t+{full})/(t+b)·plain | met | "
             "KV-block ratio | preemptions | req/s | speedup |",
             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
         ]
@@ -144,7 +147,7 @@ def throughput_markdown(result: dict, level: int = 3) -> str:
         lines += [
             "",
             "Speedup and bounds are against the plain-vLLM arm of the same run. Amdahl bound: "
-            "1 / (s + (1 - s)·(t+b)/(t+576)) x plain req/s, s = plain's measured encoder share of wall time "
+            f"1 / (s + (1 - s)·(t+b)/(t+{full})) x plain req/s, s = plain's measured encoder share of wall time "
             "(everything but the encoder shrinks with the LM tokens). Phase-aware: only plain's LM-prefill time "
             "shrinks, decode and the rest stay. Encoder / LM prefill / decode / other: shares of the arm's wall "
             "time (encoder = `embed_multimodal` incl. compression; LM prefill = engine time of steps with prompt "
@@ -160,6 +163,7 @@ def throughput_markdown(result: dict, level: int = 3) -> str:
 
 def goals_markdown(result: dict) -> str:
     g = result.get("goals", {})
+    full = result["model"].get("image_tokens", 576)
     out = ["Goals:"]
     if "kv_blocks_exact" in g:
         out.append(f"- KV blocks per request = ceil((prompt + output - 1) / block) and prompt = text + budget, "
@@ -173,7 +177,7 @@ def goals_markdown(result: dict) -> str:
                    f"compression {_pct(d['compression_share'], 2)} of wall time (goal ≤ 2%: "
                    f"{_yes(d['compression_met'])})")
     if "memory_bound_concurrency" in g:
-        out.append(f"- max concurrent ≥ 0.95·(t+576)/(t+b)·plain for every compressed arm: "
+        out.append(f"- max concurrent ≥ 0.95·(t+{full})/(t+b)·plain for every compressed arm: "
                    f"{_yes(g['memory_bound_concurrency']['met'])}")
     return "\n".join(out)
 

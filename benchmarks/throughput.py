@@ -44,7 +44,7 @@ if __package__ in (None, ""):
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import OFF, PLAIN, PROGRESS_PREFIX, STEP_LOG_ENV, Arm  # noqa: E402
-from benchmarks.models import MODEL_PRESETS, resolve_model  # noqa: E402
+from benchmarks.models import MODEL_PRESETS, image_prompt, mm_limits, resolve_model  # noqa: E402
 
 MEMORY_BOUND_BLOCK_SIZE = {"cpu": 32, "cuda": 16}  # vLLM's CPU attention needs multiples of 32
 
@@ -163,6 +163,8 @@ def run_engine(name: str, batches: list[dict], args: argparse.Namespace, model: 
         "model": str(model),
         "engine": ekwargs,
         "question": args.question,
+        "prompt": image_prompt(model, args.question),
+        "limit_mm_per_prompt": mm_limits(model),
         "output_len": args.output_len,
         "batches": batches,
         "out": str(workdir / f"{tag}.result.json"),
@@ -234,7 +236,7 @@ def _steps_summary(steps: list[dict]) -> dict:
     }
 
 
-def analyse_arm(arm: Arm, batches: list[dict], output_len: int) -> dict:
+def analyse_arm(arm: Arm, batches: list[dict], output_len: int, full: int = common.FULL_IMAGE_TOKENS) -> dict:
     requests = [r for b in batches for r in b["requests"]]
     kv = [k for b in batches for k in b["kv"]]
     steps = [s for b in batches for s in b["steps"]]
@@ -249,7 +251,7 @@ def analyse_arm(arm: Arm, batches: list[dict], output_len: int) -> dict:
     lm_prefill_s = max(st["prefill_step_s"] - enc_s, 0.0)
     other_s = max(wall - st["exec_s"], 0.0)
     block_size = kv[0]["block_size"] if kv else None
-    expected_image = arm.image_tokens()
+    expected_image = arm.image_tokens(full)
     kv_rows = []
     for record in kv:
         expected_blocks = math.ceil((record["prompt_tokens"] + record["output_tokens"] - 1) / record["block_size"])
@@ -314,14 +316,15 @@ def analyse(arms: list[Arm], engine_results: list[dict], args: argparse.Namespac
         for batch in result["batches"]:
             if batch["timed"]:
                 timed[batch["arm"]].append(batch)
+    full = getattr(args, "full_image_tokens", common.FULL_IMAGE_TOKENS)
     text_tokens = None
     for ref in (PLAIN, OFF):
         for batch in timed.get(ref, []):
-            text_tokens = batch["requests"][0]["prompt_tokens"] - common.FULL_IMAGE_TOKENS
+            text_tokens = batch["requests"][0]["prompt_tokens"] - full
             break
         if text_tokens is not None:
             break
-    rows = {a.name: analyse_arm(a, timed[a.name], args.output_len) for a in arms if timed[a.name]}
+    rows = {a.name: analyse_arm(a, timed[a.name], args.output_len, full) for a in arms if timed[a.name]}
     if text_tokens is None:  # no uncompressed arm: infer from a compressed one
         for row in rows.values():
             text_tokens = row["prompt_tokens"][0] - row["image_tokens"]
@@ -329,16 +332,16 @@ def analyse(arms: list[Arm], engine_results: list[dict], args: argparse.Namespac
     baseline = rows.get(PLAIN) or rows.get(OFF)
     for row in rows.values():
         row["kv"]["prompt_is_text_plus_budget"] = row["prompt_tokens"] == [text_tokens + row["image_tokens"]]
-        add_bounds(row, baseline, text_tokens)
-    goals = evaluate_goals(rows, text_tokens, args)
+        add_bounds(row, baseline, text_tokens, full)
+    goals = evaluate_goals(rows, text_tokens, args, full)
     return {"text_tokens": text_tokens, "arms": list(rows.values()), "goals": goals}
 
 
-def add_bounds(row: dict, base: dict | None, text_tokens: int) -> None:
+def add_bounds(row: dict, base: dict | None, text_tokens: int, full: int = common.FULL_IMAGE_TOKENS) -> None:
     """Amdahl bound from the baseline's measured encoder share, and a phase-aware bound."""
     if base is None or not base.get("requests_per_s"):
         return
-    ratio = (text_tokens + row["image_tokens"]) / (text_tokens + common.FULL_IMAGE_TOKENS)
+    ratio = (text_tokens + row["image_tokens"]) / (text_tokens + full)
     t = base["time"]
     wall = base["wall_s"]
     share = t["encoder_share"]
@@ -360,7 +363,9 @@ def add_bounds(row: dict, base: dict | None, text_tokens: int) -> None:
     }
 
 
-def evaluate_goals(rows: dict, text_tokens: int, args: argparse.Namespace) -> dict:
+def evaluate_goals(
+    rows: dict, text_tokens: int, args: argparse.Namespace, full: int = common.FULL_IMAGE_TOKENS
+) -> dict:
     goals: dict = {}
     goals["kv_blocks_exact"] = {
         "met": all(r["kv"]["exact"] and r["kv"]["prompt_is_text_plus_budget"] for r in rows.values()),
@@ -395,7 +400,7 @@ def evaluate_goals(rows: dict, text_tokens: int, args: argparse.Namespace) -> di
         for r in rows.values():
             if r["method"] is None or base is None:
                 continue
-            target = 0.95 * (text_tokens + 576) / (text_tokens + r["image_tokens"]) * base["steps"]["max_running"]
+            target = 0.95 * (text_tokens + full) / (text_tokens + r["image_tokens"]) * base["steps"]["max_running"]
             blocks_base = base["kv"]["mean_blocks_per_request"]
             blocks_arm = r["kv"]["mean_blocks_per_request"]
             detail[r["name"]] = {
@@ -404,7 +409,7 @@ def evaluate_goals(rows: dict, text_tokens: int, args: argparse.Namespace) -> di
                 "target": target,
                 "met": r["steps"]["max_running"] >= target,
                 "ratio": r["steps"]["max_running"] / base["steps"]["max_running"],
-                "token_ratio": (text_tokens + 576) / (text_tokens + r["image_tokens"]),
+                "token_ratio": (text_tokens + full) / (text_tokens + r["image_tokens"]),
                 "kv_block_ratio": blocks_base / blocks_arm if blocks_arm else None,
                 "capped_by_requests": r["steps"]["max_running"] >= r["requests"] / max(r["batches"], 1),
                 "capped_by_max_num_seqs": r["steps"]["max_running"] >= args.max_num_seqs,
@@ -430,6 +435,7 @@ def reanalyse(args: argparse.Namespace) -> dict:
     args.mode, args.output_len = cfg["mode"], cfg["output_len"]
     args.max_num_seqs = cfg["engine_kwargs"]["max_num_seqs"]
     arms = [Arm.from_dict(a) for a in old["arms"]]
+    args.full_image_tokens = old["model"].get("image_tokens", common.FULL_IMAGE_TOKENS)
     results = []
     for entry in old["rounds"]:
         path = Path(args.workdir) / f"r{entry['round']}-{entry['engine']}.result.json"
@@ -463,12 +469,13 @@ def main(argv: list[str] | None = None, mode_default: str = "throughput") -> dic
     per_round = max(1, math.ceil(args.num_requests / args.rounds))
     arms = common.make_arms(methods, budgets, plain=not args.no_plain, off=not args.no_off)
     model_path, load_format, model_info = resolve_model(args.model)
+    args.full_image_tokens = model_info["image_tokens"]
     text_estimate = None
     if memory_bound:
         args.block_size = args.block_size or MEMORY_BOUND_BLOCK_SIZE["cpu" if is_cpu_build() else "cuda"]
         if args.num_kv_blocks is None:
             text_estimate = _count_text_tokens(model_path, args.question)
-            per_plain = math.ceil((text_estimate + common.FULL_IMAGE_TOKENS + args.output_len - 1) / args.block_size)
+            per_plain = math.ceil((text_estimate + args.full_image_tokens + args.output_len - 1) / args.block_size)
             args.num_kv_blocks = max(args.plain_fit * per_plain, math.ceil(args.max_model_len / args.block_size))
     ekwargs = engine_kwargs(args, load_format)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tokcomp-bench-"))
@@ -530,8 +537,8 @@ def _count_text_tokens(model_path: Path, question: str) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    ids = tokenizer(common.llava_prompt(question), add_special_tokens=False)["input_ids"]
-    return len(ids) - 1
+    ids = tokenizer(image_prompt(model_path, question), add_special_tokens=False)["input_ids"]
+    return len(ids) - 1  # the one image placeholder
 
 
 if __name__ == "__main__":

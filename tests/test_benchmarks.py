@@ -294,3 +294,16 @@ def test_mustdrop_auto_compares_both_counts_on_real_images(tmp_path):
     # 64 windows of 3x3: merging every one of them still leaves 64 tokens.
     assert all(row["threshold_form"] >= 64 for row in result["rows"])
     assert "| all | 2 |" in out.with_suffix(".md").read_text()
+
+
+def test_models_know_their_image_tokens_and_prompt():
+    from benchmarks import models
+
+    llava, _, llava_info = models.resolve_model("tiny")
+    qwen, _, qwen_info = models.resolve_model("tiny-qwen2-vl")
+    assert llava_info["image_tokens"] == 576 and llava_info["family"] == "llava"
+    assert qwen_info["image_tokens"] == 144 and qwen_info["family"] == "qwen2_vl"  # 336 px -> 12 x 12 merged
+    assert models.image_prompt(llava, "Q?") == common.llava_prompt("Q?")
+    prompt = models.image_prompt(qwen, "What is it?")
+    assert prompt.count("<|image_pad|>") == 1 and "What is it?" in prompt
+    assert models.mm_limits(qwen) == {"image": 1, "video": 0} and models.mm_limits(llava) == {"image": 1}
