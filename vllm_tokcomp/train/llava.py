@@ -65,8 +65,15 @@ def build_model() -> nn.Module:
     config = tiny._make_config()
     config.dtype = torch.float32
     model = LlavaForConditionalGeneration(config)
-    state = {k: v.float() for k, v in tiny.random_state_dict(0).items()}
-    # transformers names <- llava-hf names
+    load_llava_hf_state(model, tiny.random_state_dict(0))
+    with torch.no_grad():  # a trainable start for the LM head (the random init has logits of std 8)
+        gen = torch.Generator().manual_seed(1)
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.02)
+    return model
+
+
+def load_llava_hf_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a state dict in llava-hf names (what the bundled weights use) into transformers' model."""
     mapped = {}
     for key, value in state.items():
         if key.startswith("language_model.model."):
@@ -77,14 +84,10 @@ def build_model() -> nn.Module:
             key = "model.vision_tower." + key[len("vision_tower.vision_model."):]
         else:
             key = "model." + key
-        mapped[key] = value
+        mapped[key] = value.float()
     missing, unexpected = model.load_state_dict(mapped, strict=False)
     if unexpected or [m for m in missing if "position_ids" not in m]:
         raise RuntimeError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
-    with torch.no_grad():  # a trainable start for the LM head (the random init has logits of std 8)
-        gen = torch.Generator().manual_seed(1)
-        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.02)
-    return model
 
 
 def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -341,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.train.llava", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0, help="data seed (training split of the generator)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start a fresh run from these weights (safetensors, llava-hf names), e.g. a pre-trained "
+                        "tower; with --clip-steps 0 it goes straight to QA")
     parser.add_argument("--clip-steps", type=int, default=200)
     parser.add_argument("--clip-batch", type=int, default=32)
     parser.add_argument("--clip-lr", type=float, default=1e-3)
@@ -362,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "log.jsonl", "a")
     model = build_model()
-    if args.sincos_positions:
+    if args.init is not None and not (args.out / "ckpt.pt").exists():
+        load_llava_hf_state(model, tiny.load_external_weights(args.init))
+    elif args.sincos_positions:
         with torch.no_grad():
             table = model.model.vision_tower.embeddings.position_embedding.weight
             table.copy_(sincos_positions(table.shape[1]))
