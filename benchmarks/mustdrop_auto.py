@@ -31,14 +31,15 @@ from vllm_tokcomp.data.generate import scene_rng  # noqa: E402
 from vllm_tokcomp.data.synth import make_scene, render_scene  # noqa: E402
 from vllm_tokcomp.methods import VisualTokens  # noqa: E402
 from vllm_tokcomp.methods.mustdrop import MustDropStage1  # noqa: E402
-from vllm_tokcomp.methods.redundancy import adaptive_budget  # noqa: E402
+from vllm_tokcomp.methods.redundancy import ESTIMATORS, adaptive_budget  # noqa: E402
 
 FULL = 576
 
 
-def counts_for_image(image, processor, tower, *, threshold: float, window: int) -> tuple[int, int]:  # noqa: ANN001
+def counts_for_image(image, processor, tower, *, threshold: float, window: int) -> tuple[dict, int]:  # noqa: ANN001
     pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"]
-    auto = adaptive_budget(pixels[0], FULL, threshold=threshold, window=window)
+    auto = {name: adaptive_budget(pixels[0], FULL, threshold=threshold, window=window, estimator=name)
+            for name in ESTIMATORS}
     with torch.no_grad():
         hidden = tower(pixel_values=pixels.to(tower.dtype), output_hidden_states=True).hidden_states[1]
     patches = hidden[0, 1:].float()  # output of the first layer, CLS dropped
@@ -54,8 +55,8 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
     return statistics.correlation(xs, ys)
 
 
-def summarise(rows: list[dict]) -> dict:
-    auto = [r["auto"] for r in rows]
+def summarise(rows: list[dict], estimator: str) -> dict:
+    auto = [r["auto"][estimator] for r in rows]
     thr = [r["threshold_form"] for r in rows]
     diff = [a - t for a, t in zip(auto, thr, strict=True)]
     return {
@@ -74,16 +75,18 @@ def markdown(result: dict) -> str:
         f"Model `{result['model_name']}`, {result['images']} test-split images, threshold {result['threshold']}, "
         f"window {result['window']}. Tokens kept of 576 (lower = more merged).",
         "",
-        "| images | n | auto (pixels) mean | threshold form (layer-1 features) mean | auto - threshold "
-        "| mean abs diff | within 10 % | Pearson r |",
-        "|---|---|---|---|---|---|---|---|",
+        "| images | n | estimator | auto (pixels) mean | threshold form (layer-1 features) mean "
+        "| auto - threshold | mean abs diff | within 10 % | Pearson r |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, s in result["summary"].items():
-        r = "n/a" if s["pearson"] is None else f"{s['pearson']:.2f}"
-        lines.append(
-            f"| {name} | {s['images']} | {s['auto_mean']:.1f} | {s['threshold_form_mean']:.1f} "
-            f"| {s['mean_difference']:+.1f} | {s['mean_abs_difference']:.1f} | {s['within_10_percent']:.0%} | {r} |"
-        )
+    for name, by_estimator in result["summary"].items():
+        for estimator, s in by_estimator.items():
+            r = "n/a" if s["pearson"] is None else f"{s['pearson']:.2f}"
+            lines.append(
+                f"| {name} | {s['images']} | {estimator} | {s['auto_mean']:.1f} | {s['threshold_form_mean']:.1f} "
+                f"| {s['mean_difference']:+.1f} | {s['mean_abs_difference']:.1f} | {s['within_10_percent']:.0%} "
+                f"| {r} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     groups = defaultdict(list)
     for row in rows:
         groups[row["background"]].append(row)
-    summary = {"all": summarise(rows), **{k: summarise(v) for k, v in sorted(groups.items())}}
+    summary = {name: {e: summarise(group, e) for e in ESTIMATORS}
+               for name, group in [("all", rows), *sorted(groups.items())]}
     result = {
         "benchmark": "mustdrop_auto",
         "created": common.timestamp(),

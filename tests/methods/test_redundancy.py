@@ -28,3 +28,22 @@ def test_a_window_split_between_two_flat_colours_is_not_redundant():
     pixels[:, 0:42, 21:42] = -1.0
     pixels[:, 42:56, 0:42] = 1.0
     assert redundant_window_savings(pixels) == 0
+
+
+def test_texture_estimator_merges_noise_of_one_colour_but_not_edges():
+    from vllm_tokcomp.methods.redundancy import texture_window_savings
+
+    noisy = 0.3 + 0.3 * _noise(3)  # one colour with pixel noise: every window looks alike by texture
+    assert texture_window_savings(noisy) == 64 * 8
+    assert adaptive_budget(noisy, 576) == 576  # the cosine estimator sees no redundancy in noise
+    assert adaptive_budget(noisy, 576, estimator="texture") == 64
+    split = noisy.clone()
+    split[:, :, 0:21] -= 1.5  # a colour edge through the middle of the first column of windows
+    assert texture_window_savings(split) == 64 * 8 - 8 * 8
+
+
+def test_unknown_estimator_is_an_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="estimator"):
+        adaptive_budget(_noise(), 576, estimator="psychic")

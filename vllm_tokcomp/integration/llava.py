@@ -126,7 +126,8 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
             spec = spec.for_item(grid * grid)
         if spec is not None and spec.budget == AUTO:
             knobs = {k: v for k, v in spec.options if k in ("threshold", "window")}
-            budget = adaptive_budget(pixels, grid * grid, patch=vision.patch_size, **knobs)
+            estimator = dict(spec.options).get("auto_estimator", "cosine")
+            budget = adaptive_budget(pixels, grid * grid, patch=vision.patch_size, estimator=estimator, **knobs)
             spec = dataclasses.replace(spec, budget=budget)
         return settings.encode(spec)
 

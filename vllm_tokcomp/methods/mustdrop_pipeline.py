@@ -40,6 +40,7 @@ class MustDrop(Compressor):
     individual_threshold: float = 0.01
     stage1: bool = True
     stage2: bool = True
+    auto_estimator: str = "cosine"  # how tokcomp_budget "auto" estimates stage-1 savings from pixels (redundancy.py)
 
     name = "mustdrop"
     paper = "MustDrop (multi-stage vision token dropping), Liu et al., arXiv:2411.10803"
@@ -55,6 +56,10 @@ class MustDrop(Compressor):
         for name in ("stage1", "stage2"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        from .redundancy import ESTIMATORS
+
+        if self.auto_estimator not in ESTIMATORS:
+            raise ValueError(f"auto_estimator must be one of {', '.join(ESTIMATORS)}, got {self.auto_estimator!r}")
 
     def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:
         n = tokens.num_tokens
