@@ -252,13 +252,19 @@ def dense_questions(scene, rng: np.random.Generator, k: int) -> list[dict]:  # n
     return out
 
 
-def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int) -> dict:
+CAPTION_QUESTION = "Describe the image."
+
+
+def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, caption: bool = False) -> dict:
     images, seqs, labels = [], [], []
     for index in range(start, start + n):
         rng = scene_rng(seed, "train", index)
         scene = make_scene(rng)
         images.append(pixels(render_scene(scene)))
-        seqs.append(enc.conversation(dense_questions(scene, rng, per_image)))
+        qas = dense_questions(scene, rng, per_image)
+        if caption:  # LLaVA's alignment task as a first turn: every object, so every image token matters
+            qas = [{"question": CAPTION_QUESTION, "answer": scene_caption(scene)}, *qas]
+        seqs.append(enc.conversation(qas))
         labels.append(patch_labels(scene))
     length = max(len(s[0]) for s in seqs)
     input_ids = torch.full((n, length), tiny.PAD_TOKEN_ID, dtype=torch.long)
@@ -356,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qa-batch", type=int, default=8)
     parser.add_argument("--qa-lr", type=float, default=1e-3)
     parser.add_argument("--tower-lr-scale", type=float, default=0.3)
+    parser.add_argument("--caption-turn", action="store_true", help="start each QA conversation with a caption turn")
     parser.add_argument("--qa-dense-weight", type=float, default=0.0, help="keep the per-patch loss during QA")
     parser.add_argument("--questions-per-image", type=int, default=6)
     parser.add_argument("--save-every", type=int, default=25)
@@ -434,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     while step < args.qa_steps:
         for group in qa_opt.param_groups:
             group["lr"] = lr_at(step, args.qa_steps, args.qa_lr, 30) * group["scale"]
-        batch = qa_batch(enc, args.seed, step * args.qa_batch, args.qa_batch, args.questions_per_image)
+        batch = qa_batch(enc, args.seed, step * args.qa_batch, args.qa_batch, args.questions_per_image,
+                         args.caption_turn)
         loss, hits = qa_loss(model, batch, heads, args.qa_dense_weight)
         qa_opt.zero_grad(set_to_none=True)
         loss.backward()
