@@ -90,9 +90,21 @@ def test_base64_image_request_uses_server_budget(client, text_tokens):
         ({"tokcomp_method": "uniform"}, DEFAULT_BUDGET),
         ({"tokcomp_budget": 5000}, FULL),
         ({"tokcomp_method": "mustdrop", "tokcomp_budget": 20, "tokcomp_options": {"stage1": False}}, 20),
+        ({"tokcomp_ratio": 0.25}, 144),  # a share instead of the server's count: 576 / 4
+        ({"tokcomp_method": "mustdrop", "tokcomp_budget": "auto", "tokcomp_options": {"auto_estimator": "texture"}},
+         None),  # checked below against the estimator itself
     ],
 )
 def test_per_request_override(client, text_tokens, mm_kwargs, image_tokens):
+    if image_tokens is None:  # "auto": the texture estimate of the image's own pixels
+        from transformers import CLIPImageProcessor
+
+        from vllm_tokcomp.methods.redundancy import adaptive_budget
+        from vllm_tokcomp.tiny.llava import default_model_dir
+
+        pixels = CLIPImageProcessor.from_pretrained(default_model_dir())(make_image(1), return_tensors="pt")
+        image_tokens = adaptive_budget(pixels["pixel_values"][0], FULL, estimator="texture")
+        assert image_tokens < FULL
     assert ask(client, mm_kwargs).usage.prompt_tokens == text_tokens + image_tokens
 
 
@@ -115,7 +127,9 @@ def test_concurrent_requests_with_different_budgets_get_their_own_counts(client,
         ({"tokcomp_budget": "64"}, "tokcomp_budget"),
         ({"tokcomp_budget": [64]}, "tokcomp_budget"),
         ({"tokcomp_budget": True}, "tokcomp_budget"),
-        ({"tokcomp_ratio": 0.5}, "tokcomp_ratio"),
+        ({"tokcomp_rate": 0.5}, "tokcomp_rate"),  # unknown tokcomp key
+        ({"tokcomp_ratio": 0}, "tokcomp_ratio"),
+        ({"tokcomp_ratio": 0.5, "tokcomp_budget": 8}, "tokcomp_ratio"),
         ({"tokcomp_options": {"no_such_knob": 1}}, "tokcomp_options"),
         ({"tokcomp_method": "mustdrop", "tokcomp_options": {"threshold": 7.0}}, "tokcomp_options"),
         # Not ours: the server trusts request kwargs only for the plugin's own keys.
