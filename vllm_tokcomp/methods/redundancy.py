@@ -35,6 +35,24 @@ def patch_vectors(pixels: Tensor, patch: int) -> Tensor:
     return x.reshape(grid_h * grid_w, -1)
 
 
+def _window_savings(pixels: Tensor, patch: int, window: int, threshold: float, alike) -> int:  # noqa: ANN001
+    """Tokens saved by collapsing every ``window`` x ``window`` window whose off-diagonal mean of
+    ``alike(members)`` (a ``[n, n]`` pairwise similarity of the member patches) reaches ``threshold``."""
+    grid_h, grid_w = pixels.shape[1] // patch, pixels.shape[2] // patch
+    saved = 0
+    for top in range(0, grid_h, window):
+        for left in range(0, grid_w, window):
+            rows = range(top, min(top + window, grid_h))
+            cols = range(left, min(left + window, grid_w))
+            members = torch.tensor([r * grid_w + c for r in rows for c in cols])
+            if members.numel() < 2:
+                continue
+            off_diagonal = ~torch.eye(members.numel(), dtype=torch.bool)
+            if float(alike(members)[off_diagonal].mean()) >= threshold:
+                saved += members.numel() - 1
+    return saved
+
+
 def redundant_window_savings(
     pixels: Tensor, *, patch: int = 14, window: int = 3, threshold: float = 0.8, flat_tolerance: float = 0.05
 ) -> int:
@@ -45,27 +63,17 @@ def redundant_window_savings(
     colours agree within ``flat_tolerance`` (in the processor's normalised units).
     """
     vectors = patch_vectors(pixels, patch)
-    grid_h, grid_w = pixels.shape[1] // patch, pixels.shape[2] // patch
-    saved = 0
-    for top in range(0, grid_h, window):
-        for left in range(0, grid_w, window):
-            rows = range(top, min(top + window, grid_h))
-            cols = range(left, min(left + window, grid_w))
-            members = torch.tensor([r * grid_w + c for r in rows for c in cols])
-            if members.numel() < 2:
-                continue
-            block = vectors[members]
-            mean_colour = block.reshape(members.numel(), 3, -1).mean(-1)
-            spread = block.reshape(members.numel(), 3, -1).std(-1).amax(-1)
-            unit = torch.nn.functional.normalize(block - block.mean(1, keepdim=True), dim=1)
-            similarity = unit @ unit.T
-            flat = spread < flat_tolerance
-            same_colour = (mean_colour[:, None] - mean_colour[None]).abs().amax(-1) < flat_tolerance
-            alike = torch.where(flat[:, None] & flat[None], same_colour.float(), similarity)
-            off_diagonal = ~torch.eye(members.numel(), dtype=torch.bool)
-            if float(alike[off_diagonal].mean()) >= threshold:
-                saved += members.numel() - 1
-    return saved
+
+    def alike(members: Tensor) -> Tensor:
+        block = vectors[members]
+        mean_colour = block.reshape(members.numel(), 3, -1).mean(-1)
+        spread = block.reshape(members.numel(), 3, -1).std(-1).amax(-1)
+        unit = torch.nn.functional.normalize(block - block.mean(1, keepdim=True), dim=1)
+        flat = spread < flat_tolerance
+        same_colour = (mean_colour[:, None] - mean_colour[None]).abs().amax(-1) < flat_tolerance
+        return torch.where(flat[:, None] & flat[None], same_colour.float(), unit @ unit.T)
+
+    return _window_savings(pixels, patch, window, threshold, alike)
 
 
 ESTIMATORS = ("cosine", "texture")
@@ -77,22 +85,13 @@ def texture_window_savings(
     """Like :func:`redundant_window_savings`, with patches compared by per-channel mean and std."""
     vectors = patch_vectors(pixels, patch).reshape(-1, 3, patch * patch)
     mean, std = vectors.mean(-1), vectors.std(-1)
-    grid_h, grid_w = pixels.shape[1] // patch, pixels.shape[2] // patch
-    saved = 0
-    for top in range(0, grid_h, window):
-        for left in range(0, grid_w, window):
-            rows = range(top, min(top + window, grid_h))
-            cols = range(left, min(left + window, grid_w))
-            members = torch.tensor([r * grid_w + c for r in rows for c in cols])
-            if members.numel() < 2:
-                continue
-            d_mean = (mean[members][:, None] - mean[members][None]).abs().amax(-1)
-            d_std = (std[members][:, None] - std[members][None]).abs().amax(-1)
-            alike = ((d_mean < texture_tolerance) & (d_std < texture_tolerance)).float()
-            off_diagonal = ~torch.eye(members.numel(), dtype=torch.bool)
-            if float(alike[off_diagonal].mean()) >= threshold:
-                saved += members.numel() - 1
-    return saved
+
+    def alike(members: Tensor) -> Tensor:
+        d_mean = (mean[members][:, None] - mean[members][None]).abs().amax(-1)
+        d_std = (std[members][:, None] - std[members][None]).abs().amax(-1)
+        return ((d_mean < texture_tolerance) & (d_std < texture_tolerance)).float()
+
+    return _window_savings(pixels, patch, window, threshold, alike)
 
 
 def adaptive_budget(
