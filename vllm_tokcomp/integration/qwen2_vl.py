@@ -130,6 +130,11 @@ def _evs_rate(ctx) -> float:  # noqa: ANN001
     return float(ctx.model_config.get_multimodal_config().video_pruning_rate or 0.0)
 
 
+def _merged_tokens(grid_thw: torch.Tensor, merge: int) -> int:
+    """LM tokens of an uncompressed item: its patch grid ``t*h*w`` over the spatial merge."""
+    return int(grid_thw.prod()) // (merge * merge)
+
+
 class _InfoMixin:
     """Processing info for both families: engine config parsed once, ``tokcomp_*`` hidden from HF."""
 
@@ -182,13 +187,13 @@ class _ProcessorMixin:
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        spec = self.info.spec_for_request(hf_processor_mm_kwargs)
         for modality, pixels_key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
             grid_thw = processed_data.get(f"{modality}_grid_thw")
             if grid_thw is None or processed_data.get(pixels_key) is None:
                 continue
-            spec = self.info.spec_for_request(hf_processor_mm_kwargs)
             # One row per item: a ratio becomes each item's own count (dynamic resolution, video length).
-            rows = [settings.encode(None if spec is None else spec.for_item(int(g.prod()) // (merge * merge)))
+            rows = [settings.encode(None if spec is None else spec.for_item(_merged_tokens(g, merge)))
                     for g in grid_thw]
             processed_data[MODALITY_FIELDS[modality]] = torch.stack(rows)
         return processed_data
@@ -209,7 +214,7 @@ class _ProcessorMixin:
             spec = None if field is None else settings.decode(field.data)
             if spec is None:  # uncompressed: exactly what vLLM would insert (incl. its own EVS count)
                 return original.replacement(item_idx) if callable(original.replacement) else original.replacement
-            full = int(item[f"{modality}_grid_thw"].data.prod()) // (merge * merge)
+            full = _merged_tokens(item[f"{modality}_grid_thw"].data, merge)
             return [original.target[0]] * settings.kept_tokens(spec, full)
 
         return [
