@@ -218,12 +218,9 @@ def resolve_request(
     method = request.get(METHOD_KEY, engine_method)
     if METHOD_KEY in request:
         method = _check_method(method, f"{where}.{METHOD_KEY}")
-    # The engine's values were validated at startup; a request's count or share replaces them.
-    budget, ratio = (
-        _check_amount(request, where)
-        or (engine_keys.get(BUDGET_KEY, DEFAULT_BUDGET if RATIO_KEY not in engine_keys else None),
-            engine_keys.get(RATIO_KEY))
-    )
+    # A request's count or share replaces the engine's (which were validated at startup: checking them again
+    # cannot fail, it only turns them into the same (budget, ratio) pair).
+    budget, ratio = _check_amount(request, where) or _check_amount(engine_keys, where) or (DEFAULT_BUDGET, None)
     if method is None:
         if request:
             given = ", ".join(sorted(request))
@@ -241,4 +238,4 @@ def resolve_request(
         else:
             options.update(request[OPTIONS_KEY])
     checked = _check_options(method, options, f"{where}.{OPTIONS_KEY}")
-    return CompressionSpec(method=method, budget=budget, options=checked, ratio=None if ratio is None else float(ratio))
+    return CompressionSpec(method=method, budget=budget, options=checked, ratio=ratio)
