@@ -201,16 +201,26 @@ def clip_loss(
     dense_acc: dict[str, float] = {}
     if dense_weight > 0:
         features = out.hidden_states[tiny.VISION_FEATURE_LAYER][:, 1:]  # what the projector reads
-        for k, ((name, classes), head) in enumerate(zip(DENSE_TARGETS, heads.dense, strict=True)):
-            y = labels[..., k].reshape(-1)
-            pred = head(features).reshape(-1, classes)
-            weight = torch.ones(classes)
-            weight[0] = 0.2  # most patches are empty
-            loss = loss + dense_weight * F.cross_entropy(pred, y, weight=weight)
-            hit = y > 0
-            if hit.any():
-                dense_acc[name] = round((pred[hit].argmax(-1) == y[hit]).float().mean().item(), 3)
+        dense, dense_acc = dense_loss(heads, features, labels)
+        loss = loss + dense_weight * dense
     return loss, acc, dense_acc
+
+
+def dense_loss(heads: ClipHeads, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Summed per-patch cross-entropy of every ``DENSE_TARGETS`` head on ``[B, 576, D]`` patch features,
+    and each head's accuracy on the patches that hold something."""
+    total = features.new_zeros(())
+    accuracy: dict[str, float] = {}
+    for k, ((name, classes), head) in enumerate(zip(DENSE_TARGETS, heads.dense, strict=True)):
+        y = labels[..., k].reshape(-1)
+        pred = head(features).reshape(-1, classes)
+        weight = torch.ones(classes)
+        weight[0] = 0.2  # most patches are empty
+        total = total + F.cross_entropy(pred, y, weight=weight)
+        hit = y > 0
+        if hit.any():
+            accuracy[name] = round((pred[hit].argmax(-1) == y[hit]).float().mean().item(), 3)
+    return total, accuracy
 
 
 # ----------------------------------------------------------------------------- stage 2: QA
@@ -256,7 +266,7 @@ CAPTION_QUESTION = "Describe the image."
 
 
 def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, caption: bool = False) -> dict:
-    images, seqs, labels = [], [], []
+    images, seqs, patch_targets = [], [], []
     for index in range(start, start + n):
         rng = scene_rng(seed, "train", index)
         scene = make_scene(rng)
@@ -265,10 +275,9 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
         if caption:  # LLaVA's alignment task as a first turn: every object, so every image token matters
             qas = [{"question": CAPTION_QUESTION, "answer": scene_caption(scene)}, *qas]
         seqs.append(enc.conversation(qas))
-        labels.append(patch_labels(scene))
+        patch_targets.append(patch_labels(scene))
     length = max(len(s[0]) for s in seqs)
     input_ids = torch.full((n, length), tiny.PAD_TOKEN_ID, dtype=torch.long)
-    patch_targets = labels
     labels = torch.full((n, length), -100, dtype=torch.long)
     mask = torch.zeros((n, length), dtype=torch.long)
     for i, (ids, lab) in enumerate(seqs):
@@ -302,12 +311,7 @@ def qa_loss(
     logits = model.lm_head(hidden[sel])
     loss = F.cross_entropy(logits, target[sel])
     if dense_weight > 0:
-        features = captured[0][:, 1:]
-        for k, ((_name, classes), head) in enumerate(zip(DENSE_TARGETS, heads.dense, strict=True)):
-            weight = torch.ones(classes)
-            weight[0] = 0.2
-            y = batch["patch_labels"][..., k].reshape(-1)
-            loss = loss + dense_weight * F.cross_entropy(head(features).reshape(-1, classes), y, weight=weight)
+        loss = loss + dense_weight * dense_loss(heads, captured[0][:, 1:], batch["patch_labels"])[0]
     return loss, (logits.argmax(-1) == target[sel])
 
 
