@@ -163,7 +163,7 @@ def run_engine(name: str, batches: list[dict], args: argparse.Namespace, model: 
         "model": str(model),
         "engine": ekwargs,
         "question": args.question,
-        "prompt": image_prompt(model, args.question),
+        "prompt": args.prompt,
         "limit_mm_per_prompt": mm_limits(model),
         "output_len": args.output_len,
         "batches": batches,
@@ -470,11 +470,12 @@ def main(argv: list[str] | None = None, mode_default: str = "throughput") -> dic
     arms = common.make_arms(methods, budgets, plain=not args.no_plain, off=not args.no_off)
     model_path, load_format, model_info = resolve_model(args.model)
     args.full_image_tokens = model_info["image_tokens"]
+    args.prompt = image_prompt(model_path, args.question)  # once: for Qwen it loads the processor
     text_estimate = None
     if memory_bound:
         args.block_size = args.block_size or MEMORY_BOUND_BLOCK_SIZE["cpu" if is_cpu_build() else "cuda"]
         if args.num_kv_blocks is None:
-            text_estimate = _count_text_tokens(model_path, args.question)
+            text_estimate = _count_text_tokens(model_path, args.prompt)
             per_plain = math.ceil((text_estimate + args.full_image_tokens + args.output_len - 1) / args.block_size)
             args.num_kv_blocks = max(args.plain_fit * per_plain, math.ceil(args.max_model_len / args.block_size))
     ekwargs = engine_kwargs(args, load_format)
@@ -532,12 +533,12 @@ def main(argv: list[str] | None = None, mode_default: str = "throughput") -> dic
     return result
 
 
-def _count_text_tokens(model_path: Path, question: str) -> int:
+def _count_text_tokens(model_path: Path, prompt: str) -> int:
     """Prompt tokens besides the image, from the model's tokenizer (``<image>`` expands to the image tokens)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    ids = tokenizer(image_prompt(model_path, question), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return len(ids) - 1  # the one image placeholder
 
 
