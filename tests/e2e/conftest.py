@@ -18,6 +18,22 @@ def tiny_llava_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen_dir() -> Path:
+    """The tiny Qwen2-VL model, built once."""
+    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def qwen25_dir() -> Path:
+    """The tiny Qwen2.5-VL model, built once."""
+    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
+
+    return ensure_default_model("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
 def vllm_env(tmp_path_factory) -> dict[str, str]:
     """Environment for real vLLM processes on this machine: offline, small KV cache, private caches."""
     cache = tmp_path_factory.mktemp("vllm-cache")

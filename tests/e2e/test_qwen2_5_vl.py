@@ -19,13 +19,6 @@ def _requests():
 
 
 @pytest.fixture(scope="module")
-def qwen25_dir():
-    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
-
-    return ensure_default_model("qwen2_5_vl")
-
-
-@pytest.fixture(scope="module")
 def plain(qwen25_dir, vllm_env, tmp_path_factory):
     job = {"model": str(qwen25_dir), "requests": BASE_REQUESTS}
     return _run(job, vllm_env, "", tmp_path_factory.mktemp("pos") / "plain.jsonl")

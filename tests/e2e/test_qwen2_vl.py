@@ -60,13 +60,6 @@ def _run(job, env, plugins, log):
 
 
 @pytest.fixture(scope="module")
-def qwen_dir():
-    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
-
-    return ensure_default_model()
-
-
-@pytest.fixture(scope="module")
 def plain(qwen_dir, vllm_env, tmp_path_factory):
     job = {"model": str(qwen_dir), "requests": BASE_REQUESTS}
     return _run(job, vllm_env, "", tmp_path_factory.mktemp("pos") / "plain.jsonl")
@@ -79,7 +72,8 @@ def plugin(qwen_dir, vllm_env, tmp_path_factory):
 
 
 def _count(spec, n):
-    """Tokens an image of n keeps under a request's settings, written out plainly."""
+    """Tokens an item of n keeps under a request's settings (``None``: none given), written out plainly."""
+    spec = spec or {}
     if spec.get("tokcomp_method", "none") == "none":
         return n
     if "tokcomp_ratio" in spec:
@@ -88,7 +82,8 @@ def _count(spec, n):
 
 
 def _kept(method, budget, grid):
-    """Kept raster indices, independently of the integration: the library method on the bare grid."""
+    """Kept raster indices, independently of the integration: the library method on the bare grid
+    (``(h, w)`` of an image or ``(t, h, w)`` of a video)."""
     import torch
 
     from vllm_tokcomp.methods import VisualTokens, get_method
@@ -96,7 +91,8 @@ def _kept(method, budget, grid):
     n = math.prod(grid)
     if budget >= n:
         return list(range(n))
-    return get_method(method).select(VisualTokens(torch.zeros(n, 1), (1, *grid)), budget).anchor.tolist()
+    grid = tuple(grid) if len(grid) == 3 else (1, *grid)
+    return get_method(method).select(VisualTokens(torch.zeros(n, 1), grid), budget).anchor.tolist()
 
 
 def expected_positions(prompt, images, kept):

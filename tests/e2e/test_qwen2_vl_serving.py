@@ -18,7 +18,7 @@ import pytest
 from vllm_tokcomp.launch import ServerProcess
 
 from .conftest import run_runner_module
-from .test_qwen2_vl import GRIDS, IMAGE_PAD, _kept, expected_positions
+from .test_qwen2_vl import GRIDS, IMAGE_PAD, _count, _kept, expected_positions
 
 pytestmark = pytest.mark.slow
 
@@ -37,25 +37,10 @@ REQUESTS = [
 ]
 
 
-def _count(kwargs, n):
-    if not kwargs:
-        return n
-    if "tokcomp_ratio" in kwargs:
-        return math.ceil(kwargs["tokcomp_ratio"] * n)
-    return min(kwargs["tokcomp_budget"], n)
-
-
 def _run(job, env, log_dir, name):
     logs = {"positions": ("TOKCOMP_POSITIONS_LOG", log_dir / f"{name}-positions.jsonl"),
             "kv": ("TOKCOMP_KV_LOG", log_dir / f"{name}-kv.jsonl")}
     return run_runner_module("tests.e2e.test_qwen2_vl_serving", job, env, plugins="tokcomp", logs=logs)
-
-
-@pytest.fixture(scope="module")
-def qwen_dir():
-    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
-
-    return ensure_default_model()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from .conftest import run_runner_module
-from .test_qwen2_vl import _kept
+from .test_qwen2_vl import _count, _kept
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +47,6 @@ def _run(job, env, plugins, tmp):
 
 
 @pytest.fixture(scope="module")
-def qwen_dir():
-    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
-
-    return ensure_default_model()
-
-
-@pytest.fixture(scope="module")
 def plain(qwen_dir, vllm_env, tmp_path_factory):
     return _run({"model": str(qwen_dir), "requests": BASE}, vllm_env, "", tmp_path_factory.mktemp("video-plain"))
 
@@ -62,14 +55,6 @@ def plain(qwen_dir, vllm_env, tmp_path_factory):
 def plugin(qwen_dir, vllm_env, tmp_path_factory):
     job = {"model": str(qwen_dir), "requests": _requests()}
     return _run(job, vllm_env, "tokcomp", tmp_path_factory.mktemp("video-plugin"))
-
-
-def _count(kwargs, n):
-    if not kwargs:
-        return n
-    if "tokcomp_ratio" in kwargs:
-        return math.ceil(kwargs["tokcomp_ratio"] * n)
-    return min(kwargs["tokcomp_budget"], n)
 
 
 def expected_positions(prompt, items):
@@ -101,22 +86,9 @@ def _items(request):
         if present is None:
             continue
         n = math.prod(grid)
-        kept = list(range(n)) if method == "none" else _kept_3d(method, _count(kwargs, n), grid)
+        kept = list(range(n)) if method == "none" else _kept(method, _count(kwargs, n), grid)
         out.append((pad, grid, kept))
     return out
-
-
-def _kept_3d(method, budget, grid):
-    if grid[0] == 1:
-        return _kept(method, budget, grid[1:])
-    import torch
-
-    from vllm_tokcomp.methods import VisualTokens, get_method
-
-    n = math.prod(grid)
-    if budget >= n:
-        return list(range(n))
-    return get_method(method).select(VisualTokens(torch.zeros(n, 1), grid), budget).anchor.tolist()
 
 
 def test_baseline_sees_the_video(plain):
