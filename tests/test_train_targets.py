@@ -49,3 +49,27 @@ def test_sincos_positions_are_distinct_per_patch():
     table = sincos_positions(64)
     assert table.shape == (577, 64) and torch.count_nonzero(table[0]) == 0
     assert len({tuple(row.tolist()) for row in table[1:]}) == 576
+
+
+def test_deepened_model_computes_what_the_shallow_one_did(tmp_path):
+    """A 4-layer LM grown from the 2-layer weights (identity blocks appended) gives the same hidden states,
+    and its exported weights build a model folder whose config says 4 layers."""
+    import json
+
+    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.train.llava import QAEncoder, build_model, deepened, export_state, load_llava_hf_state, qa_batch
+
+    state = tiny.random_state_dict(3)
+    shallow, deep = build_model(2), build_model(4)
+    load_llava_hf_state(shallow, state)
+    load_llava_hf_state(deep, deepened(state, 4))
+    batch = qa_batch(QAEncoder(), 0, 0, 1, 2)
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask")}
+    with torch.no_grad():
+        a, b = shallow.model(**inputs).last_hidden_state, deep.model(**inputs).last_hidden_state
+    assert torch.equal(a, b)
+    from safetensors.torch import save_file
+
+    save_file(export_state(deep), str(tmp_path / "w.safetensors"))
+    out = tiny.build_tiny_llava(tmp_path / "model", weights=tmp_path / "w.safetensors")
+    assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 4

@@ -48,8 +48,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import re
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from . import files
@@ -203,7 +205,7 @@ def _hf_tokenizer(tokenizer):  # noqa: ANN001, ANN202
 # ======================================================================================
 # Config and weights
 # ======================================================================================
-def _make_config(vocab_size: int = VOCAB_SIZE):  # noqa: ANN202
+def _make_config(vocab_size: int = VOCAB_SIZE, text_layers: int = TEXT_LAYERS):  # noqa: ANN202
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -222,7 +224,7 @@ def _make_config(vocab_size: int = VOCAB_SIZE):  # noqa: ANN202
         vocab_size=vocab_size,
         hidden_size=TEXT_HIDDEN,
         intermediate_size=TEXT_INTERMEDIATE,
-        num_hidden_layers=TEXT_LAYERS,
+        num_hidden_layers=text_layers,
         num_attention_heads=TEXT_HEADS,
         num_key_value_heads=TEXT_HEADS,
         head_dim=TEXT_HEAD_DIM,
@@ -251,7 +253,7 @@ def _make_config(vocab_size: int = VOCAB_SIZE):  # noqa: ANN202
     return config
 
 
-def checkpoint_shapes(vocab_size: int = VOCAB_SIZE) -> dict[str, tuple[int, ...]]:
+def checkpoint_shapes(vocab_size: int = VOCAB_SIZE, text_layers: int = TEXT_LAYERS) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor in ``model.safetensors`` (llava-hf layout)."""
     shapes: dict[str, tuple[int, ...]] = {}
     vis = "vision_tower.vision_model."
@@ -281,7 +283,7 @@ def checkpoint_shapes(vocab_size: int = VOCAB_SIZE) -> dict[str, tuple[int, ...]
     shapes["multi_modal_projector.linear_2.bias"] = (h,)
     lm = "language_model.model."
     shapes[lm + "embed_tokens.weight"] = (vocab_size, h)
-    for i in range(TEXT_LAYERS):
+    for i in range(text_layers):
         layer = f"{lm}layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj"):
             shapes[f"{layer}self_attn.{proj}.weight"] = (TEXT_HEADS * TEXT_HEAD_DIM, h)
@@ -372,6 +374,16 @@ def _weights_file(weights: str | Path) -> Path:
     return path / "model.safetensors" if path.is_dir() else path
 
 
+_LM_LAYER = re.compile(r"language_model\.model\.layers\.(\d+)\.")
+
+
+def text_layers_of(state: Mapping[str, object]) -> int:
+    """The LM depth a state dict (llava-hf names) holds: trained variants may be deeper than
+    :data:`TEXT_LAYERS`, everything else about the geometry is fixed."""
+    found = {int(m.group(1)) for key in state if (m := _LM_LAYER.match(key))}
+    return max(found) + 1 if found else TEXT_LAYERS
+
+
 def load_external_weights(weights: str | Path, vocab_size: int = VOCAB_SIZE) -> dict:
     """Load a safetensors state dict, normalise names, check names and shapes, cast to bf16."""
     import torch
@@ -389,7 +401,7 @@ def load_external_weights(weights: str | Path, vocab_size: int = VOCAB_SIZE) -> 
         if key in state:
             raise ValueError(f"{path}: two tensors map to {key!r}")
         state[key] = tensor
-    expected = checkpoint_shapes(vocab_size)
+    expected = checkpoint_shapes(vocab_size, text_layers_of(state))
     problems = []
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -457,7 +469,7 @@ def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, weights: str | Path 
     processor.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
 
-    config = _make_config(VOCAB_SIZE)
+    config = _make_config(VOCAB_SIZE, text_layers_of(state))
     config.save_pretrained(str(out))
     GenerationConfig(bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID).save_pretrained(
         str(out)

@@ -59,17 +59,35 @@ def pixels(image) -> torch.Tensor:  # noqa: ANN001 - PIL image, 336 x 336
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
-def build_model() -> nn.Module:
+def build_model(text_layers: int = tiny.TEXT_LAYERS) -> nn.Module:
     from transformers import LlavaForConditionalGeneration
 
-    config = tiny._make_config()
+    config = tiny._make_config(text_layers=text_layers)
     config.dtype = torch.float32
     model = LlavaForConditionalGeneration(config)
-    load_llava_hf_state(model, tiny.random_state_dict(0))
+    load_llava_hf_state(model, deepened(tiny.random_state_dict(0), text_layers))
     with torch.no_grad():  # a trainable start for the LM head (the random init has logits of std 8)
         gen = torch.Generator().manual_seed(1)
         model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.02)
     return model
+
+
+def deepened(state: dict[str, torch.Tensor], text_layers: int) -> dict[str, torch.Tensor]:
+    """``state`` with its LM grown to ``text_layers`` layers by appending identity blocks: copies of
+    the last layer whose attention and MLP outputs (``o_proj``, ``down_proj``) are zero, so the deeper
+    model computes exactly what ``state`` did and training starts from there."""
+    have = tiny.text_layers_of(state)
+    if text_layers < have:
+        raise ValueError(f"weights have {have} LM layers, cannot train a {text_layers}-layer model from them")
+    out = dict(state)
+    last = f"language_model.model.layers.{have - 1}."
+    for i in range(have, text_layers):
+        for key, value in state.items():
+            if key.startswith(last):
+                new = f"language_model.model.layers.{i}." + key[len(last):]
+                zero = key.endswith(("o_proj.weight", "down_proj.weight"))
+                out[new] = torch.zeros_like(value) if zero else value.clone()
+    return out
 
 
 def load_llava_hf_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -356,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="data seed (training split of the generator)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start a fresh run from these weights (safetensors, llava-hf names), e.g. a pre-trained "
-                        "tower; with --clip-steps 0 it goes straight to QA")
+                        "tower, or from another run's ckpt.pt (weights and per-patch heads); with --clip-steps 0 it "
+                        "goes straight to QA")
     parser.add_argument("--clip-steps", type=int, default=200)
     parser.add_argument("--clip-batch", type=int, default=32)
     parser.add_argument("--clip-lr", type=float, default=1e-3)
@@ -365,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qa-steps", type=int, default=1000)
     parser.add_argument("--qa-batch", type=int, default=8)
     parser.add_argument("--qa-lr", type=float, default=1e-3)
-    parser.add_argument("--tower-lr-scale", type=float, default=0.3)
+    parser.add_argument("--tower-lr-scale", type=float, default=0.3, help="0 freezes the tower in the QA stage")
+    parser.add_argument("--text-layers", type=int, default=tiny.TEXT_LAYERS,
+                        help="LM depth; with --init from a shallower model the new layers start as identity blocks")
     parser.add_argument("--caption-turn", action="store_true", help="start each QA conversation with a caption turn")
     parser.add_argument("--qa-dense-weight", type=float, default=0.0, help="keep the per-patch loss during QA")
     parser.add_argument("--questions-per-image", type=int, default=6)
@@ -373,20 +394,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-images", type=int, default=64, help="validation images checked at each save")
     args = parser.parse_args(argv)
+    if args.tower_lr_scale == 0 and args.qa_dense_weight > 0:
+        parser.error("--qa-dense-weight trains the tower, which --tower-lr-scale 0 freezes")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "log.jsonl", "a")
-    model = build_model()
+    model = build_model(args.text_layers)
+    heads = ClipHeads(model.config.vision_config.hidden_size)
     if args.init is not None and not (args.out / "ckpt.pt").exists():
-        load_llava_hf_state(model, tiny.load_external_weights(args.init))
+        if args.init.suffix == ".pt":
+            ck = torch.load(args.init, weights_only=False)
+            heads.load_state_dict(ck["heads"])
+            state = {tiny.normalize_checkpoint_key(k): v for k, v in ck["model"].items() if "position_ids" not in k}
+        else:
+            state = tiny.load_external_weights(args.init)
+        load_llava_hf_state(model, deepened(state, args.text_layers))
     elif args.sincos_positions:
         with torch.no_grad():
             table = model.model.vision_tower.embeddings.position_embedding.weight
             table.copy_(sincos_positions(table.shape[1]))
-    vision_dim = model.config.vision_config.hidden_size
-    heads = ClipHeads(vision_dim)
     enc = QAEncoder()
     ckpt_path = args.out / "ckpt.pt"
     stage, step = "clip", 0
@@ -441,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         stage, step = "qa", 0
         checkpoint()
 
+    if args.tower_lr_scale == 0:  # no gradient through the tower at all: its backward is a third of a step
+        model.model.vision_tower.requires_grad_(False)
     val_batches = []
     while step < args.qa_steps:
         for group in qa_opt.param_groups:

@@ -1,15 +1,16 @@
-"""The faithful MustDrop reference on transformers (vllm_tokcomp/reference/mustdrop_hf.py), on the tiny LLaVA.
+"""The in-LM pruning references on transformers (vllm_tokcomp/reference/hf_pruning.py), on the tiny LLaVA.
 
 With both stages off it must be transformers' own greedy decoding, token for token; stage 1 must merge exactly
 the windows a plain computation on transformers' own layer-1 output finds; stage 2's dual filter at its
 extremes keeps everything or exactly the key set, and stage 3 leaves only survivors in every layer's cache.
+FastV must keep exactly the tokens transformers' own attention weights rank highest.
 """
 
 import pytest
 import torch
 
 from tests.e2e.images import make_image
-from vllm_tokcomp.reference.mustdrop_hf import MustDropReference, generate
+from vllm_tokcomp.reference.hf_pruning import FastVReference, MustDropReference, generate
 
 QUESTION = "What colour is the circle?"
 
@@ -76,3 +77,33 @@ def test_stage2_extremes_and_the_output_aware_cache(tiny):
     assert out.visual_per_layer == [576, 47]  # layer 0 saw everything, layer 1 only the key set
     assert out.visual_in_cache == [47, 47]  # stage 3: layer 0's cache was cut to the survivors too
     assert len(out.tokens) == 6
+
+
+def test_fastv_keeps_the_tokens_transformers_attention_ranks_highest(tiny):
+    """FastV's selection at layer 0 == the top visual tokens by transformers' own eager attention weights
+    (averaged over heads and query rows), an independent computation of the published rule."""
+    model, processor = tiny
+    inputs, ids = _inputs(processor, 1)
+    config = model.model.language_model.config
+    before, config._attn_implementation = config._attn_implementation, "eager"  # SDPA returns no weights
+    try:
+        with torch.no_grad():
+            attentions = model(**inputs, output_attentions=True).attentions
+    finally:
+        config._attn_implementation = before
+    start = ids.index(model.config.image_token_index)
+    received = attentions[0][0].float().mean(0).mean(0)[start:start + 576]
+    expected = sorted(torch.sort(received, descending=True, stable=True).indices[:64].tolist())
+    out = generate(model, ids, inputs["pixel_values"][0], FastVReference(layer=0, keep=64), 4)
+    assert out.visual_kept == expected
+    assert out.visual_per_layer == [576, 64]
+    assert out.visual_in_cache == [576, 64]  # no stage 3: layer 0 keeps every visual token's KV
+
+
+def test_fastv_with_room_for_everything_is_plain_decoding(tiny):
+    model, processor = tiny
+    inputs, ids = _inputs(processor, 2)
+    pixels = inputs["pixel_values"][0]
+    off = generate(model, ids, pixels, MustDropReference(stage1=False, stage2=False), 6)
+    out = generate(model, ids, pixels, FastVReference(layer=0, keep=576), 6)
+    assert out.tokens == off.tokens and out.visual_in_cache == [576, 576]

@@ -1,4 +1,7 @@
-"""MustDrop as published, on a transformers LLaVA: the reference the served ``mustdrop`` is compared with.
+"""Pruning inside the LM as published, on a transformers LLaVA: the references the served methods are compared with.
+
+MustDrop (:class:`MustDropReference`, below) and FastV (:class:`FastVReference`) share one layer-by-layer
+forward; only the rule that drops visual tokens, and whether earlier layers' KV is cut, differ.
 
 Liu et al., "Multi-Stage Vision Token Dropping" (arXiv:2411.10803), written plainly, one request at a time
 (a batch is a list; every request prunes differently):
@@ -43,6 +46,22 @@ class MustDropReference:
     stage2: bool = True
 
 
+@dataclass(frozen=True)
+class FastVReference:
+    """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", arXiv:2403.06764) as published: after
+    LM layer ``layer`` (0-based; the paper's K = 2 is our ``layer=1``, the output of the second layer), the
+    visual tokens are ranked by the attention they receive at that layer, averaged over heads and over every
+    query row, and only the top ``keep`` go on to the deeper layers. The shallow layers' KV is not cut (FastV
+    has no stage 3). A fixed-budget in-LM method, the baseline MustDrop's stage 2 is usually compared with."""
+
+    layer: int = 1
+    keep: int = 64
+    stage1: bool = False  # no tower stage
+    key_ratio: float = 0.0  # no key set
+    window: int = 3
+    threshold: float = 1.0
+
+
 @dataclass
 class ReferenceOutput:
     tokens: list[int]
@@ -50,6 +69,7 @@ class ReferenceOutput:
     visual_per_layer: list[int] = field(default_factory=list)  # visual tokens each LM layer saw in prefill
     visual_in_cache: list[int] = field(default_factory=list)  # per layer, visual tokens in its KV at decode
     key_set_size: int = 0
+    visual_kept: list[int] = field(default_factory=list)  # indices (after stage 1) of the prefill's survivors
 
 
 # ----------------------------------------------------------------------------- stage 1: the tower
@@ -86,7 +106,8 @@ def window_merge_plain(patches: Tensor, side: int, window: int, threshold: float
     return torch.stack([outputs[a] for a in anchors]), anchors
 
 
-def encode_image(model: nn.Module, pixel_values: Tensor, cfg: MustDropReference) -> tuple[Tensor, Tensor]:
+def encode_image(model: nn.Module, pixel_values: Tensor, cfg: MustDropReference | FastVReference,
+                 ) -> tuple[Tensor, Tensor]:
     """Projected visual tokens ``[M, D]`` and the key set (indices into them)."""
     tower = model.model.vision_tower
     layers = tower.encoder.layers
@@ -152,7 +173,7 @@ def _dual_filter(probs: Tensor, text_rows: Tensor, visual_cols: Tensor, keep_alw
 
 
 @torch.no_grad()
-def generate(model: nn.Module, input_ids: list[int], pixel_values: Tensor, cfg: MustDropReference,
+def generate(model: nn.Module, input_ids: list[int], pixel_values: Tensor, cfg: MustDropReference | FastVReference,
              max_new_tokens: int, eos_token_id: int | None = None) -> ReferenceOutput:
     """Greedy decoding of one prompt holding one image placeholder (``model.config.image_token_index``)."""
     visual, key_set = encode_image(model, pixel_values, cfg)
@@ -176,15 +197,25 @@ def generate(model: nn.Module, input_ids: list[int], pixel_values: Tensor, cfg: 
         cache.append([k, v])
         hidden = hidden + attn_out
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        if cfg.stage2 and index in cfg.prune_layers and (kinds == 2).any():
-            cols = (kinds == 1).nonzero().flatten()
+        survive = None
+        cols = (kinds == 1).nonzero().flatten()
+        if isinstance(cfg, FastVReference):
+            if index == cfg.layer and cols.numel() > cfg.keep:
+                received = probs.float().mean(0).mean(0)[cols]  # heads, then every query row
+                top = torch.sort(received, descending=True, stable=True).indices[: cfg.keep]
+                survive = torch.zeros(cols.numel(), dtype=torch.bool)
+                survive[top] = True
+        elif cfg.stage2 and index in cfg.prune_layers and (kinds == 2).any():
             survive = _dual_filter(probs, (kinds == 2).nonzero().flatten(), cols, is_key[visual_index[cols]], cfg)
+        if survive is not None:
             keep = torch.ones(hidden.shape[0], dtype=torch.bool)
             keep[cols[~survive]] = False
             hidden, kinds, positions, visual_index = hidden[keep], kinds[keep], positions[keep], visual_index[keep]
-            for entry in cache:  # stage 3: the layers that already ran forget the dropped tokens too
-                entry[0], entry[1] = entry[0][:, keep], entry[1][:, keep]
-    out.visual_in_cache = [int((kinds == 1).sum())] * len(cache)
+            if isinstance(cfg, MustDropReference):  # stage 3: the layers that already ran forget them too
+                for entry in cache:
+                    entry[0], entry[1] = entry[0][:, keep], entry[1][:, keep]
+    out.visual_in_cache = [entry[0].shape[1] - int((kinds != 1).sum()) for entry in cache]
+    out.visual_kept = visual_index[kinds == 1].tolist()
     next_position = len(input_ids) - 1 + m  # survivors keep their positions; decoding continues after them
     token = int(model.lm_head(lm.norm(hidden[-1:]))[0].argmax())
     while True:
