@@ -73,3 +73,42 @@ def test_deepened_model_computes_what_the_shallow_one_did(tmp_path):
     save_file(export_state(deep), str(tmp_path / "w.safetensors"))
     out = tiny.build_tiny_llava(tmp_path / "model", weights=tmp_path / "w.safetensors")
     assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 4
+
+
+def test_question_targets_name_the_objects_a_question_is_about():
+    scene = Scene("plain", [Obj("circle", "red", "small", 60, 60), Obj("circle", "blue", "large", 250, 80),
+                            Obj("cross", "red", "small", 200, 250)], 7, (20, 280))
+    from vllm_tokcomp.data.synth import DIGIT_LABEL
+    from vllm_tokcomp.train.llava import question_targets
+
+    assert question_targets(scene, "What color is the cross?") == [3]
+    assert question_targets(scene, "What shape is the blue object?") == [2]
+    assert question_targets(scene, "How many circles are there?") == [1, 2]
+    assert question_targets(scene, "How many crosss are there?") == [3]  # the generator's plural (spec v1)
+    assert question_targets(scene, "How many red objects are there?") == [1, 3]
+    assert question_targets(scene, "Is the red circle on the left or the right?") == [1]
+    assert question_targets(scene, "Which is further left, the cross or the circle?") == [1, 2, 3]
+    assert question_targets(scene, "Is there a blue cross?") == []
+    assert question_targets(scene, "What digit is written in the white box?") == [DIGIT_LABEL]
+
+
+def test_look_loss_equals_the_attention_transformers_computes():
+    """The attention-supervision term recomputes head 0's attention rows from the layers' inputs; it must equal
+    -log(mass on the targets) read from transformers' own eager attention weights."""
+    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.train.llava import QAEncoder, build_model, load_llava_hf_state, qa_batch, qa_loss
+
+    model = build_model(2)
+    load_llava_hf_state(model, tiny.random_state_dict(5))
+    batch = qa_batch(QAEncoder(), 0, 0, 2, 6)
+    assert batch["looks"]
+    with torch.no_grad():
+        plain, _ = qa_loss(model, batch)
+        supervised, _ = qa_loss(model, batch, look_weight=1.0)
+        config = model.model.language_model.config
+        config._attn_implementation = "eager"
+        attentions = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                                 attention_mask=batch["attention_mask"], output_attentions=True).attentions
+    expected = torch.stack([-torch.log(layer[row, 0, query, cols].sum().clamp_min(1e-6))
+                            for layer in attentions[1:] for row, query, cols in batch["looks"]]).mean()
+    assert torch.allclose(supervised - plain, expected, rtol=1e-4, atol=1e-5)

@@ -150,26 +150,49 @@ GRID = tiny.IMAGE_SIZE // tiny.PATCH_SIZE
 MIN_COVER = 30  # pixels of a 196-pixel patch an object must cover to label it
 
 
+def patch_owners(scene) -> np.ndarray:  # noqa: ANN001 - Scene
+    """``(576,)`` which :func:`label_map` label covers each patch (CLIP's row-major order): 0 for none,
+    else the label covering most of the patch, if it covers at least :data:`MIN_COVER` pixels."""
+    p = tiny.PATCH_SIZE
+    lab = label_map(scene).reshape(GRID, p, GRID, p).transpose(0, 2, 1, 3).reshape(GRID * GRID, p * p)
+    owners = np.zeros(GRID * GRID, np.int64)
+    for index in np.flatnonzero(lab.max(1) > 0):
+        values, counts = np.unique(lab[index][lab[index] > 0], return_counts=True)
+        if counts.max() >= MIN_COVER:
+            owners[index] = int(values[counts.argmax()])
+    return owners
+
+
 def patch_labels(scene) -> np.ndarray:  # noqa: ANN001 - Scene
     """``(576, len(DENSE_TARGETS))`` int64 targets in CLIP's patch order (row-major)."""
     p = tiny.PATCH_SIZE
-    lab = label_map(scene).reshape(GRID, p, GRID, p).transpose(0, 2, 1, 3).reshape(GRID * GRID, p * p)
     colors, shapes = list(COLORS), list(SHAPES)
     out = np.zeros((GRID * GRID, len(DENSE_TARGETS)), np.int64)
-    for index in np.flatnonzero(lab.max(1) > 0):
-        values, counts = np.unique(lab[index][lab[index] > 0], return_counts=True)
-        if counts.max() < MIN_COVER:
-            continue
-        value = int(values[counts.argmax()])
+    for index, value in enumerate(patch_owners(scene)):
         if value == DIGIT_LABEL:
             out[index, 2] = scene.digit + 1
-        else:
+        elif value:
             obj = scene.objects[value - 1]
             out[index, 0], out[index, 1] = colors.index(obj.color) + 1, shapes.index(obj.shape) + 1
     for obj in scene.objects:
         index = (obj.y // p) * GRID + obj.x // p
         out[index, 3], out[index, 4] = colors.index(obj.color) + 1, shapes.index(obj.shape) + 1
     return out
+
+
+def question_targets(scene, question: str) -> list[int]:  # noqa: ANN001 - Scene
+    """The :func:`label_map` labels of what a generated question is about: the digit box for the digit
+    question, else the objects matching every colour and shape it names (either shape for "which is further
+    left, the A or the B"). Empty when nothing in the scene matches (a count of 0, a "no")."""
+    if "digit" in question:
+        return [DIGIT_LABEL] if scene.digit is not None else []
+    words = set(question.lower().rstrip("?").split())
+    colors = {c for c in COLORS if c in words}
+    shapes = {s for s in SHAPES if words & {s, s + "s", s + "es"}}
+    if len(shapes) > 1:
+        return [i + 1 for i, o in enumerate(scene.objects) if o.shape in shapes]
+    return [i + 1 for i, o in enumerate(scene.objects)
+            if (not colors or o.color in colors) and (not shapes or o.shape in shapes)]
 
 
 def sincos_positions(dim: int) -> torch.Tensor:
@@ -254,8 +277,14 @@ class QAEncoder:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def conversation(self, qas: list[dict]) -> tuple[list[int], list[int]]:
+        ids, labels, _ = self.conversation_with_answer_starts(qas)
+        return ids, labels
+
+    def conversation_with_answer_starts(self, qas: list[dict]) -> tuple[list[int], list[int], list[int]]:
+        """Token ids, labels, and per turn the position whose next-token prediction is the answer's first token."""
         ids: list[int] = []
         labels: list[int] = []
+        starts: list[int] = []
         for turn, qa in enumerate(qas):
             prompt = ("<s>USER: <image>\n" if turn == 0 else "USER: ") + qa["question"] + " ASSISTANT:"
             p = self.ids(prompt)
@@ -263,9 +292,11 @@ class QAEncoder:
                 at = p.index(self.image_id)
                 p = p[:at] + [self.image_id] * tiny.NUM_IMAGE_TOKENS + p[at + 1:]
             a = self.ids(" " + qa["answer"]) + [self.eos]
-            ids += p + a
+            ids += p
+            starts.append(len(ids) - 1)
+            ids += a
             labels += [-100] * len(p) + a
-        return ids, labels
+        return ids, labels, starts
 
 
 def dense_questions(scene, rng: np.random.Generator, k: int) -> list[dict]:  # noqa: ANN001 - Scene
@@ -285,6 +316,8 @@ CAPTION_QUESTION = "Describe the image."
 
 def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, caption: bool = False) -> dict:
     images, seqs, patch_targets = [], [], []
+    looks: list[tuple[int, int, list[int]]] = []  # (row, answer-start position, image-token positions it is about)
+    start_index = start
     for index in range(start, start + n):
         rng = scene_rng(seed, "train", index)
         scene = make_scene(rng)
@@ -292,8 +325,17 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
         qas = dense_questions(scene, rng, per_image)
         if caption:  # LLaVA's alignment task as a first turn: every object, so every image token matters
             qas = [{"question": CAPTION_QUESTION, "answer": scene_caption(scene)}, *qas]
-        seqs.append(enc.conversation(qas))
+        ids, labels, starts = enc.conversation_with_answer_starts(qas)
+        seqs.append((ids, labels))
         patch_targets.append(patch_labels(scene))
+        first_image = ids.index(tiny.IMAGE_TOKEN_ID)
+        owners = patch_owners(scene)
+        for qa, start in zip(qas, starts, strict=True):
+            targets = question_targets(scene, qa["question"])
+            if targets:
+                patches = np.flatnonzero(np.isin(owners, targets))
+                if patches.size:
+                    looks.append((index - start_index, start, (first_image + patches).tolist()))
     length = max(len(s[0]) for s in seqs)
     input_ids = torch.full((n, length), tiny.PAD_TOKEN_ID, dtype=torch.long)
     labels = torch.full((n, length), -100, dtype=torch.long)
@@ -303,25 +345,37 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
     return {"pixel_values": torch.stack(images), "input_ids": input_ids, "labels": labels, "attention_mask": mask,
-            "patch_labels": torch.from_numpy(np.stack(patch_targets))}
+            "patch_labels": torch.from_numpy(np.stack(patch_targets)), "looks": looks}
 
 
 def qa_loss(
-    model: nn.Module, batch: dict, heads: ClipHeads | None = None, dense_weight: float = 0.0
+    model: nn.Module, batch: dict, heads: ClipHeads | None = None, dense_weight: float = 0.0,
+    look_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Answer-token loss; with ``dense_weight`` > 0 plus the per-patch label loss on the features the
-    projector reads (captured by a hook on the feature layer), so the tower keeps learning objects."""
+    projector reads (captured by a hook on the feature layer), so the tower keeps learning objects.
+    With ``look_weight`` > 0 plus an attention-supervision term: at each answer's first prediction, one head
+    (head 0) of every LM layer from the second on is pushed to put its attention on the image tokens of what
+    the question is about (``-log`` of that attention mass), a shortcut past the slow phase in which the LM
+    has to find out by itself which of 576 tokens matter."""
     captured: list[torch.Tensor] = []
-    handle = None
+    attention_inputs: list[tuple[nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+    handles = []
     if dense_weight > 0:
         layers = model.model.vision_tower.encoder.layers
-        handle = layers[tiny.VISION_FEATURE_LAYER].register_forward_hook(lambda m, i, o: captured.append(o))
+        handles.append(layers[tiny.VISION_FEATURE_LAYER].register_forward_hook(lambda m, i, o: captured.append(o)))
+    if look_weight > 0 and batch["looks"]:
+        for layer in model.model.language_model.layers[1:]:
+            handles.append(layer.self_attn.register_forward_pre_hook(
+                lambda m, a, kw: attention_inputs.append((m, kw["hidden_states"], kw["position_embeddings"])),
+                with_kwargs=True,
+            ))
     try:
         out = model.model(
             input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
         )
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
     hidden = out.last_hidden_state[:, :-1]
     target = batch["labels"][:, 1:]
@@ -330,7 +384,34 @@ def qa_loss(
     loss = F.cross_entropy(logits, target[sel])
     if dense_weight > 0:
         loss = loss + dense_weight * dense_loss(heads, captured[0][:, 1:], batch["patch_labels"])[0]
+    if attention_inputs:
+        loss = loss + look_weight * look_loss(attention_inputs, batch["looks"])
     return loss, (logits.argmax(-1) == target[sel])
+
+
+def look_loss(
+    attention_inputs: list[tuple[nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]],
+    looks: list[tuple[int, int, list[int]]],
+) -> torch.Tensor:
+    """Mean over looks and layers of ``-log`` (head 0's attention mass on the look's targets). Head 0's
+    attention row is recomputed from each layer's input for the supervised queries only (the forward
+    itself runs SDPA, which returns no weights)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    terms = []
+    for attn, hidden, (cos, sin) in attention_inputs:
+        d = attn.head_dim
+        for row, query, cols in looks:
+            keys = hidden[row, : query + 1]
+            q = attn.q_proj(hidden[row, query : query + 1])[:, :d].view(1, 1, 1, d)
+            k = attn.k_proj(keys)[:, :d].view(1, 1, -1, d)
+            at = min(row, cos.shape[0] - 1)  # the rotary tables have batch 1 when every row has the same positions
+            c, s = cos[at : at + 1, : query + 1], sin[at : at + 1, : query + 1]
+            q, _ = apply_rotary_pos_emb(q, q, c[:, query:], s[:, query:])
+            _, k = apply_rotary_pos_emb(k, k, c, s)
+            probs = torch.softmax((q[0, 0] @ k[0, 0].T).float() * attn.scaling, dim=-1)[0]
+            terms.append(-torch.log(probs[cols].sum().clamp_min(1e-6)))
+    return torch.stack(terms).mean()
 
 
 def answer_correct(model: nn.Module, batch: dict) -> list[bool]:
@@ -389,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="LM depth; with --init from a shallower model the new layers start as identity blocks")
     parser.add_argument("--caption-turn", action="store_true", help="start each QA conversation with a caption turn")
     parser.add_argument("--qa-dense-weight", type=float, default=0.0, help="keep the per-patch loss during QA")
+    parser.add_argument("--look-weight", type=float, default=0.0,
+                        help="weight of the attention supervision on what each question is about (qa_loss)")
     parser.add_argument("--questions-per-image", type=int, default=6)
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
@@ -477,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             group["lr"] = lr_at(step, args.qa_steps, args.qa_lr, 30) * group["scale"]
         batch = qa_batch(enc, args.seed, step * args.qa_batch, args.qa_batch, args.questions_per_image,
                          args.caption_turn)
-        loss, hits = qa_loss(model, batch, heads, args.qa_dense_weight)
+        loss, hits = qa_loss(model, batch, heads, args.qa_dense_weight, args.look_weight)
         qa_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
