@@ -398,20 +398,25 @@ def look_loss(
     itself runs SDPA, which returns no weights)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+    rows = torch.tensor([row for row, _, _ in looks])
+    queries = torch.tensor([query for _, query, _ in looks])
+    length = attention_inputs[0][1].shape[1]
+    targets = torch.zeros(len(looks), length, dtype=torch.bool)
+    for i, (_, _, cols) in enumerate(looks):
+        targets[i, cols] = True
+    future = torch.arange(length)[None, :] > queries[:, None]
     terms = []
     for attn, hidden, (cos, sin) in attention_inputs:
         d = attn.head_dim
-        for row, query, cols in looks:
-            keys = hidden[row, : query + 1]
-            q = attn.q_proj(hidden[row, query : query + 1])[:, :d].view(1, 1, 1, d)
-            k = attn.k_proj(keys)[:, :d].view(1, 1, -1, d)
-            at = min(row, cos.shape[0] - 1)  # the rotary tables have batch 1 when every row has the same positions
-            c, s = cos[at : at + 1, : query + 1], sin[at : at + 1, : query + 1]
-            q, _ = apply_rotary_pos_emb(q, q, c[:, query:], s[:, query:])
-            _, k = apply_rotary_pos_emb(k, k, c, s)
-            probs = torch.softmax((q[0, 0] @ k[0, 0].T).float() * attn.scaling, dim=-1)[0]
-            terms.append(-torch.log(probs[cols].sum().clamp_min(1e-6)))
-    return torch.stack(terms).mean()
+        cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
+        k = attn.k_proj(hidden)[..., :d][:, None]  # [B, 1, T, d]: head 0's keys
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        q = attn.q_proj(hidden[rows, queries])[:, :d][:, None, None]  # [L, 1, 1, d]
+        q, _ = apply_rotary_pos_emb(q, q, cos[rows, queries][:, None], sin[rows, queries][:, None])
+        scores = torch.einsum("ld,ltd->lt", q[:, 0, 0], k[rows, 0]).float() * attn.scaling
+        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        terms.append(-torch.log((probs * targets).sum(-1).clamp_min(1e-6)))
+    return torch.cat(terms).mean()
 
 
 def answer_correct(model: nn.Module, batch: dict) -> list[bool]:
