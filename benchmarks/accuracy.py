@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         from vllm_tokcomp.tiny import llava as tiny
 
-        model = str(tiny.ensure_trained_model() if tiny.TRAINED_WEIGHTS.is_file() else tiny.ensure_default_model())
+        model = str(tiny.ensure_served_model())
     else:
         model = args.model
     records = load_dataset(Path(data), args.limit)

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         from vllm_tokcomp.tiny import llava as tiny
 
-        model = str(tiny.ensure_trained_model() if tiny.TRAINED_WEIGHTS.is_file() else tiny.ensure_default_model())
+        model = str(tiny.ensure_served_model())
     else:
         model = args.model
     depth = json.loads((Path(model) / "config.json").read_text())["text_config"]["num_hidden_layers"]

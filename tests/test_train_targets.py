@@ -112,3 +112,30 @@ def test_look_loss_equals_the_attention_transformers_computes():
     expected = torch.stack([-torch.log(layer[row, 0, query, cols].sum().clamp_min(1e-6))
                             for layer in attentions[1:] for row, query, cols in batch["looks"]]).mean()
     assert torch.allclose(supervised - plain, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_recenter_projector_is_a_shift_and_scale_of_the_image_tokens():
+    from vllm_tokcomp.data.synth import render_scene
+    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.train.llava import build_model, load_llava_hf_state, pixels, recenter_projector
+
+    model = build_model(2)
+    load_llava_hf_state(model, tiny.random_state_dict(2))
+    model.eval()
+    image = pixels(render_scene(make_scene(scene_rng(0, "val", 3))))[None]
+
+    def tokens() -> torch.Tensor:
+        with torch.no_grad():
+            out = model.model.get_image_features(pixel_values=image)
+        out = getattr(out, "pooler_output", out)
+        return torch.cat(list(out)) if isinstance(out, (list, tuple)) else out.reshape(-1, out.shape[-1])
+
+    before = tokens()
+    stats = recenter_projector(model, 0, images=4)
+    after = tokens()
+    # what the re-parameterisation promises, computed from the unchanged model's outputs: s * (x - mu)
+    delta = after[1:] - after[:1]
+    assert torch.allclose(delta, stats["scale"] * (before[1:] - before[:1]), rtol=1e-4, atol=1e-4)
+    again = recenter_projector(model, 0, images=4)  # already centred: nothing shared left, scale 1
+    text_norm = float(model.model.language_model.embed_tokens.weight.norm(dim=-1).mean())
+    assert again["shared_norm"] < 1e-3 * text_norm and abs(again["token_norm"] - text_norm) < 1e-3 * text_norm

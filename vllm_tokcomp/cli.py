@@ -63,9 +63,9 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
     parse_engine_config(mm_kwargs)  # fail here, naming the field, rather than deep inside vLLM
 
     if model is None:
-        from .tiny.llava import ensure_default_model
+        from .tiny.llava import ensure_served_model
 
-        model = str(ensure_default_model())
+        model = str(ensure_served_model())
     command = [
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
         "--mm-processor-kwargs", json.dumps(mm_kwargs),
@@ -117,7 +117,7 @@ def info() -> int:
 
     from .methods import describe
     from .plugin import SUPPORTED_ARCHITECTURES
-    from .tiny.llava import default_model_dir
+    from .tiny.llava import served_model_dir
 
     try:
         import vllm
@@ -136,7 +136,7 @@ def info() -> int:
     for name in available_methods():
         d = describe(name)
         print(f"  {name:16s} {d['family']:14s} {d['paper']}")
-    model_dir = default_model_dir()
+    model_dir = served_model_dir()
     state = "built" if (model_dir / "config.json").exists() else "not built yet; built on first `tokcomp serve`"
     print(f"bundled model: {model_dir} ({state})")
     return 0

@@ -533,6 +533,17 @@ def ensure_trained_model() -> Path:
     return _ensure_model(trained_model_dir(), TRAINED_WEIGHTS)
 
 
+def served_model_dir() -> Path:
+    """Where the model ``tokcomp serve`` and the benchmarks use by default lives (not built here)."""
+    return trained_model_dir() if TRAINED_WEIGHTS.is_file() else default_model_dir()
+
+
+def ensure_served_model() -> Path:
+    """The default model of ``tokcomp serve``, the demo and the accuracy benchmarks: the bundled trained
+    model, or the random-weight one where the trained weights are absent (a stripped install)."""
+    return ensure_trained_model() if TRAINED_WEIGHTS.is_file() else ensure_default_model()
+
+
 def _ensure_model(target: Path, weights: Path | None) -> Path:
     source = None if weights is None else files.sha256(weights)
 
