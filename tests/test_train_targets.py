@@ -139,3 +139,28 @@ def test_recenter_projector_is_a_shift_and_scale_of_the_image_tokens():
     again = recenter_projector(model, 0, images=4)  # already centred: nothing shared left, scale 1
     text_norm = float(model.model.language_model.embed_tokens.weight.norm(dim=-1).mean())
     assert again["shared_norm"] < 1e-3 * text_norm and abs(again["token_norm"] - text_norm) < 1e-3 * text_norm
+
+
+def test_a_wider_tower_round_trips_through_the_model_folder(tmp_path):
+    """Trained variants may change the tower's width/depth and the LM's depth: the builder reads them back
+    from the weights and writes a config transformers loads those weights into, strictly."""
+    import json
+
+    from transformers import LlavaForConditionalGeneration
+
+    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.train.llava import build_model, export_state
+
+    geometry = tiny.Geometry(text_layers=3, vision_hidden=96, vision_layers=4, vision_intermediate=384)
+    from safetensors.torch import save_file
+
+    save_file(export_state(build_model(geometry)), str(tmp_path / "w.safetensors"))
+    out = tiny.build_tiny_llava(tmp_path / "model", weights=tmp_path / "w.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 3
+    vision = config["vision_config"]
+    assert (vision["hidden_size"], vision["num_hidden_layers"], vision["intermediate_size"]) == (96, 4, 384)
+    assert vision["num_attention_heads"] == 3  # heads of 32
+    model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert tiny.Geometry.of(tiny.load_external_weights(out)) == geometry

@@ -52,6 +52,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import files
@@ -72,6 +73,7 @@ VISION_HIDDEN = 64
 VISION_HEADS = 2
 VISION_LAYERS = 3
 VISION_INTERMEDIATE = 256
+VISION_HEAD_DIM = VISION_HIDDEN // VISION_HEADS
 VISION_FEATURE_LAYER = -2
 TEXT_HIDDEN = 256
 TEXT_HEADS = 4
@@ -205,18 +207,53 @@ def _hf_tokenizer(tokenizer):  # noqa: ANN001, ANN202
 # ======================================================================================
 # Config and weights
 # ======================================================================================
-def _make_config(vocab_size: int = VOCAB_SIZE, text_layers: int = TEXT_LAYERS):  # noqa: ANN202
+@dataclass(frozen=True)
+class Geometry:
+    """The sizes a trained variant may change (read back from its weights by :meth:`of`); the image geometry,
+    vocabulary, LM width and heads are fixed. The default is the bundled random model's."""
+
+    text_layers: int = TEXT_LAYERS
+    vision_hidden: int = VISION_HIDDEN
+    vision_layers: int = VISION_LAYERS
+    vision_intermediate: int = VISION_INTERMEDIATE
+
+    @property
+    def vision_heads(self) -> int:
+        return self.vision_hidden // VISION_HEAD_DIM
+
+    @classmethod
+    def of(cls, state: Mapping[str, object]) -> Geometry:
+        def count(pattern: re.Pattern[str]) -> int:
+            found = {int(m.group(1)) for key in state if (m := pattern.match(key))}
+            return max(found) + 1 if found else 0
+
+        vis = "vision_tower.vision_model."
+        if vis + "embeddings.class_embedding" not in state or vis + "encoder.layers.0.mlp.fc1.weight" not in state:
+            return cls(text_layers=count(_LM_LAYER) or TEXT_LAYERS)
+        return cls(
+            text_layers=count(_LM_LAYER) or TEXT_LAYERS,
+            vision_hidden=tuple(state[vis + "embeddings.class_embedding"].shape)[0],
+            vision_layers=count(_VISION_LAYER),
+            vision_intermediate=tuple(state[vis + "encoder.layers.0.mlp.fc1.weight"].shape)[0],
+        )
+
+
+_LM_LAYER = re.compile(r"language_model\.model\.layers\.(\d+)\.")
+_VISION_LAYER = re.compile(r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.")
+
+
+def _make_config(vocab_size: int = VOCAB_SIZE, geometry: Geometry = Geometry()):  # noqa: ANN202, B008
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision_config = CLIPVisionConfig(
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=VISION_INTERMEDIATE,
-        num_attention_heads=VISION_HEADS,
-        num_hidden_layers=VISION_LAYERS,
+        hidden_size=geometry.vision_hidden,
+        intermediate_size=geometry.vision_intermediate,
+        num_attention_heads=geometry.vision_heads,
+        num_hidden_layers=geometry.vision_layers,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
-        projection_dim=VISION_HIDDEN,
+        projection_dim=geometry.vision_hidden,
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
     )
@@ -224,7 +261,7 @@ def _make_config(vocab_size: int = VOCAB_SIZE, text_layers: int = TEXT_LAYERS): 
         vocab_size=vocab_size,
         hidden_size=TEXT_HIDDEN,
         intermediate_size=TEXT_INTERMEDIATE,
-        num_hidden_layers=text_layers,
+        num_hidden_layers=geometry.text_layers,
         num_attention_heads=TEXT_HEADS,
         num_key_value_heads=TEXT_HEADS,
         head_dim=TEXT_HEAD_DIM,
@@ -253,18 +290,20 @@ def _make_config(vocab_size: int = VOCAB_SIZE, text_layers: int = TEXT_LAYERS): 
     return config
 
 
-def checkpoint_shapes(vocab_size: int = VOCAB_SIZE, text_layers: int = TEXT_LAYERS) -> dict[str, tuple[int, ...]]:
+def checkpoint_shapes(
+    vocab_size: int = VOCAB_SIZE, geometry: Geometry = Geometry()  # noqa: B008 - frozen
+) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor in ``model.safetensors`` (llava-hf layout)."""
     shapes: dict[str, tuple[int, ...]] = {}
     vis = "vision_tower.vision_model."
-    d, f = VISION_HIDDEN, VISION_INTERMEDIATE
+    d, f = geometry.vision_hidden, geometry.vision_intermediate
     shapes[vis + "embeddings.class_embedding"] = (d,)
     shapes[vis + "embeddings.patch_embedding.weight"] = (d, 3, PATCH_SIZE, PATCH_SIZE)
     shapes[vis + "embeddings.position_embedding.weight"] = (NUM_PATCHES + 1, d)
     for norm in ("pre_layrnorm", "post_layernorm"):
         shapes[f"{vis}{norm}.weight"] = (d,)
         shapes[f"{vis}{norm}.bias"] = (d,)
-    for i in range(VISION_LAYERS):
+    for i in range(geometry.vision_layers):
         layer = f"{vis}encoder.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             shapes[f"{layer}self_attn.{proj}.weight"] = (d, d)
@@ -283,7 +322,7 @@ def checkpoint_shapes(vocab_size: int = VOCAB_SIZE, text_layers: int = TEXT_LAYE
     shapes["multi_modal_projector.linear_2.bias"] = (h,)
     lm = "language_model.model."
     shapes[lm + "embed_tokens.weight"] = (vocab_size, h)
-    for i in range(text_layers):
+    for i in range(geometry.text_layers):
         layer = f"{lm}layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj"):
             shapes[f"{layer}self_attn.{proj}.weight"] = (TEXT_HEADS * TEXT_HEAD_DIM, h)
@@ -329,13 +368,15 @@ def _init_std(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
     return "normal", gain / math.sqrt(fan_in)
 
 
-def random_state_dict(seed: int = 0, vocab_size: int = VOCAB_SIZE) -> dict:
+def random_state_dict(
+    seed: int = 0, vocab_size: int = VOCAB_SIZE, geometry: Geometry = Geometry()  # noqa: B008 - frozen
+) -> dict:
     """Deterministic random bf16 weights: every tensor has its own generator seeded from
     ``(seed, name)``, so the result does not depend on iteration order or global RNG state."""
     import torch
 
     state: dict[str, torch.Tensor] = {}
-    for name, shape in checkpoint_shapes(vocab_size).items():
+    for name, shape in checkpoint_shapes(vocab_size, geometry).items():
         generator = torch.Generator(device="cpu").manual_seed(_tensor_seed(seed, name))
         kind, scale = _init_std(name, shape)
         tensor = torch.randn(shape, generator=generator, dtype=torch.float32) * scale
@@ -374,16 +415,6 @@ def _weights_file(weights: str | Path) -> Path:
     return path / "model.safetensors" if path.is_dir() else path
 
 
-_LM_LAYER = re.compile(r"language_model\.model\.layers\.(\d+)\.")
-
-
-def text_layers_of(state: Mapping[str, object]) -> int:
-    """The LM depth a state dict (llava-hf names) holds: trained variants may be deeper than
-    :data:`TEXT_LAYERS`, everything else about the geometry is fixed."""
-    found = {int(m.group(1)) for key in state if (m := _LM_LAYER.match(key))}
-    return max(found) + 1 if found else TEXT_LAYERS
-
-
 def load_external_weights(weights: str | Path, vocab_size: int = VOCAB_SIZE) -> dict:
     """Load a safetensors state dict, normalise names, check names and shapes, cast to bf16."""
     import torch
@@ -401,7 +432,7 @@ def load_external_weights(weights: str | Path, vocab_size: int = VOCAB_SIZE) -> 
         if key in state:
             raise ValueError(f"{path}: two tensors map to {key!r}")
         state[key] = tensor
-    expected = checkpoint_shapes(vocab_size, text_layers_of(state))
+    expected = checkpoint_shapes(vocab_size, Geometry.of(state))
     problems = []
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -469,7 +500,7 @@ def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, weights: str | Path 
     processor.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
 
-    config = _make_config(VOCAB_SIZE, text_layers_of(state))
+    config = _make_config(VOCAB_SIZE, Geometry.of(state))
     config.save_pretrained(str(out))
     GenerationConfig(bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID).save_pretrained(
         str(out)

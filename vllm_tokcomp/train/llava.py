@@ -28,6 +28,7 @@ turned into a model folder with ``python -m vllm_tokcomp.tiny.llava DIR --weight
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -59,13 +60,16 @@ def pixels(image) -> torch.Tensor:  # noqa: ANN001 - PIL image, 336 x 336
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
-def build_model(text_layers: int = tiny.TEXT_LAYERS) -> nn.Module:
+def build_model(geometry: tiny.Geometry | int = tiny.Geometry()) -> nn.Module:  # noqa: B008 - frozen
+    """transformers' LLaVA of ``geometry`` (an int: that many LM layers, the rest default), random init."""
     from transformers import LlavaForConditionalGeneration
 
-    config = tiny._make_config(text_layers=text_layers)
+    if isinstance(geometry, int):
+        geometry = tiny.Geometry(text_layers=geometry)
+    config = tiny._make_config(geometry=geometry)
     config.dtype = torch.float32
     model = LlavaForConditionalGeneration(config)
-    load_llava_hf_state(model, deepened(tiny.random_state_dict(0), text_layers))
+    load_llava_hf_state(model, tiny.random_state_dict(0, geometry=geometry))
     with torch.no_grad():  # a trainable start for the LM head (the random init has logits of std 8)
         gen = torch.Generator().manual_seed(1)
         model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.02)
@@ -76,7 +80,7 @@ def deepened(state: dict[str, torch.Tensor], text_layers: int) -> dict[str, torc
     """``state`` with its LM grown to ``text_layers`` layers by appending identity blocks: copies of
     the last layer whose attention and MLP outputs (``o_proj``, ``down_proj``) are zero, so the deeper
     model computes exactly what ``state`` did and training starts from there."""
-    have = tiny.text_layers_of(state)
+    have = tiny.Geometry.of(state).text_layers
     if text_layers < have:
         raise ValueError(f"weights have {have} LM layers, cannot train a {text_layers}-layer model from them")
     out = dict(state)
@@ -498,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tower-lr-scale", type=float, default=0.3, help="0 freezes the tower in the QA stage")
     parser.add_argument("--text-layers", type=int, default=tiny.TEXT_LAYERS,
                         help="LM depth; with --init from a shallower model the new layers start as identity blocks")
+    parser.add_argument("--vision-hidden", type=int, default=tiny.VISION_HIDDEN,
+                        help="tower width for a run from scratch (heads of 32, MLP 4x); with --init the tower's own")
+    parser.add_argument("--vision-layers", type=int, default=tiny.VISION_LAYERS, help="tower depth, as --vision-hidden")
     parser.add_argument("--caption-turn", action="store_true", help="start each QA conversation with a caption turn")
     parser.add_argument("--qa-dense-weight", type=float, default=0.0, help="keep the per-patch loss during QA")
     parser.add_argument("--recenter-projector", action="store_true",
@@ -516,16 +523,25 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "log.jsonl", "a")
-    model = build_model(args.text_layers)
-    heads = ClipHeads(model.config.vision_config.hidden_size)
-    if args.init is not None and not (args.out / "ckpt.pt").exists():
+    init_state = None
+    if args.init is not None:  # read on resume too: the tower's sizes come from it
         if args.init.suffix == ".pt":
             ck = torch.load(args.init, weights_only=False)
-            heads.load_state_dict(ck["heads"])
-            state = {tiny.normalize_checkpoint_key(k): v for k, v in ck["model"].items() if "position_ids" not in k}
+            init_heads = ck["heads"]
+            init_state = {tiny.normalize_checkpoint_key(k): v for k, v in ck["model"].items()
+                          if "position_ids" not in k}
         else:
-            state = tiny.load_external_weights(args.init)
-        load_llava_hf_state(model, deepened(state, args.text_layers))
+            init_heads, init_state = None, tiny.load_external_weights(args.init)
+        geometry = dataclasses.replace(tiny.Geometry.of(init_state), text_layers=args.text_layers)
+    else:
+        geometry = tiny.Geometry(text_layers=args.text_layers, vision_hidden=args.vision_hidden,
+                                 vision_layers=args.vision_layers, vision_intermediate=4 * args.vision_hidden)
+    model = build_model(geometry)
+    heads = ClipHeads(model.config.vision_config.hidden_size)
+    if init_state is not None and not (args.out / "ckpt.pt").exists():
+        if init_heads is not None:
+            heads.load_state_dict(init_heads)
+        load_llava_hf_state(model, deepened(init_state, args.text_layers))
         if args.recenter_projector:
             print("recentred projector:", recenter_projector(model, args.seed), flush=True)
     elif args.sincos_positions:
