@@ -38,10 +38,38 @@ def test_pool_anchor_is_the_cell_centre():
     assert anchors == [r * 2 * 12 + c * 2 for r in range(6) for c in range(6)]
 
 
-def test_content_dependent_methods_are_refused_with_the_field():
+def test_methods_needing_tower_or_text_signals_are_refused_with_the_field():
     from vllm_tokcomp.config import ConfigError
 
-    with pytest.raises(ConfigError, match="selects tokens by content") as error:
-        qwen._check_servable(CompressionSpec("tome", 16), qwen.METHOD_FIELD)
+    with pytest.raises(ConfigError, match="pixel-decided") as error:
+        qwen._check_servable(CompressionSpec("cls_topk", 16), qwen.METHOD_FIELD)
     assert error.value.field == "mm_processor_kwargs.tokcomp_method"
     assert qwen._check_servable(None, qwen.METHOD_FIELD) is None
+    for method in ("tome", "divprune", "adjacent", "evs"):
+        assert qwen._check_servable(CompressionSpec(method, 16), qwen.METHOD_FIELD).method == method
+
+
+def test_assignment_rows_round_trip():
+    from vllm_tokcomp.integration import settings
+
+    destination = torch.tensor([0, 0, -1, 1, 2, 1, -1])
+    anchor = torch.tensor([1, 5, 4])  # slot 0 takes token 1's position, slot 1 token 5's, slot 2 token 4's
+    row = settings.encode_assignment(destination, anchor)
+    back_destination, back_anchor = settings.decode_assignment(row)
+    assert back_destination.tolist() == destination.tolist() and back_anchor.tolist() == anchor.tolist()
+
+
+def test_pixel_assignment_groups_the_processors_patches_into_merged_tokens():
+    """Qwen's processor lays out each LM token's merge x merge patches consecutively: the method must see one
+    feature row per LM token, built from exactly those patches. Two identical 2x2 blocks of patches (tokens 0
+    and 3 of a 2x2 merged grid) are what ToMe merges first."""
+    from vllm_tokcomp.integration import settings
+
+    torch.manual_seed(0)
+    patches = torch.randn(4 * 4, 6)  # 4 LM tokens (2x2 grid, merge 2) x 4 patches x 6 values
+    patches[12:16] = patches[0:4]  # token 3's patches == token 0's
+    row = qwen.pixel_assignment(CompressionSpec("tome", 3), patches, (1, 2, 2), 2)
+    destination, anchor = settings.decode_assignment(row)
+    assert len(anchor) == 3 and destination[0] == destination[3]
+    identity = qwen.pixel_assignment(CompressionSpec("uniform", 3), patches, (1, 2, 2), 2)
+    assert settings.decode_assignment(identity)[1].tolist() == [0, 1, 2, 3]  # fixed layouts decide in the model

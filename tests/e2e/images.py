@@ -17,3 +17,16 @@ def make_image(seed: int, size: int = 336) -> Image.Image:
         shape = rng.choice([draw.ellipse, draw.rectangle])
         shape((x, y, x + w, y + h), fill=rng.choice(COLOURS))
     return image
+
+
+def request_image(seed: int, width: int, height: int, noise: float = 0.0) -> Image.Image:
+    """``make_image(seed)`` resized to ``width x height``; with ``noise`` > 0, Gaussian pixel noise of that
+    standard deviation (seeded), so no two patches are exactly equal, as in photographs."""
+    image = make_image(seed, size=336).resize((width, height))
+    if noise <= 0:
+        return image
+    import numpy as np
+
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels += np.random.default_rng(seed).normal(0.0, noise, pixels.shape).astype(np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))

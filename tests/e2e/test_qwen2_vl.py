@@ -35,7 +35,7 @@ IDENTITY_GROUPS = {
 COMPRESSED = [("pool", 36, 0), ("uniform", 50, 1), ("pool", 20, 2), ("bilinear", 30, 0), ("random", 17, 2)]
 # A share of each image instead of a count: 0.25 of 12x12 and 8x16 keeps 36 and 32; 0.3 of 144 keeps 44.
 RATIOS = [("pool", 0.25, 2), ("uniform", 0.3, 0), ("bilinear", 0.5, 1)]
-REFUSED = [{"tokcomp_method": "tome", "tokcomp_budget": 16}, {"tokcomp_method": "pool", "tokcomp_budget": 0},
+REFUSED = [{"tokcomp_method": "cls_topk", "tokcomp_budget": 16}, {"tokcomp_method": "pool", "tokcomp_budget": 0},
            {"tokcomp_method": "pool", "tokcomp_budget": "auto"}]
 
 
@@ -117,7 +117,7 @@ def expected_positions(prompt, images, kept):
 
 
 def _grids(request):
-    return [GRIDS[(w, h)] for _, w, h in request["images"]]
+    return [GRIDS[(image[1], image[2])] for image in request["images"]]
 
 
 def test_baseline_is_not_degenerate(plain):
@@ -177,8 +177,8 @@ def test_engine_positions_equal_independent_computation(plain, plugin):
 
 
 def test_content_dependent_method_and_bad_budget_are_refused(plugin):
-    tome, zero, auto = plugin["results"][-len(REFUSED):]
-    assert "selects tokens by content" in tome["error"] and "tokcomp_method" in tome["error"]
+    cls_topk, zero, auto = plugin["results"][-len(REFUSED):]
+    assert "pixel-decided" in cls_topk["error"] and "tokcomp_method" in cls_topk["error"]
     assert "tokcomp_budget" in zero["error"]
     assert "tokcomp_budget" in auto["error"] and "tokcomp_ratio" in auto["error"]
 
@@ -187,7 +187,7 @@ def main() -> None:
     job = json.loads(sys.argv[1])
     from vllm import LLM, SamplingParams
 
-    from tests.e2e.images import make_image
+    from tests.e2e.images import request_image
 
     llm = LLM(model=job["model"], max_model_len=2048, enforce_eager=True, seed=0,
               mm_processor_kwargs=job.get("engine_mm_kwargs"), limit_mm_per_prompt={"image": 2, "video": 0},
@@ -195,8 +195,7 @@ def main() -> None:
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     results = []
     for request in job["requests"]:
-        content = [{"type": "image_pil", "image_pil": make_image(seed, size=336).resize((w, h))}
-                   for seed, w, h in request["images"]]
+        content = [{"type": "image_pil", "image_pil": request_image(*image)} for image in request["images"]]
         content.append({"type": "text", "text": request["question"]})
         try:
             output = llm.chat([{"role": "user", "content": content}], params,

@@ -141,7 +141,7 @@ def test_openai_client_server_ratio_and_per_request_budgets(client):
 
 def test_openai_client_bad_request_is_400_and_server_stays_up(client):
     with pytest.raises(openai.BadRequestError, match="tokcomp_method"):
-        _ask(client, [SQUARE], {"tokcomp_method": "tome"})
+        _ask(client, [SQUARE], {"tokcomp_method": "cls_topk"})
     with pytest.raises(openai.BadRequestError, match="tokcomp_ratio"):
         _ask(client, [SQUARE], {"tokcomp_ratio": 0})
     assert _ask(client, [SQUARE]).choices[0].message.content is not None

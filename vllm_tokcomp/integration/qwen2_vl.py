@@ -55,7 +55,7 @@ from ..config import (
     resolve_request,
     without_plugin_keys,
 )
-from ..methods import VisualTokens, get_method
+from ..methods import TokenAssignment, VisualTokens, get_method
 from . import settings
 from .requests import check_request
 from .vllm_api import (
@@ -78,6 +78,10 @@ logger = logging.getLogger("vllm_tokcomp")
 
 # Methods whose kept anchors depend only on the grid and the budget (and their knobs), not on content.
 FIXED_LAYOUT_METHODS = frozenset({"uniform", "random", "pool", "bilinear"})
+# Content-dependent methods that need nothing but token features: here they decide at processing time, on
+# each merged token's pixels, so the positions are known before the encoder runs; the model then merges
+# the encoder's embeddings by that same assignment.
+PIXEL_DECIDED_METHODS = frozenset({"tome", "divprune", "adjacent", "evs"})
 POSITIONS_LOG_ENV = "TOKCOMP_POSITIONS_LOG"
 METHOD_FIELD = f"mm_processor_kwargs.{METHOD_KEY}"
 
@@ -93,14 +97,44 @@ def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec
             f"{AUTO!r} (pixel-redundancy estimate) is implemented for LLaVA's fixed 24x24 grid only; "
             f"on Qwen2-VL give a count or {RATIO_KEY}",
         )
-    if spec is not None and spec.method not in FIXED_LAYOUT_METHODS:
+    if spec is not None and spec.method not in FIXED_LAYOUT_METHODS | PIXEL_DECIDED_METHODS:
         raise ConfigError(
             field,
-            f"method {spec.method!r} selects tokens by content; on Qwen2-VL the M-RoPE positions are fixed "
-            "before the encoder runs, so only fixed-layout methods are served: "
-            + ", ".join(sorted(FIXED_LAYOUT_METHODS)),
+            f"method {spec.method!r} needs signals from the vision tower (e.g. [CLS] attention) or the text; on "
+            "Qwen2-VL the M-RoPE positions are fixed before the encoder runs, so the served methods are the "
+            "fixed-layout and the pixel-decided ones: "
+            + ", ".join(sorted(FIXED_LAYOUT_METHODS | PIXEL_DECIDED_METHODS)),
         )
     return spec
+
+
+def pixel_assignment(
+    spec: CompressionSpec | None, patches: torch.Tensor, grid: tuple[int, int, int], merge: int
+) -> torch.Tensor:
+    """One item's :func:`settings.encode_assignment` row. For a pixel-decided method the method's own
+    ``select`` runs on the item's merged tokens described by their pixels (the ``merge x merge`` patches
+    each LM token covers, as the HF processor orders them), centred on the item's mean so that similarity
+    measures contrast rather than brightness; every other item gets the identity. vLLM 0.32 hands the
+    processor's pixels over unnormalised (uint8; the model normalises them), and these are what is used."""
+    n = int(np.prod(grid))
+    kept = settings.kept_tokens(spec, n)
+    if spec is None or spec.method not in PIXEL_DECIDED_METHODS or kept >= n:
+        index = torch.arange(n)
+        return settings.encode_assignment(index, index)
+    features = patches.reshape(n, merge * merge * patches.shape[-1]).float()
+    features = features - features.mean(0)
+    method = get_method(spec.method, **dict(spec.options))
+    assignment = method.select(VisualTokens(features=features, grid=tuple(grid)), kept)
+    return settings.encode_assignment(assignment.destination, assignment.anchor)
+
+
+def item_anchors(spec: CompressionSpec | None, grid: tuple[int, ...], assignment_row: torch.Tensor | None,
+                 ) -> torch.Tensor:
+    """The anchors an item's kept tokens take their positions from: decided at processing time for the
+    pixel-decided methods (its assignment row), else a function of the grid and the budget."""
+    if spec is not None and spec.method in PIXEL_DECIDED_METHODS and assignment_row is not None:
+        return settings.decode_assignment(assignment_row)[1]
+    return kept_anchors(spec, grid)
 
 
 def kept_anchors(spec: CompressionSpec | None, grid: tuple[int, ...]) -> torch.Tensor:
@@ -193,15 +227,24 @@ class _ProcessorMixin:
             if grid_thw is None or processed_data.get(pixels_key) is None:
                 continue
             # One row per item: a ratio becomes each item's own count (dynamic resolution, video length).
-            rows = [settings.encode(None if spec is None else spec.for_item(_merged_tokens(g, merge)))
-                    for g in grid_thw]
-            processed_data[MODALITY_FIELDS[modality]] = torch.stack(rows)
+            item_specs = [None if spec is None else spec.for_item(_merged_tokens(g, merge)) for g in grid_thw]
+            processed_data[MODALITY_FIELDS[modality]] = torch.stack([settings.encode(s) for s in item_specs])
+            patches = processed_data[pixels_key].split(grid_thw.prod(-1).tolist())
+            processed_data[settings.ASSIGNMENT_FIELDS[modality]] = torch.cat([
+                pixel_assignment(s, p, (int(g[0]), int(g[1]) // merge, int(g[2]) // merge), merge)
+                for s, p, g in zip(item_specs, patches, grid_thw, strict=True)
+            ])
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:  # noqa: ANN001
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
         for modality, field in MODALITY_FIELDS.items():
             fields[field] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
+            grid_thw = hf_inputs.get(f"{modality}_grid_thw", torch.empty((0, 3)))
+            fields[settings.ASSIGNMENT_FIELDS[modality]] = MultiModalFieldConfig.flat_from_sizes(
+                modality, grid_thw.prod(-1) // (merge * merge), keep_on_cpu=True
+            )
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptReplacement]:  # noqa: ANN001
@@ -241,15 +284,24 @@ _KWARG_MODALITY = {"pixel_values": "image", "image_embeds": "image", "pixel_valu
                    "video_embeds": "video"}
 
 
-def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, int, int]) -> torch.Tensor:
-    """One image's or video's embeddings (raster order over the merged ``grid``) to its placeholder count."""
+def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, int, int],
+                   assignment_row: torch.Tensor | None = None) -> torch.Tensor:
+    """One image's or video's embeddings (raster order over the merged ``grid``) to its placeholder count;
+    a pixel-decided method applies the assignment the processor chose (``assignment_row``)."""
     method = get_method(spec.method, **dict(spec.options))
     expected = settings.kept_tokens(spec, item.shape[0])
-    result = method(VisualTokens(features=item, grid=grid), expected)
+    tokens = VisualTokens(features=item, grid=grid)
+    if spec.method in PIXEL_DECIDED_METHODS and expected < item.shape[0]:
+        if assignment_row is None:
+            raise RuntimeError("tokcomp: no processing-time assignment for a pixel-decided method")
+        destination, anchor = settings.decode_assignment(assignment_row.cpu())
+        result = method.apply(tokens, TokenAssignment(destination.to(item.device), anchor.to(item.device)))
+    else:
+        result = method(tokens, expected)
     # vLLM silently truncates extra rows; a mismatch must fail here instead.
     if result.features.shape[0] != expected:
         raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
-    if not torch.equal(result.assignment.anchor.cpu(), kept_anchors(spec, grid)):
+    if not torch.equal(result.assignment.anchor.cpu(), item_anchors(spec, grid, assignment_row)):
         raise RuntimeError("tokcomp: the selection differs from the layout its positions were computed for")
     return result.features
 
@@ -259,6 +311,7 @@ class _ModelMixin:
 
     def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings
         rows = {modality: kwargs.pop(field, None) for modality, field in MODALITY_FIELDS.items()}
+        assignments = {modality: kwargs.pop(field, None) for modality, field in settings.ASSIGNMENT_FIELDS.items()}
         specs = {modality: [] if r is None else [settings.decode(row) for row in r] for modality, r in rows.items()}
         embeddings = super().embed_multimodal(**kwargs)
         if not any(spec is not None for items in specs.values() for spec in items):
@@ -274,10 +327,13 @@ class _ModelMixin:
         start = 0
         for modality in order:
             grids = kwargs[f"{modality}_grid_thw"]
+            rows_of_items = _split_assignments(assignments[modality], grids, merge)
             for index, spec in enumerate(specs[modality]):
                 if spec is not None:
                     t, h, w = (int(v) for v in grids[index].tolist())
-                    out[start + index] = _compress_item(out[start + index], spec, (t, h // merge, w // merge))
+                    out[start + index] = _compress_item(
+                        out[start + index], spec, (t, h // merge, w // merge), rows_of_items[index]
+                    )
             start += len(grids)
         if start != len(out):
             raise RuntimeError(f"tokcomp: {len(out)} multimodal embeddings for {start} items")
@@ -294,11 +350,14 @@ class _ModelMixin:
         for feature, (offset, t, h, w, t_factor) in zip(
             sorted(mm_features, key=lambda f: f.mm_position.offset), self.iter_mm_grid_thw(mm_features), strict=True
         ):
-            spec = None
+            spec, assignment_row = None, None
             field = MODALITY_FIELDS.get(feature.modality)
             if field is not None and feature.data is not None and field in feature.data:
                 spec = settings.decode(feature.data[field].data)
-            anchors = kept_anchors(spec, (t, h, w))
+                assignment_field = settings.ASSIGNMENT_FIELDS[feature.modality]
+                if assignment_field in feature.data:
+                    assignment_row = feature.data[assignment_field].data
+            anchors = item_anchors(spec, (t, h, w), assignment_row)
             if anchors.numel() != feature.mm_position.length:
                 raise RuntimeError(
                     f"tokcomp: item at {offset} has {feature.mm_position.length} placeholders, layout {anchors.numel()}"
@@ -318,6 +377,18 @@ class _ModelMixin:
         delta = int(llm_positions.max()) + 1 - len(input_tokens) if llm_positions.size else 0
         _log_positions(input_tokens, items, llm_positions, delta)
         return torch.from_numpy(np.ascontiguousarray(llm_positions)), delta
+
+
+def _split_assignments(rows: object, grids: torch.Tensor, merge: int) -> list[torch.Tensor | None]:
+    """Per item, its assignment row (vLLM concatenates a flat field's items; ``None`` where absent)."""
+    if rows is None:
+        return [None] * len(grids)
+    if isinstance(rows, (list, tuple)):
+        rows = torch.cat([torch.as_tensor(r).flatten() for r in rows])
+    sizes = (grids.prod(-1) // (merge * merge)).tolist()
+    if rows.numel() != sum(sizes):
+        raise RuntimeError(f"tokcomp: {rows.numel()} assignment entries for items of {sizes} tokens")
+    return list(rows.split(sizes))
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -18,6 +18,7 @@ from ..config import CompressionSpec
 FIELD = "tokcomp_settings"
 VIDEO_FIELD = "tokcomp_video_settings"  # the same row for each video (a field belongs to one modality)
 QUERY_FIELD = "tokcomp_query"
+ASSIGNMENT_FIELDS = {"image": "tokcomp_assignment", "video": "tokcomp_video_assignment"}
 OFF_INDEX = -1
 SETTINGS_BYTES = 1024
 # Text tokens kept for text-guided methods: the last ones, where the question sits in a chat prompt.
@@ -63,3 +64,20 @@ def encode_query(ids: list[int]) -> torch.Tensor:
 
 def decode_query(row: torch.Tensor) -> torch.Tensor:
     return row[row != OFF_INDEX]
+
+
+def encode_assignment(destination: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """One int64 per input token: its output slot, ``-1`` if dropped, ``-2 - slot`` if it is that slot's
+    anchor (the token whose position the slot takes). One flat row per item, ``N`` long whatever ``M``."""
+    row = destination.to(torch.int64).clone()
+    row[anchor] = -2 - torch.arange(anchor.numel(), dtype=torch.int64)
+    return row
+
+
+def decode_assignment(row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(destination, anchor)`` from :func:`encode_assignment`'s row."""
+    is_anchor = row <= -2
+    destination = torch.where(is_anchor, -2 - row, row)
+    anchor = torch.empty(int(is_anchor.sum()), dtype=torch.int64)
+    anchor[destination[is_anchor]] = is_anchor.nonzero().flatten()
+    return destination, anchor

@@ -1,0 +1,91 @@
+"""Real vLLM, tiny Qwen2-VL and Qwen2.5-VL: content-dependent methods decided on pixels at processing time.
+
+``tome``, ``divprune``, ``adjacent`` and ``evs`` choose which tokens survive from each merged token's pixels
+(its ``merge x merge`` patches as the HF processor lays them out, centred on the image's mean), so the M-RoPE
+positions are known before the encoder runs. Checked here against an independent computation: the HF image
+processor's own unnormalised ``pixel_values`` (what vLLM 0.32 requests) grouped into merged tokens, the
+library method's ``select`` on them, and the positions written out from the grid and those anchors
+(tests/e2e/test_qwen2_vl.py's ``expected_positions``). Prompt counts are exact, and
+methods that need tower or text signals are refused naming the field.
+"""
+
+import math
+
+import pytest
+
+from .test_qwen2_vl import BASE_REQUESTS, MAX_TOKENS, _count, _grids, _run, expected_positions
+
+pytestmark = pytest.mark.slow
+
+PIXEL_DECIDED = [("tome", 36, 0), ("divprune", 50, 1), ("adjacent", 20, 2), ("evs", 30, 0)]
+RATIOS = [("tome", 0.25, 2)]
+REFUSED = [{"tokcomp_method": "cls_topk", "tokcomp_budget": 16}, {"tokcomp_method": "pumer", "tokcomp_budget": 16}]
+# Pixel noise (sigma 6 of 255) as in photographs: with flat synthetic backgrounds most tokens are exactly equal and
+# which of them a method keeps is tie-breaking, not content.
+NOISE = 6.0
+REQUESTS = [{**r, "images": [[*image, NOISE] for image in r["images"]]} for r in BASE_REQUESTS]
+
+
+def _requests():
+    requests = [{**REQUESTS[i], "mm_kwargs": {"tokcomp_method": m, "tokcomp_budget": b}} for m, b, i in PIXEL_DECIDED]
+    requests += [{**REQUESTS[i], "mm_kwargs": {"tokcomp_method": m, "tokcomp_ratio": r}} for m, r, i in RATIOS]
+    requests += [{**REQUESTS[0], "mm_kwargs": kwargs} for kwargs in REFUSED]
+    return requests
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def served(request, qwen_dir, qwen25_dir, vllm_env, tmp_path_factory):
+    model = qwen_dir if request.param == "qwen2_vl" else qwen25_dir
+    job = {"model": str(model), "requests": _requests()}
+    return model, _run(job, vllm_env, "tokcomp", tmp_path_factory.mktemp("pos") / "pixel.jsonl")
+
+
+def _pixel_anchors(model_dir, request, method, budgets):
+    """Each image's kept anchors from the HF processor's pixels and the library method, outside vLLM."""
+    from transformers import AutoProcessor
+
+    from tests.e2e.images import request_image
+    from vllm_tokcomp.methods import VisualTokens, get_method
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    merge = processor.image_processor.merge_size
+    anchors = []
+    for spec, budget in zip(request["images"], budgets, strict=True):
+        # vLLM 0.32 asks the HF processor for unnormalised pixels (the model normalises them on device)
+        out = processor.image_processor(images=[request_image(*spec)], return_tensors="pt", do_rescale=False,
+                                        do_normalize=False)
+        t, gh, gw = out["image_grid_thw"][0].tolist()
+        grid = (t, gh // merge, gw // merge)
+        n = math.prod(grid)
+        if budget >= n:
+            anchors.append(list(range(n)))
+            continue
+        features = out["pixel_values"].reshape(n, -1).float()  # merge x merge consecutive patches per LM token
+        features = features - features.mean(0)
+        anchors.append(get_method(method).select(VisualTokens(features, grid), budget).anchor.tolist())
+    return anchors
+
+
+def test_prompt_counts_and_positions_follow_the_pixel_decided_selection(served):
+    model, result = served
+    by_prompt = {tuple(record["prompt"]): record for record in result["positions"]}
+    requests = _requests()
+    for request, got in zip(requests[: -len(REFUSED)], result["results"], strict=False):
+        assert "error" not in got, (request["mm_kwargs"], got)
+        spec = request["mm_kwargs"]
+        grids = _grids(request)
+        budgets = [_count(spec, math.prod(grid)) for grid in grids]
+        assert got["prompt_tokens"] == len(got["prompt"])
+        assert sum(1 for token in got["prompt"] if token == 5) == sum(budgets)  # <|image_pad|> kept per image
+        anchors = _pixel_anchors(model, request, spec["tokcomp_method"], budgets)
+        positions, delta = expected_positions(got["prompt"], grids, anchors)
+        record = by_prompt[tuple(got["prompt"])]
+        assert record["positions"] == positions, spec
+        assert record["delta"] == delta, spec
+        assert len(got["output"]) == MAX_TOKENS
+
+
+def test_content_methods_that_need_tower_or_text_signals_are_refused(served):
+    _, result = served
+    for error in result["results"][-len(REFUSED):]:
+        assert "tokcomp_method" in error["error"] and "pixel-decided" in error["error"], error
