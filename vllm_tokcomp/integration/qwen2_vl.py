@@ -20,12 +20,15 @@ Overrides (vLLM 0.32.0, ``model_executor/models/qwen2_vl.py``):
   - text after an item keeps the position it would have had uncompressed (vLLM's EVS rule): the
     next text starts at ``item_start + max(t, h, w extent)`` of the *full* grid.
 
-  This needs each image's anchors before the encoder runs, so it serves the **fixed-layout** methods
-  (``FIXED_LAYOUT_METHODS``: uniform, random, pool, bilinear; their anchors depend only on the grid
-  and the budget). Content-dependent selection would need vLLM's EVS recompute hook, which the V1
-  runner only calls with ``video_pruning_rate > 0`` and the CPU runner never calls
-  (``CPUModelRunner.load_model`` does not set ``is_multimodal_pruning_enabled``); such methods are
-  refused with a clear error instead of being served with wrong positions.
+  This needs each image's anchors before the encoder runs: the **fixed-layout** methods
+  (``FIXED_LAYOUT_METHODS``: uniform, random, pool, bilinear) have them from the grid and the budget, the
+  **pixel-decided** ones (``PIXEL_DECIDED_METHODS``: tome, divprune, adjacent, evs) run their ``select`` in
+  the processor on each merged token's pixels and send the assignment with the item
+  (``settings.ASSIGNMENT_FIELDS``); the model applies that assignment to the encoder output. Methods that
+  need tower or text signals would need vLLM's EVS recompute hook, which the V1 runner only calls with
+  ``video_pruning_rate > 0`` and the CPU runner never calls (``CPUModelRunner.load_model`` does not set
+  ``is_multimodal_pruning_enabled``); they are refused with a clear error instead of being served with
+  wrong positions.
 
 A video's kept token keeps its frame: ``(start + frame * t_factor, start + row, start + col)``, with vLLM's
 ``t_factor`` (Qwen2.5-VL: seconds per temporal patch x ``tokens_per_second``).
