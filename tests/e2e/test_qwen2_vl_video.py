@@ -33,7 +33,10 @@ COMPRESSED = [
     ({"tokcomp_method": "bilinear", "tokcomp_budget": 20}, 0),
     ({"tokcomp_method": "pool", "tokcomp_budget": 16}, 1),  # image and video in one prompt, each to 16
     ({"tokcomp_method": "pool", "tokcomp_budget": 2}, 0),  # one pooled token per frame (LLaMA-VID-like extreme)
+    ({"tokcomp_method": "evs", "tokcomp_budget": 80}, 0),  # pixel-decided: temporal dissimilarity, first frame first
+    ({"tokcomp_method": "tome", "tokcomp_budget": 16}, 1),  # pixel-decided, image and video in one prompt
 ]
+PIXEL_DECIDED = {"tome", "divprune", "adjacent", "evs"}
 
 
 def _requests():
@@ -86,9 +89,33 @@ def _items(request):
         if present is None:
             continue
         n = math.prod(grid)
-        kept = list(range(n)) if method == "none" else _kept(method, _count(kwargs, n), grid)
+        if method in PIXEL_DECIDED:
+            kept = _pixel_kept(method, _count(kwargs, n), grid, pad, present)
+        else:
+            kept = list(range(n)) if method == "none" else _kept(method, _count(kwargs, n), grid)
         out.append((pad, grid, kept))
     return out
+
+
+def _pixel_kept(method, budget, grid, pad, seed):
+    """Anchors of a pixel-decided method, outside vLLM: the HF processor's unnormalised pixels (what vLLM 0.32
+    requests), merge x merge patches per LM token, centred on the item's mean, the library method's select."""
+    from transformers import AutoProcessor
+
+    from tests.e2e.images import make_image
+    from vllm_tokcomp.methods import VisualTokens, get_method
+    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
+
+    processor = AutoProcessor.from_pretrained(ensure_default_model())
+    raw = {"do_rescale": False, "do_normalize": False, "return_tensors": "pt"}
+    if pad == VIDEO_PAD:
+        pixels = processor.video_processor(videos=[make_video(seed)], **raw)["pixel_values_videos"]
+    else:
+        pixels = processor.image_processor(images=[make_image(seed, size=336)], **raw)["pixel_values"]
+    n = math.prod(grid)
+    features = pixels.reshape(n, -1).float()
+    features = features - features.mean(0)
+    return get_method(method).select(VisualTokens(features, tuple(grid)), budget).anchor.tolist()
 
 
 def test_baseline_sees_the_video(plain):
@@ -105,7 +132,8 @@ def test_identity_settings_match_plain_vllm_token_for_token(plain, plugin, group
 
 def test_video_keeps_its_budget(plain, plugin):
     offset = len(IDENTITY) * len(BASE)
-    expected = [32, 32, 20, 16 + 16, 2]  # by hand: pool 32, ceil(0.25 * 128), bilinear 20, image + video 16 each, 2
+    # by hand: pool 32, ceil(0.25 * 128), bilinear 20, image + video 16 each, 2, evs 80, image + video 16 each
+    expected = [32, 32, 20, 16 + 16, 2, 80, 16 + 16]
     for k, ((kwargs, base), kept) in enumerate(zip(COMPRESSED, expected, strict=True)):
         full = math.prod(VIDEO_GRID) + (math.prod(IMAGE_GRID) if BASE[base]["image"] is not None else 0)
         text = len(plain["results"][base]["prompt"]) - full
