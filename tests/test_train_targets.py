@@ -137,7 +137,7 @@ def test_recenter_projector_is_a_shift_and_scale_of_the_image_tokens():
     delta = after[1:] - after[:1]
     assert torch.allclose(delta, stats["scale"] * (before[1:] - before[:1]), rtol=1e-4, atol=1e-4)
     again = recenter_projector(model, 0, images=4)  # already centred: nothing shared left, scale 1
-    text_norm = float(model.model.language_model.embed_tokens.weight.norm(dim=-1).mean())
+    text_norm = float(model.model.language_model.embed_tokens.weight.detach().norm(dim=-1).mean())
     assert again["shared_norm"] < 1e-3 * text_norm and abs(again["token_norm"] - text_norm) < 1e-3 * text_norm
 
 
