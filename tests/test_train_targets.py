@@ -60,7 +60,7 @@ def test_deepened_model_computes_what_the_shallow_one_did(tmp_path):
     from vllm_tokcomp.train.llava import QAEncoder, build_model, deepened, export_state, load_llava_hf_state, qa_batch
 
     state = tiny.random_state_dict(3)
-    shallow, deep = build_model(2), build_model(4)
+    shallow, deep = build_model(tiny.Geometry(text_layers=2)), build_model(tiny.Geometry(text_layers=4))
     load_llava_hf_state(shallow, state)
     load_llava_hf_state(deep, deepened(state, 4))
     batch = qa_batch(QAEncoder(), 0, 0, 1, 2)
@@ -98,7 +98,7 @@ def test_look_loss_equals_the_attention_transformers_computes():
     from vllm_tokcomp.tiny import llava as tiny
     from vllm_tokcomp.train.llava import QAEncoder, build_model, load_llava_hf_state, qa_batch, qa_loss
 
-    model = build_model(2)
+    model = build_model(tiny.Geometry(text_layers=2))
     load_llava_hf_state(model, tiny.random_state_dict(5))
     batch = qa_batch(QAEncoder(), 0, 0, 2, 6)
     assert batch["looks"]
@@ -119,7 +119,7 @@ def test_recenter_projector_is_a_shift_and_scale_of_the_image_tokens():
     from vllm_tokcomp.tiny import llava as tiny
     from vllm_tokcomp.train.llava import build_model, load_llava_hf_state, pixels, recenter_projector
 
-    model = build_model(2)
+    model = build_model(tiny.Geometry(text_layers=2))
     load_llava_hf_state(model, tiny.random_state_dict(2))
     model.eval()
     image = pixels(render_scene(make_scene(scene_rng(0, "val", 3))))[None]

@@ -40,12 +40,25 @@ def served(request, qwen_dir, qwen25_dir, vllm_env, tmp_path_factory):
     return model, _run(job, vllm_env, "tokcomp", tmp_path_factory.mktemp("pos") / "pixel.jsonl")
 
 
+def pixel_decided_anchors(pixels, grid, method, budget):
+    """Kept anchors of a pixel-decided method, written out plainly: the HF processor's unnormalised pixels (what
+    vLLM 0.32 requests), the merge x merge patches of each LM token as one row, centred on the item's mean, and
+    the library method's ``select``."""
+    from vllm_tokcomp.methods import VisualTokens, get_method
+
+    n = math.prod(grid)
+    if budget >= n:
+        return list(range(n))
+    features = pixels.reshape(n, -1).float()
+    features = features - features.mean(0)
+    return get_method(method).select(VisualTokens(features, tuple(grid)), budget).anchor.tolist()
+
+
 def _pixel_anchors(model_dir, request, method, budgets):
     """Each image's kept anchors from the HF processor's pixels and the library method, outside vLLM."""
     from transformers import AutoProcessor
 
     from tests.e2e.images import request_image
-    from vllm_tokcomp.methods import VisualTokens, get_method
 
     processor = AutoProcessor.from_pretrained(model_dir)
     merge = processor.image_processor.merge_size
@@ -55,14 +68,7 @@ def _pixel_anchors(model_dir, request, method, budgets):
         out = processor.image_processor(images=[request_image(*spec)], return_tensors="pt", do_rescale=False,
                                         do_normalize=False)
         t, gh, gw = out["image_grid_thw"][0].tolist()
-        grid = (t, gh // merge, gw // merge)
-        n = math.prod(grid)
-        if budget >= n:
-            anchors.append(list(range(n)))
-            continue
-        features = out["pixel_values"].reshape(n, -1).float()  # merge x merge consecutive patches per LM token
-        features = features - features.mean(0)
-        anchors.append(get_method(method).select(VisualTokens(features, grid), budget).anchor.tolist())
+        anchors.append(pixel_decided_anchors(out["pixel_values"], (t, gh // merge, gw // merge), method, budget))
     return anchors
 
 

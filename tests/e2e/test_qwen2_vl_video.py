@@ -98,12 +98,11 @@ def _items(request):
 
 
 def _pixel_kept(method, budget, grid, pad, seed):
-    """Anchors of a pixel-decided method, outside vLLM: the HF processor's unnormalised pixels (what vLLM 0.32
-    requests), merge x merge patches per LM token, centred on the item's mean, the library method's select."""
+    """Anchors of a pixel-decided method from the HF processor's own pixels of this item, outside vLLM."""
     from transformers import AutoProcessor
 
     from tests.e2e.images import make_image
-    from vllm_tokcomp.methods import VisualTokens, get_method
+    from tests.e2e.test_qwen2_vl_pixel_decided import pixel_decided_anchors
     from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
 
     processor = AutoProcessor.from_pretrained(ensure_default_model())
@@ -112,10 +111,7 @@ def _pixel_kept(method, budget, grid, pad, seed):
         pixels = processor.video_processor(videos=[make_video(seed)], **raw)["pixel_values_videos"]
     else:
         pixels = processor.image_processor(images=[make_image(seed, size=336)], **raw)["pixel_values"]
-    n = math.prod(grid)
-    features = pixels.reshape(n, -1).float()
-    features = features - features.mean(0)
-    return get_method(method).select(VisualTokens(features, tuple(grid)), budget).anchor.tolist()
+    return pixel_decided_anchors(pixels, grid, method, budget)
 
 
 def test_baseline_sees_the_video(plain):

@@ -297,14 +297,15 @@ def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, i
     if spec.method in PIXEL_DECIDED_METHODS and expected < item.shape[0]:
         if assignment_row is None:
             raise RuntimeError("tokcomp: no processing-time assignment for a pixel-decided method")
-        destination, anchor = settings.decode_assignment(assignment_row.cpu())
-        result = method.apply(tokens, TokenAssignment(destination.to(item.device), anchor.to(item.device)))
+        destination, anchors = settings.decode_assignment(assignment_row.cpu())
+        result = method.apply(tokens, TokenAssignment(destination.to(item.device), anchors.to(item.device)))
     else:
         result = method(tokens, expected)
+        anchors = kept_anchors(spec, grid)
     # vLLM silently truncates extra rows; a mismatch must fail here instead.
     if result.features.shape[0] != expected:
         raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
-    if not torch.equal(result.assignment.anchor.cpu(), item_anchors(spec, grid, assignment_row)):
+    if not torch.equal(result.assignment.anchor.cpu(), anchors):
         raise RuntimeError("tokcomp: the selection differs from the layout its positions were computed for")
     return result.features
 

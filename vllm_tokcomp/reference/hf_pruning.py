@@ -56,10 +56,6 @@ class FastVReference:
 
     layer: int = 1
     keep: int = 64
-    stage1: bool = False  # no tower stage
-    key_ratio: float = 0.0  # no key set
-    window: int = 3
-    threshold: float = 1.0
 
 
 @dataclass
@@ -106,8 +102,7 @@ def window_merge_plain(patches: Tensor, side: int, window: int, threshold: float
     return torch.stack([outputs[a] for a in anchors]), anchors
 
 
-def encode_image(model: nn.Module, pixel_values: Tensor, cfg: MustDropReference | FastVReference,
-                 ) -> tuple[Tensor, Tensor]:
+def encode_image(model: nn.Module, pixel_values: Tensor, cfg: MustDropReference) -> tuple[Tensor, Tensor]:
     """Projected visual tokens ``[M, D]`` and the key set (indices into them)."""
     tower = model.model.vision_tower
     layers = tower.encoder.layers
@@ -176,7 +171,9 @@ def _dual_filter(probs: Tensor, text_rows: Tensor, visual_cols: Tensor, keep_alw
 def generate(model: nn.Module, input_ids: list[int], pixel_values: Tensor, cfg: MustDropReference | FastVReference,
              max_new_tokens: int, eos_token_id: int | None = None) -> ReferenceOutput:
     """Greedy decoding of one prompt holding one image placeholder (``model.config.image_token_index``)."""
-    visual, key_set = encode_image(model, pixel_values, cfg)
+    # FastV has no tower stage and no key set: the plain tower.
+    tower_cfg = cfg if isinstance(cfg, MustDropReference) else MustDropReference(stage1=False, key_ratio=0.0)
+    visual, key_set = encode_image(model, pixel_values, tower_cfg)
     lm = model.model.language_model
     at = input_ids.index(model.config.image_token_index)
     ids = torch.tensor(input_ids)

@@ -60,12 +60,10 @@ def pixels(image) -> torch.Tensor:  # noqa: ANN001 - PIL image, 336 x 336
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
-def build_model(geometry: tiny.Geometry | int = tiny.Geometry()) -> nn.Module:  # noqa: B008 - frozen
-    """transformers' LLaVA of ``geometry`` (an int: that many LM layers, the rest default), random init."""
+def build_model(geometry: tiny.Geometry = tiny.Geometry()) -> nn.Module:  # noqa: B008 - frozen
+    """transformers' LLaVA of ``geometry``, random init."""
     from transformers import LlavaForConditionalGeneration
 
-    if isinstance(geometry, int):
-        geometry = tiny.Geometry(text_layers=geometry)
     config = tiny._make_config(geometry=geometry)
     config.dtype = torch.float32
     model = LlavaForConditionalGeneration(config)
@@ -137,14 +135,14 @@ def load_llava_hf_state(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
         raise RuntimeError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
 
 
+def llava_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' in-memory state dict in llava-hf names, without the position-id buffers."""
+    return {tiny.normalize_checkpoint_key(k): v for k, v in state.items() if "position_ids" not in k}
+
+
 def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """bf16 state dict in llava-hf names (what :func:`tiny.build_tiny_llava` ``weights=`` takes)."""
-    out = {}
-    for key, value in model.state_dict().items():
-        if "position_ids" in key:
-            continue
-        out[tiny.normalize_checkpoint_key(key)] = value.detach().to(torch.bfloat16).contiguous()
-    return out
+    return {k: v.detach().to(torch.bfloat16).contiguous() for k, v in llava_hf_names(model.state_dict()).items()}
 
 
 # ----------------------------------------------------------------------------- stage 1: CLIP
@@ -346,8 +344,7 @@ CAPTION_QUESTION = "Describe the image."
 def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, caption: bool = False) -> dict:
     images, seqs, patch_targets = [], [], []
     looks: list[tuple[int, int, list[int]]] = []  # (row, answer-start position, image-token positions it is about)
-    start_index = start
-    for index in range(start, start + n):
+    for row, index in enumerate(range(start, start + n)):
         rng = scene_rng(seed, "train", index)
         scene = make_scene(rng)
         images.append(pixels(render_scene(scene)))
@@ -359,12 +356,12 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
         patch_targets.append(patch_labels(scene))
         first_image = ids.index(tiny.IMAGE_TOKEN_ID)
         owners = patch_owners(scene)
-        for qa, start in zip(qas, starts, strict=True):
+        for qa, answer_start in zip(qas, starts, strict=True):
             targets = question_targets(scene, qa["question"])
             if targets:
                 patches = np.flatnonzero(np.isin(owners, targets))
                 if patches.size:
-                    looks.append((index - start_index, start, (first_image + patches).tolist()))
+                    looks.append((row, answer_start, (first_image + patches).tolist()))
     length = max(len(s[0]) for s in seqs)
     input_ids = torch.full((n, length), tiny.PAD_TOKEN_ID, dtype=torch.long)
     labels = torch.full((n, length), -100, dtype=torch.long)
@@ -528,8 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.init.suffix == ".pt":
             ck = torch.load(args.init, weights_only=False)
             init_heads = ck["heads"]
-            init_state = {tiny.normalize_checkpoint_key(k): v for k, v in ck["model"].items()
-                          if "position_ids" not in k}
+            init_state = llava_hf_names(ck["model"])
         else:
             init_heads, init_state = None, tiny.load_external_weights(args.init)
         geometry = dataclasses.replace(tiny.Geometry.of(init_state), text_layers=args.text_layers)
