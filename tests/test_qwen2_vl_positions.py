@@ -59,6 +59,35 @@ def test_assignment_rows_round_trip():
     assert back_destination.tolist() == destination.tolist() and back_anchor.tolist() == anchor.tolist()
 
 
+def test_pixel_descriptors_pool_each_patch_plane_into_block_means():
+    """Written out per token, patch, plane and block: the descriptor is the block means of each patch plane
+    (C x T planes of P x P pixels, the HF processor's row layout), the token's merge^2 patches side by side,
+    minus the mean over the item's tokens."""
+    torch.manual_seed(0)
+    merge, size, planes, pool = 2, 6, 3, 2
+    patches = torch.randn(2 * merge * merge, planes * size * size)  # 2 merged tokens
+    got = qwen.pixel_descriptors(patches, merge, size, pool)
+    block = size // pool
+    expected = []
+    for token in range(2):
+        values = []
+        for patch in patches[token * merge * merge:(token + 1) * merge * merge]:
+            image = patch.reshape(planes, size, size)
+            for plane in range(planes):
+                for by in range(pool):
+                    for bx in range(pool):
+                        values.append(image[plane, by * block:(by + 1) * block, bx * block:(bx + 1) * block].mean())
+        expected.append(torch.stack(values))
+    expected = torch.stack(expected)
+    torch.testing.assert_close(got, expected - expected.mean(0))
+    assert got.shape == (2, merge * merge * planes * pool * pool)
+    raw = qwen.pixel_descriptors(patches, merge, size, size)  # pool == patch size keeps every pixel
+    flat = patches.reshape(2, -1)
+    torch.testing.assert_close(raw, flat - flat.mean(0))
+    with pytest.raises(ValueError, match="does not divide"):
+        qwen.pixel_descriptors(patches, merge, size, 4)
+
+
 def test_pixel_assignment_groups_the_processors_patches_into_merged_tokens():
     """Qwen's processor lays out each LM token's merge x merge patches consecutively: the method must see one
     feature row per LM token, built from exactly those patches. Two identical 2x2 blocks of patches (tokens 0
@@ -66,10 +95,10 @@ def test_pixel_assignment_groups_the_processors_patches_into_merged_tokens():
     from vllm_tokcomp.integration import settings
 
     torch.manual_seed(0)
-    patches = torch.randn(4 * 4, 6)  # 4 LM tokens (2x2 grid, merge 2) x 4 patches x 6 values
+    patches = torch.randn(4 * 4, 2 * 4 * 4)  # 4 LM tokens (2x2 grid, merge 2) x 4 patches x (2 planes x 4 x 4 px)
     patches[12:16] = patches[0:4]  # token 3's patches == token 0's
-    row = qwen.pixel_assignment(CompressionSpec("tome", 3), patches, (1, 2, 2), 2)
+    row = qwen.pixel_assignment(CompressionSpec("tome", 3), patches, (1, 2, 2), 2, 4)
     destination, anchor = settings.decode_assignment(row)
     assert len(anchor) == 3 and destination[0] == destination[3]
-    identity = qwen.pixel_assignment(CompressionSpec("uniform", 3), patches, (1, 2, 2), 2)
+    identity = qwen.pixel_assignment(CompressionSpec("uniform", 3), patches, (1, 2, 2), 2, 4)
     assert settings.decode_assignment(identity)[1].tolist() == [0, 1, 2, 3]  # fixed layouts decide in the model

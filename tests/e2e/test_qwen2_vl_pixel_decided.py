@@ -12,6 +12,7 @@ methods that need tower or text signals are refused naming the field.
 import math
 
 import pytest
+import torch
 
 from .test_qwen2_vl import BASE_REQUESTS, MAX_TOKENS, _count, _grids, _run, expected_positions
 
@@ -40,16 +41,20 @@ def served(request, qwen_dir, qwen25_dir, vllm_env, tmp_path_factory):
     return model, _run(job, vllm_env, "tokcomp", tmp_path_factory.mktemp("pos") / "pixel.jsonl")
 
 
-def pixel_decided_anchors(pixels, grid, method, budget):
+def pixel_decided_anchors(pixels, grid, method, budget, patch_size=14):
     """Kept anchors of a pixel-decided method, written out plainly: the HF processor's unnormalised pixels (what
-    vLLM 0.32 requests), the merge x merge patches of each LM token as one row, centred on the item's mean, and
-    the library method's ``select``."""
+    vLLM 0.32 requests), each 14 x 14 patch plane as its 2 x 2 block means of 7 x 7 pixels, the merge x merge
+    patches of each LM token as one row, centred on the item's mean, and the library method's ``select``."""
     from vllm_tokcomp.methods import VisualTokens, get_method
 
     n = math.prod(grid)
     if budget >= n:
         return list(range(n))
-    features = pixels.reshape(n, -1).float()
+    half = patch_size // 2
+    planes = pixels.float().reshape(pixels.shape[0], -1, patch_size, patch_size)
+    blocks = [planes[:, :, y:y + half, x:x + half].mean((2, 3)) for y in (0, half) for x in (0, half)]
+    per_patch = torch.stack(blocks, -1)  # [patches, planes, 4 blocks], blocks in raster order
+    features = per_patch.reshape(n, -1)
     features = features - features.mean(0)
     return get_method(method).select(VisualTokens(features, tuple(grid)), budget).anchor.tolist()
 

@@ -111,21 +111,40 @@ def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec
     return spec
 
 
+# Each 14 x 14 patch is described by its 2 x 2 block means per channel and frame: ToMe and DivPrune cost
+# O(N^2 x D), and the raw 1176 values per patch made a 2304-token image take ~1.5 s of processor CPU.
+DESCRIPTOR_POOL = 2
+
+
+def pixel_descriptors(patches: torch.Tensor, merge: int, patch_size: int, pool: int = DESCRIPTOR_POOL) -> torch.Tensor:
+    """``[tokens, D]`` descriptors of the merged tokens: each token's ``merge x merge`` patches (consecutive rows
+    of the HF processor's ``[patches, C * T * P * P]`` layout), each patch average-pooled to ``pool x pool``
+    per channel and frame, centred on the item's mean so that similarity measures contrast, not brightness.
+    ``pool`` must divide ``patch_size``; ``pool == patch_size`` keeps the raw pixels."""
+    if patch_size % pool:
+        raise ValueError(f"pool {pool} does not divide patch size {patch_size}")
+    rows, width = patches.shape
+    planes = width // (patch_size * patch_size)  # channels x frames
+    block = patch_size // pool
+    pooled = patches.float().reshape(rows, planes, pool, block, pool, block).mean((3, 5))
+    features = pooled.reshape(rows // (merge * merge), merge * merge * planes * pool * pool)
+    return features - features.mean(0)
+
+
 def pixel_assignment(
-    spec: CompressionSpec | None, patches: torch.Tensor, grid: tuple[int, int, int], merge: int
+    spec: CompressionSpec | None, patches: torch.Tensor, grid: tuple[int, int, int], merge: int, patch_size: int
 ) -> torch.Tensor:
     """One item's :func:`settings.encode_assignment` row. For a pixel-decided method the method's own
-    ``select`` runs on the item's merged tokens described by their pixels (the ``merge x merge`` patches
-    each LM token covers, as the HF processor orders them), centred on the item's mean so that similarity
-    measures contrast rather than brightness; every other item gets the identity. vLLM 0.32 hands the
-    processor's pixels over unnormalised (uint8; the model normalises them), and these are what is used."""
+    ``select`` runs on the item's merged tokens described by their pixels (:func:`pixel_descriptors`);
+    every other item gets the identity. vLLM 0.32 hands the processor's pixels over unnormalised (uint8;
+    the model normalises them), and these are what is used."""
     n = int(np.prod(grid))
     kept = settings.kept_tokens(spec, n)
     if spec is None or spec.method not in PIXEL_DECIDED_METHODS or kept >= n:
         index = torch.arange(n)
         return settings.encode_assignment(index, index)
-    features = patches.reshape(n, merge * merge * patches.shape[-1]).float()
-    features = features - features.mean(0)
+    pool = DESCRIPTOR_POOL if patch_size % DESCRIPTOR_POOL == 0 else patch_size
+    features = pixel_descriptors(patches, merge, patch_size, pool)
     method = get_method(spec.method, **dict(spec.options))
     assignment = method.select(VisualTokens(features=features, grid=tuple(grid)), kept)
     return settings.encode_assignment(assignment.destination, assignment.anchor)
@@ -223,7 +242,8 @@ class _ProcessorMixin:
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        vision_config = self.info.get_hf_config().vision_config
+        merge, patch_size = vision_config.spatial_merge_size, vision_config.patch_size
         spec = self.info.spec_for_request(hf_processor_mm_kwargs)
         for modality, pixels_key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
             grid_thw = processed_data.get(f"{modality}_grid_thw")
@@ -234,7 +254,7 @@ class _ProcessorMixin:
             processed_data[MODALITY_FIELDS[modality]] = torch.stack([settings.encode(s) for s in item_specs])
             patches = processed_data[pixels_key].split(grid_thw.prod(-1).tolist())
             processed_data[settings.ASSIGNMENT_FIELDS[modality]] = torch.cat([
-                pixel_assignment(s, p, (int(g[0]), int(g[1]) // merge, int(g[2]) // merge), merge)
+                pixel_assignment(s, p, (int(g[0]), int(g[1]) // merge, int(g[2]) // merge), merge, patch_size)
                 for s, p, g in zip(item_specs, patches, grid_thw, strict=True)
             ])
         return processed_data
