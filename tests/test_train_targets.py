@@ -164,3 +164,29 @@ def test_a_wider_tower_round_trips_through_the_model_folder(tmp_path):
     model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert tiny.Geometry.of(tiny.load_external_weights(out)) == geometry
+
+
+def test_dense_loss_adds_a_term_over_the_patches_that_hold_something():
+    """Written out per patch: each head's loss is the class-weighted mean of -log p(label) over all patches
+    (empty patches weigh 0.2) plus the plain mean over the labelled patches only, so a target that covers
+    one patch in a hundred still gets a full-strength gradient."""
+    from vllm_tokcomp.train.llava import ClipHeads, dense_loss
+
+    torch.manual_seed(0)
+    heads = ClipHeads(8)
+    features = torch.randn(2, 50, 8)
+    labels = torch.zeros(2, 50, len(DENSE_TARGETS), dtype=torch.long)
+    labels[0, 3] = torch.tensor([1, 2, 3, 4, 1])
+    labels[1, 7, 2] = 10  # one digit patch in a hundred
+    loss, accuracy = dense_loss(heads, features, labels)
+    expected = 0.0
+    for k, head in enumerate(heads.dense):
+        logp = torch.log_softmax(head(features).reshape(100, -1), -1)
+        y = labels[..., k].reshape(-1)
+        nll = -logp[torch.arange(100), y]
+        weight = torch.where(y == 0, 0.2, 1.0)
+        expected += (weight * nll).sum() / weight.sum()
+        if (y > 0).any():
+            expected += nll[y > 0].mean()
+    torch.testing.assert_close(loss, expected)
+    assert set(accuracy) == {name for name, _ in DENSE_TARGETS}
