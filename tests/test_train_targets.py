@@ -190,3 +190,19 @@ def test_dense_loss_adds_a_term_over_the_patches_that_hold_something():
             expected += nll[y > 0].mean()
     torch.testing.assert_close(loss, expected)
     assert set(accuracy) == {name for name, _ in DENSE_TARGETS}
+
+
+def test_with_language_side_takes_the_tower_from_one_model_and_the_rest_from_another():
+    import pytest
+
+    from vllm_tokcomp.train.llava import with_language_side
+
+    tower_model = {"vision_tower.a": torch.zeros(1), "multi_modal_projector.b": torch.zeros(1),
+                   "language_model.c": torch.zeros(1)}
+    donor = {"vision_tower.a": torch.ones(1), "multi_modal_projector.b": torch.ones(1),
+             "language_model.c": torch.ones(1)}
+    merged = with_language_side(tower_model, donor)
+    assert merged["vision_tower.a"].item() == 0
+    assert merged["multi_modal_projector.b"].item() == merged["language_model.c"].item() == 1
+    with pytest.raises(ValueError, match="--init-lm"):
+        with_language_side(tower_model, {"vision_tower.a": torch.ones(1)})

@@ -117,6 +117,24 @@ def recenter_projector(model: nn.Module, seed: int, images: int = 32, target_nor
     return {"shared_norm": float(mu.norm()), "token_norm": float(out.norm(dim=-1).mean()), "scale": scale}
 
 
+def read_init(path: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """``(per-patch heads or None, weights in llava-hf names)`` of a ``--init`` file: a run's ``ckpt.pt`` (or a
+    file of its form) or exported safetensors."""
+    if path.suffix == ".pt":
+        ck = torch.load(path, weights_only=False)
+        return ck["heads"], llava_hf_names(ck["model"])
+    return None, tiny.load_external_weights(path)
+
+
+def with_language_side(state: dict[str, torch.Tensor], donor: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state``'s vision tower with ``donor``'s projector and LM (llava-hf names)."""
+    tower = {k: v for k, v in state.items() if k.startswith("vision_tower.")}
+    rest = {k: v for k, v in donor.items() if not k.startswith("vision_tower.")}
+    if not rest or not tower:
+        raise ValueError("--init-lm: no projector/LM weights in the donor, or no tower in --init")
+    return {**tower, **rest}
+
+
 def load_llava_hf_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a state dict in llava-hf names (what the bundled weights use) into transformers' model."""
     mapped = {}
@@ -493,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="start a fresh run from these weights (safetensors, llava-hf names), e.g. a pre-trained "
                         "tower, or from another run's ckpt.pt (weights and per-patch heads); with --clip-steps 0 it "
                         "goes straight to QA")
+    parser.add_argument("--init-lm", type=Path, default=None,
+                        help="with --init: take the projector and the LM from these weights instead (safetensors or "
+                        "ckpt.pt), e.g. a QA-trained model on top of a better pre-trained tower")
     parser.add_argument("--clip-steps", type=int, default=200)
     parser.add_argument("--clip-batch", type=int, default=32)
     parser.add_argument("--clip-lr", type=float, default=1e-3)
@@ -525,14 +546,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "log.jsonl", "a")
+    if args.init_lm is not None and args.init is None:
+        parser.error("--init-lm replaces part of --init's weights; give --init too")
     init_state = None
     if args.init is not None:  # read on resume too: the tower's sizes come from it
-        if args.init.suffix == ".pt":
-            ck = torch.load(args.init, weights_only=False)
-            init_heads = ck["heads"]
-            init_state = llava_hf_names(ck["model"])
-        else:
-            init_heads, init_state = None, tiny.load_external_weights(args.init)
+        init_heads, init_state = read_init(args.init)
+        if args.init_lm is not None:
+            init_state = with_language_side(init_state, read_init(args.init_lm)[1])
         geometry = dataclasses.replace(tiny.Geometry.of(init_state), text_layers=args.text_layers)
     else:
         geometry = tiny.Geometry(text_layers=args.text_layers, vision_hidden=args.vision_hidden,
