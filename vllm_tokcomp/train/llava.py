@@ -475,8 +475,14 @@ def answer_correct(model: nn.Module, batch: dict) -> list[bool]:
         out = model.model(
             input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
         )
-        target = batch["labels"][:, 1:]
         pred = model.lm_head(out.last_hidden_state[:, :-1]).argmax(-1)
+    return first_answers_correct(pred, batch["labels"])
+
+
+def first_answers_correct(pred: torch.Tensor, labels: torch.Tensor) -> list[bool]:
+    """Per row: is the argmax ``pred`` (``[B, T-1]``, predictions of tokens 1..T-1) right at every position of
+    the first answer in ``labels`` (``[B, T]``, -100 outside answers), up to and including its ``</s>``."""
+    target = labels[:, 1:]
     result = []
     for i in range(target.shape[0]):
         pos = (target[i] != -100).nonzero().flatten().tolist()
