@@ -385,15 +385,7 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
                 patches = np.flatnonzero(np.isin(owners, targets))
                 if patches.size:
                     looks.append((row, answer_start, (first_image + patches).tolist()))
-    length = max(len(s[0]) for s in seqs)
-    input_ids = torch.full((n, length), tiny.PAD_TOKEN_ID, dtype=torch.long)
-    labels = torch.full((n, length), -100, dtype=torch.long)
-    mask = torch.zeros((n, length), dtype=torch.long)
-    for i, (ids, lab) in enumerate(seqs):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(ids)] = 1
-    return {"pixel_values": torch.stack(images), "input_ids": input_ids, "labels": labels, "attention_mask": mask,
+    return {"pixel_values": torch.stack(images), **padded_conversations(seqs),
             "patch_labels": torch.from_numpy(np.stack(patch_targets)), "looks": looks}
 
 
@@ -671,29 +663,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _val_batch(enc: QAEncoder, seed: int, start: int, n: int) -> tuple[dict, list[str]]:
-    """Validation-split images, one question each (the first of the generator's questions)."""
-    images, seqs, types = [], [], []
-    for index in range(start, start + n):
-        rng = scene_rng(seed, "val", index)
-        scene = make_scene(rng)
-        questions = make_questions(scene, rng, 2)  # the same as the generated val split (2 per image)
-        qa = questions[index % len(questions)]
-        images.append(pixels(render_scene(scene)))
-        seqs.append(enc.conversation([qa]))
-        types.append(qa["type"])
-    length = max(len(s[0]) for s in seqs)
+def val_question(seed: int, index: int) -> tuple[object, dict]:
+    """Validation image ``index``'s scene and the question checked on it: one of the two the generated val
+    split has for it (alternating by index, so every question type is checked)."""
+    rng = scene_rng(seed, "val", index)
+    scene = make_scene(rng)
+    questions = make_questions(scene, rng, 2)  # the same as the generated val split (2 per image)
+    return scene, questions[index % len(questions)]
+
+
+def padded_conversations(seqs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """``input_ids`` (pad-filled), ``labels`` (-100-filled) and ``attention_mask`` of ``(ids, labels)``
+    conversations, right-padded to the longest."""
+    n, length = len(seqs), max(len(ids) for ids, _ in seqs)
     batch = {
         "input_ids": torch.full((n, length), tiny.PAD_TOKEN_ID, dtype=torch.long),
         "labels": torch.full((n, length), -100, dtype=torch.long),
         "attention_mask": torch.zeros((n, length), dtype=torch.long),
-        "pixel_values": torch.stack(images),
     }
     for i, (ids, lab) in enumerate(seqs):
         batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
         batch["labels"][i, : len(lab)] = torch.tensor(lab)
         batch["attention_mask"][i, : len(ids)] = 1
-    return batch, types
+    return batch
+
+
+def _val_batch(enc: QAEncoder, seed: int, start: int, n: int) -> tuple[dict, list[str]]:
+    """Validation-split images, one question each (:func:`val_question`)."""
+    images, seqs, types = [], [], []
+    for index in range(start, start + n):
+        scene, qa = val_question(seed, index)
+        images.append(pixels(render_scene(scene)))
+        seqs.append(enc.conversation([qa]))
+        types.append(qa["type"])
+    return {**padded_conversations(seqs), "pixel_values": torch.stack(images)}, types
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch import nn
 
 from vllm_tokcomp.data.generate import scene_rng
 from vllm_tokcomp.data.spec import COLORS, DIGITS, SHAPES
-from vllm_tokcomp.data.synth import make_questions, make_scene
+from vllm_tokcomp.data.synth import make_scene
 from vllm_tokcomp.tiny import llava as tiny
 from vllm_tokcomp.train.llava import (
     GRID,
@@ -33,7 +33,9 @@ from vllm_tokcomp.train.llava import (
     dense_questions,
     first_answers_correct,
     lr_at,
+    padded_conversations,
     patch_labels,
+    val_question,
 )
 
 
@@ -57,18 +59,8 @@ class SymbolicPatches(nn.Module):
 
 
 def batch_of(enc: QAEncoder, scenes_and_qas: list[tuple[object, list[dict]]]) -> dict:
-    seqs = [enc.conversation(qas) for _, qas in scenes_and_qas]
-    length = max(len(ids) for ids, _ in seqs)
-    n = len(seqs)
-    batch = {"input_ids": torch.full((n, length), tiny.PAD_TOKEN_ID, dtype=torch.long),
-             "labels": torch.full((n, length), -100, dtype=torch.long),
-             "attention_mask": torch.zeros((n, length), dtype=torch.long),
-             "patch_labels": torch.from_numpy(np.stack([patch_labels(scene) for scene, _ in scenes_and_qas]))}
-    for i, (ids, lab) in enumerate(seqs):
-        batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
-        batch["labels"][i, : len(lab)] = torch.tensor(lab)
-        batch["attention_mask"][i, : len(ids)] = 1
-    return batch
+    return {**padded_conversations([enc.conversation(qas) for _, qas in scenes_and_qas]),
+            "patch_labels": torch.from_numpy(np.stack([patch_labels(scene) for scene, _ in scenes_and_qas]))}
 
 
 def train_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int) -> dict:
@@ -81,14 +73,9 @@ def train_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int) -
 
 
 def val_batch(enc: QAEncoder, seed: int, start: int, n: int) -> tuple[dict, list[str]]:
-    """The validation questions the QA stage checks: each image's ``index % 2``-th generated question."""
-    items = []
-    for index in range(start, start + n):
-        rng = scene_rng(seed, "val", index)
-        scene = make_scene(rng)
-        questions = make_questions(scene, rng, 2)
-        items.append((scene, [questions[index % len(questions)]]))
-    return batch_of(enc, items), [qas[0]["type"] for _, qas in items]
+    """The validation questions the QA stage checks (:func:`vllm_tokcomp.train.llava.val_question`)."""
+    items = [val_question(seed, index) for index in range(start, start + n)]
+    return batch_of(enc, [(scene, [qa]) for scene, qa in items]), [qa["type"] for _, qa in items]
 
 
 def hidden_states(model: nn.Module, symbols: SymbolicPatches, batch: dict) -> torch.Tensor:
