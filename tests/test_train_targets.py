@@ -7,7 +7,7 @@ import torch
 from vllm_tokcomp.data.generate import scene_rng
 from vllm_tokcomp.data.spec import COLORS, SHAPES
 from vllm_tokcomp.data.synth import Obj, Scene, label_map, make_scene, render_scene
-from vllm_tokcomp.train.llava import DENSE_TARGETS, patch_labels, sincos_positions
+from vllm_tokcomp.train.llava import DENSE_TARGETS, MIN_COVER, patch_labels, patch_owners, sincos_positions
 
 
 def _plain(objects, digit=None, digit_xy=None):
@@ -43,6 +43,29 @@ def test_patch_labels_name_the_object_under_each_patch():
     assert labels[2 * 24 + 14, digit] == 7 + 1  # the digit box's top-left patch
     assert (labels[:, centre_colour] > 0).sum() == 2  # one centre patch per object
     assert labels[(18 * 14) // 14 * 24 + (20 * 14) // 14, centre_colour] == list(COLORS).index("red") + 1
+
+
+def test_patch_owners_is_the_majority_label_of_each_patch():
+    # plain reference: for each 14 x 14 patch, count the pixels of every label and keep the most frequent
+    # (the smallest label on a tie) if it covers at least MIN_COVER pixels
+    checked = 0
+    for index in range(12):
+        scene = make_scene(scene_rng(0, "train", index))
+        labels = label_map(scene)
+        expected = np.zeros(576, np.int64)
+        for row in range(24):
+            for col in range(24):
+                patch = labels[row * 14:(row + 1) * 14, col * 14:(col + 1) * 14].ravel()
+                best, best_count = 0, 0
+                for value in sorted(set(patch.tolist()) - {0}):
+                    count = int((patch == value).sum())
+                    if count > best_count:
+                        best, best_count = value, count
+                expected[row * 24 + col] = best if best_count >= MIN_COVER else 0
+        np.testing.assert_array_equal(patch_owners(scene), expected)
+        checked += int((expected > 0).sum())
+    assert checked > 100  # the scenes do put objects on patches
+    assert not patch_owners(_plain([])).any()
 
 
 def test_sincos_positions_are_distinct_per_patch():

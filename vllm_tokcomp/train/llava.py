@@ -104,7 +104,7 @@ def recenter_projector(model: nn.Module, seed: int, images: int = 32, target_nor
     difference between patches (up to the scale), and the architecture is LLaVA's unchanged."""
     proj = model.model.multi_modal_projector
     pixel_values = torch.stack([pixels(render_scene(make_scene(scene_rng(seed, "train", 50_000_000 + i))))
-                                for i in range(images)])
+                                for i in range(images)]).to(proj.linear_2.weight.device)
     feats = model.model.get_image_features(pixel_values=pixel_values)
     feats = getattr(feats, "pooler_output", feats)
     out = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
@@ -121,7 +121,7 @@ def read_init(path: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
     """``(per-patch heads or None, weights in llava-hf names)`` of a ``--init`` file: a run's ``ckpt.pt`` (or a
     file of its form) or exported safetensors."""
     if path.suffix == ".pt":
-        ck = torch.load(path, weights_only=False)
+        ck = torch.load(path, weights_only=False, map_location="cpu")
         return ck["heads"], llava_hf_names(ck["model"])
     return None, tiny.load_external_weights(path)
 
@@ -160,7 +160,7 @@ def llava_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """bf16 state dict in llava-hf names (what :func:`tiny.build_tiny_llava` ``weights=`` takes)."""
-    return {k: v.detach().to(torch.bfloat16).contiguous() for k, v in llava_hf_names(model.state_dict()).items()}
+    return {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in llava_hf_names(model.state_dict()).items()}
 
 
 # ----------------------------------------------------------------------------- stage 1: CLIP
@@ -183,6 +183,7 @@ class CaptionEncoder(nn.Module):
 
     def forward(self, captions: list[str]) -> torch.Tensor:
         ids, pad = self.tokenize(captions)
+        ids, pad = ids.to(self.pos.device), pad.to(self.pos.device)
         x = self.encoder(self.embed(ids) + self.pos, src_key_padding_mask=pad)
         keep = (~pad).unsqueeze(-1).float()
         return self.norm((x * keep).sum(1) / keep.sum(1))
@@ -200,12 +201,12 @@ def patch_owners(scene) -> np.ndarray:  # noqa: ANN001 - Scene
     else the label covering most of the patch, if it covers at least :data:`MIN_COVER` pixels."""
     p = tiny.PATCH_SIZE
     lab = label_map(scene).reshape(GRID, p, GRID, p).transpose(0, 2, 1, 3).reshape(GRID * GRID, p * p)
-    owners = np.zeros(GRID * GRID, np.int64)
-    for index in np.flatnonzero(lab.max(1) > 0):
-        values, counts = np.unique(lab[index][lab[index] > 0], return_counts=True)
-        if counts.max() >= MIN_COVER:
-            owners[index] = int(values[counts.argmax()])
-    return owners
+    # pixels per (patch, label); argmax takes the smallest label on a tie
+    counts = (lab[:, :, None] == np.arange(1, int(lab.max()) + 1)[None, None, :]).sum(1)
+    if counts.shape[1] == 0:
+        return np.zeros(GRID * GRID, np.int64)
+    best = counts.argmax(1)
+    return np.where(counts.max(1) >= MIN_COVER, best + 1, 0).astype(np.int64)
 
 
 def patch_labels(scene) -> np.ndarray:  # noqa: ANN001 - Scene
@@ -281,7 +282,7 @@ def clip_loss(
     img = F.normalize(heads.image_proj(cls), dim=-1)
     txt = F.normalize(heads.text_proj(heads.text(captions)), dim=-1)
     logits = heads.logit_scale.clamp(max=math.log(100)).exp() * img @ txt.T
-    target = torch.arange(len(captions))
+    target = torch.arange(len(captions), device=logits.device)
     loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
     acc = (logits.argmax(1) == target).float().mean().item()
     dense_acc: dict[str, float] = {}
@@ -304,7 +305,7 @@ def dense_loss(heads: ClipHeads, features: torch.Tensor, labels: torch.Tensor) -
     for k, ((name, classes), head) in enumerate(zip(DENSE_TARGETS, heads.dense, strict=True)):
         y = labels[..., k].reshape(-1)
         pred = head(features).reshape(-1, classes)
-        weight = torch.ones(classes)
+        weight = torch.ones(classes, device=pred.device)
         weight[0] = 0.2  # most patches are empty
         total = total + F.cross_entropy(pred, y, weight=weight)
         hit = y > 0
@@ -318,8 +319,13 @@ def dense_loss(heads: ClipHeads, features: torch.Tensor, labels: torch.Tensor) -
 class QAEncoder:
     """Token ids and labels of a multi-turn conversation in the tiny model's chat format."""
 
-    def __init__(self) -> None:
-        self.tok = tiny._hf_tokenizer(tiny.train_tokenizer())
+    def __init__(self, tokenizer_json: Path | None = None) -> None:
+        """``tokenizer_json``: the model folder's ``tokenizer.json`` instead of training the tokenizer again (on
+        another machine a different ``tokenizers`` release could train a different one)."""
+        from tokenizers import Tokenizer
+
+        bpe = Tokenizer.from_file(str(tokenizer_json)) if tokenizer_json else tiny.train_tokenizer()
+        self.tok = tiny._hf_tokenizer(bpe)
         self.image_id = tiny.IMAGE_TOKEN_ID
         self.eos = tiny.EOS_TOKEN_ID
 
@@ -439,6 +445,7 @@ def look_loss(
     itself runs SDPA, which returns no weights)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+    device = attention_inputs[0][1].device
     rows = torch.tensor([row for row, _, _ in looks])
     queries = torch.tensor([query for _, query, _ in looks])
     length = attention_inputs[0][1].shape[1]
@@ -446,6 +453,7 @@ def look_loss(
     for i, (_, _, cols) in enumerate(looks):
         targets[i, cols] = True
     future = torch.arange(length)[None, :] > queries[:, None]
+    rows, queries, targets, future = rows.to(device), queries.to(device), targets.to(device), future.to(device)
     terms = []
     for attn, hidden, (cos, sin) in attention_inputs:
         d = attn.head_dim
@@ -468,7 +476,7 @@ def answer_correct(model: nn.Module, batch: dict) -> list[bool]:
             input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
         )
         pred = model.lm_head(out.last_hidden_state[:, :-1]).argmax(-1)
-    return first_answers_correct(pred, batch["labels"])
+    return first_answers_correct(pred.cpu(), batch["labels"].cpu())
 
 
 def first_answers_correct(pred: torch.Tensor, labels: torch.Tensor) -> list[bool]:
@@ -488,11 +496,45 @@ def first_answers_correct(pred: torch.Tensor, labels: torch.Tensor) -> list[bool
 
 
 # ----------------------------------------------------------------------------- loop
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+def lr_at(step: int, total: int, base: float, warmup: int, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 0.1 x ``base``; the decay follows the steps or, with a time limit,
+    ``time_fraction`` (elapsed / limit), whichever is further on, so a run cut by time still ends decayed."""
     if step < warmup:
         return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
+    t = max((step - warmup) / max(1, total - warmup), time_fraction)
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class QABatches(torch.utils.data.Dataset):
+    """QA step ``first + i``'s batch as item ``i``, so a DataLoader's workers render images in parallel and the
+    batches are the ones the single-process loop would build."""
+
+    def __init__(self, enc: QAEncoder, seed: int, first: int, steps: int, batch: int, per_image: int,
+                 caption: bool) -> None:
+        self.enc, self.seed, self.first, self.steps = enc, seed, first, steps
+        self.batch, self.per_image, self.caption = batch, per_image, caption
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.first)
+
+    def __getitem__(self, i: int) -> dict:
+        step = self.first + i
+        return qa_batch(self.enc, self.seed, step * self.batch, self.batch, self.per_image, self.caption)
+
+
+def _as_is(item: dict) -> dict:
+    return item
+
+
+def qa_batches(dataset: QABatches, workers: int, pin: bool):  # noqa: ANN201 - iterable of batch dicts
+    if workers == 0:
+        return (dataset[i] for i in range(len(dataset)))
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                       prefetch_factor=4, pin_memory=pin)
 
 
 def save(path: Path, payload: dict) -> None:
@@ -536,6 +578,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-images", type=int, default=64, help="validation images checked at each save")
+    parser.add_argument("--tokenizer-json", type=Path, default=None,
+                        help="a model folder's tokenizer.json to use instead of training the tokenizer here")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (for a GPU; this CPU has no bf16 units)")
+    parser.add_argument("--workers", type=int, default=0, help="processes that render QA batches ahead of the steps")
+    parser.add_argument("--time-limit", type=float, default=0.0,
+                        help="seconds of QA training: stop then (learning rate decayed by then), checkpoint, export")
     args = parser.parse_args(argv)
     if args.tower_lr_scale == 0 and args.qa_dense_weight > 0:
         parser.error("--qa-dense-weight trains the tower, which --tower-lr-scale 0 freezes")
@@ -567,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             table = model.model.vision_tower.embeddings.position_embedding.weight
             table.copy_(sincos_positions(table.shape[1]))
-    enc = QAEncoder()
+    enc = QAEncoder(args.tokenizer_json)
     ckpt_path = args.out / "ckpt.pt"
     stage, step = "clip", 0
     clip_opt = torch.optim.AdamW(
@@ -597,6 +646,27 @@ def main(argv: list[str] | None = None) -> int:
         save(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "clip_opt": clip_opt.state_dict(),
                          "qa_opt": qa_opt.state_dict(), "stage": stage, "step": step})
 
+    device = torch.device(args.device)
+    model.to(device)
+    heads.to(device)
+    for opt in (clip_opt, qa_opt):  # optimizer state restored on the CPU follows its parameters
+        for state in opt.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    state[key] = value.to(device)
+
+    def autocast():  # noqa: ANN202
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def export() -> None:
+        from safetensors.torch import save_file
+
+        save_file(export_state(model), str(args.out / "model.safetensors"), metadata={"format": "pt"})
+        # weights + per-patch heads, the form --init reads, without optimizer state (a tenth of ckpt.pt)
+        save(args.out / "weights_and_heads.pt", {"model": {k: v.detach().to("cpu", torch.bfloat16)
+                                                           for k, v in model.state_dict().items()},
+                                                 "heads": {k: v.detach().cpu() for k, v in heads.state_dict().items()}})
+
     model.train()
     t0 = time.perf_counter()
     if stage == "clip":
@@ -604,7 +674,9 @@ def main(argv: list[str] | None = None) -> int:
             for group in clip_opt.param_groups:
                 group["lr"] = lr_at(step, args.clip_steps, args.clip_lr, 20)
             images, captions, labels = clip_batch(args.seed, 10_000_000 + step * args.clip_batch, args.clip_batch)
-            loss, acc, dense_acc = clip_loss(model, heads, images, captions, labels, args.dense_weight)
+            with autocast():
+                loss, acc, dense_acc = clip_loss(model, heads, images.to(device), captions, labels.to(device),
+                                                 args.dense_weight)
             clip_opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(clip_opt.param_groups[0]["params"], 1.0)
@@ -624,42 +696,59 @@ def main(argv: list[str] | None = None) -> int:
     if args.tower_lr_scale == 0:  # no gradient through the tower at all: its backward is a third of a step
         model.model.vision_tower.requires_grad_(False)
     val_batches = []
-    while step < args.qa_steps:
+
+    def validate() -> None:
+        model.eval()
+        if not val_batches:
+            val_batches.extend(_val_batch(enc, args.seed, i, 16) for i in range(0, args.eval_images, 16))
+        correct = []
+        with autocast():
+            for vb, types in val_batches:
+                correct += list(zip(types, answer_correct(model, to_device(vb, device)), strict=True))
+        kinds = sorted({t for t, _ in correct})
+        per_type = {t: round(float(np.mean([c for tt, c in correct if tt == t])), 3) for t in kinds}
+        erec = {"stage": "qa-val", "step": step, "acc": round(float(np.mean([c for _, c in correct])), 3),
+                "per_type": per_type, "s": round(time.perf_counter() - t0, 1)}
+        print(erec, flush=True)
+        log.write(json.dumps(erec) + "\n")
+        log.flush()
+        model.train()
+
+    t_qa = time.perf_counter()
+    batches = qa_batches(QABatches(enc, args.seed, step, args.qa_steps, args.qa_batch, args.questions_per_image,
+                                   args.caption_turn), args.workers, pin=device.type == "cuda")
+    out_of_time = False
+    for batch in batches:
+        elapsed = time.perf_counter() - t_qa
+        out_of_time = bool(args.time_limit) and elapsed >= args.time_limit
+        if out_of_time:
+            break
         for group in qa_opt.param_groups:
-            group["lr"] = lr_at(step, args.qa_steps, args.qa_lr, 30) * group["scale"]
-        batch = qa_batch(enc, args.seed, step * args.qa_batch, args.qa_batch, args.questions_per_image,
-                         args.caption_turn)
-        loss, hits = qa_loss(model, batch, heads, args.qa_dense_weight, args.look_weight)
+            fraction = elapsed / args.time_limit if args.time_limit else 0.0
+            group["lr"] = lr_at(step, args.qa_steps, args.qa_lr, 30, fraction) * group["scale"]
+        with autocast():
+            loss, hits = qa_loss(model, to_device(batch, device), heads, args.qa_dense_weight, args.look_weight)
         qa_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         qa_opt.step()
         step += 1
-        rec = {"stage": "qa", "step": step, "loss": round(loss.item(), 4),
-               "tok_acc": round(hits.float().mean().item(), 3), "s": round(time.perf_counter() - t0, 1)}
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        if step % 10 == 0:
+        if step % 10 == 0 or step % args.save_every == 0:
+            rec = {"stage": "qa", "step": step, "loss": round(loss.item(), 4),
+                   "tok_acc": round(hits.float().mean().item(), 3), "s": round(time.perf_counter() - t0, 1)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
             print(rec, flush=True)
         if step % args.save_every == 0 or step == args.qa_steps:
             checkpoint()
-            from safetensors.torch import save_file
-
-            save_file(export_state(model), str(args.out / "model.safetensors"), metadata={"format": "pt"})
+            export()
             if args.eval_images and (step % (args.save_every * 4) == 0 or step == args.qa_steps):
-                model.eval()
-                if not val_batches:
-                    val_batches = [_val_batch(enc, args.seed, i, 16) for i in range(0, args.eval_images, 16)]
-                correct = []
-                for vb, types in val_batches:
-                    correct += list(zip(types, answer_correct(model, vb), strict=True))
-                per_type = {t: round(np.mean([c for tt, c in correct if tt == t]), 3) for t in sorted(set(types))}
-                erec = {"stage": "qa-val", "step": step, "acc": round(float(np.mean([c for _, c in correct])), 3),
-                        "per_type": per_type}
-                print(erec, flush=True)
-                log.write(json.dumps(erec) + "\n")
-                log.flush()
-                model.train()
+                validate()
+    if out_of_time:
+        checkpoint()
+        export()
+        if args.eval_images:
+            validate()
     return 0
 
 
