@@ -1,14 +1,18 @@
 """Accuracy vs visual-token budget through vLLM with the tokcomp plugin.
 
-``python benchmarks/accuracy.py [--data DIR] [--model DIR] [--methods all] [--budgets 576,192,128,64,32]``
+``python benchmarks/accuracy.py [--data DIR] [--model DIR] [--methods all] [--budgets 576,192,128,64,32]
+[--auto mustdrop:cosine,mustdrop:texture]``
 
 Runs every question of a data set (a folder with ``questions.jsonl`` in the format of
 docs/dataset.md; default: the test split of the synthetic task, generated on first use) through
 ONE vLLM engine with greedy decoding, for the uncompressed baseline and every method x budget
-(the method and budget travel per request in ``mm_processor_kwargs``). Answers are scored by
-exact match after ``normalize_answer``. Writes ``OUT.json`` (every arm, per question type, the
-baseline's predictions), ``OUT.md`` (accuracy and relative accuracy per method and budget, and
-per question type) and ``OUT.png`` (accuracy vs tokens per image, one line per method).
+(the method and budget travel per request in ``mm_processor_kwargs``), plus the adaptive forms
+(``tokcomp_budget: "auto"``: a per-image count estimated from the pixels, ``--auto METHOD[:ESTIMATOR]``).
+Every arm also reports the visual tokens its images really got, read from the prompts vLLM ran (prompt
+length minus the text tokens). Answers are scored by exact match after ``normalize_answer``. Writes
+``OUT.json`` (every arm, per question type, the baseline's predictions), ``OUT.md`` (accuracy and
+relative accuracy per method and budget, and per question type) and ``OUT.png`` (accuracy vs tokens
+per image, one line per method, a star per adaptive arm).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ if str(REPO) not in sys.path:
 
 FULL = 576
 DEFAULT_BUDGETS = (576, 192, 128, 64, 32)
+DEFAULT_AUTO = "mustdrop:cosine,mustdrop:texture"
+AUTO = "auto"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "accuracy"
 
 
@@ -79,11 +85,32 @@ def _engine_env() -> None:
     os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="tokcomp-acc-vllm-"))
 
 
-def run_arms(model: str, records: list[dict], arms: list[tuple[str, int]], *, chunk: int, max_tokens: int,
-             progress: bool = True, on_arm=None) -> list[list[str]]:  # noqa: ANN001
-    """Greedy answers of every record for every (method, budget) arm, from one engine.
+Arm = tuple[str, "int | str", "str | None"]  # (method, budget or "auto", auto estimator or None)
 
-    ``on_arm(answers_so_far)`` is called after each arm (the harness writes partial reports)."""
+
+def arm_kwargs(arm: Arm) -> dict:
+    method, budget, estimator = arm
+    kwargs = {"tokcomp_method": method, "tokcomp_budget": budget}
+    if estimator:
+        kwargs["tokcomp_options"] = {"auto_estimator": estimator}
+    return kwargs
+
+
+def parse_auto(text: str) -> list[Arm]:
+    """``"mustdrop:texture,tome"`` -> adaptive arms (estimator None: the method's default)."""
+    arms = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        method, _, estimator = item.partition(":")
+        arms.append((method, AUTO, estimator or None))
+    return arms
+
+
+def run_arms(model: str, records: list[dict], arms: list[Arm], *, chunk: int, max_tokens: int,
+             progress: bool = True, on_arm=None) -> tuple[list[list[str]], list[list[int]]]:  # noqa: ANN001
+    """Greedy answers and prompt lengths of every record for every arm, from one engine.
+
+    ``on_arm(answers_so_far, prompt_lengths_so_far)`` is called after each arm (the harness writes partial
+    reports)."""
     _engine_env()
     from PIL import Image
     from tqdm import tqdm
@@ -101,21 +128,28 @@ def run_arms(model: str, records: list[dict], arms: list[tuple[str, int]], *, ch
                                       {"type": "text", "text": r["question"]}]}]
         for r in records
     ]
-    results = []
+    results, lengths = [], []
     bar = tqdm(total=len(arms) * len(records), unit="q", disable=not progress, dynamic_ncols=True)
-    for method, budget in arms:
-        bar.set_description(f"{method}@{budget}")
-        kwargs = {"tokcomp_method": method, "tokcomp_budget": budget}
-        answers = []
+    for arm in arms:
+        bar.set_description(arm_label(arm))
+        answers, prompt_lengths = [], []
         for start in range(0, len(conversations), chunk):
-            outputs = llm.chat(conversations[start:start + chunk], params, mm_processor_kwargs=kwargs, use_tqdm=False)
+            outputs = llm.chat(conversations[start:start + chunk], params, mm_processor_kwargs=arm_kwargs(arm),
+                               use_tqdm=False)
             answers += [o.outputs[0].text for o in outputs]
+            prompt_lengths += [len(o.prompt_token_ids) for o in outputs]
             bar.update(len(outputs))
         results.append(answers)
+        lengths.append(prompt_lengths)
         if on_arm is not None:
-            on_arm(results)
+            on_arm(results, lengths)
     bar.close()
-    return results
+    return results, lengths
+
+
+def arm_label(arm: Arm) -> str:
+    method, budget, estimator = arm
+    return f"{method}@{budget}" + (f"[{estimator}]" if estimator else "")
 
 
 # ----------------------------------------------------------------------------- reports
@@ -131,7 +165,7 @@ def markdown(report: dict) -> str:
         "| method | " + " | ".join(f"{b} tok" for b in budgets) + " |",
         "|---|" + "---:|" * len(budgets),
     ]
-    by_arm = {(a["method"], a["budget"]): a for a in report["arms"]}
+    by_arm = {(a["method"], a["budget"]): a for a in report["arms"] if a["budget"] != AUTO}
     for method in report["methods"]:
         cells = []
         for b in budgets:
@@ -139,12 +173,24 @@ def markdown(report: dict) -> str:
             cells.append("–" if arm is None else f"{arm['accuracy']:.3f} ({arm['accuracy'] / base:.0%})"
                          if base else f"{arm['accuracy']:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    adaptive = [a for a in report["arms"] if a["budget"] == AUTO]
+    if adaptive:
+        lines += ["", "## Adaptive budgets (`tokcomp_budget: \"auto\"`, a count per image from its pixels)", "",
+                  "| method | estimator | visual tokens (mean, min–max) | accuracy (rel) |", "|---|---|---:|---:|"]
+        for arm in adaptive:
+            rel = f" ({arm['accuracy'] / base:.0%})" if base else ""
+            tokens = f"{arm['tokens']:.0f} ({arm['tokens_min']}–{arm['tokens_max']})" if "tokens" in arm else "–"
+            lines.append(f"| {arm['method']} | {arm.get('estimator') or 'default'} | {tokens} | "
+                         f"{arm['accuracy']:.3f}{rel} |")
     types = sorted(report["baseline"]["per_type"])
-    lines += ["", "## Per question type", "", "| method | tokens | all | rel | " + " | ".join(types) + " |",
-              "|---|---:|---:|---:|" + "---:|" * len(types)]
+    lines += ["", "## Per question type", "",
+              "| method | budget | tokens | all | rel | " + " | ".join(types) + " |",
+              "|---|---:|---:|---:|---:|" + "---:|" * len(types)]
     for arm in [report["baseline"], *report["arms"]]:
         rel = f"{arm['accuracy'] / base:.0%}" if base else "–"
-        lines.append(f"| {arm['method']} | {arm['budget']} | {arm['accuracy']:.3f} | {rel} | "
+        budget = arm["budget"] if arm["budget"] != AUTO else f"auto[{arm.get('estimator') or 'default'}]"
+        tokens = f"{arm['tokens']:.0f}" if "tokens" in arm else "–"
+        lines.append(f"| {arm['method']} | {budget} | {tokens} | {arm['accuracy']:.3f} | {rel} | "
                      + " | ".join(f"{arm['per_type'].get(t, float('nan')):.2f}" for t in types) + " |")
     return "\n".join(lines) + "\n"
 
@@ -158,9 +204,14 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     base = report["baseline"]["accuracy"]
     for method in report["methods"]:
-        pts = sorted((a["budget"], a["accuracy"]) for a in report["arms"] if a["method"] == method)
+        pts = sorted((a["budget"], a["accuracy"]) for a in report["arms"] if a["method"] == method
+                     and a["budget"] != AUTO)
         pts.append((FULL, base))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    for arm in report["arms"]:
+        if arm["budget"] == AUTO and "tokens" in arm:
+            ax.plot([arm["tokens"]], [arm["accuracy"]], marker="*", markersize=12, linestyle="none",
+                    label=f"{arm['method']} auto[{arm.get('estimator') or 'default'}]")
     ax.axhline(base, color="black", linestyle="--", linewidth=1, label="uncompressed")
     if report.get("chance") is not None:
         ax.axhline(report["chance"], color="gray", linestyle=":", linewidth=1, label="majority answer")
@@ -189,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model folder (default: the bundled trained tiny LLaVA)")
     parser.add_argument("--methods", default="all", help="comma list of servable methods, or 'all'")
     parser.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)))
+    parser.add_argument("--auto", default=DEFAULT_AUTO,
+                        help="adaptive-budget arms, METHOD[:ESTIMATOR] comma list ('' for none)")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--chunk", type=int, default=64, help="requests per llm.chat call")
     parser.add_argument("--max-tokens", type=int, default=4)
@@ -213,29 +266,45 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = args.model
     records = load_dataset(Path(data), args.limit)
-    arms = [("none", FULL)] + [(m, b) for m in methods for b in budgets if b < FULL]
+    adaptive = parse_auto(args.auto)
+    unknown = sorted({m for m, _, _ in adaptive} - set(servable_methods()))
+    if unknown:
+        parser.error(f"--auto: not servable through vLLM: {', '.join(unknown)}")
+    arms: list[Arm] = [("none", FULL, None)] + [(m, b, None) for m in methods for b in budgets if b < FULL] + adaptive
     start = time.perf_counter()
 
-    def write(answers: list[list[str]]) -> dict:
-        report = build_report(model, data, records, budgets, methods, arms, answers, time.perf_counter() - start)
+    def write(answers: list[list[str]], lengths: list[list[int]]) -> dict:
+        report = build_report(model, data, records, budgets, methods, arms, answers, time.perf_counter() - start,
+                              lengths)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
         args.out.with_suffix(".md").write_text(markdown(report))
         plot(report, args.out.with_suffix(".png"))
         return report
 
-    answers = run_arms(model, records, arms, chunk=args.chunk, max_tokens=args.max_tokens,
-                       progress=not args.no_progress, on_arm=write)
-    report = write(answers)
+    answers, lengths = run_arms(model, records, arms, chunk=args.chunk, max_tokens=args.max_tokens,
+                                progress=not args.no_progress, on_arm=write)
+    report = write(answers, lengths)
     print(markdown(report))
     print(f"wrote {args.out.with_suffix('.json')}, .md, .png ({report['seconds']:.0f}s)")
     return 0
 
 
 def build_report(model: str, data: Path, records: list[dict], budgets: list[int], methods: list[str],
-                 arms: list[tuple[str, int]], answers: list[list[str]], elapsed: float) -> dict:
-    """The report over the arms answered so far (``complete`` is False for a partial one)."""
-    scored = [{"method": m, "budget": b, **score(records, a)} for (m, b), a in zip(arms, answers, strict=False)]
+                 arms: list[Arm], answers: list[list[str]], elapsed: float,
+                 lengths: list[list[int]] | None = None) -> dict:
+    """The report over the arms answered so far (``complete`` is False for a partial one). With ``lengths`` (each
+    arm's prompt lengths, the baseline's first), each arm gets the visual tokens its images really got: prompt
+    length minus the baseline's text tokens (its prompt length minus the full ``FULL`` image tokens)."""
+    scored = []
+    for i, ((method, budget, estimator), arm_answers) in enumerate(zip(arms, answers, strict=False)):
+        arm = {"method": method, "budget": budget, **score(records, arm_answers)}
+        if estimator:
+            arm["estimator"] = estimator
+        if lengths is not None:
+            visual = [n - (base - FULL) for n, base in zip(lengths[i], lengths[0], strict=True)]
+            arm.update(tokens=sum(visual) / len(visual), tokens_min=min(visual), tokens_max=max(visual))
+        scored.append(arm)
     return {
         "model": model,
         "model_name": Path(model).name,

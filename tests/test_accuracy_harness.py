@@ -37,14 +37,38 @@ def test_majority_baseline() -> None:
 
 def test_markdown_and_plot(tmp_path: Path) -> None:
     base = {"method": "none", "budget": 576, **accuracy.score(RECORDS, ["red", "3", "yes", "no"])}
-    arm = {"method": "uniform", "budget": 64, **accuracy.score(RECORDS, ["red", "2", "yes", "no"])}
+    arm = {"method": "uniform", "budget": 64, **accuracy.score(RECORDS, ["red", "2", "yes", "no"]), "tokens": 64.0}
+    auto = {"method": "mustdrop", "budget": "auto", "estimator": "texture", "tokens": 150.5, "tokens_min": 120,
+            "tokens_max": 190, **accuracy.score(RECORDS, ["red", "3", "no", "no"])}
     report = {"model_name": "m", "data": "d", "n": 4, "budgets": [576, 64], "methods": ["uniform"],
-              "baseline": base, "arms": [arm], "chance": 0.5}
+              "baseline": base, "arms": [arm, auto], "chance": 0.5}
     text = accuracy.markdown(report)
     assert "| uniform | 1.000 (100%) | 0.750 (75%) |" in text
-    assert "| uniform | 64 | 0.750 | 75% |" in text
+    assert "| uniform | 64 | 64 | 0.750 | 75% |" in text
+    assert "| mustdrop | texture | 150 (120–190) | 0.750 (75%) |" in text  # the adaptive table
+    assert "| mustdrop | auto[texture] | 150 | 0.750 | 75% |" in text
     accuracy.plot(report, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_visual_tokens_are_prompt_length_minus_the_baselines_text() -> None:
+    arms = [("none", 576, None), ("uniform", 32, None), ("mustdrop", "auto", "texture")]
+    answers = [["red", "3", "yes", "no"]] * 3
+    # prompts of 10, 12, 9 and 11 text tokens: uncompressed they are 576 longer
+    lengths = [[586, 588, 585, 587], [42, 44, 41, 43], [110, 212, 85, 587]]
+    report = accuracy.build_report("m", Path("d"), RECORDS, [576, 32], ["uniform"], arms, answers, 1.0, lengths)
+    assert report["baseline"]["tokens"] == 576
+    assert report["arms"][0]["tokens"] == 32 and report["arms"][0]["tokens_max"] == 32
+    assert report["arms"][1]["tokens"] == (100 + 200 + 76 + 576) / 4
+    assert (report["arms"][1]["tokens_min"], report["arms"][1]["tokens_max"]) == (76, 576)
+    assert report["arms"][1]["estimator"] == "texture"
+
+
+def test_parse_auto() -> None:
+    assert accuracy.parse_auto("mustdrop:texture, tome,") == [("mustdrop", "auto", "texture"), ("tome", "auto", None)]
+    assert accuracy.parse_auto("") == []
+    assert accuracy.arm_kwargs(("mustdrop", "auto", "texture")) == {
+        "tokcomp_method": "mustdrop", "tokcomp_budget": "auto", "tokcomp_options": {"auto_estimator": "texture"}}
 
 
 def test_load_dataset_resolves_images(tmp_path: Path) -> None:
@@ -65,13 +89,17 @@ def test_harness_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "accuracy.py"), "--data", str(tmp_path / "data" / "test"),
          "--model", str(ensure_default_model()), "--methods", "uniform,cls_topk", "--budgets", "576,32",
-         "--out", str(out), "--no-progress"],
+         "--auto", "uniform", "--out", str(out), "--no-progress"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["n"] == 4
-    assert [(a["method"], a["budget"]) for a in report["arms"]] == [("uniform", 32), ("cls_topk", 32)]
+    assert [(a["method"], a["budget"]) for a in report["arms"]] == [("uniform", 32), ("cls_topk", 32),
+                                                                     ("uniform", "auto")]
+    # the visual tokens read back from the prompts vLLM ran
+    assert report["baseline"]["tokens"] == 576 and report["arms"][0]["tokens"] == report["arms"][1]["tokens"] == 32
+    assert 1 <= report["arms"][2]["tokens_min"] <= report["arms"][2]["tokens_max"] <= 576
     assert len(report["baseline_predictions"]) == 4
     assert out.with_suffix(".md").read_text().startswith("# Accuracy vs visual tokens")
     assert out.with_suffix(".png").stat().st_size > 1000
