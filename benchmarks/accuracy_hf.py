@@ -38,11 +38,15 @@ def scaled_layer(layer: int, depth: int) -> int:
     return min(depth - 2, max(0, round(layer * depth / 32)))
 
 
-def build_arms(prune_layers: tuple[int, ...], fastv_layer: int, fastv_budgets: list[int]) -> dict:
+def build_arms(prune_layers: tuple[int, ...], fastv_layer: int, fastv_budgets: list[int],
+               thresholds: list[tuple[float, float]] = ()) -> dict:  # noqa: B006 - not mutated
+    """``none``, MustDrop at the paper's presets and at each extra (global, individual) threshold pair, its stage 1
+    alone, FastV at each budget."""
     from vllm_tokcomp.reference.hf_pruning import FastVReference, MustDropReference
 
     arms = {"none": MustDropReference(stage1=False, stage2=False)}
-    for name, (g, i) in MUSTDROP_PRESETS.items():
+    presets = {**MUSTDROP_PRESETS, **{f"mustdrop-ref[{g:g}/{i:g}]": (g, i) for g, i in thresholds}}
+    for name, (g, i) in presets.items():
         arms[name] = MustDropReference(prune_layers=prune_layers, global_threshold=g, individual_threshold=i)
     arms["mustdrop-ref[stage1]"] = MustDropReference(stage2=False)
     for budget in fastv_budgets:
@@ -125,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                         "this model's depth)")
     parser.add_argument("--fastv-layer", type=int, default=None,
                         help="0-based layer after which FastV prunes (default: the paper's K=2 of 32 scaled)")
+    parser.add_argument("--mustdrop-thresholds", default="",
+                        help="extra MustDrop arms, GLOBAL/INDIVIDUAL threshold pairs, comma separated (e.g. to match "
+                        "the token counts of the served arms on this model)")
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output path stem (.json/.md)")
     parser.add_argument("--no-progress", action="store_true")
@@ -147,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the model has {depth} LM layers: pruning after layer {depth - 1} (0-based) changes nothing")
     budgets = [int(b) for b in args.fastv_budgets.split(",") if b]
     records = load_dataset(Path(data), args.limit)
-    arms = build_arms(prune_layers, fastv_layer, budgets)
+    try:
+        thresholds = [(float(g), float(i)) for g, i in
+                      (pair.split("/") for pair in args.mustdrop_thresholds.split(",") if pair)]
+    except ValueError:
+        parser.error(f"--mustdrop-thresholds: expected GLOBAL/INDIVIDUAL pairs, got {args.mustdrop_thresholds!r}")
+    arms = build_arms(prune_layers, fastv_layer, budgets, thresholds)
     start = time.perf_counter()
     results = run(model, records, arms, args.max_tokens, progress=not args.no_progress)
     report = {
