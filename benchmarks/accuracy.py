@@ -226,6 +226,24 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def model_or_default(model: str | None) -> str:
+    """``model``, or the bundled trained tiny LLaVA's folder (built on first use)."""
+    if model is not None:
+        return model
+    from vllm_tokcomp.tiny import llava as tiny
+
+    return str(tiny.ensure_served_model())
+
+
+def write_report(out: Path, report: dict, text: str) -> None:
+    """``OUT.json`` and ``OUT.md``, then the markdown and where it went on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {out.with_suffix('.json')} and .md ({report['seconds']:.0f}s)")
+
+
 def majority_baseline(records: list[dict]) -> float:
     """Accuracy of always giving each question type's most common answer (a floor for 'sees nothing')."""
     by_type: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -259,12 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if FULL not in budgets:
         budgets.insert(0, FULL)
     data = args.data or default_dataset()
-    if args.model is None:
-        from vllm_tokcomp.tiny import llava as tiny
-
-        model = str(tiny.ensure_served_model())
-    else:
-        model = args.model
+    model = model_or_default(args.model)
     records = load_dataset(Path(data), args.limit)
     adaptive = parse_auto(args.auto)
     unknown = sorted({m for m, _, _ in adaptive} - set(servable_methods()))

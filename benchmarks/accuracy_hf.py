@@ -25,7 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy import default_dataset, load_dataset, majority_baseline, score  # noqa: E402
+from benchmarks.accuracy import (  # noqa: E402
+    default_dataset,
+    load_dataset,
+    majority_baseline,
+    model_or_default,
+    score,
+    write_report,
+)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "accuracy-hf"
 # The paper's (global, individual) threshold pairs and the token counts they gave on LLaVA-1.5-7B.
@@ -138,12 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     data = args.data or default_dataset()
-    if args.model is None:
-        from vllm_tokcomp.tiny import llava as tiny
-
-        model = str(tiny.ensure_served_model())
-    else:
-        model = args.model
+    model = model_or_default(args.model)
     depth = json.loads((Path(model) / "config.json").read_text())["text_config"]["num_hidden_layers"]
     if args.prune_layers is None:
         prune_layers = tuple(sorted({scaled_layer(layer, depth) for layer in (2, 6, 10, 14)}))
@@ -169,11 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "arms": {name: {**{k: v for k, v in r.items() if k != "answers"}, **score(records, r["answers"]),
                         "predictions": r["answers"]} for name, r in results.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {args.out.with_suffix('.json')} and .md ({report['seconds']:.0f}s)")
+    write_report(args.out, report, markdown(report))
     return 0
 
 

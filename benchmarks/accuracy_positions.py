@@ -17,7 +17,6 @@ Writes ``OUT.json`` and ``OUT.md`` (default ``benchmarks/results/accuracy-positi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy import default_dataset, load_dataset, score  # noqa: E402
+from benchmarks.accuracy import default_dataset, load_dataset, model_or_default, score, write_report  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "accuracy-positions"
 FULL = 576
@@ -140,12 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--method {args.method}: pick a pruning method that decides from the features alone "
                      "(uniform, random, divprune)")
     data = args.data or default_dataset()
-    if args.model is None:
-        from vllm_tokcomp.tiny import llava as tiny
-
-        model = str(tiny.ensure_served_model())
-    else:
-        model = args.model
+    model = model_or_default(args.model)
     budgets = sorted({FULL, *(int(b) for b in args.budgets.split(",") if b)}, reverse=True)
     records = load_dataset(Path(data), args.limit)
     start = time.perf_counter()
@@ -153,11 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": model, "model_name": Path(model).name, "data": str(data), "n": len(records),
               "method": args.method, "budgets": budgets, "seconds": round(time.perf_counter() - start, 1),
               "arms": {name: {**score(records, a), "predictions": a} for name, a in answers.items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {args.out.with_suffix('.json')} and .md ({report['seconds']:.0f}s)")
+    write_report(args.out, report, markdown(report))
     return 0
 
 
