@@ -69,13 +69,13 @@ def main() -> int:
                 model="tiny-llava", messages=messages, max_tokens=8, temperature=0.0, extra_body=extra
             )
 
-        print(f"\n{'question':48s}{'right':>8s}{'compressed':>12s}{'plain':>8s}")
+        print(f"\n{'question':48s}{'right':>9s}{'compressed':>12s}{'plain':>10s}")
         replies = []
         for image, qa in demo_questions(args.questions):
             compressed, plain = ask(image, qa["question"], None), ask(image, qa["question"], {"tokcomp_method": "none"})
             replies.append((compressed, plain))
-            print(f"{qa['question']:48s}{qa['answer']:>8s}{compressed.choices[0].message.content.strip():>12s}"
-                  f"{plain.choices[0].message.content.strip():>8s}")
+            print(f"{qa['question']:48s} {qa['answer']:>8s} {compressed.choices[0].message.content.strip():>11s}"
+                  f" {plain.choices[0].message.content.strip():>9s}")
 
     # One JSON line per finished request, in order: (compressed, plain) for each question.
     kv = [json.loads(line) for line in kv_log.read_text().splitlines()]
