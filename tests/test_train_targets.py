@@ -2,6 +2,7 @@
 the object covering each 14 x 14 patch (the supervision the tower is pre-trained with)."""
 
 import numpy as np
+import pytest
 import torch
 
 from vllm_tokcomp.data.generate import scene_rng
@@ -216,8 +217,6 @@ def test_dense_loss_adds_a_term_over_the_patches_that_hold_something():
 
 
 def test_with_language_side_takes_the_tower_from_one_model_and_the_rest_from_another():
-    import pytest
-
     from vllm_tokcomp.train.llava import with_language_side
 
     tower_model = {"vision_tower.a": torch.zeros(1), "multi_modal_projector.b": torch.zeros(1),
@@ -229,3 +228,27 @@ def test_with_language_side_takes_the_tower_from_one_model_and_the_rest_from_ano
     assert merged["multi_modal_projector.b"].item() == merged["language_model.c"].item() == 1
     with pytest.raises(ValueError, match="--init-lm"):
         with_language_side(tower_model, {"vision_tower.a": torch.ones(1)})
+
+
+def test_lr_schedule_decays_by_steps_or_by_time_whichever_is_further():
+    from vllm_tokcomp.train.llava import lr_at
+
+    assert lr_at(0, 1000, 1.0, 10) == pytest.approx(0.1)  # warm-up
+    assert lr_at(10, 1000, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(1000, 1000, 1.0, 10) == pytest.approx(0.1)  # end of the cosine
+    assert lr_at(10, 1000, 1.0, 10, time_fraction=1.0) == pytest.approx(0.1)  # out of time: fully decayed
+    assert lr_at(10, 1000, 1.0, 10, time_fraction=0.5) == pytest.approx(0.1 + 0.9 * 0.5)  # half the time: midway
+    assert lr_at(505, 1000, 1.0, 10, time_fraction=0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # steps further on
+
+
+def test_qa_batches_from_workers_are_the_single_process_batches():
+    from vllm_tokcomp.train.llava import QABatches, QAEncoder, qa_batch, qa_batches
+
+    enc = QAEncoder()
+    dataset = QABatches(enc, seed=0, first=3, steps=5, batch=1, per_image=2, caption=False)
+    assert len(dataset) == 2
+    for i, batch in enumerate(qa_batches(dataset, workers=1, pin=False)):
+        expected = qa_batch(enc, 0, 3 + i, 1, 2)  # step 3 + i of a 1-image batch starts at image 3 + i
+        assert batch["looks"] == expected["looks"]
+        for key in ("pixel_values", "input_ids", "labels", "attention_mask", "patch_labels"):
+            assert torch.equal(batch[key], expected[key]), key

@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=0.0,
     )
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")  # a GPU run resumes anywhere
         model.load_state_dict(ck["model"])
         heads.load_state_dict(ck["heads"])
         clip_opt.load_state_dict(ck["clip_opt"])
