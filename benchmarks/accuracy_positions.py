@@ -59,7 +59,8 @@ def greedy(model, embeds, position_ids, max_tokens: int, eos: int) -> list[int]:
     return out
 
 
-def run(model_dir: str, records: list[dict], method: str, budgets: list[int], max_tokens: int) -> dict:
+def run(model_dir: str, records: list[dict], method: str, budgets: list[int], max_tokens: int,
+        device: str = "cpu") -> dict:
     import torch
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -68,7 +69,7 @@ def run(model_dir: str, records: list[dict], method: str, budgets: list[int], ma
 
     torch.manual_seed(0)
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
     tokenizer = processor.tokenizer
     image_id = model.config.image_token_index
     compressor = get_method(method)
@@ -77,8 +78,8 @@ def run(model_dir: str, records: list[dict], method: str, budgets: list[int], ma
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
         with Image.open(record["image_path"]) as image:
-            pixels = processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+            pixels = processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"].to(device)
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], device=device)
         at = int((ids == image_id).nonzero()[0])  # one <image> placeholder: the tokenizer does not expand it
         with torch.no_grad():
             feats = model.model.get_image_features(pixel_values=pixels)
@@ -88,13 +89,13 @@ def run(model_dir: str, records: list[dict], method: str, budgets: list[int], ma
             before, after = table(ids[:at]), table(ids[at + 1:])
         for budget in budgets:
             if budget >= FULL:
-                kept = torch.arange(FULL)
+                kept = torch.arange(FULL, device=device)
             else:
                 kept = compressor.select(VisualTokens(feats, (24, 24)), budget).anchor.sort().values
             embeds = torch.cat([before, feats[kept], after])
             for renumber in ((True,) if budget >= FULL else (True, False)):
                 name = f"{budget}" + ("" if budget >= FULL else ("-renumbered" if renumber else "-original"))
-                pos = positions(len(before), kept, len(after), renumber)
+                pos = positions(len(before), kept.cpu(), len(after), renumber).to(device)
                 tokens = greedy(model, embeds, pos, max_tokens, tokenizer.eos_token_id)
                 answers.setdefault(name, []).append(tokenizer.decode(tokens, skip_special_tokens=True))
     return answers
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="192,128,64,32")
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output path stem (.json/.md)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     args = parser.parse_args(argv)
 
     from vllm_tokcomp.methods import method_class
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = sorted({FULL, *(int(b) for b in args.budgets.split(",") if b)}, reverse=True)
     records = load_dataset(Path(data), args.limit)
     start = time.perf_counter()
-    answers = run(model, records, args.method, budgets, args.max_tokens)
+    answers = run(model, records, args.method, budgets, args.max_tokens, args.device)
     report = {"model": model, "model_name": Path(model).name, "data": str(data), "n": len(records),
               "method": args.method, "budgets": budgets, "seconds": round(time.perf_counter() - start, 1),
               "arms": {name: {**score(records, a), "predictions": a} for name, a in answers.items()}}

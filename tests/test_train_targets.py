@@ -252,3 +252,66 @@ def test_qa_batches_from_workers_are_the_single_process_batches():
         assert batch["looks"] == expected["looks"]
         for key in ("pixel_values", "input_ids", "labels", "attention_mask", "patch_labels"):
             assert torch.equal(batch[key], expected[key]), key
+
+
+def test_compressed_rows_feed_the_lm_the_library_methods_tokens_at_consecutive_positions():
+    """Compression augmentation: a squeezed row's image tokens are exactly what the library method returns for
+    that image's projected features (checked here by building the LM input by hand), at the positions of a
+    shortened prompt, and its looks point at the output tokens that hold the looked-at patches."""
+    from vllm_tokcomp.methods import VisualTokens, get_method
+    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.train.llava import (
+        AUGMENT_METHODS,
+        QAEncoder,
+        build_model,
+        load_llava_hf_state,
+        qa_batch,
+        qa_forward,
+    )
+
+    model = build_model(tiny.Geometry(text_layers=2))
+    load_llava_hf_state(model, tiny.random_state_dict(5))
+    model.eval()
+    batch = qa_batch(QAEncoder(), 0, 6, 9, 3, compress_prob=1.0)  # images 6-14 draw all four methods
+    plain = qa_batch(QAEncoder(), 0, 6, 9, 3)
+    squeezes = batch["squeeze"]
+    assert all(squeezes) and not any(plain["squeeze"])
+    assert {s.method for s in squeezes} == set(AUGMENT_METHODS)  # merging ones among them
+    for row, squeeze in enumerate(squeezes):  # the same conversation, `budget` image tokens instead of 576
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        ref = plain["input_ids"][row][plain["attention_mask"][row].bool()].tolist()
+        assert ids.count(tiny.IMAGE_TOKEN_ID) == squeeze.budget < 576
+        assert [t for t in ids if t != tiny.IMAGE_TOKEN_ID] == [t for t in ref if t != tiny.IMAGE_TOKEN_ID]
+    with torch.no_grad():
+        out, looks = qa_forward(model, batch)
+        features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+        table = model.model.get_input_embeddings()
+        destinations = []
+        for row, squeeze in enumerate(squeezes):
+            kwargs = {"seed": squeeze.seed} if squeeze.method == "random" else {}
+            result = get_method(squeeze.method, **kwargs)(VisualTokens(features[row], (24, 24)), squeeze.budget)
+            n = int(batch["attention_mask"][row].sum())
+            ids = batch["input_ids"][row, :n]
+            embeds = table(ids).clone()
+            embeds[ids == tiny.IMAGE_TOKEN_ID] = result.features
+            hidden = model.model.language_model(inputs_embeds=embeds[None]).last_hidden_state
+            assert torch.allclose(out.last_hidden_state[row, :n], hidden[0], atol=1e-5)
+            destinations.append(result.assignment.destination)
+    first = int((batch["input_ids"][0] == tiny.IMAGE_TOKEN_ID).nonzero()[0])
+    assert looks
+    for row, query, cols in batch["looks"]:  # every look now names the slots its patches went to, no others
+        slots = {int(destinations[row][c - first]) for c in cols} - {-1}
+        got = [c for r, q, c in looks if (r, q) == (row, query)]
+        assert got == ([sorted(first + s for s in slots)] if slots else [])
+        assert all(first <= c < first + squeezes[row].budget for c in (got[0] if got else []))
+
+
+def test_draw_squeeze_leaves_the_batches_alone_at_probability_zero():
+    from vllm_tokcomp.train.llava import AUGMENT_BUDGETS, draw_squeeze
+
+    rng = np.random.default_rng(0)
+    assert draw_squeeze(rng, 0.0) is None
+    assert rng.random() == np.random.default_rng(0).random()  # nothing was drawn
+    draws = [draw_squeeze(np.random.default_rng(i), 0.5) for i in range(200)]
+    assert 60 < sum(d is not None for d in draws) < 140
+    assert {d.budget for d in draws if d} == set(AUGMENT_BUDGETS)

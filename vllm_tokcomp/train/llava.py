@@ -336,8 +336,11 @@ class QAEncoder:
         ids, labels, _ = self.conversation_with_answer_starts(qas)
         return ids, labels
 
-    def conversation_with_answer_starts(self, qas: list[dict]) -> tuple[list[int], list[int], list[int]]:
-        """Token ids, labels, and per turn the position whose next-token prediction is the answer's first token."""
+    def conversation_with_answer_starts(
+        self, qas: list[dict], image_tokens: int = tiny.NUM_IMAGE_TOKENS
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Token ids, labels, and per turn the position whose next-token prediction is the answer's first token.
+        ``image_tokens``: how many placeholders the image gets (fewer for a compressed image)."""
         ids: list[int] = []
         labels: list[int] = []
         starts: list[int] = []
@@ -346,7 +349,7 @@ class QAEncoder:
             p = self.ids(prompt)
             if turn == 0:
                 at = p.index(self.image_id)
-                p = p[:at] + [self.image_id] * tiny.NUM_IMAGE_TOKENS + p[at + 1:]
+                p = p[:at] + [self.image_id] * image_tokens + p[at + 1:]
             a = self.ids(" " + qa["answer"]) + [self.eos]
             ids += p
             starts.append(len(ids) - 1)
@@ -370,8 +373,40 @@ def dense_questions(scene, rng: np.random.Generator, k: int) -> list[dict]:  # n
 CAPTION_QUESTION = "Describe the image."
 
 
-def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, caption: bool = False) -> dict:
-    images, seqs, patch_targets = [], [], []
+# Compression augmentation: what the served methods feed the LM (fewer image tokens at consecutive positions,
+# merged tokens averaged), drawn from methods that need no tower or text signal.
+AUGMENT_METHODS = ("uniform", "random", "pool", "tome")
+AUGMENT_BUDGETS = (32, 64, 128, 192, 288)
+
+
+@dataclasses.dataclass(frozen=True)
+class Squeeze:
+    """One image's compression in a training batch: ``method`` (a library method) down to ``budget`` tokens."""
+
+    method: str
+    budget: int
+    seed: int = 0  # the random method's seed
+
+    def compressor(self):  # noqa: ANN201 - a library Compressor
+        from vllm_tokcomp.methods import get_method
+
+        return get_method(self.method, seed=self.seed) if self.method == "random" else get_method(self.method)
+
+
+def draw_squeeze(rng: np.random.Generator, prob: float) -> Squeeze | None:
+    """With probability ``prob`` a random method and budget of :data:`AUGMENT_METHODS` x :data:`AUGMENT_BUDGETS`."""
+    if prob <= 0 or rng.random() >= prob:
+        return None
+    return Squeeze(str(rng.choice(AUGMENT_METHODS)), int(rng.choice(AUGMENT_BUDGETS)), int(rng.integers(2**31)))
+
+
+def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, caption: bool = False,
+             compress_prob: float = 0.0) -> dict:
+    """Rendered images and their conversations. With ``compress_prob`` > 0 each image is compressed with that
+    probability (``batch["squeeze"]``, one :class:`Squeeze` or None per row; the ids hold that many image tokens,
+    and a compressed row's looks hold ``first image position + patch index``, mapped to the kept tokens in
+    :func:`qa_forward`)."""
+    images, seqs, patch_targets, squeezes = [], [], [], []
     looks: list[tuple[int, int, list[int]]] = []  # (row, answer-start position, image-token positions it is about)
     for row, index in enumerate(range(start, start + n)):
         rng = scene_rng(seed, "train", index)
@@ -380,7 +415,10 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
         qas = dense_questions(scene, rng, per_image)
         if caption:  # LLaVA's alignment task as a first turn: every object, so every image token matters
             qas = [{"question": CAPTION_QUESTION, "answer": scene_caption(scene)}, *qas]
-        ids, labels, starts = enc.conversation_with_answer_starts(qas)
+        squeeze = draw_squeeze(rng, compress_prob)  # drawn last: without it the batches are the same as before
+        squeezes.append(squeeze)
+        image_tokens = squeeze.budget if squeeze else tiny.NUM_IMAGE_TOKENS
+        ids, labels, starts = enc.conversation_with_answer_starts(qas, image_tokens)
         seqs.append((ids, labels))
         patch_targets.append(patch_labels(scene))
         first_image = ids.index(tiny.IMAGE_TOKEN_ID)
@@ -392,7 +430,45 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
                 if patches.size:
                     looks.append((row, answer_start, (first_image + patches).tolist()))
     return {"pixel_values": torch.stack(images), **padded_conversations(seqs),
-            "patch_labels": torch.from_numpy(np.stack(patch_targets)), "looks": looks}
+            "patch_labels": torch.from_numpy(np.stack(patch_targets)), "looks": looks, "squeeze": squeezes}
+
+
+def qa_forward(model: nn.Module, batch: dict) -> tuple[object, list[tuple[int, int, list[int]]]]:
+    """The LM's output for ``batch``, and its looks on the image tokens the LM really sees. Rows with a
+    :class:`Squeeze` get their projected image features compressed by the library method (as vLLM serves them:
+    the kept tokens at consecutive positions); a look then points at the output tokens its patches went into."""
+    squeezes = batch.get("squeeze") or []
+    if not any(squeezes):
+        out = model.model(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+        )
+        return out, batch["looks"]
+    from vllm_tokcomp.methods import VisualTokens
+
+    side = int(math.isqrt(tiny.NUM_IMAGE_TOKENS))
+    features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    image_rows, destinations = [], {}
+    for row, (squeeze, row_features) in enumerate(zip(squeezes, features, strict=True)):
+        if squeeze is None:
+            image_rows.append(row_features)
+            continue
+        result = squeeze.compressor()(VisualTokens(row_features, (side, side)), squeeze.budget)
+        image_rows.append(result.features)
+        destinations[row] = result.assignment.destination.tolist()
+    looks = []
+    for row, query, cols in batch["looks"]:
+        if row in destinations:
+            first = int((batch["input_ids"][row] == tiny.IMAGE_TOKEN_ID).nonzero()[0])
+            slots = sorted({destinations[row][c - first] for c in cols} - {-1})
+            if not slots:  # everything it is about was dropped: nothing to look at
+                continue
+            cols = [first + slot for slot in slots]
+        looks.append((row, query, cols))
+    image_mask = batch["input_ids"] == tiny.IMAGE_TOKEN_ID
+    embeds = model.model.get_input_embeddings()(batch["input_ids"])
+    image_features = torch.cat(image_rows).to(embeds.dtype)
+    embeds = embeds.masked_scatter(image_mask[..., None], image_features)
+    return model.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]), looks
 
 
 def qa_loss(
@@ -418,9 +494,7 @@ def qa_loss(
                 with_kwargs=True,
             ))
     try:
-        out = model.model(
-            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
-        )
+        out, looks = qa_forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -431,8 +505,8 @@ def qa_loss(
     loss = F.cross_entropy(logits, target[sel])
     if dense_weight > 0:
         loss = loss + dense_weight * dense_loss(heads, captured[0][:, 1:], batch["patch_labels"])[0]
-    if attention_inputs:
-        loss = loss + look_weight * look_loss(attention_inputs, batch["looks"])
+    if attention_inputs and looks:
+        loss = loss + look_weight * look_loss(attention_inputs, looks)
     return loss, (logits.argmax(-1) == target[sel])
 
 
@@ -472,9 +546,7 @@ def answer_correct(model: nn.Module, batch: dict) -> list[bool]:
     """Greedy exact match of each conversation's first answer (+ ``</s>``), by teacher forcing:
     greedy decoding emits the answer iff the argmax is right at every answer position."""
     with torch.no_grad():
-        out = model.model(
-            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
-        )
+        out, _ = qa_forward(model, batch)
         pred = model.lm_head(out.last_hidden_state[:, :-1]).argmax(-1)
     return first_answers_correct(pred.cpu(), batch["labels"].cpu())
 
@@ -514,16 +586,17 @@ class QABatches(torch.utils.data.Dataset):
     batches are the ones the single-process loop would build."""
 
     def __init__(self, enc: QAEncoder, seed: int, first: int, steps: int, batch: int, per_image: int,
-                 caption: bool) -> None:
+                 caption: bool, compress_prob: float = 0.0) -> None:
         self.enc, self.seed, self.first, self.steps = enc, seed, first, steps
-        self.batch, self.per_image, self.caption = batch, per_image, caption
+        self.batch, self.per_image, self.caption, self.compress_prob = batch, per_image, caption, compress_prob
 
     def __len__(self) -> int:
         return max(0, self.steps - self.first)
 
     def __getitem__(self, i: int) -> dict:
         step = self.first + i
-        return qa_batch(self.enc, self.seed, step * self.batch, self.batch, self.per_image, self.caption)
+        return qa_batch(self.enc, self.seed, step * self.batch, self.batch, self.per_image, self.caption,
+                        self.compress_prob)
 
 
 def _as_is(item: dict) -> dict:
@@ -583,9 +656,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (for a GPU; this CPU has no bf16 units)")
     parser.add_argument("--workers", type=int, default=0, help="processes that render QA batches ahead of the steps")
+    parser.add_argument("--compress-prob", type=float, default=0.0,
+                        help="compress each QA image with this probability (a random method of AUGMENT_METHODS to a "
+                        "random budget of AUGMENT_BUDGETS), so the LM learns to read the shortened images it is served")
+    parser.add_argument("--eval-squeeze", default=None, metavar="METHOD:BUDGET",
+                        help="also validate on images compressed this way, e.g. uniform:64")
     parser.add_argument("--time-limit", type=float, default=0.0,
                         help="seconds of QA training: stop then (learning rate decayed by then), checkpoint, export")
     args = parser.parse_args(argv)
+    eval_squeeze = None
+    if args.eval_squeeze:
+        method, _, budget = args.eval_squeeze.partition(":")
+        if not budget.isdigit():
+            parser.error(f"--eval-squeeze wants METHOD:BUDGET, got {args.eval_squeeze!r}")
+        eval_squeeze = Squeeze(method, int(budget))
+        eval_squeeze.compressor()  # an unknown method fails here, not at the first validation
+    if not 0 <= args.compress_prob <= 1:
+        parser.error(f"--compress-prob must be in [0, 1], got {args.compress_prob}")
     if args.tower_lr_scale == 0 and args.qa_dense_weight > 0:
         parser.error("--qa-dense-weight trains the tower, which --tower-lr-scale 0 freezes")
 
@@ -695,20 +782,26 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.tower_lr_scale == 0:  # no gradient through the tower at all: its backward is a third of a step
         model.model.vision_tower.requires_grad_(False)
-    val_batches = []
+    val_batches: dict[str, list] = {}
 
-    def validate() -> None:
-        model.eval()
-        if not val_batches:
-            val_batches.extend(_val_batch(enc, args.seed, i, 16) for i in range(0, args.eval_images, 16))
+    def val_accuracy(name: str, squeeze: Squeeze | None) -> tuple[float, dict]:
+        if name not in val_batches:
+            val_batches[name] = [_val_batch(enc, args.seed, i, 16, squeeze) for i in range(0, args.eval_images, 16)]
         correct = []
         with autocast():
-            for vb, types in val_batches:
+            for vb, types in val_batches[name]:
                 correct += list(zip(types, answer_correct(model, to_device(vb, device)), strict=True))
         kinds = sorted({t for t, _ in correct})
         per_type = {t: round(float(np.mean([c for tt, c in correct if tt == t])), 3) for t in kinds}
-        erec = {"stage": "qa-val", "step": step, "acc": round(float(np.mean([c for _, c in correct])), 3),
-                "per_type": per_type, "s": round(time.perf_counter() - t0, 1)}
+        return round(float(np.mean([c for _, c in correct])), 3), per_type
+
+    def validate() -> None:
+        model.eval()
+        acc, per_type = val_accuracy("full", None)
+        erec = {"stage": "qa-val", "step": step, "acc": acc, "per_type": per_type}
+        if eval_squeeze is not None:
+            erec[f"acc_{eval_squeeze.method}{eval_squeeze.budget}"], _ = val_accuracy("squeezed", eval_squeeze)
+        erec["s"] = round(time.perf_counter() - t0, 1)
         print(erec, flush=True)
         log.write(json.dumps(erec) + "\n")
         log.flush()
@@ -716,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_qa = time.perf_counter()
     batches = qa_batches(QABatches(enc, args.seed, step, args.qa_steps, args.qa_batch, args.questions_per_image,
-                                   args.caption_turn), args.workers, pin=device.type == "cuda")
+                                   args.caption_turn, args.compress_prob), args.workers, pin=device.type == "cuda")
     out_of_time = False
     for batch in batches:
         elapsed = time.perf_counter() - t_qa
@@ -777,15 +870,17 @@ def padded_conversations(seqs: list[tuple[list[int], list[int]]]) -> dict[str, t
     return batch
 
 
-def _val_batch(enc: QAEncoder, seed: int, start: int, n: int) -> tuple[dict, list[str]]:
-    """Validation-split images, one question each (:func:`val_question`)."""
+def _val_batch(enc: QAEncoder, seed: int, start: int, n: int, squeeze: Squeeze | None = None) -> tuple[dict, list[str]]:
+    """Validation-split images, one question each (:func:`val_question`), each compressed by ``squeeze`` if given."""
     images, seqs, types = [], [], []
+    image_tokens = squeeze.budget if squeeze else tiny.NUM_IMAGE_TOKENS
     for index in range(start, start + n):
         scene, qa = val_question(seed, index)
         images.append(pixels(render_scene(scene)))
-        seqs.append(enc.conversation([qa]))
+        seqs.append(enc.conversation_with_answer_starts([qa], image_tokens)[:2])
         types.append(qa["type"])
-    return {**padded_conversations(seqs), "pixel_values": torch.stack(images)}, types
+    return {**padded_conversations(seqs), "pixel_values": torch.stack(images), "looks": [],
+            "squeeze": [squeeze] * n}, types
 
 
 if __name__ == "__main__":
