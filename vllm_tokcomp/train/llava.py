@@ -17,6 +17,9 @@ Stage 2 (``qa``): the whole LLaVA model (tower at a lower learning rate, project
 question answering task. Each image carries all its questions as a multi-turn conversation in
 the model's chat format, so one 576-token image forward teaches several answers; the loss is on
 answer tokens and ``</s>`` only, and the LM head is applied at those positions only.
+``--compress-prob P`` shortens each image with probability P the way the plugin serves it (a library
+method of :data:`AUGMENT_METHODS` to a budget of :data:`AUGMENT_BUDGETS`, the kept tokens at consecutive
+positions), so the LM also learns to read compressed images; ``--eval-squeeze`` validates on those too.
 
 Data is generated on the fly from the training split's seeds (image ``i`` of the run is image
 ``i`` of ``python -m vllm_tokcomp.data.generate --seed SEED``), so runs are deterministic and
@@ -618,7 +621,7 @@ def save(path: Path, payload: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.train.llava", description=__doc__.split("\n")[0])
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out", type=Path, help="run folder; a ckpt.pt already there is resumed (it wins over --init)")
     parser.add_argument("--seed", type=int, default=0, help="data seed (training split of the generator)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start a fresh run from these weights (safetensors, llava-hf names), e.g. a pre-trained "
@@ -727,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
         stage, step = ck["stage"], ck["step"]
         if stage == "qa" and step > 0:  # before that the QA optimizer holds nothing worth restoring
             qa_opt.load_state_dict(ck["qa_opt"])
-        print(f"resumed at {stage} step {step}", flush=True)
+        ignored = " (--init/--init-lm ignored: the run in OUT goes on)" if args.init is not None else ""
+        print(f"resumed {ckpt_path} at {stage} step {step}{ignored}", flush=True)
 
     def checkpoint() -> None:
         save(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "clip_opt": clip_opt.state_dict(),
