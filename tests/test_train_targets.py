@@ -315,3 +315,14 @@ def test_draw_squeeze_leaves_the_batches_alone_at_probability_zero():
     draws = [draw_squeeze(np.random.default_rng(i), 0.5) for i in range(200)]
     assert 60 < sum(d is not None for d in draws) < 140
     assert {d.budget for d in draws if d} == set(AUGMENT_BUDGETS)
+
+
+@pytest.mark.parametrize("value", ["cls_topk:64", "nope:64", "uniform:576", "uniform:0", "uniform"])
+def test_eval_squeeze_is_refused_at_startup_naming_the_flag(value, tmp_path, capsys):
+    from vllm_tokcomp.train.llava import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "run"), "--eval-squeeze", value, "--clip-steps", "0", "--qa-steps", "0"])
+    assert exit_info.value.code == 2
+    assert "--eval-squeeze" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written

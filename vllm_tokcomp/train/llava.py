@@ -669,11 +669,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     eval_squeeze = None
     if args.eval_squeeze:
+        from vllm_tokcomp.methods import available_methods, method_class
+
         method, _, budget = args.eval_squeeze.partition(":")
-        if not budget.isdigit():
-            parser.error(f"--eval-squeeze wants METHOD:BUDGET, got {args.eval_squeeze!r}")
+        if not budget.isdigit() or not 0 < int(budget) < tiny.NUM_IMAGE_TOKENS:
+            parser.error(f"--eval-squeeze wants METHOD:BUDGET with 0 < BUDGET < {tiny.NUM_IMAGE_TOKENS}, "
+                         f"got {args.eval_squeeze!r}")
+        if method not in available_methods() or method_class(method).required_signals():
+            parser.error(f"--eval-squeeze: {method!r} is not a library method that works from the features alone "
+                         f"(e.g. {', '.join(AUGMENT_METHODS)})")
         eval_squeeze = Squeeze(method, int(budget))
-        eval_squeeze.compressor()  # an unknown method fails here, not at the first validation
     if not 0 <= args.compress_prob <= 1:
         parser.error(f"--compress-prob must be in [0, 1], got {args.compress_prob}")
     if args.tower_lr_scale == 0 and args.qa_dense_weight > 0:
