@@ -335,8 +335,8 @@ class QAEncoder:
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def conversation(self, qas: list[dict]) -> tuple[list[int], list[int]]:
-        ids, labels, _ = self.conversation_with_answer_starts(qas)
+    def conversation(self, qas: list[dict], image_tokens: int = tiny.NUM_IMAGE_TOKENS) -> tuple[list[int], list[int]]:
+        ids, labels, _ = self.conversation_with_answer_starts(qas, image_tokens)
         return ids, labels
 
     def conversation_with_answer_starts(
@@ -396,6 +396,11 @@ class Squeeze:
         return get_method(self.method, seed=self.seed) if self.method == "random" else get_method(self.method)
 
 
+def image_tokens(squeeze: Squeeze | None) -> int:
+    """How many placeholders an image gets in the conversation: its budget when compressed."""
+    return squeeze.budget if squeeze else tiny.NUM_IMAGE_TOKENS
+
+
 def draw_squeeze(rng: np.random.Generator, prob: float) -> Squeeze | None:
     """With probability ``prob`` a random method and budget of :data:`AUGMENT_METHODS` x :data:`AUGMENT_BUDGETS`."""
     if prob <= 0 or rng.random() >= prob:
@@ -420,8 +425,7 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
             qas = [{"question": CAPTION_QUESTION, "answer": scene_caption(scene)}, *qas]
         squeeze = draw_squeeze(rng, compress_prob)  # drawn last: without it the batches are the same as before
         squeezes.append(squeeze)
-        image_tokens = squeeze.budget if squeeze else tiny.NUM_IMAGE_TOKENS
-        ids, labels, starts = enc.conversation_with_answer_starts(qas, image_tokens)
+        ids, labels, starts = enc.conversation_with_answer_starts(qas, image_tokens(squeeze))
         seqs.append((ids, labels))
         patch_targets.append(patch_labels(scene))
         first_image = ids.index(tiny.IMAGE_TOKEN_ID)
@@ -458,16 +462,17 @@ def qa_forward(model: nn.Module, batch: dict) -> tuple[object, list[tuple[int, i
         result = squeeze.compressor()(VisualTokens(row_features, (side, side)), squeeze.budget)
         image_rows.append(result.features)
         destinations[row] = result.assignment.destination.tolist()
+    image_mask = batch["input_ids"] == tiny.IMAGE_TOKEN_ID
+    firsts = image_mask.int().argmax(1).tolist()  # each row's first image position, one device sync for all
     looks = []
     for row, query, cols in batch["looks"]:
         if row in destinations:
-            first = int((batch["input_ids"][row] == tiny.IMAGE_TOKEN_ID).nonzero()[0])
+            first = firsts[row]
             slots = sorted({destinations[row][c - first] for c in cols} - {-1})
             if not slots:  # everything it is about was dropped: nothing to look at
                 continue
             cols = [first + slot for slot in slots]
         looks.append((row, query, cols))
-    image_mask = batch["input_ids"] == tiny.IMAGE_TOKEN_ID
     embeds = model.model.get_input_embeddings()(batch["input_ids"])
     image_features = torch.cat(image_rows).to(embeds.dtype)
     embeds = embeds.masked_scatter(image_mask[..., None], image_features)
@@ -791,14 +796,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.tower_lr_scale == 0:  # no gradient through the tower at all: its backward is a third of a step
         model.model.vision_tower.requires_grad_(False)
-    val_batches: dict[str, list] = {}
+    val_batches: dict[Squeeze | None, list] = {}  # rendered once per compression (None: uncompressed)
 
-    def val_accuracy(name: str, squeeze: Squeeze | None) -> tuple[float, dict]:
-        if name not in val_batches:
-            val_batches[name] = [_val_batch(enc, args.seed, i, 16, squeeze) for i in range(0, args.eval_images, 16)]
+    def val_accuracy(squeeze: Squeeze | None) -> tuple[float, dict]:
+        if squeeze not in val_batches:
+            val_batches[squeeze] = [_val_batch(enc, args.seed, i, 16, squeeze) for i in range(0, args.eval_images, 16)]
         correct = []
         with autocast():
-            for vb, types in val_batches[name]:
+            for vb, types in val_batches[squeeze]:
                 correct += list(zip(types, answer_correct(model, to_device(vb, device)), strict=True))
         kinds = sorted({t for t, _ in correct})
         per_type = {t: round(float(np.mean([c for tt, c in correct if tt == t])), 3) for t in kinds}
@@ -806,10 +811,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def validate() -> None:
         model.eval()
-        acc, per_type = val_accuracy("full", None)
+        acc, per_type = val_accuracy(None)
         erec = {"stage": "qa-val", "step": step, "acc": acc, "per_type": per_type}
         if eval_squeeze is not None:
-            erec[f"acc_{eval_squeeze.method}{eval_squeeze.budget}"], _ = val_accuracy("squeezed", eval_squeeze)
+            erec[f"acc_{eval_squeeze.method}{eval_squeeze.budget}"], _ = val_accuracy(eval_squeeze)
         erec["s"] = round(time.perf_counter() - t0, 1)
         print(erec, flush=True)
         log.write(json.dumps(erec) + "\n")
@@ -882,11 +887,10 @@ def padded_conversations(seqs: list[tuple[list[int], list[int]]]) -> dict[str, t
 def _val_batch(enc: QAEncoder, seed: int, start: int, n: int, squeeze: Squeeze | None = None) -> tuple[dict, list[str]]:
     """Validation-split images, one question each (:func:`val_question`), each compressed by ``squeeze`` if given."""
     images, seqs, types = [], [], []
-    image_tokens = squeeze.budget if squeeze else tiny.NUM_IMAGE_TOKENS
     for index in range(start, start + n):
         scene, qa = val_question(seed, index)
         images.append(pixels(render_scene(scene)))
-        seqs.append(enc.conversation_with_answer_starts([qa], image_tokens)[:2])
+        seqs.append(enc.conversation([qa], image_tokens(squeeze)))
         types.append(qa["type"])
     return {**padded_conversations(seqs), "pixel_values": torch.stack(images), "looks": [],
             "squeeze": [squeeze] * n}, types
