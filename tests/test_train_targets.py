@@ -99,6 +99,45 @@ def test_deepened_model_computes_what_the_shallow_one_did(tmp_path):
     assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 4
 
 
+def test_tower_deepened_keeps_the_features_and_the_feature_layers_cls_attention(tmp_path):
+    """A 6-layer tower grown from the 3-layer one (identity blocks before the feature layer) gives the same patch
+    features, the same CLS attention in the feature layer (what cls_topk and MustDrop read) and the same CLS
+    embedding; its exported weights build a model folder whose config says 6 tower layers."""
+    import json
+
+    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.train.llava import build_model, export_state, load_llava_hf_state, pixels, tower_deepened
+
+    state = tiny.random_state_dict(5)
+    shallow, deep = build_model(tiny.Geometry()), build_model(tiny.Geometry(vision_layers=6))
+    load_llava_hf_state(shallow, state)
+    grown = tower_deepened(state, 6)
+    load_llava_hf_state(deep, grown)
+    prefix = "vision_tower.vision_model.encoder.layers."
+    assert torch.equal(grown[prefix + "4.mlp.fc1.weight"], state[prefix + "1.mlp.fc1.weight"])  # feature layer moved
+    assert not grown[prefix + "2.mlp.fc2.weight"].any() and torch.equal(grown[prefix + "2.mlp.fc1.weight"],
+                                                                      state[prefix + "0.mlp.fc1.weight"])
+    scene = make_scene(np.random.default_rng(2))
+    images = pixels(render_scene(scene))[None]
+    for model in (shallow, deep):
+        model.set_attn_implementation("eager")  # SDPA returns no attention weights
+    with torch.no_grad():
+        outs = [m.model.vision_tower(pixel_values=images, output_hidden_states=True, output_attentions=True)
+                for m in (shallow, deep)]
+    a, b = outs
+    assert torch.allclose(a.hidden_states[tiny.VISION_FEATURE_LAYER], b.hidden_states[tiny.VISION_FEATURE_LAYER],
+                          atol=1e-6)
+    assert torch.allclose(a.attentions[tiny.VISION_FEATURE_LAYER], b.attentions[tiny.VISION_FEATURE_LAYER], atol=1e-6)
+    assert torch.allclose(a.pooler_output, b.pooler_output, atol=1e-6)
+    with pytest.raises(ValueError, match="3 tower layers"):
+        tower_deepened(state, 2)
+    from safetensors.torch import save_file
+
+    save_file(export_state(deep), str(tmp_path / "w.safetensors"))
+    out = tiny.build_tiny_llava(tmp_path / "model", weights=tmp_path / "w.safetensors")
+    assert json.loads((out / "config.json").read_text())["vision_config"]["num_hidden_layers"] == 6
+
+
 def test_question_targets_name_the_objects_a_question_is_about():
     scene = Scene("plain", [Obj("circle", "red", "small", 60, 60), Obj("circle", "blue", "large", 250, 80),
                             Obj("cross", "red", "small", 200, 250)], 7, (20, 280))
@@ -214,6 +253,51 @@ def test_dense_loss_adds_a_term_over_the_patches_that_hold_something():
             expected += nll[y > 0].mean()
     torch.testing.assert_close(loss, expected)
     assert set(accuracy) == {name for name, _ in DENSE_TARGETS}
+
+
+def test_position_loss_is_the_cross_entropy_of_each_patchs_column_and_row():
+    """Written out per patch of a 24 x 24 grid: patch ``i`` (row-major, CLIP's order) is in column ``i % 24`` and
+    row ``i // 24``; the loss is the sum of the two heads' mean ``-log p``, plus their mean over the occupied
+    patches when given, and a head that has learned the grid scores 1.0."""
+    from vllm_tokcomp.train.llava import ClipHeads, position_loss
+
+    torch.manual_seed(0)
+    heads = ClipHeads(48)
+    features = torch.randn(2, 576, 48)
+    loss, accuracy = position_loss(heads, features)
+    expected = 0.0
+    for head, truth in zip(heads.position, ([i % 24 for i in range(576)], [i // 24 for i in range(576)]),
+                           strict=True):
+        logp = torch.log_softmax(head(features), -1)
+        expected += -logp[:, torch.arange(576), torch.tensor(truth)].mean()
+    torch.testing.assert_close(loss, expected)
+    occupied = torch.zeros(2, 576, dtype=torch.bool)
+    occupied[1, [30, 31, 500]] = True
+    loss, accuracy = position_loss(heads, features, occupied)
+    for head, truth in zip(heads.position, (torch.arange(576) % 24, torch.arange(576) // 24), strict=True):
+        nll = -torch.log_softmax(head(features), -1)[:, torch.arange(576), truth]
+        expected += nll[occupied].mean()
+    torch.testing.assert_close(loss, expected)
+    one_hot = torch.zeros(1, 576, 48)
+    one_hot[0, torch.arange(576), torch.arange(576) % 24] = 1.0  # column one-hot in the first 24 dims
+    one_hot[0, torch.arange(576), 24 + torch.arange(576) // 24] = 1.0  # row one-hot in the next 24
+    with torch.no_grad():
+        for k, head in enumerate(heads.position):
+            head.weight.zero_()
+            head.bias.zero_()
+            head.weight[torch.arange(24), 24 * k + torch.arange(24)] = 10.0
+    assert position_loss(heads, one_hot)[1] == {"column": 1.0, "row": 1.0}
+
+
+def test_heads_saved_before_the_position_heads_still_load():
+    from vllm_tokcomp.train.llava import ClipHeads, load_heads
+
+    old = {k: v for k, v in ClipHeads(8).state_dict().items() if not k.startswith("position.")}
+    heads = ClipHeads(8)
+    load_heads(heads, old)
+    assert torch.equal(heads.dense[0].weight, old["dense.0.weight"])
+    with pytest.raises(RuntimeError, match="dense.0.weight"):
+        load_heads(heads, {k: v for k, v in old.items() if k != "dense.0.weight"})
 
 
 def test_with_language_side_takes_the_tower_from_one_model_and_the_rest_from_another():
