@@ -38,15 +38,99 @@ def test_pool_anchor_is_the_cell_centre():
     assert anchors == [r * 2 * 12 + c * 2 for r in range(6) for c in range(6)]
 
 
-def test_methods_needing_tower_or_text_signals_are_refused_with_the_field():
+def test_methods_needing_cls_attention_are_refused_with_the_field():
     from vllm_tokcomp.config import ConfigError
+    from vllm_tokcomp.methods import available_methods, method_class
 
-    with pytest.raises(ConfigError, match="pixel-decided") as error:
-        qwen._check_servable(CompressionSpec("cls_topk", 16), qwen.METHOD_FIELD)
-    assert error.value.field == "mm_processor_kwargs.tokcomp_method"
+    for method in available_methods():
+        if "cls_attention" not in method_class(method).required_signals():
+            assert qwen._check_servable(CompressionSpec(method, 16), qwen.METHOD_FIELD).method == method
+            continue
+        with pytest.raises(ConfigError, match=r"\[CLS\]") as error:
+            qwen._check_servable(CompressionSpec(method, 16), qwen.METHOD_FIELD)
+        assert error.value.field == "mm_processor_kwargs.tokcomp_method"
     assert qwen._check_servable(None, qwen.METHOD_FIELD) is None
-    for method in ("tome", "divprune", "adjacent", "evs"):
-        assert qwen._check_servable(CompressionSpec(method, 16), qwen.METHOD_FIELD).method == method
+    assert {"text_relevance", "pumer", "tome", "pool"} <= qwen.SERVED_METHODS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_position_channels_round_trip_exactly_in_every_dtype(dtype):
+    positions = np.array([[0, 0, 1, 7], [0, 5, 127, 128], [0, 255, 4000, 32767]])
+    like = torch.zeros(1, 8, dtype=dtype)
+    channels = qwen.encode_positions(positions, like)
+    assert channels.shape == (4, qwen.POSITION_CHANNELS) and channels.dtype == dtype
+    assert qwen.decode_positions(channels).tolist() == positions.tolist()
+    with pytest.raises(ValueError, match="do not fit"):
+        qwen.encode_positions(np.array([[0], [0], [128 * 256]]), like)
+
+
+class _Config:
+    image_token_id, video_token_id, vision_start_token_id = 5, 6, 3
+    hidden_size = 4
+
+    def get_text_config(self):
+        return self
+
+
+class _Recomputing(qwen._ModelMixin):
+    """Only what ``recompute_mrope_positions`` reads of the model (the real one needs vLLM's engine)."""
+
+    def __init__(self):  # no super().__init__: nothing of vLLM is built
+        self.config = _Config()
+
+
+def _prompt_and_initial_positions():
+    """Text(2) <vs> 4 placeholders </ve> text(1) <vs> 3 placeholders </ve> text(2), both images on 4x4 grids,
+    with the provisional positions get_mrope_input_positions gives (first anchors 0..k-1)."""
+    prompt = [10, 11, 3, 5, 5, 5, 5, 4, 12, 3, 5, 5, 5, 4, 13, 14]
+    grid = (1, 4, 4)
+    spans = [(3, 4), (10, 3)]
+    positions, nxt, i = [], 0, 0
+    for offset, count in spans:
+        positions += [[p] * 3 for p in range(nxt, nxt + offset - i)]
+        nxt += offset - i
+        rel, extent = qwen.item_positions(grid, torch.arange(count))
+        positions += (rel + nxt).T.tolist()
+        nxt += extent
+        i = offset + count
+    positions += [[p] * 3 for p in range(nxt, nxt + len(prompt) - i)]
+    return prompt, torch.tensor(positions).T.contiguous(), grid
+
+
+def test_recompute_rewrites_the_placeholders_of_channelled_items_only():
+    """Written out by hand: the first image (4 tokens) keeps anchors 1, 6, 11, 15 of its 4x4 grid and carries
+    them in its channels; the second passes through. Its placeholders move to item start (3) + (0, r, c); text
+    and the second image keep their positions; the channels are stripped."""
+    model = _Recomputing()
+    prompt, initial, grid = _prompt_and_initial_positions()
+    anchors = torch.tensor([1, 6, 11, 15])
+    first = torch.randn(4, 4)
+    rel, _ = qwen.item_positions(grid, anchors)
+    channelled = torch.cat([first, qwen.encode_positions(rel, first)], dim=-1)
+    second = torch.randn(3, 4)
+    out, positions, delta = model.recompute_mrope_positions(prompt, [channelled, second], initial, 0)
+    assert torch.equal(out[0], first) and out[1] is second
+    expected = initial.clone()
+    for k, index in enumerate([1, 6, 11, 15]):
+        expected[:, 3 + k] = torch.tensor([3, 3 + index // 4, 3 + index % 4])
+    assert torch.equal(positions, expected)
+    assert delta == int(expected.max()) + 1 - len(prompt)
+
+
+def test_recompute_follows_chunked_prefill_from_the_computed_tokens():
+    """Chunked prefill: the first image done in an earlier step, the second cut after its first token. The
+    slices fill the placeholders from ``num_computed_tokens`` on: the second image's tail (2 tokens, anchors 9
+    and 14) in this step."""
+    model = _Recomputing()
+    prompt, initial, grid = _prompt_and_initial_positions()
+    rel, _ = qwen.item_positions(grid, torch.tensor([0, 9, 14]))
+    tail = torch.randn(2, 4)
+    channelled = torch.cat([tail, qwen.encode_positions(rel[:, 1:], tail)], dim=-1)
+    _, positions, _ = model.recompute_mrope_positions(prompt, [channelled], initial, 11)
+    start = int(initial[0, 9]) + 1  # the second image's <|vision_start|> is at index 9
+    assert positions[:, 11].tolist() == [start, start + 2, start + 1]  # anchor 9 of a 4-wide grid: row 2, col 1
+    assert positions[:, 12].tolist() == [start, start + 3, start + 2]  # anchor 14: row 3, col 2
+    assert torch.equal(positions[:, :11], initial[:, :11]) and torch.equal(positions[:, 13:], initial[:, 13:])
 
 
 def test_assignment_rows_round_trip():

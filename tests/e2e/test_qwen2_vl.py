@@ -178,7 +178,7 @@ def test_engine_positions_equal_independent_computation(plain, plugin):
 
 def test_content_dependent_method_and_bad_budget_are_refused(plugin):
     cls_topk, zero, auto = plugin["results"][-len(REFUSED):]
-    assert "pixel-decided" in cls_topk["error"] and "tokcomp_method" in cls_topk["error"]
+    assert "[CLS]" in cls_topk["error"] and "tokcomp_method" in cls_topk["error"]
     assert "tokcomp_budget" in zero["error"]
     assert "tokcomp_budget" in auto["error"] and "tokcomp_ratio" in auto["error"]
 

@@ -43,6 +43,7 @@ from .clip_signals import capture_feature_layer_signals
 from .lm_probe import text_to_vision_attention
 from .mustdrop_tower import encode_with_window_merge, supports_tower_merge
 from .requests import check_request
+from .text_signals import with_text_fallback
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
     ImageEmbeddingItems,
@@ -241,7 +242,7 @@ class CompressedLlava(LlavaForConditionalGeneration):
                     **self._text_signals(spec.method, item, query_ids[index]),
                 )
                 method = get_method(spec.method, **dict(spec.options))
-                result = method(_with_text_fallback(spec.method, tokens), spec.budget)
+                result = method(with_text_fallback(spec.method, tokens), spec.budget)
                 item = result.features
                 _log_selection(spec, result.assignment.anchor)
             outputs[index] = item
@@ -284,22 +285,6 @@ def _log_selection(spec: CompressionSpec, anchors: torch.Tensor) -> None:
         record = {"method": spec.method, "budget": spec.budget, "anchors": anchors.tolist()}
         with open(path, "a") as log:
             log.write(json.dumps(record) + "\n")
-
-
-def _with_text_fallback(method: str, tokens: VisualTokens) -> VisualTokens:
-    """A prompt without text (vLLM's profiling dummy is just ``<image>``) still gets exactly its budget.
-
-    Methods that require the text then see a single neutral query: uniform text attention, and
-    the mean visual token as the text embedding.
-    """
-    cls = method_class(method)
-    updates = {}
-    if cls.needs_text and tokens.text_embeds is None:
-        updates["text_embeds"] = tokens.features.mean(dim=0, keepdim=True)
-    if cls.needs_text_attention and tokens.text_attention is None:
-        n = tokens.num_tokens
-        updates["text_attention"] = torch.full((1, n), 1.0 / n, device=tokens.features.device)
-    return dataclasses.replace(tokens, **updates) if updates else tokens
 
 
 def _uses_vision_signals(method: str) -> bool:

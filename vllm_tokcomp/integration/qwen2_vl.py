@@ -36,6 +36,7 @@ A video's kept token keeps its frame: ``(start + frame * t_factor, start + row, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ from ..config import (
 from ..methods import TokenAssignment, VisualTokens, get_method
 from . import settings
 from .requests import check_request
+from .text_signals import with_text_fallback
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
     MultiModalFieldConfig,
@@ -73,7 +75,9 @@ from .vllm_api import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
+    RequestSettingError,
     context_hiding_keys,
+    enable_runner_position_recompute,
     engine_mm_processor_kwargs,
 )
 
@@ -85,7 +89,15 @@ FIXED_LAYOUT_METHODS = frozenset({"uniform", "random", "pool", "bilinear"})
 # each merged token's pixels, so the positions are known before the encoder runs; the model then merges
 # the encoder's embeddings by that same assignment.
 PIXEL_DECIDED_METHODS = frozenset({"tome", "divprune", "adjacent", "evs"})
+# Methods guided by the prompt's text, decided in embed_multimodal on the encoder's embeddings (images only):
+# their kept tokens' positions are known only then, so the model hands them to the runner's recompute hook
+# (``recompute_mrope_positions``) inside the embeddings, as ``POSITION_CHANNELS`` extra columns.
+ENCODER_DECIDED_METHODS = frozenset({"text_relevance", "pumer"})
+SERVED_METHODS = FIXED_LAYOUT_METHODS | PIXEL_DECIDED_METHODS | ENCODER_DECIDED_METHODS
+POSITION_CHANNELS = 6  # (t, h, w), each as (value // 128, value % 128): exact even in bf16 (8-bit mantissa)
+POSITION_BASE = 128
 POSITIONS_LOG_ENV = "TOKCOMP_POSITIONS_LOG"
+SELECTION_LOG_ENV = "TOKCOMP_SELECTION_LOG"
 METHOD_FIELD = f"mm_processor_kwargs.{METHOD_KEY}"
 
 
@@ -100,13 +112,11 @@ def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec
             f"{AUTO!r} (pixel-redundancy estimate) is implemented for LLaVA's fixed 24x24 grid only; "
             f"on Qwen2-VL give a count or {RATIO_KEY}",
         )
-    if spec is not None and spec.method not in FIXED_LAYOUT_METHODS | PIXEL_DECIDED_METHODS:
+    if spec is not None and spec.method not in SERVED_METHODS:
         raise ConfigError(
             field,
-            f"method {spec.method!r} needs signals from the vision tower (e.g. [CLS] attention) or the text; on "
-            "Qwen2-VL the M-RoPE positions are fixed before the encoder runs, so the served methods are the "
-            "fixed-layout and the pixel-decided ones: "
-            + ", ".join(sorted(FIXED_LAYOUT_METHODS | PIXEL_DECIDED_METHODS)),
+            f"method {spec.method!r} needs the vision tower's [CLS] attention; Qwen2-VL's tower has no [CLS] "
+            "token, so the served methods are: " + ", ".join(sorted(SERVED_METHODS)),
         )
     return spec
 
@@ -153,9 +163,13 @@ def pixel_assignment(
 def item_anchors(spec: CompressionSpec | None, grid: tuple[int, ...], assignment_row: torch.Tensor | None,
                  ) -> torch.Tensor:
     """The anchors an item's kept tokens take their positions from: decided at processing time for the
-    pixel-decided methods (its assignment row), else a function of the grid and the budget."""
+    pixel-decided methods (its assignment row), else a function of the grid and the budget. For an
+    encoder-decided method they are not known yet: the first ``kept`` raster indices stand in until the
+    runner's recompute hook writes the real ones (:func:`encode_positions`)."""
     if spec is not None and spec.method in PIXEL_DECIDED_METHODS and assignment_row is not None:
         return settings.decode_assignment(assignment_row)[1]
+    if spec is not None and spec.method in ENCODER_DECIDED_METHODS:
+        return torch.arange(settings.kept_tokens(spec, int(np.prod(grid))))
     return kept_anchors(spec, grid)
 
 
@@ -179,6 +193,23 @@ def item_positions(
     if t_factor != 1.0:
         indices[0] = (indices[0] * t_factor).astype(np.int64)
     return indices[:, anchors.numpy()], int(indices.max()) + 1
+
+
+def encode_positions(positions: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``[k, POSITION_CHANNELS]`` columns carrying ``[3, k]`` item-relative positions inside an embedding
+    (dtype and device of ``like``); each value as a (high, low) pair of integers below 256, which every float
+    dtype vLLM runs in (bf16 included) holds exactly."""
+    values = torch.as_tensor(np.ascontiguousarray(positions), dtype=torch.int64)
+    if values.numel() and (values.min() < 0 or values.max() >= POSITION_BASE * 256):
+        raise ValueError(f"tokcomp: positions {int(values.min())}..{int(values.max())} do not fit the channels")
+    pairs = torch.stack([values // POSITION_BASE, values % POSITION_BASE], dim=1)  # [3, 2, k]
+    return pairs.reshape(POSITION_CHANNELS, -1).T.to(device=like.device, dtype=like.dtype)
+
+
+def decode_positions(channels: torch.Tensor) -> torch.Tensor:
+    """``[3, k]`` int64 positions from :func:`encode_positions`' columns."""
+    pairs = channels.float().round().to(torch.int64).T.reshape(3, 2, -1)
+    return pairs[:, 0] * POSITION_BASE + pairs[:, 1]
 
 
 def _evs_rate(ctx) -> float:  # noqa: ANN001
@@ -233,11 +264,25 @@ class _ProcessorMixin:
     info: _InfoMixin
 
     def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
-        check_request(
-            inputs.hf_processor_mm_kwargs or {},
-            engine_configured=self.info.engine_configured,
-            resolve=self.info.spec_for_request,
+        request_kwargs = inputs.hf_processor_mm_kwargs or {}
+        spec = check_request(
+            request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
         )
+        if spec is not None and spec.method in ENCODER_DECIDED_METHODS:
+            if "video" in inputs.mm_data_items:
+                raise RequestSettingError(
+                    f"method {spec.method!r} is served for Qwen-VL images only; for videos use one of "
+                    + ", ".join(sorted(FIXED_LAYOUT_METHODS | PIXEL_DECIDED_METHODS)),
+                    parameter=METHOD_FIELD,
+                )
+            # The question becomes part of the multimodal hash (as for LLaVA): a cached selection is never
+            # reused for another question.
+            config = self.info.get_hf_config()
+            excluded = {config.image_token_id, config.video_token_id, *self.info.get_tokenizer().all_special_ids}
+            query = settings.query_ids(list(inputs.prompt), excluded)
+            inputs = dataclasses.replace(
+                inputs, hf_processor_mm_kwargs={**request_kwargs, QUERY_KEY: ",".join(map(str, query))}
+            )
         return super().apply(inputs, timing_ctx)
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
@@ -257,6 +302,10 @@ class _ProcessorMixin:
                 pixel_assignment(s, p, (int(g[0]), int(g[1]) // merge, int(g[2]) // merge), merge, patch_size)
                 for s, p, g in zip(item_specs, patches, grid_thw, strict=True)
             ])
+            if modality == "image":
+                query = str(hf_processor_mm_kwargs.get(QUERY_KEY) or "")
+                ids = [int(t) for t in query.split(",") if t]
+                processed_data[settings.QUERY_FIELD] = settings.encode_query(ids).expand(len(grid_thw), -1).clone()
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:  # noqa: ANN001
@@ -268,6 +317,7 @@ class _ProcessorMixin:
             fields[settings.ASSIGNMENT_FIELDS[modality]] = MultiModalFieldConfig.flat_from_sizes(
                 modality, grid_thw.prod(-1) // (merge * merge), keep_on_cpu=True
             )
+        fields[settings.QUERY_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptReplacement]:  # noqa: ANN001
@@ -308,12 +358,24 @@ _KWARG_MODALITY = {"pixel_values": "image", "image_embeds": "image", "pixel_valu
 
 
 def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, int, int],
-                   assignment_row: torch.Tensor | None = None) -> torch.Tensor:
+                   assignment_row: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                   ) -> torch.Tensor:
     """One image's or video's embeddings (raster order over the merged ``grid``) to its placeholder count;
-    a pixel-decided method applies the assignment the processor chose (``assignment_row``)."""
+    a pixel-decided method applies the assignment the processor chose (``assignment_row``); an
+    encoder-decided one selects here, with ``text_embeds``, and returns its kept tokens' item-relative
+    positions in ``POSITION_CHANNELS`` extra columns for :meth:`_ModelMixin.recompute_mrope_positions`."""
     method = get_method(spec.method, **dict(spec.options))
     expected = settings.kept_tokens(spec, item.shape[0])
     tokens = VisualTokens(features=item, grid=grid)
+    if spec.method in ENCODER_DECIDED_METHODS:
+        tokens = with_text_fallback(spec.method, dataclasses.replace(tokens, text_embeds=text_embeds))
+        result = method(tokens, expected)
+        if result.features.shape[0] != expected:
+            raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
+        anchors = result.assignment.anchor.cpu()
+        _log_selection(spec, grid, anchors)
+        relative, _ = item_positions(grid, anchors)
+        return torch.cat([result.features, encode_positions(relative, result.features)], dim=-1)
     if spec.method in PIXEL_DECIDED_METHODS and expected < item.shape[0]:
         if assignment_row is None:
             raise RuntimeError("tokcomp: no processing-time assignment for a pixel-decided method")
@@ -331,11 +393,21 @@ def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, i
 
 
 class _ModelMixin:
-    """Compression in ``embed_multimodal`` and final positions in ``get_mrope_input_positions``."""
+    """Compression in ``embed_multimodal``; positions in ``get_mrope_input_positions``, rewritten for
+    encoder-decided items in ``recompute_mrope_positions`` (the runner calls it: ``vllm_api.RECOMPUTE_FLAG``)."""
+
+    tokcomp_recomputes_positions = True
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:  # noqa: ANN001 - vLLM's VllmConfig
+        # vLLM passes these by keyword after reading this signature; the runner module is loaded by now (the
+        # runner is building this model), so its class can be taught to call our recompute hook.
+        enable_runner_position_recompute()
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
 
     def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings
         rows = {modality: kwargs.pop(field, None) for modality, field in MODALITY_FIELDS.items()}
         assignments = {modality: kwargs.pop(field, None) for modality, field in settings.ASSIGNMENT_FIELDS.items()}
+        queries = kwargs.pop(settings.QUERY_FIELD, None)
         specs = {modality: [] if r is None else [settings.decode(row) for row in r] for modality, r in rows.items()}
         embeddings = super().embed_multimodal(**kwargs)
         if not any(spec is not None for items in specs.values() for spec in items):
@@ -355,13 +427,68 @@ class _ModelMixin:
             for index, spec in enumerate(specs[modality]):
                 if spec is not None:
                     t, h, w = (int(v) for v in grids[index].tolist())
+                    text = None
+                    if spec.method in ENCODER_DECIDED_METHODS and queries is not None:
+                        text = self._text_embeds(
+                            settings.decode_query(torch.as_tensor(queries[index])), out[start + index]
+                        )
                     out[start + index] = _compress_item(
-                        out[start + index], spec, (t, h // merge, w // merge), rows_of_items[index]
+                        out[start + index], spec, (t, h // merge, w // merge), rows_of_items[index], text
                     )
             start += len(grids)
         if start != len(out):
             raise RuntimeError(f"tokcomp: {len(out)} multimodal embeddings for {start} items")
         return tuple(out)
+
+    def _text_embeds(self, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+        """The LM's input embeddings of the prompt's text tokens; ``None`` for a prompt without text."""
+        if ids.numel() == 0:
+            return None
+        return self.get_language_model().embed_input_ids(ids.to(like.device)).to(like.dtype)
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions,  # noqa: ANN001, ANN201
+                                  num_computed_tokens: int):
+        """The runner's hook after it gathered this step's encoder outputs (``vllm_api.RECOMPUTE_FLAG``): items
+        carrying ``POSITION_CHANNELS`` extra columns (encoder-decided selections) get their placeholders'
+        positions rewritten to ``item start + their anchors' (t, h, w)`` and the columns stripped; every other
+        item passes through. Text positions were final already (the full grid's extent, vLLM's EVS rule).
+
+        ``multimodal_embeddings`` are this step's slices, in prompt order, of the items whose placeholders
+        fall in the scheduled tokens (chunked prefill may cut an item): they fill the prompt's placeholders
+        from the first one at or after ``num_computed_tokens`` on."""
+        if getattr(self, "is_multimodal_pruning_enabled", False):  # vLLM's own EVS (Qwen2.5-VL) owns positions
+            return super().recompute_mrope_positions(
+                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
+            )
+        hidden = self.config.get_text_config().hidden_size
+        if not any(mm.shape[-1] > hidden for mm in multimodal_embeddings):
+            delta = int(mrope_positions.max()) + 1 - len(input_ids) if mrope_positions.numel() else 0
+            return multimodal_embeddings, mrope_positions, delta
+        ids = torch.as_tensor(input_ids).cpu()
+        placeholders = torch.nonzero(
+            (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+        ).flatten()
+        starts = torch.nonzero(ids == self.config.vision_start_token_id).flatten()
+        positions = mrope_positions.clone()
+        cursor = int((placeholders < num_computed_tokens).sum())
+        stripped = []
+        for mm in multimodal_embeddings:
+            indices = placeholders[cursor:cursor + mm.shape[0]]
+            cursor += mm.shape[0]
+            if mm.shape[-1] == hidden:
+                stripped.append(mm)
+                continue
+            if mm.shape[-1] != hidden + POSITION_CHANNELS or indices.numel() != mm.shape[0]:
+                raise RuntimeError(f"tokcomp: {mm.shape[0]} embeddings of width {mm.shape[-1]} for "
+                                   f"{indices.numel()} placeholders (hidden size {hidden})")
+            relative = decode_positions(mm[:, hidden:].cpu())
+            start = starts[torch.searchsorted(starts, indices) - 1]  # each placeholder's <|vision_start|>
+            base = positions[0, start.to(positions.device)] + 1
+            positions[:, indices.to(positions.device)] = base + relative.to(positions.device)
+            stripped.append(mm[:, :hidden])
+        delta = int(positions.max()) + 1 - len(ids)
+        _log_positions(list(ids.tolist()), [{"recomputed_from": num_computed_tokens}], positions.cpu().numpy(), delta)
+        return stripped, positions, delta
 
     def get_mrope_input_positions(self, input_tokens, mm_features):  # noqa: ANN001, ANN201 - SupportsMRoPE
         if getattr(self, "is_multimodal_pruning_enabled", False):
@@ -434,6 +561,15 @@ def _log_positions(input_tokens, items, positions: np.ndarray, delta: int) -> No
     path = os.environ.get(POSITIONS_LOG_ENV)
     if path:
         record = {"prompt": list(input_tokens), "items": items, "positions": positions.tolist(), "delta": delta}
+        with open(path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+
+def _log_selection(spec: CompressionSpec, grid: tuple[int, int, int], anchors: torch.Tensor) -> None:
+    """Debug aid: with ``$TOKCOMP_SELECTION_LOG`` set, append which tokens an encoder-decided item kept."""
+    path = os.environ.get(SELECTION_LOG_ENV)
+    if path:
+        record = {"method": spec.method, "grid": list(grid), "anchors": anchors.tolist()}
         with open(path, "a") as log:
             log.write(json.dumps(record) + "\n")
 

@@ -62,6 +62,8 @@ __all__ = [
     "RequestSettingError",
     "VLLM_VERSION_CHECKED",
     "context_hiding_keys",
+    "RECOMPUTE_FLAG",
+    "enable_runner_position_recompute",
     "engine_mm_processor_kwargs",
     "in_tree_llava_info",
     "in_tree_llava_processor",
@@ -101,3 +103,45 @@ def context_hiding_keys(
 
     values = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)}
     return _Context(**values)
+
+
+RECOMPUTE_FLAG = "tokcomp_recomputes_positions"
+_RUNNER_FLAG = "is_multimodal_pruning_enabled"
+_STORED_FLAG = "_tokcomp_stored_pruning_flag"
+
+
+def enable_runner_position_recompute() -> None:
+    """Make vLLM's model runner call ``model.recompute_mrope_positions`` for models whose class sets
+    :data:`RECOMPUTE_FLAG`.
+
+    vLLM 0.32's V1 runner rewrites a request's M-RoPE positions after gathering its encoder outputs
+    (``GPUModelRunner._gather_mm_embeddings`` calls ``self.model.recompute_mrope_positions(...)``, the hook EVS
+    uses) only while ``self.is_multimodal_pruning_enabled``: ``GPUModelRunner.load_model`` sets it from
+    ``video_pruning_rate > 0``, and ``CPUModelRunner.load_model`` (a subclass) never sets it. There is no public
+    way to ask for the hook, so that attribute becomes a property of ``GPUModelRunner``: what the runner stored,
+    or'ed with "the loaded model asks for it and uses M-RoPE". Called from the model's ``__init__`` (the runner
+    module is loaded by then, in the process that runs the model); idempotent; models without the class
+    attribute see exactly the stored value. ``tests/test_vllm_api.py`` fails if the hook moves."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    current = vars(GPUModelRunner).get(_RUNNER_FLAG)
+    if isinstance(current, property):
+        return
+    if current is not None:
+        raise RuntimeError(f"tokcomp: GPUModelRunner.{_RUNNER_FLAG} is a class attribute now "
+                           f"(checked vLLM {VLLM_VERSION_CHECKED})")
+
+    def get(self) -> bool:  # noqa: ANN001
+        if self.__dict__.get(_STORED_FLAG, False):
+            return True
+        model = self.__dict__.get("model")
+        if model is None:
+            return False
+        unwrap = getattr(model, "unwrap", None)  # CUDA-graph wrappers hold the model
+        model = unwrap() if callable(unwrap) else model
+        return bool(getattr(type(model), RECOMPUTE_FLAG, False)) and bool(getattr(self, "uses_mrope", False))
+
+    def set_(self, value: bool) -> None:  # noqa: ANN001
+        self.__dict__[_STORED_FLAG] = bool(value)
+
+    setattr(GPUModelRunner, _RUNNER_FLAG, property(get, set_))
