@@ -125,3 +125,49 @@ def test_qwen2_vl_hooks():
         GPUModelRunner._gather_mm_embeddings
     )
     assert "is_multimodal_pruning_enabled" not in inspect.getsource(CPUModelRunner)
+    # What enable_runner_position_recompute relies on: the hook's call and its arguments, and the flag being a
+    # plain instance attribute (set in __init__ and load_model) that a class property can take over.
+    gather = inspect.getsource(GPUModelRunner._gather_mm_embeddings)
+    assert "self.model.recompute_mrope_positions(" in gather
+    for argument in ("input_ids=req_state.prompt_token_ids", "multimodal_embeddings=mm_embeds_req",
+                     "mrope_positions=req_state.mrope_positions", "num_computed_tokens=req_state.num_computed_tokens"):
+        assert argument in gather, argument
+    assert "self.is_multimodal_pruning_enabled = False" in inspect.getsource(GPUModelRunner.__init__)
+    assert "self.model = " in inspect.getsource(CPUModelRunner.load_model)
+
+
+def test_runner_position_recompute_flag_is_on_for_models_that_ask_and_unchanged_otherwise():
+    """``enable_runner_position_recompute`` turns GPUModelRunner's pruning flag into a property (the CPU runner
+    inherits it): the stored value, or'ed with "the loaded model's class asks for the hook and uses M-RoPE".
+    Runners are built bare here (``object.__new__``): a real one needs a whole engine (see the e2e tests)."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_tokcomp.integration.vllm_api import RECOMPUTE_FLAG, enable_runner_position_recompute
+
+    enable_runner_position_recompute()
+    enable_runner_position_recompute()  # idempotent
+    assert isinstance(vars(GPUModelRunner)["is_multimodal_pruning_enabled"], property)
+
+    class Asks:
+        pass
+
+    setattr(Asks, RECOMPUTE_FLAG, True)
+
+    class Plain:
+        pass
+
+    for cls in (GPUModelRunner, CPUModelRunner):
+        runner = object.__new__(cls)
+        runner.is_multimodal_pruning_enabled = False  # what __init__ does
+        runner.uses_mrope = True
+        assert runner.is_multimodal_pruning_enabled is False  # no model yet
+        runner.model = Plain()
+        assert runner.is_multimodal_pruning_enabled is False
+        runner.model = Asks()
+        assert runner.is_multimodal_pruning_enabled is True
+        runner.uses_mrope = False
+        assert runner.is_multimodal_pruning_enabled is False
+        runner.model = Plain()
+        runner.is_multimodal_pruning_enabled = True  # vLLM's own EVS switched it on
+        assert runner.is_multimodal_pruning_enabled is True

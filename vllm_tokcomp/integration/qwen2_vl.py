@@ -24,11 +24,14 @@ Overrides (vLLM 0.32.0, ``model_executor/models/qwen2_vl.py``):
   (``FIXED_LAYOUT_METHODS``: uniform, random, pool, bilinear) have them from the grid and the budget, the
   **pixel-decided** ones (``PIXEL_DECIDED_METHODS``: tome, divprune, adjacent, evs) run their ``select`` in
   the processor on each merged token's pixels and send the assignment with the item
-  (``settings.ASSIGNMENT_FIELDS``); the model applies that assignment to the encoder output. Methods that
-  need tower or text signals would need vLLM's EVS recompute hook, which the V1 runner only calls with
-  ``video_pruning_rate > 0`` and the CPU runner never calls (``CPUModelRunner.load_model`` does not set
-  ``is_multimodal_pruning_enabled``); they are refused with a clear error instead of being served with
-  wrong positions.
+  (``settings.ASSIGNMENT_FIELDS``); the model applies that assignment to the encoder output.
+* ``CompressedQwen2VL.recompute_mrope_positions``: the **text-guided** methods (``ENCODER_DECIDED_METHODS``:
+  text_relevance, pumer; images only) choose in ``embed_multimodal`` from the embeddings and the prompt's text,
+  after the positions above were computed (provisionally for their placeholders). Each kept row carries its
+  anchor's (t, h, w) in ``POSITION_CHANNELS`` extra columns, and the runner's EVS hook, which vLLM 0.32 calls
+  only with ``video_pruning_rate > 0`` (and the CPU runner never), is switched on for these models by
+  ``vllm_api.enable_runner_position_recompute``: it rewrites those placeholders' positions and strips the
+  columns. Methods that need [CLS] attention are refused: Qwen's tower has no [CLS] token.
 
 A video's kept token keeps its frame: ``(start + frame * t_factor, start + row, start + col)``, with vLLM's
 ``t_factor`` (Qwen2.5-VL: seconds per temporal patch x ``tokens_per_second``).
