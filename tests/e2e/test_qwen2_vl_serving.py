@@ -139,6 +139,20 @@ def test_openai_client_server_ratio_and_per_request_budgets(client):
     assert usage == [text + 20, text + 72 + 64, text + 14, full]
 
 
+def test_openai_client_text_guided_requests_next_to_fixed_layout_ones(client):
+    """Concurrent requests: text-guided selections (positions rewritten by the runner's hook) next to the server's
+    own pooling, each with exactly its own count per image."""
+    full = _ask(client, [SQUARE, WIDE], {"tokcomp_method": "none"}).usage.prompt_tokens
+    text = full - 144 - 128
+    kwargs = [{"tokcomp_method": "text_relevance", "tokcomp_budget": 20},
+              {"tokcomp_method": "pumer", "tokcomp_ratio": 0.25},
+              {"tokcomp_budget": 10}, {"tokcomp_method": "text_relevance", "tokcomp_budget": 5}]
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda kw: _ask(client, [SQUARE, WIDE], kw), kwargs))
+    assert [r.usage.prompt_tokens for r in replies] == [text + 40, text + 36 + 32, text + 20, text + 10]
+    assert all(r.choices[0].message.content is not None for r in replies)
+
+
 def test_openai_client_bad_request_is_400_and_server_stays_up(client):
     with pytest.raises(openai.BadRequestError, match="tokcomp_method"):
         _ask(client, [SQUARE], {"tokcomp_method": "cls_topk"})
