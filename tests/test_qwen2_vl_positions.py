@@ -186,3 +186,13 @@ def test_pixel_assignment_groups_the_processors_patches_into_merged_tokens():
     assert len(anchor) == 3 and destination[0] == destination[3]
     identity = qwen.pixel_assignment(CompressionSpec("uniform", 3), patches, (1, 2, 2), 2, 4)
     assert settings.decode_assignment(identity)[1].tolist() == [0, 1, 2, 3]  # fixed layouts decide in the model
+
+
+def test_t_factor_is_what_vllm_uses_for_a_video_and_one_for_an_image():
+    """vLLM 0.32's ``iter_mm_grid_thw``: ``second_per_grid_ts`` (1 where absent) x ``tokens_per_second``."""
+    model = _Recomputing()
+    model.config.vision_config = type("Vision", (), {"tokens_per_second": 2})()
+    kwargs = {"second_per_grid_ts": torch.tensor([0.5, 1.5])}
+    assert model._t_factor(kwargs, "video", 0) == 1.0 and model._t_factor(kwargs, "video", 1) == 3.0
+    assert model._t_factor({}, "video", 0) == 2.0
+    assert model._t_factor(kwargs, "image", 1) == 1.0

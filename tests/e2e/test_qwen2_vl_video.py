@@ -1,7 +1,8 @@
 """Real vLLM, tiny Qwen2-VL, videos: compression off (or budget = everything) is token-identical to plain vLLM;
 on, a video keeps min(budget, t*h*w) (or ceil(ratio*t*h*w)) tokens, and the M-RoPE positions the engine uses
 equal an independent computation: a kept token at (start + frame, start + row, start + col) of the patch it
-stands for, text after the video at start + max(t, h, w) as if uncompressed, also next to an image.
+stands for, text after the video at start + max(t, h, w) as if uncompressed, also next to an image; the same for
+text-guided selections (``text_relevance``, ``pumer``), whose positions the runner's recompute hook writes.
 
 Runner: ``python -m tests.e2e.test_qwen2_vl_video JOB`` (one engine per process).
 """
@@ -147,6 +148,49 @@ def test_engine_positions_equal_independent_computation(plugin):
         assert record["prompt"] == result["prompt"]
         positions, delta = expected_positions(result["prompt"], _items(request))
         assert (record["positions"], record["delta"]) == (positions, delta), request["mm_kwargs"]
+
+
+TEXT_GUIDED = [
+    ({"tokcomp_method": "text_relevance", "tokcomp_budget": 40}, 0),
+    ({"tokcomp_method": "pumer", "tokcomp_budget": 24}, 1),  # image and video in one prompt, each to 24
+    ({"tokcomp_method": "text_relevance", "tokcomp_ratio": 0.25}, 1),
+]
+
+
+@pytest.fixture(scope="module")
+def text_guided(qwen_dir, vllm_env, tmp_path_factory):
+    """Text-guided selections on the encoder's embeddings: positions rewritten by the runner's recompute hook."""
+    tmp = tmp_path_factory.mktemp("video-text")
+    job = {"model": str(qwen_dir), "requests": [{**BASE[base], "mm_kwargs": kwargs} for kwargs, base in TEXT_GUIDED]}
+    logs = {"positions": ("TOKCOMP_POSITIONS_LOG", tmp / "positions.jsonl"),
+            "selections": ("TOKCOMP_SELECTION_LOG", tmp / "selections.jsonl")}
+    return run_runner_module("tests.e2e.test_qwen2_vl_video", job, vllm_env, plugins="tokcomp", logs=logs)
+
+
+def test_text_guided_video_positions_follow_the_selection(text_guided):
+    """Per request: the positions the runner ends with (the last record after the request's provisional one)
+    equal the positions written out from each item's grid and the kept indices the model logged, frames included;
+    exact counts per item."""
+    selections = iter(text_guided["selections"])
+    finals, current = [], None
+    for record in text_guided["positions"]:
+        if "offset" in record["items"][0]:  # get_mrope_input_positions: a new request
+            if current is not None:
+                finals.append(current)
+        current = record
+    finals.append(current)
+    assert len(finals) == len(TEXT_GUIDED) == len(text_guided["results"])
+    for (kwargs, base), result, final in zip(TEXT_GUIDED, text_guided["results"], finals, strict=True):
+        assert "recomputed_from" in final["items"][0] and final["prompt"] == result["prompt"]
+        present = [(IMAGE_PAD, IMAGE_GRID)] if BASE[base]["image"] is not None else []
+        logged = {tuple(r["grid"]): r["anchors"] for r in (next(selections) for _ in range(len(present) + 1))}
+        items = [(pad, grid, logged[grid]) for pad, grid in [*present, (VIDEO_PAD, VIDEO_GRID)]]
+        for pad, grid, kept in items:
+            assert len(kept) == _count(kwargs, math.prod(grid)) == result["prompt"].count(pad), kwargs
+        positions, delta = expected_positions(result["prompt"], items)
+        assert (final["positions"], final["delta"]) == (positions, delta), kwargs
+        assert len(result["output"]) == MAX_TOKENS
+    assert next(selections, None) is None
 
 
 def make_video(seed: int):

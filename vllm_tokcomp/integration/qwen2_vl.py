@@ -26,7 +26,7 @@ Overrides (vLLM 0.32.0, ``model_executor/models/qwen2_vl.py``):
   the processor on each merged token's pixels and send the assignment with the item
   (``settings.ASSIGNMENT_FIELDS``); the model applies that assignment to the encoder output.
 * ``CompressedQwen2VL.recompute_mrope_positions``: the **text-guided** methods (``ENCODER_DECIDED_METHODS``:
-  text_relevance, pumer; images only) choose in ``embed_multimodal`` from the embeddings and the prompt's text,
+  text_relevance, pumer) choose in ``embed_multimodal`` from the embeddings and the prompt's text,
   after the positions above were computed (provisionally for their placeholders). Each kept row carries its
   anchor's (t, h, w) in ``POSITION_CHANNELS`` extra columns, and the runner's EVS hook, which vLLM 0.32 calls
   only with ``video_pruning_rate > 0`` (and the CPU runner never), is switched on for these models by
@@ -78,7 +78,6 @@ from .vllm_api import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
-    RequestSettingError,
     context_hiding_keys,
     enable_runner_position_recompute,
     engine_mm_processor_kwargs,
@@ -92,7 +91,7 @@ FIXED_LAYOUT_METHODS = frozenset({"uniform", "random", "pool", "bilinear"})
 # each merged token's pixels, so the positions are known before the encoder runs; the model then merges
 # the encoder's embeddings by that same assignment.
 PIXEL_DECIDED_METHODS = frozenset({"tome", "divprune", "adjacent", "evs"})
-# Methods guided by the prompt's text, decided in embed_multimodal on the encoder's embeddings (images only):
+# Methods guided by the prompt's text, decided in embed_multimodal on the encoder's embeddings:
 # their kept tokens' positions are known only then, so the model hands them to the runner's recompute hook
 # (``recompute_mrope_positions``) inside the embeddings, as ``POSITION_CHANNELS`` extra columns.
 ENCODER_DECIDED_METHODS = frozenset({"text_relevance", "pumer"})
@@ -272,12 +271,6 @@ class _ProcessorMixin:
             request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
         )
         if spec is not None and spec.method in ENCODER_DECIDED_METHODS:
-            if "video" in inputs.mm_data_items:
-                raise RequestSettingError(
-                    f"method {spec.method!r} is served for Qwen-VL images only; for videos use one of "
-                    + ", ".join(sorted(FIXED_LAYOUT_METHODS | PIXEL_DECIDED_METHODS)),
-                    parameter=METHOD_FIELD,
-                )
             # The question becomes part of the multimodal hash (as for LLaVA): a cached selection is never
             # reused for another question.
             config = self.info.get_hf_config()
@@ -305,10 +298,10 @@ class _ProcessorMixin:
                 pixel_assignment(s, p, (int(g[0]), int(g[1]) // merge, int(g[2]) // merge), merge, patch_size)
                 for s, p, g in zip(item_specs, patches, grid_thw, strict=True)
             ])
-            if modality == "image":
-                query = str(hf_processor_mm_kwargs.get(QUERY_KEY) or "")
-                ids = [int(t) for t in query.split(",") if t]
-                processed_data[settings.QUERY_FIELD] = settings.encode_query(ids).expand(len(grid_thw), -1).clone()
+            query = str(hf_processor_mm_kwargs.get(QUERY_KEY) or "")
+            ids = [int(t) for t in query.split(",") if t]
+            rows = settings.encode_query(ids).expand(len(grid_thw), -1).clone()
+            processed_data[settings.QUERY_FIELDS[modality]] = rows
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:  # noqa: ANN001
@@ -320,7 +313,7 @@ class _ProcessorMixin:
             fields[settings.ASSIGNMENT_FIELDS[modality]] = MultiModalFieldConfig.flat_from_sizes(
                 modality, grid_thw.prod(-1) // (merge * merge), keep_on_cpu=True
             )
-        fields[settings.QUERY_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+            fields[settings.QUERY_FIELDS[modality]] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptReplacement]:  # noqa: ANN001
@@ -362,7 +355,7 @@ _KWARG_MODALITY = {"pixel_values": "image", "image_embeds": "image", "pixel_valu
 
 def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, int, int],
                    assignment_row: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
-                   ) -> torch.Tensor:
+                   t_factor: float = 1.0) -> torch.Tensor:
     """One image's or video's embeddings (raster order over the merged ``grid``) to its placeholder count;
     a pixel-decided method applies the assignment the processor chose (``assignment_row``); an
     encoder-decided one selects here, with ``text_embeds``, and returns its kept tokens' item-relative
@@ -377,7 +370,7 @@ def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, i
             raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
         anchors = result.assignment.anchor.cpu()
         _log_selection(spec, grid, anchors)
-        relative, _ = item_positions(grid, anchors)
+        relative, _ = item_positions(grid, anchors, t_factor)
         return torch.cat([result.features, encode_positions(relative, result.features)], dim=-1)
     if spec.method in PIXEL_DECIDED_METHODS and expected < item.shape[0]:
         if assignment_row is None:
@@ -410,7 +403,7 @@ class _ModelMixin:
     def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings
         rows = {modality: kwargs.pop(field, None) for modality, field in MODALITY_FIELDS.items()}
         assignments = {modality: kwargs.pop(field, None) for modality, field in settings.ASSIGNMENT_FIELDS.items()}
-        queries = kwargs.pop(settings.QUERY_FIELD, None)
+        queries = {modality: kwargs.pop(field, None) for modality, field in settings.QUERY_FIELDS.items()}
         specs = {modality: [] if r is None else [settings.decode(row) for row in r] for modality, r in rows.items()}
         embeddings = super().embed_multimodal(**kwargs)
         if not any(spec is not None for items in specs.values() for spec in items):
@@ -431,17 +424,27 @@ class _ModelMixin:
                 if spec is not None:
                     t, h, w = (int(v) for v in grids[index].tolist())
                     text = None
-                    if spec.method in ENCODER_DECIDED_METHODS and queries is not None:
+                    if spec.method in ENCODER_DECIDED_METHODS and queries[modality] is not None:
                         text = self._text_embeds(
-                            settings.decode_query(torch.as_tensor(queries[index])), out[start + index]
+                            settings.decode_query(torch.as_tensor(queries[modality][index])), out[start + index]
                         )
                     out[start + index] = _compress_item(
-                        out[start + index], spec, (t, h // merge, w // merge), rows_of_items[index], text
+                        out[start + index], spec, (t, h // merge, w // merge), rows_of_items[index], text,
+                        self._t_factor(kwargs, modality, index),
                     )
             start += len(grids)
         if start != len(out):
             raise RuntimeError(f"tokcomp: {len(out)} multimodal embeddings for {start} items")
         return tuple(out)
+
+    def _t_factor(self, kwargs: Mapping[str, object], modality: str, index: int) -> float:
+        """Position steps per temporal patch, as vLLM's ``iter_mm_grid_thw`` computes them: for a video
+        ``second_per_grid_ts x tokens_per_second`` (each 1 where absent), for an image 1."""
+        if modality != "video":
+            return 1.0
+        seconds = kwargs.get("second_per_grid_ts")
+        per_patch = 1.0 if seconds is None else float(torch.as_tensor(seconds[index]).reshape(-1)[0])
+        return per_patch * getattr(self.config.vision_config, "tokens_per_second", 1.0)
 
     def _text_embeds(self, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
         """The LM's input embeddings of the prompt's text tokens; ``None`` for a prompt without text."""

@@ -18,6 +18,7 @@ from ..config import CompressionSpec
 FIELD = "tokcomp_settings"
 VIDEO_FIELD = "tokcomp_video_settings"  # the same row for each video (a field belongs to one modality)
 QUERY_FIELD = "tokcomp_query"
+QUERY_FIELDS = {"image": QUERY_FIELD, "video": "tokcomp_video_query"}  # per modality, as above
 ASSIGNMENT_FIELDS = {"image": "tokcomp_assignment", "video": "tokcomp_video_assignment"}
 OFF_INDEX = -1
 SETTINGS_BYTES = 1024
