@@ -410,3 +410,24 @@ def test_eval_squeeze_is_refused_at_startup_naming_the_flag(value, tmp_path, cap
     assert exit_info.value.code == 2
     assert "--eval-squeeze" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(("extra", "flag"), [
+    (["--vision-layers", "2"], "--vision-layers"),  # shallower than the --init tower (3 layers)
+    (["--vision-hidden", "96"], "--vision-hidden"),  # another width than the --init tower (64)
+    (["--position-weight", "0.3", "--tower-lr-scale", "0"], "--position-weight"),  # it trains the frozen tower
+])
+def test_tower_flags_that_cannot_apply_are_refused_at_startup(extra, flag, tmp_path, capsys):
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.train.llava import main
+
+    init = tmp_path / "init.safetensors"
+    save_file(tiny.random_state_dict(0), str(init))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "run"), "--init", str(Path(init)), "--clip-steps", "0", "--qa-steps", "0", *extra])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err

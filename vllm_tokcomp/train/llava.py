@@ -108,6 +108,8 @@ def tower_deepened(state: dict[str, torch.Tensor], vision_layers: int) -> dict[s
         return dict(state)
     prefix = "vision_tower.vision_model.encoder.layers."
     feature = have + tiny.VISION_FEATURE_LAYER  # index of the layer whose output the projector reads (hidden state -2)
+    if feature < 1:
+        raise ValueError(f"a {have}-layer tower has no layer before its feature layer to copy")
     added = vision_layers - have
     out = {k: v for k, v in state.items() if not k.startswith(prefix)}
     for key, value in state.items():
