@@ -18,9 +18,7 @@ Pixtral-HF configs (which share the LLaVA architecture name) and precomputed
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -40,6 +38,7 @@ from ..methods import VisualTokens, get_method, method_class
 from ..methods.redundancy import adaptive_budget
 from . import settings
 from .clip_signals import capture_feature_layer_signals
+from .debug_log import log_selection
 from .lm_probe import text_to_vision_attention
 from .mustdrop_tower import encode_with_window_merge, supports_tower_merge
 from .requests import check_request
@@ -244,7 +243,7 @@ class CompressedLlava(LlavaForConditionalGeneration):
                 method = get_method(spec.method, **dict(spec.options))
                 result = method(with_text_fallback(spec.method, tokens), spec.budget)
                 item = result.features
-                _log_selection(spec, result.assignment.anchor)
+                log_selection(spec, grid, result.assignment.anchor)
             outputs[index] = item
         return outputs
 
@@ -271,20 +270,8 @@ class CompressedLlava(LlavaForConditionalGeneration):
             **self._text_signals("mustdrop", embeds, ids),
         )
         result = method(tokens, spec.budget)
-        _log_selection(spec, tower.assignment.then(result.assignment).anchor)
+        log_selection(spec, grid, tower.assignment.then(result.assignment).anchor)
         return result.features
-
-
-SELECTION_LOG_ENV = "TOKCOMP_SELECTION_LOG"
-
-
-def _log_selection(spec: CompressionSpec, anchors: torch.Tensor) -> None:
-    """Debug aid: with ``$TOKCOMP_SELECTION_LOG`` set, append which patches each compressed image kept."""
-    path = os.environ.get(SELECTION_LOG_ENV)
-    if path:
-        record = {"method": spec.method, "budget": spec.budget, "anchors": anchors.tolist()}
-        with open(path, "a") as log:
-            log.write(json.dumps(record) + "\n")
 
 
 def _uses_vision_signals(method: str) -> bool:

@@ -40,9 +40,7 @@ A video's kept token keeps its frame: ``(start + frame * t_factor, start + row, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -64,6 +62,7 @@ from ..config import (
 )
 from ..methods import TokenAssignment, VisualTokens, get_method
 from . import settings
+from .debug_log import POSITIONS_LOG_ENV, append_record, log_selection
 from .requests import check_request
 from .text_signals import with_text_fallback
 from .vllm_api import (
@@ -98,8 +97,6 @@ ENCODER_DECIDED_METHODS = frozenset({"text_relevance", "pumer"})
 SERVED_METHODS = FIXED_LAYOUT_METHODS | PIXEL_DECIDED_METHODS | ENCODER_DECIDED_METHODS
 POSITION_CHANNELS = 6  # (t, h, w), each as (value // 128, value % 128): exact even in bf16 (8-bit mantissa)
 POSITION_BASE = 128
-POSITIONS_LOG_ENV = "TOKCOMP_POSITIONS_LOG"
-SELECTION_LOG_ENV = "TOKCOMP_SELECTION_LOG"
 METHOD_FIELD = f"mm_processor_kwargs.{METHOD_KEY}"
 
 
@@ -369,7 +366,7 @@ def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, i
         if result.features.shape[0] != expected:
             raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
         anchors = result.assignment.anchor.cpu()
-        _log_selection(spec, grid, anchors)
+        log_selection(spec, grid, anchors)
         relative, _ = item_positions(grid, anchors, t_factor)
         return torch.cat([result.features, encode_positions(relative, result.features)], dim=-1)
     if spec.method in PIXEL_DECIDED_METHODS and expected < item.shape[0]:
@@ -564,20 +561,8 @@ class CompressedQwen2_5_VL(_ModelMixin, Qwen2_5_VLForConditionalGeneration):
 
 def _log_positions(input_tokens, items, positions: np.ndarray, delta: int) -> None:  # noqa: ANN001
     """Debug aid: with ``$TOKCOMP_POSITIONS_LOG`` set, append the M-RoPE positions handed to the runner."""
-    path = os.environ.get(POSITIONS_LOG_ENV)
-    if path:
-        record = {"prompt": list(input_tokens), "items": items, "positions": positions.tolist(), "delta": delta}
-        with open(path, "a") as log:
-            log.write(json.dumps(record) + "\n")
-
-
-def _log_selection(spec: CompressionSpec, grid: tuple[int, int, int], anchors: torch.Tensor) -> None:
-    """Debug aid: with ``$TOKCOMP_SELECTION_LOG`` set, append which tokens an encoder-decided item kept."""
-    path = os.environ.get(SELECTION_LOG_ENV)
-    if path:
-        record = {"method": spec.method, "grid": list(grid), "anchors": anchors.tolist()}
-        with open(path, "a") as log:
-            log.write(json.dumps(record) + "\n")
+    append_record(POSITIONS_LOG_ENV, {"prompt": list(input_tokens), "items": items, "positions": positions.tolist(),
+                                      "delta": delta})
 
 
 _logged = False
