@@ -196,3 +196,18 @@ def test_t_factor_is_what_vllm_uses_for_a_video_and_one_for_an_image():
     assert model._t_factor(kwargs, "video", 0) == 1.0 and model._t_factor(kwargs, "video", 1) == 3.0
     assert model._t_factor({}, "video", 0) == 2.0
     assert model._t_factor(kwargs, "image", 1) == 1.0
+
+
+def test_the_question_travels_from_the_request_kwargs_to_one_query_row_per_item():
+    """What both processors do: the prompt's text ids minus placeholders and special tokens go into the request's
+    kwargs (so into the multimodal hash), then become one padded row per item; a request without text gets empty
+    rows."""
+    from vllm_tokcomp.config import QUERY_KEY
+    from vllm_tokcomp.integration import settings
+
+    kwargs = settings.with_query({"tokcomp_budget": 8}, [1, 5, 5, 40, 41, 2, 42], excluded={1, 2, 5})
+    assert kwargs == {"tokcomp_budget": 8, QUERY_KEY: "40,41,42"}
+    rows = settings.query_rows(kwargs, 3)
+    assert rows.shape == (3, settings.MAX_QUERY_TOKENS)
+    assert all(settings.decode_query(row).tolist() == [40, 41, 42] for row in rows)
+    assert settings.decode_query(settings.query_rows({}, 1)[0]).numel() == 0

@@ -97,13 +97,9 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
             request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
         )
         if spec is not None and method_reads_text(spec.method):
-            # The question becomes part of the multimodal hash: a cached selection is never reused
-            # for another question, and the same question hits the cache.
             excluded = {self.info.get_hf_config().image_token_index, *self.info.get_tokenizer().all_special_ids}
-            query = settings.query_ids(list(inputs.prompt), excluded)
-            inputs = dataclasses.replace(
-                inputs, hf_processor_mm_kwargs={**request_kwargs, QUERY_KEY: ",".join(map(str, query))}
-            )
+            request_kwargs = settings.with_query(request_kwargs, list(inputs.prompt), excluded)
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
         return super().apply(inputs, timing_ctx)
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
@@ -113,9 +109,7 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
             spec = self.info.spec_for_request(hf_processor_mm_kwargs)
             count = len(pixel_values)
             processed_data[settings.FIELD] = torch.stack([self._resolve_budget(spec, image) for image in pixel_values])
-            query = str(hf_processor_mm_kwargs.get(QUERY_KEY) or "")
-            ids = [int(t) for t in query.split(",") if t]
-            processed_data[settings.QUERY_FIELD] = settings.encode_query(ids).expand(count, -1).clone()
+            processed_data[settings.QUERY_FIELD] = settings.query_rows(hf_processor_mm_kwargs, count)
         return processed_data
 
     def _resolve_budget(self, spec: CompressionSpec | None, pixels: torch.Tensor) -> torch.Tensor:

@@ -268,14 +268,10 @@ class _ProcessorMixin:
             request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
         )
         if spec is not None and spec.method in ENCODER_DECIDED_METHODS:
-            # The question becomes part of the multimodal hash (as for LLaVA): a cached selection is never
-            # reused for another question.
             config = self.info.get_hf_config()
             excluded = {config.image_token_id, config.video_token_id, *self.info.get_tokenizer().all_special_ids}
-            query = settings.query_ids(list(inputs.prompt), excluded)
-            inputs = dataclasses.replace(
-                inputs, hf_processor_mm_kwargs={**request_kwargs, QUERY_KEY: ",".join(map(str, query))}
-            )
+            request_kwargs = settings.with_query(request_kwargs, list(inputs.prompt), excluded)
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
         return super().apply(inputs, timing_ctx)
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
@@ -295,10 +291,7 @@ class _ProcessorMixin:
                 pixel_assignment(s, p, (int(g[0]), int(g[1]) // merge, int(g[2]) // merge), merge, patch_size)
                 for s, p, g in zip(item_specs, patches, grid_thw, strict=True)
             ])
-            query = str(hf_processor_mm_kwargs.get(QUERY_KEY) or "")
-            ids = [int(t) for t in query.split(",") if t]
-            rows = settings.encode_query(ids).expand(len(grid_thw), -1).clone()
-            processed_data[settings.QUERY_FIELDS[modality]] = rows
+            processed_data[settings.QUERY_FIELDS[modality]] = settings.query_rows(hf_processor_mm_kwargs, len(grid_thw))
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:  # noqa: ANN001

@@ -10,10 +10,11 @@ cannot drift.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import torch
 
-from ..config import CompressionSpec
+from ..config import QUERY_KEY, CompressionSpec
 
 FIELD = "tokcomp_settings"
 VIDEO_FIELD = "tokcomp_video_settings"  # the same row for each video (a field belongs to one modality)
@@ -55,6 +56,19 @@ def kept_tokens(spec: CompressionSpec | None, num_tokens: int) -> int:
 def query_ids(prompt: list[int], excluded: set[int]) -> list[int]:
     """The prompt's text tokens (placeholders and special tokens removed), the last ``MAX_QUERY_TOKENS``."""
     return [t for t in prompt if t not in excluded][-MAX_QUERY_TOKENS:]
+
+
+def with_query(request_kwargs: Mapping[str, object], prompt: list[int], excluded: set[int]) -> dict[str, object]:
+    """The request's mm kwargs plus the prompt's text tokens under ``QUERY_KEY`` (``"id,id,..."``): the question
+    becomes part of the multimodal hash, so a cached selection is never reused for another question and the same
+    question hits the cache."""
+    return {**request_kwargs, QUERY_KEY: ",".join(map(str, query_ids(prompt, excluded)))}
+
+
+def query_rows(hf_processor_mm_kwargs: Mapping[str, object], count: int) -> torch.Tensor:
+    """``count`` copies of the :func:`encode_query` row of the ids :func:`with_query` put in the kwargs."""
+    query = str(hf_processor_mm_kwargs.get(QUERY_KEY) or "")
+    return encode_query([int(t) for t in query.split(",") if t]).expand(count, -1).clone()
 
 
 def encode_query(ids: list[int]) -> torch.Tensor:
