@@ -354,15 +354,8 @@ def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, i
     expected = settings.kept_tokens(spec, item.shape[0])
     tokens = VisualTokens(features=item, grid=grid)
     if spec.method in ENCODER_DECIDED_METHODS:
-        tokens = with_text_fallback(spec.method, dataclasses.replace(tokens, text_embeds=text_embeds))
-        result = method(tokens, expected)
-        if result.features.shape[0] != expected:
-            raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
-        anchors = result.assignment.anchor.cpu()
-        log_selection(spec, grid, anchors)
-        relative, _ = item_positions(grid, anchors, t_factor)
-        return torch.cat([result.features, encode_positions(relative, result.features)], dim=-1)
-    if spec.method in PIXEL_DECIDED_METHODS and expected < item.shape[0]:
+        result = method(with_text_fallback(spec.method, dataclasses.replace(tokens, text_embeds=text_embeds)), expected)
+    elif spec.method in PIXEL_DECIDED_METHODS and expected < item.shape[0]:
         if assignment_row is None:
             raise RuntimeError("tokcomp: no processing-time assignment for a pixel-decided method")
         destination, anchors = settings.decode_assignment(assignment_row.cpu())
@@ -373,6 +366,11 @@ def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, i
     # vLLM silently truncates extra rows; a mismatch must fail here instead.
     if result.features.shape[0] != expected:
         raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
+    if spec.method in ENCODER_DECIDED_METHODS:  # positions follow this selection (recompute_mrope_positions)
+        kept = result.assignment.anchor.cpu()
+        log_selection(spec, grid, kept)
+        relative, _ = item_positions(grid, kept, t_factor)
+        return torch.cat([result.features, encode_positions(relative, result.features)], dim=-1)
     if not torch.equal(result.assignment.anchor.cpu(), anchors):
         raise RuntimeError("tokcomp: the selection differs from the layout its positions were computed for")
     return result.features
