@@ -77,6 +77,15 @@ def build_model(geometry: tiny.Geometry = tiny.Geometry()) -> nn.Module:  # noqa
     return model
 
 
+def identity_blocks(state: dict[str, torch.Tensor], prefix: str, donor: int, indices: range,
+                    outputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Copies of layer ``donor`` (keys ``prefix + index + "."``) at ``indices`` whose output projections
+    (keys ending in ``outputs``) are zero: residual blocks that add nothing until training moves them."""
+    source = f"{prefix}{donor}."
+    return {f"{prefix}{i}.{key[len(source):]}": torch.zeros_like(value) if key.endswith(outputs) else value.clone()
+            for i in indices for key, value in state.items() if key.startswith(source)}
+
+
 def deepened(state: dict[str, torch.Tensor], text_layers: int) -> dict[str, torch.Tensor]:
     """``state`` with its LM grown to ``text_layers`` layers by appending identity blocks: copies of
     the last layer whose attention and MLP outputs (``o_proj``, ``down_proj``) are zero, so the deeper
@@ -84,15 +93,9 @@ def deepened(state: dict[str, torch.Tensor], text_layers: int) -> dict[str, torc
     have = tiny.Geometry.of(state).text_layers
     if text_layers < have:
         raise ValueError(f"weights have {have} LM layers, cannot train a {text_layers}-layer model from them")
-    out = dict(state)
-    last = f"language_model.model.layers.{have - 1}."
-    for i in range(have, text_layers):
-        for key, value in state.items():
-            if key.startswith(last):
-                new = f"language_model.model.layers.{i}." + key[len(last):]
-                zero = key.endswith(("o_proj.weight", "down_proj.weight"))
-                out[new] = torch.zeros_like(value) if zero else value.clone()
-    return out
+    prefix = "language_model.model.layers."
+    return {**state, **identity_blocks(state, prefix, have - 1, range(have, text_layers),
+                                       ("o_proj.weight", "down_proj.weight"))}
 
 
 def tower_deepened(state: dict[str, torch.Tensor], vision_layers: int) -> dict[str, torch.Tensor]:
@@ -116,12 +119,8 @@ def tower_deepened(state: dict[str, torch.Tensor], vision_layers: int) -> dict[s
         if key.startswith(prefix):
             index, rest = key[len(prefix):].split(".", 1)
             out[f"{prefix}{int(index) + added * (int(index) >= feature)}.{rest}"] = value
-    donor = f"{prefix}{feature - 1}."
-    for i in range(feature, feature + added):
-        for key, value in state.items():
-            if key.startswith(donor):
-                zero = key.endswith(("out_proj.weight", "out_proj.bias", "fc2.weight", "fc2.bias"))
-                out[f"{prefix}{i}." + key[len(donor):]] = torch.zeros_like(value) if zero else value.clone()
+    out.update(identity_blocks(state, prefix, feature - 1, range(feature, feature + added),
+                               ("out_proj.weight", "out_proj.bias", "fc2.weight", "fc2.bias")))
     return out
 
 
