@@ -19,8 +19,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import re
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import files
@@ -29,6 +32,8 @@ from .tokenizer import train_bpe_tokenizer
 BUILDER_VERSION = 1
 MODEL_SUBDIR = "tiny-qwen2-vl-v1"
 MODEL_SUBDIR_2_5 = "tiny-qwen2.5-vl-v1"
+TRAINED_MODEL_SUBDIR = "tiny-qwen2-vl-vqa-v1"
+TRAINED_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "tiny_qwen2_vl_vqa.safetensors"
 VARIANTS = ("qwen2_vl", "qwen2_5_vl")
 ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
@@ -116,9 +121,30 @@ def _hf_tokenizer(tokenizer):  # noqa: ANN001, ANN202
     return hf_tok
 
 
-def make_config(variant: str = "qwen2_vl"):  # noqa: ANN201 - transformers.Qwen2VLConfig / Qwen2_5_VLConfig
+@dataclass(frozen=True)
+class TextGeometry:
+    """The LM sizes a trained model may change (read back from its weights by :meth:`of`); the default is the
+    random model's. The trained tiny Qwen2-VL takes its LM from the trained tiny LLaVA (8 layers, 4 KV heads)."""
+
+    layers: int = TEXT_LAYERS
+    kv_heads: int = TEXT_KV_HEADS
+
+    @classmethod
+    def of(cls, state: Mapping[str, object]) -> TextGeometry:
+        found = {int(m.group(1)) for key in state if (m := _LM_LAYER.match(key))}
+        k_proj = state.get("model.language_model.layers.0.self_attn.k_proj.weight")
+        if not found or k_proj is None:
+            raise ValueError("not a Qwen2-VL state dict (transformers names): no language_model layers")
+        return cls(layers=max(found) + 1, kv_heads=tuple(k_proj.shape)[0] // TEXT_HEAD_DIM)
+
+
+_LM_LAYER = re.compile(r"model\.language_model\.layers\.(\d+)\.")
+
+
+def make_config(variant: str = "qwen2_vl", text: TextGeometry = TextGeometry()):  # noqa: ANN201, B008
     """Qwen2-VL, or Qwen2.5-VL (``variant="qwen2_5_vl"``: SwiGLU RMSNorm tower with window attention,
-    window 56 px = 2x2 merged tokens, full attention in the last block, tokens_per_second 2)."""
+    window 56 px = 2x2 merged tokens, full attention in the last block, tokens_per_second 2); returns
+    transformers' ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig``."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     if variant not in VARIANTS:
@@ -157,11 +183,11 @@ def make_config(variant: str = "qwen2_vl"):  # noqa: ANN201 - transformers.Qwen2
             "vocab_size": VOCAB_SIZE,
             "hidden_size": TEXT_HIDDEN,
             "intermediate_size": TEXT_INTERMEDIATE,
-            "num_hidden_layers": TEXT_LAYERS,
+            "num_hidden_layers": text.layers,
             "num_attention_heads": TEXT_HEADS,
-            "num_key_value_heads": TEXT_KV_HEADS,
+            "num_key_value_heads": text.kv_heads,
             "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
-            "max_window_layers": TEXT_LAYERS,
+            "max_window_layers": text.layers,
             "rms_norm_eps": 1e-6,
             "hidden_act": "silu",
             "tie_word_embeddings": False,
@@ -184,14 +210,14 @@ def make_config(variant: str = "qwen2_vl"):  # noqa: ANN201 - transformers.Qwen2
     return config
 
 
-def checkpoint_shapes(variant: str = "qwen2_vl") -> dict[str, tuple[int, ...]]:
+def checkpoint_shapes(variant: str = "qwen2_vl", text: TextGeometry = TextGeometry()) -> dict[str, tuple[int, ...]]:  # noqa: B008
     """Every tensor name (transformers layout) and shape of the tiny model, from a meta-device instance."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     model_class = Qwen2_5_VLForConditionalGeneration if variant == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
     with torch.device("meta"):
-        model = model_class(make_config(variant))
+        model = model_class(make_config(variant, text))
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
@@ -239,15 +265,9 @@ def random_state_dict(seed: int = 0, variant: str = "qwen2_vl") -> dict:
     return state
 
 
-def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0, variant: str = "qwen2_vl") -> Path:
-    """Write the tiny Qwen2-VL (or Qwen2.5-VL) model: config, weights, tokenizer, processors, chat template."""
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-    out = Path(out_dir)
-    files.start_build(out)
-    tokenizer = _hf_tokenizer(train_tokenizer())
-    pixels = {
+def image_processor_kwargs() -> dict:
+    """The tiny models' pixel geometry, for ``Qwen2VLImageProcessor`` / ``Qwen2VLVideoProcessor``."""
+    return {
         "min_pixels": MIN_PIXELS,
         "max_pixels": MAX_PIXELS,
         "patch_size": PATCH_SIZE,
@@ -256,6 +276,40 @@ def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0, variant: str = "q
         "image_mean": OPENAI_CLIP_MEAN,
         "image_std": OPENAI_CLIP_STD,
     }
+
+
+def load_weights(path: str | Path) -> dict:
+    """A Qwen2-VL state dict (transformers names) from a safetensors file, checked against the tiny model's
+    names and shapes at the LM geometry it has (``ValueError`` naming what differs)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    expected = checkpoint_shapes("qwen2_vl", TextGeometry.of(state))
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    if shapes != expected:
+        missing = sorted(set(expected) - set(shapes))[:5]
+        unexpected = sorted(set(shapes) - set(expected))[:5]
+        wrong = sorted(n for n in set(shapes) & set(expected) if shapes[n] != expected[n])[:5]
+        raise ValueError(f"{path}: not the tiny Qwen2-VL's tensors (missing {missing}, unexpected {unexpected}, "
+                         f"other shapes {wrong})")
+    return state
+
+
+def build_tiny_qwen2_vl(
+    out_dir: str | Path, *, seed: int = 0, variant: str = "qwen2_vl", weights: str | Path | None = None
+) -> Path:
+    """Write the tiny Qwen2-VL (or Qwen2.5-VL) model: config, weights, tokenizer, processors, chat template.
+    ``weights``: a safetensors file of Qwen2-VL weights (e.g. the bundled trained ones) instead of the random init."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    if weights is not None and variant != "qwen2_vl":
+        raise ValueError(f"trained weights exist for qwen2_vl only, not {variant!r}")
+    state = load_weights(weights) if weights is not None else random_state_dict(seed, variant)
+    out = Path(out_dir)
+    files.start_build(out)
+    tokenizer = _hf_tokenizer(train_tokenizer())
+    pixels = image_processor_kwargs()
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**pixels),
         video_processor=Qwen2VLVideoProcessor(**pixels),
@@ -264,26 +318,29 @@ def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0, variant: str = "q
     )
     processor.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    make_config(variant).save_pretrained(str(out))
+    make_config(variant, TextGeometry.of(state)).save_pretrained(str(out))
     GenerationConfig(bos_token_id=ENDOFTEXT_ID, eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID).save_pretrained(
         str(out)
     )
-    save_file(random_state_dict(seed, variant), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     files.write_manifest(out, {
         "builder": "vllm_tokcomp.tiny.qwen2_vl",
         "builder_version": BUILDER_VERSION,
         "variant": variant,
-        "seed": seed,
+        "seed": None if weights is not None else seed,
+        "source": None if weights is None else files.sha256(Path(weights)),
         "image_token_id": IMAGE_TOKEN_ID,
         "video_token_id": VIDEO_TOKEN_ID,
     })
     return out
 
 
-def is_complete_model_dir(path: str | Path, variant: str = "qwen2_vl") -> bool:
+def is_complete_model_dir(path: str | Path, variant: str = "qwen2_vl", source: str | None = None) -> bool:
+    """A finished build of this builder version and variant, from the weights whose sha256 is ``source``
+    (None: the random init)."""
     manifest = files.read_manifest(path) or {}
     builder = manifest.get("builder"), manifest.get("builder_version"), manifest.get("variant", "qwen2_vl")
-    return builder == ("vllm_tokcomp.tiny.qwen2_vl", BUILDER_VERSION, variant)
+    return builder == ("vllm_tokcomp.tiny.qwen2_vl", BUILDER_VERSION, variant) and manifest.get("source") == source
 
 
 def default_model_dir(variant: str = "qwen2_vl") -> Path:
@@ -299,17 +356,41 @@ def ensure_default_model(variant: str = "qwen2_vl") -> Path:
     )
 
 
+def trained_model_dir() -> Path:
+    """``$TOKCOMP_MODELS_DIR/tiny-qwen2-vl-vqa-v1``: the tiny Qwen2-VL with the bundled trained weights."""
+    return files.models_root() / TRAINED_MODEL_SUBDIR
+
+
+def ensure_trained_model() -> Path:
+    """Like :func:`ensure_default_model`, with the bundled weights trained on the synthetic VQA task
+    (``vllm_tokcomp/assets/tiny_qwen2_vl_vqa.safetensors``, see ``vllm_tokcomp.train.qwen2_vl``); rebuilt when
+    that file changes."""
+    if not TRAINED_WEIGHTS.is_file():
+        raise FileNotFoundError(f"bundled trained weights not found: {TRAINED_WEIGHTS}")
+    target, source = trained_model_dir(), files.sha256(TRAINED_WEIGHTS)
+    return files.build_in_place(
+        target, lambda: is_complete_model_dir(target, "qwen2_vl", source),
+        lambda tmp: build_tiny_qwen2_vl(tmp, weights=TRAINED_WEIGHTS),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.tiny.qwen2_vl", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", help="output directory (default: build/ensure the default model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", choices=VARIANTS, default="qwen2_vl")
+    parser.add_argument("--weights", default=None, help="safetensors of trained Qwen2-VL weights (transformers names)")
+    parser.add_argument("--trained", action="store_true",
+                        help="build/ensure the model with the bundled trained weights")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    if args.out_dir is None:
+    if args.trained:
+        path = ensure_trained_model() if args.out_dir is None else build_tiny_qwen2_vl(
+            args.out_dir, weights=TRAINED_WEIGHTS)
+    elif args.out_dir is None:
         path = ensure_default_model(args.variant)
     else:
-        path = build_tiny_qwen2_vl(args.out_dir, seed=args.seed, variant=args.variant)
+        path = build_tiny_qwen2_vl(args.out_dir, seed=args.seed, variant=args.variant, weights=args.weights)
     print(f"{path} ({time.perf_counter() - start:.1f}s)")
     return 0
 

@@ -1,0 +1,153 @@
+"""The tiny Qwen2-VL's training start (vllm_tokcomp.train.qwen2_vl): the LLaVA transplant keeps what the two
+architectures share (checked against the LLaVA model itself), the training conversations are what the chat template
+renders, the distillation targets pool the right patches, and the builder takes trained weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from vllm_tokcomp.tiny import llava as tiny_llava  # noqa: E402
+from vllm_tokcomp.tiny import qwen2_vl as tiny  # noqa: E402
+from vllm_tokcomp.train import qwen2_vl as train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vocabs() -> tuple[dict[str, int], dict[str, int]]:
+    return tiny_llava.train_tokenizer().get_vocab(), tiny.train_tokenizer().get_vocab()
+
+
+@pytest.fixture(scope="module")
+def rows(vocabs) -> dict[int, int]:
+    return train.token_row_map(*vocabs)
+
+
+@pytest.fixture(scope="module")
+def llava_state() -> dict:
+    return tiny_llava.random_state_dict(0)  # 2 LM layers, the tower of the trained model's shape
+
+
+@pytest.fixture(scope="module")
+def qwen_state(llava_state, rows) -> dict:
+    return train.transplant(llava_state, rows)
+
+
+def test_token_rows_follow_the_strings(vocabs, rows) -> None:
+    llava_vocab, qwen_vocab = vocabs
+    for text in ("red", "Ġcircle", "?", "Ġthe"):
+        if text in qwen_vocab:
+            assert rows[qwen_vocab[text]] == llava_vocab[text]
+    assert rows[qwen_vocab["<|im_end|>"]] == llava_vocab["</s>"]
+    assert rows[qwen_vocab["<|image_pad|>"]] == llava_vocab["<image>"]
+    assert qwen_vocab["<|im_start|>"] not in rows  # no counterpart: learned
+    assert len(rows) == len(qwen_vocab) - len(tiny.SPECIAL_TOKENS) + 2
+
+
+def test_transplanted_language_model_is_the_llava_one_on_text(llava_state, qwen_state, rows, vocabs) -> None:
+    # On text alone M-RoPE's three sections carry the same position, so Qwen2's LM with zero q/k/v biases must
+    # give LLaVA's Llama logits for the same words (token rows mapped).
+    from vllm_tokcomp.train.llava import build_model as build_llava
+    from vllm_tokcomp.train.llava import load_llava_hf_state
+
+    torch.manual_seed(0)
+    llava = build_llava(tiny_llava.Geometry())
+    load_llava_hf_state(llava, llava_state)
+    qwen = train.build_model(qwen_state)
+    qwen_ids = train.QwenQAEncoder().ids("What color is the circle on the left? Is there a red square?")
+    llava_ids = [rows[i] for i in qwen_ids]
+    with torch.no_grad():
+        expected = llava(input_ids=torch.tensor([llava_ids])).logits[0]
+        got = qwen(input_ids=torch.tensor([qwen_ids])).logits[0]
+    ordinary = sorted(q for q in rows if q >= len(tiny.SPECIAL_TOKENS))
+    torch.testing.assert_close(got[:, ordinary], expected[:, [rows[q] for q in ordinary]], rtol=1e-4, atol=1e-4)
+
+
+def test_patch_embedding_is_the_clip_convolution_of_each_frame(llava_state, qwen_state) -> None:
+    # An image is its own frame twice in Qwen's processor: the 3-D patch embedding of the pair must be CLIP's 2-D one.
+    conv = llava_state["vision_tower.vision_model.embeddings.patch_embedding.weight"].float()
+    conv3d = qwen_state["model.visual.patch_embed.proj.weight"]
+    patch = torch.randn(3, 14, 14, generator=torch.Generator().manual_seed(3))
+    pair = patch[:, None].expand(3, 2, 14, 14)
+    expected = torch.einsum("ochw,chw->o", conv, patch)
+    torch.testing.assert_close(torch.einsum("octhw,cthw->o", conv3d, pair), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_conversation_is_what_the_chat_template_renders(tmp_path) -> None:
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny.build_tiny_qwen2_vl(tmp_path / "m", seed=0))
+    image = Image.new("RGB", (336, 336), (90, 120, 30))
+    qas = [{"question": "What color is the circle?", "answer": "red"},
+           {"question": "How many squares are there?", "answer": "2"}]
+    ids, labels = train.QwenQAEncoder().conversation(qas)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qas[0]["question"]}]},
+        {"role": "assistant", "content": qas[0]["answer"]},
+        {"role": "user", "content": [{"type": "text", "text": qas[1]["question"]}]},
+    ]
+    for turns in (1, 3):  # the first prompt; then through the second question's prompt
+        prompt = processor.apply_chat_template(messages[:turns], add_generation_prompt=True)
+        rendered = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+        assert ids[: len(rendered)] == rendered
+        assert all(label == -100 for label in labels[len(rendered) - 3: len(rendered)])  # "assistant\n" not learned
+    answers = [ids[i] for i, label in enumerate(labels) if label != -100]
+    assert answers == train.QwenQAEncoder().ids("red") + [tiny.IM_END_ID] + train.QwenQAEncoder().ids("2") + [
+        tiny.IM_END_ID]
+
+
+def test_distillation_pools_the_four_patches_of_each_merged_token() -> None:
+    # The student's merged token k covers the 2x2 window the real processor puts at rows 4k..4k+3 of its patches;
+    # the target must average the LLaVA features of those same four patches. Each patch here is painted with its
+    # own index, so the processor's order can be read back.
+    from PIL import Image
+
+    side = 24
+    index = np.arange(side * side).reshape(side, side)
+    image = np.zeros((336, 336, 3), np.uint8)
+    for r in range(side):
+        for c in range(side):
+            image[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] = (index[r, c] % 256, index[r, c] // 256 * 40, 0)
+    pixel_values, grid = train.Pixels()([Image.fromarray(image)])
+    assert grid.tolist() == [[1, side, side]]
+    mean, std = tiny.OPENAI_CLIP_MEAN, tiny.OPENAI_CLIP_STD
+    first = pixel_values.view(side * side, 3, 2, 14, 14)[:, :, 0, 7, 7]  # each patch's centre pixel, first frame
+    red = torch.round((first[:, 0] * std[0] + mean[0]) * 255).long()
+    green = torch.round((first[:, 1] * std[1] + mean[1]) * 255).long()
+    order = (red + green // 40 * 256).view(train.IMAGE_TOKENS, 4)
+
+    class Teacher(torch.nn.Module):  # stands in for LLaVA: each patch's "projected feature" is its own index
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = self
+
+        def get_image_features(self, pixel_values):  # noqa: ANN001, ANN202
+            return type("Out", (), {"pooler_output": torch.arange(side * side).float().view(1, -1, 1)})()
+
+    pooled = train.teacher_features(Teacher(), [Image.fromarray(image)])[0, :, 0]
+    torch.testing.assert_close(pooled, order.float().mean(1))
+    for k, (i, j) in enumerate((i, j) for i in range(12) for j in range(12)):
+        expected = sorted(int(index[2 * i + a, 2 * j + b]) for a in range(2) for b in range(2))
+        assert sorted(order[k].tolist()) == expected
+
+
+def test_builder_takes_trained_weights_and_refuses_others(tmp_path, qwen_state) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in qwen_state.items()}, str(weights))
+    out = tiny.build_tiny_qwen2_vl(tmp_path / "m", weights=weights)
+    config = AutoConfig.from_pretrained(out).text_config
+    assert (config.num_hidden_layers, config.num_key_value_heads) == (2, tiny_llava.TEXT_HEADS)
+    assert tiny.is_complete_model_dir(out, source=tiny.files.sha256(weights))
+    assert not tiny.is_complete_model_dir(out)  # not the random model
+    broken = dict(qwen_state)
+    broken.pop("model.visual.merger.mlp.2.bias")
+    save_file({k: v.contiguous() for k, v in broken.items()}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="merger.mlp.2.bias"):
+        tiny.build_tiny_qwen2_vl(tmp_path / "bad", weights=tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad").exists()  # refused before writing anything
