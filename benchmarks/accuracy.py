@@ -30,8 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-FULL = 576
+FULL = 576  # the tiny LLaVA's image tokens (a Qwen model's come from its processor: full_image_tokens)
 DEFAULT_BUDGETS = (576, 192, 128, 64, 32)
+BUDGET_FRACTIONS = (1, 1 / 3, 2 / 9, 1 / 9, 1 / 18)  # the default budgets as fractions of the full count
+QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
+TINY_QWEN = "tiny-qwen2-vl"  # --model shortcut: the bundled trained tiny Qwen2-VL
 DEFAULT_AUTO = "mustdrop:cosine,mustdrop:texture"
 AUTO = "auto"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "accuracy"
@@ -155,6 +158,7 @@ def arm_label(arm: Arm) -> str:
 # ----------------------------------------------------------------------------- reports
 def markdown(report: dict) -> str:
     budgets = report["budgets"]
+    full = report.get("full_tokens", FULL)
     base = report["baseline"]["accuracy"]
     lines = [
         f"# Accuracy vs visual tokens ({report['model_name']}, {report['n']} questions)",
@@ -169,7 +173,7 @@ def markdown(report: dict) -> str:
     for method in report["methods"]:
         cells = []
         for b in budgets:
-            arm = report["baseline"] if b >= FULL else by_arm.get((method, b))
+            arm = report["baseline"] if b >= full else by_arm.get((method, b))
             cells.append("–" if arm is None else f"{arm['accuracy']:.3f} ({arm['accuracy'] / base:.0%})"
                          if base else f"{arm['accuracy']:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -206,7 +210,7 @@ def plot(report: dict, path: Path) -> None:
     for method in report["methods"]:
         pts = sorted((a["budget"], a["accuracy"]) for a in report["arms"] if a["method"] == method
                      and a["budget"] != AUTO)
-        pts.append((FULL, base))
+        pts.append((report.get("full_tokens", FULL), base))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
     for arm in report["arms"]:
         if arm["budget"] == AUTO and "tokens" in arm:
@@ -227,12 +231,53 @@ def plot(report: dict, path: Path) -> None:
 
 
 def model_or_default(model: str | None) -> str:
-    """``model``, or the bundled trained tiny LLaVA's folder (built on first use)."""
+    """``model``, or the bundled trained tiny LLaVA's folder (built on first use); ``tiny-qwen2-vl``: the bundled
+    trained tiny Qwen2-VL's."""
+    if model == TINY_QWEN:
+        from vllm_tokcomp.tiny import qwen2_vl
+
+        return str(qwen2_vl.ensure_trained_model())
     if model is not None:
         return model
     from vllm_tokcomp.tiny import llava as tiny
 
     return str(tiny.ensure_served_model())
+
+
+def model_type(model: str) -> str:
+    return json.loads((Path(model) / "config.json").read_text()).get("model_type", "")
+
+
+def full_image_tokens(model: str, records: list[dict]) -> int:
+    """Visual tokens of one uncompressed image: LLaVA's fixed count, or for a Qwen model what its own image
+    processor makes of the images (which must then all give the same count: budgets are counts)."""
+    if model_type(model) not in QWEN_TYPES:
+        return json.loads((Path(model) / "config.json").read_text()).get("image_seq_length", FULL)
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(model)
+    merge = processor.merge_size**2
+    counts = set()
+    for path in sorted({r["image_path"] for r in records}):
+        with Image.open(path) as image:
+            counts.add(int(processor(images=[image.convert("RGB")], return_tensors="pt")["image_grid_thw"].prod())
+                       // merge)
+    if len(counts) != 1:
+        raise SystemExit(f"the images give {sorted(counts)} visual tokens each on {model}: this harness compares "
+                         "fixed budgets, so give it images of one size")
+    return counts.pop()
+
+
+def methods_for(model: str) -> list[str]:
+    """Every method the plugin serves on ``model`` (Qwen: those without [CLS] attention)."""
+    from vllm_tokcomp.config import servable_methods
+
+    if model_type(model) not in QWEN_TYPES:
+        return servable_methods()
+    from vllm_tokcomp.integration.qwen2_vl import SERVED_METHODS
+
+    return [m for m in servable_methods() if m in SERVED_METHODS]
 
 
 def write_report(out: Path, report: dict, text: str) -> None:
@@ -255,11 +300,16 @@ def majority_baseline(records: list[dict]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="folder with questions.jsonl (default: test split)")
-    parser.add_argument("--model", default=None, help="model folder (default: the bundled trained tiny LLaVA)")
-    parser.add_argument("--methods", default="all", help="comma list of servable methods, or 'all'")
-    parser.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)))
-    parser.add_argument("--auto", default=DEFAULT_AUTO,
-                        help="adaptive-budget arms, METHOD[:ESTIMATOR] comma list ('' for none)")
+    parser.add_argument("--model", default=None, help="model folder (default: the bundled trained tiny LLaVA; "
+                        f"{TINY_QWEN}: the bundled trained tiny Qwen2-VL)")
+    parser.add_argument("--methods", default="all", help="comma list of servable methods, or 'all' (those the "
+                        "model's family serves)")
+    parser.add_argument("--budgets", default=None, help="comma list of token counts per image (default "
+                        f"{','.join(map(str, DEFAULT_BUDGETS))} for LLaVA: the full count x "
+                        f"{', '.join(f'{f:.3g}' for f in BUDGET_FRACTIONS)})")
+    parser.add_argument("--auto", default=None,
+                        help=f"adaptive-budget arms, METHOD[:ESTIMATOR] comma list ('' for none; default "
+                        f"{DEFAULT_AUTO} for LLaVA, none for Qwen)")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--chunk", type=int, default=64, help="requests per llm.chat call")
     parser.add_argument("--max-tokens", type=int, default=4)
@@ -267,28 +317,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from vllm_tokcomp.config import servable_methods
-
-    methods = servable_methods() if args.methods == "all" else [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(servable_methods()))
-    if unknown:
-        parser.error(f"not servable through vLLM: {', '.join(unknown)}")
-    budgets = sorted({int(b) for b in args.budgets.split(",") if b}, reverse=True)
-    if FULL not in budgets:
-        budgets.insert(0, FULL)
     data = args.data or default_dataset()
     model = model_or_default(args.model)
     records = load_dataset(Path(data), args.limit)
-    adaptive = parse_auto(args.auto)
-    unknown = sorted({m for m, _, _ in adaptive} - set(servable_methods()))
+    full = full_image_tokens(model, records)
+    served = methods_for(model)
+    methods = served if args.methods == "all" else [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(served))
+    if unknown:
+        parser.error(f"not servable through vLLM on {model_type(model)}: {', '.join(unknown)}")
+    budget_text = args.budgets or ",".join(str(max(1, round(full * f))) for f in BUDGET_FRACTIONS)
+    budgets = sorted({int(b) for b in budget_text.split(",") if b}, reverse=True)
+    if full not in budgets:
+        budgets.insert(0, full)
+    auto = args.auto if args.auto is not None else ("" if model_type(model) in QWEN_TYPES else DEFAULT_AUTO)
+    adaptive = parse_auto(auto)
+    unknown = sorted({m for m, _, _ in adaptive} - set(served))
     if unknown:
         parser.error(f"--auto: not servable through vLLM: {', '.join(unknown)}")
-    arms: list[Arm] = [("none", FULL, None)] + [(m, b, None) for m in methods for b in budgets if b < FULL] + adaptive
+    arms: list[Arm] = [("none", full, None)] + [(m, b, None) for m in methods for b in budgets if b < full] + adaptive
     start = time.perf_counter()
 
     def write(answers: list[list[str]], lengths: list[list[int]]) -> dict:
         report = build_report(model, data, records, budgets, methods, arms, answers, time.perf_counter() - start,
-                              lengths)
+                              lengths, full=full)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
         args.out.with_suffix(".md").write_text(markdown(report))
@@ -305,17 +357,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_report(model: str, data: Path, records: list[dict], budgets: list[int], methods: list[str],
                  arms: list[Arm], answers: list[list[str]], elapsed: float,
-                 lengths: list[list[int]] | None = None) -> dict:
+                 lengths: list[list[int]] | None = None, full: int = FULL) -> dict:
     """The report over the arms answered so far (``complete`` is False for a partial one). With ``lengths`` (each
     arm's prompt lengths, the baseline's first), each arm gets the visual tokens its images really got: prompt
-    length minus the baseline's text tokens (its prompt length minus the full ``FULL`` image tokens)."""
+    length minus the baseline's text tokens (its prompt length minus the ``full`` image tokens)."""
     scored = []
     for i, ((method, budget, estimator), arm_answers) in enumerate(zip(arms, answers, strict=False)):
         arm = {"method": method, "budget": budget, **score(records, arm_answers)}
         if estimator:
             arm["estimator"] = estimator
         if lengths is not None:
-            visual = [n - (base - FULL) for n, base in zip(lengths[i], lengths[0], strict=True)]
+            visual = [n - (base - full) for n, base in zip(lengths[i], lengths[0], strict=True)]
             arm.update(tokens=sum(visual) / len(visual), tokens_min=min(visual), tokens_max=max(visual))
         scored.append(arm)
     return {
@@ -324,6 +376,7 @@ def build_report(model: str, data: Path, records: list[dict], budgets: list[int]
         "data": str(data),
         "n": len(records),
         "budgets": budgets,
+        "full_tokens": full,
         "methods": methods,
         "chance": majority_baseline(records),
         "seconds": round(elapsed, 1),

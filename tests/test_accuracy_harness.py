@@ -105,6 +105,51 @@ def test_harness_end_to_end(tmp_path: Path) -> None:
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+def test_qwen_models_get_their_own_full_count_and_methods(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from vllm_tokcomp.tiny import qwen2_vl
+
+    model = str(qwen2_vl.build_tiny_qwen2_vl(tmp_path / "qwen", seed=0))
+    records = []
+    for i, size in enumerate([(336, 336), (336, 336)]):
+        Image.new("RGB", size).save(tmp_path / f"{i}.png")
+        records.append({"image_path": str(tmp_path / f"{i}.png")})
+    assert accuracy.full_image_tokens(model, records) == 144  # 12 x 12 merged tokens
+    Image.new("RGB", (448, 224)).save(tmp_path / "wide.png")
+    with pytest.raises(SystemExit, match="one size"):
+        accuracy.full_image_tokens(model, [*records, {"image_path": str(tmp_path / "wide.png")}])
+    methods = accuracy.methods_for(model)
+    assert {"pool", "tome", "text_relevance"} <= set(methods)
+    assert "cls_topk" not in methods and "mustdrop" not in methods  # Qwen's tower has no [CLS]
+    assert "cls_topk" in accuracy.methods_for(str(accuracy.model_or_default(None)))
+
+
+@pytest.mark.slow
+def test_harness_end_to_end_on_qwen(tmp_path: Path) -> None:
+    from vllm_tokcomp.data.generate import main as generate
+    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
+
+    generate([str(tmp_path / "data"), "--seed", "0", "--test", "2"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_PLUGINS": "tokcomp", "PYTHONPATH": str(REPO_ROOT)}
+    out = tmp_path / "res" / "accuracy"
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "accuracy.py"), "--data", str(tmp_path / "data" / "test"),
+               "--model", str(ensure_default_model()), "--out", str(out), "--no-progress"]
+    refused = subprocess.run([*command, "--methods", "cls_topk"], cwd=REPO_ROOT, env=env, capture_output=True,
+                             text=True, timeout=900)
+    assert refused.returncode != 0 and "not servable through vLLM on qwen2_vl: cls_topk" in refused.stderr
+    proc = subprocess.run([*command, "--methods", "pool,text_relevance"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["full_tokens"] == 144 and report["budgets"] == [144, 48, 32, 16, 8]  # LLaVA's fractions of 576
+    assert [(a["method"], a["budget"]) for a in report["arms"]] == [
+        (m, b) for m in ("pool", "text_relevance") for b in (48, 32, 16, 8)]
+    assert report["baseline"]["tokens"] == 144
+    assert [a["tokens"] for a in report["arms"]] == [48, 32, 16, 8] * 2  # read back from the prompts vLLM ran
+
+
 def test_positions_renumbered_vs_original() -> None:
     import torch
 
