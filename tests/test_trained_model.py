@@ -1,6 +1,6 @@
-"""The bundled trained tiny LLaVA (vllm_tokcomp/assets/tiny_llava_vqa.safetensors) loads through the real
-loaders and answers synthetic test questions in the task's vocabulary: transformers (fast) and vLLM (slow, and
-agreeing with transformers)."""
+"""The bundled trained tiny models (vllm_tokcomp/assets/tiny_llava_vqa.safetensors and
+tiny_qwen2_vl_vqa.safetensors) load through the real loaders and answer synthetic test questions in the task's
+vocabulary: transformers (fast) and vLLM (slow, and agreeing with transformers)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,16 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from vllm_tokcomp.data.spec import ANSWER_VOCAB, normalize_answer  # noqa: E402
+from vllm_tokcomp.tiny import files  # noqa: E402
 from vllm_tokcomp.tiny import llava as tiny  # noqa: E402
+from vllm_tokcomp.tiny import qwen2_vl as tiny_qwen  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not tiny.TRAINED_WEIGHTS.is_file(), reason="no bundled trained weights")
+# family -> (builder module, transformers class, end-of-answer token, right answers of 60 required, see
+# test_transformers_answers_well_above_the_priors)
+FAMILIES = {
+    "llava": (tiny, "LlavaForConditionalGeneration", tiny.EOS_TOKEN_ID, 33),
+    "qwen2_vl": (tiny_qwen, "Qwen2VLForConditionalGeneration", tiny_qwen.IM_END_ID, 33),
+}
 
 N_QUESTIONS = 8  # the first questions of `python -m vllm_tokcomp.data.generate OUT --seed 0 --test 4`
 
@@ -45,12 +52,14 @@ def handful(tmp_path_factory) -> list[dict]:
 
 
 def transformers_answers(model_dir: Path, records: list[dict]) -> list[str]:
+    import transformers
     from PIL import Image
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
     torch.set_num_threads(1)
+    _, class_name, eos, _ = FAMILIES[json.loads((model_dir / "config.json").read_text())["model_type"]]
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = getattr(transformers, class_name).from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     answers = []
     for record in records:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
@@ -59,24 +68,33 @@ def transformers_answers(model_dir: Path, records: list[dict]) -> list[str]:
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         new = out[0, inputs["input_ids"].shape[1]:].tolist()
-        assert tiny.EOS_TOKEN_ID in new, (record["question"], new)  # a short answer, then </s>
+        assert eos in new, (record["question"], new)  # a short answer, then the end of the turn
         answers.append(processor.tokenizer.decode(new, skip_special_tokens=True))
     return answers
 
 
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request) -> str:
+    if not FAMILIES[request.param][0].TRAINED_WEIGHTS.is_file():
+        pytest.skip(f"no bundled trained {request.param} weights")
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory, family: str) -> Path:
+    builder = FAMILIES[family][0]
     root = tmp_path_factory.mktemp("models")
-    old = os.environ.get(tiny.MODELS_DIR_ENV)
-    os.environ[tiny.MODELS_DIR_ENV] = str(root)
+    old = os.environ.get(files.MODELS_DIR_ENV)
+    os.environ[files.MODELS_DIR_ENV] = str(root)
     try:
-        path = tiny.ensure_trained_model()
-        assert tiny.ensure_trained_model() == path  # built once, then reused
+        path = builder.ensure_trained_model()
+        assert builder.ensure_trained_model() == path  # built once, then reused
+        assert json.loads((path / "config.json").read_text())["model_type"] == family
     finally:
         if old is None:
-            os.environ.pop(tiny.MODELS_DIR_ENV)
+            os.environ.pop(files.MODELS_DIR_ENV)
         else:
-            os.environ[tiny.MODELS_DIR_ENV] = old
+            os.environ[files.MODELS_DIR_ENV] = old
     return path
 
 
@@ -85,7 +103,7 @@ def test_transformers_answers_from_the_vocabulary(model_dir: Path, handful: list
         assert normalize_answer(answer) in ANSWER_VOCAB, (record["question"], answer)
 
 
-def test_transformers_answers_well_above_the_priors(model_dir: Path, tmp_path: Path) -> None:
+def test_transformers_answers_well_above_the_priors(model_dir: Path, family: str, tmp_path: Path) -> None:
     # The model must look at the image: answering every question with its type's most common answer scores about
     # 0.37-0.40 on this task (benchmarks/results/accuracy.md, "chance"); the bundled model answers 77 % of the
     # first 400 test questions through vLLM and 38 of these 60 (the first 30 test images of seed 0) through
@@ -101,7 +119,7 @@ def test_transformers_answers_well_above_the_priors(model_dir: Path, tmp_path: P
     answers = transformers_answers(model_dir, records)
     right = [normalize_answer(a) == normalize_answer(r["answer"]) for r, a in zip(records, answers, strict=True)]
     assert len(records) == 60
-    assert sum(right) >= 33, sum(right)
+    assert sum(right) >= FAMILIES[family][3], sum(right)
 
 
 VLLM_SCRIPT = """

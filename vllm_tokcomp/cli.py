@@ -12,6 +12,18 @@ from .config import BUDGET_KEY, METHOD_KEY, OFF, RATIO_KEY, ConfigError, parse_e
 
 PLUGIN_NAME = "tokcomp"
 DEFAULT_CPU_KV_GIB = "2"
+# MODEL shortcuts for the bundled tiny models (built on first use); no MODEL means tiny-llava
+BUNDLED_MODELS = ("tiny-llava", "tiny-qwen2-vl")
+
+
+def bundled_model_module(name: str):  # noqa: ANN201 - the builder module (vllm_tokcomp.tiny.llava / qwen2_vl)
+    if name == "tiny-qwen2-vl":
+        from .tiny import qwen2_vl
+
+        return qwen2_vl
+    from .tiny import llava
+
+    return llava
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print("usage: tokcomp serve [MODEL] --method NAME [--budget N | --ratio R] [vllm serve args...]")
+        print(f"       (MODEL: a model folder or name, or {' / '.join(BUNDLED_MODELS)} for a bundled tiny model; "
+              "default tiny-llava)")
         print("       tokcomp info")
         return 0
     command, rest = argv[0], argv[1:]
@@ -62,10 +76,8 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
         mm_kwargs[RATIO_KEY] = known.ratio
     parse_engine_config(mm_kwargs)  # fail here, naming the field, rather than deep inside vLLM
 
-    if model is None:
-        from .tiny.llava import ensure_served_model
-
-        model = str(ensure_served_model())
+    if model is None or model in BUNDLED_MODELS:
+        model = str(bundled_model_module(model or "tiny-llava").ensure_served_model())
     command = [
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
         "--mm-processor-kwargs", json.dumps(mm_kwargs),
@@ -117,7 +129,6 @@ def info() -> int:
 
     from .methods import describe
     from .plugin import SUPPORTED_ARCHITECTURES
-    from .tiny.llava import served_model_dir
 
     try:
         import vllm
@@ -136,9 +147,10 @@ def info() -> int:
     for name in available_methods():
         d = describe(name)
         print(f"  {name:16s} {d['family']:14s} {d['paper']}")
-    model_dir = served_model_dir()
-    state = "built" if (model_dir / "config.json").exists() else "not built yet; built on first `tokcomp serve`"
-    print(f"bundled model: {model_dir} ({state})")
+    for name in BUNDLED_MODELS:
+        model_dir = bundled_model_module(name).served_model_dir()
+        state = "built" if (model_dir / "config.json").exists() else f"built on first `tokcomp serve {name}`"
+        print(f"bundled model {name}: {model_dir} ({state})")
     return 0
 
 

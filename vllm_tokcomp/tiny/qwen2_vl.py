@@ -374,6 +374,17 @@ def ensure_trained_model() -> Path:
     )
 
 
+def served_model_dir() -> Path:
+    """The tiny Qwen2-VL that ``tokcomp serve tiny-qwen2-vl`` uses (not built here): the trained one, or the
+    random-weight one where the trained weights are absent (a stripped install)."""
+    return trained_model_dir() if TRAINED_WEIGHTS.is_file() else default_model_dir()
+
+
+def ensure_served_model() -> Path:
+    """:func:`served_model_dir`, built first if missing."""
+    return ensure_trained_model() if TRAINED_WEIGHTS.is_file() else ensure_default_model()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.tiny.qwen2_vl", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", help="output directory (default: build/ensure the default model)")
