@@ -151,3 +151,23 @@ def test_builder_takes_trained_weights_and_refuses_others(tmp_path, qwen_state) 
     with pytest.raises(ValueError, match="merger.mlp.2.bias"):
         tiny.build_tiny_qwen2_vl(tmp_path / "bad", weights=tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad").exists()  # refused before writing anything
+
+
+@pytest.mark.slow
+def test_a_short_run_writes_loadable_weights_and_resumes(tmp_path, monkeypatch) -> None:
+    import json
+
+    monkeypatch.setenv("TOKCOMP_MODELS_DIR", str(tmp_path / "models"))  # the teacher (bundled LLaVA) is built here
+    run = tmp_path / "run"
+    flags = ["--distill-steps", "2", "--distill-batch", "2", "--qa-batch", "1", "--questions-per-image", "2",
+             "--save-every", "1", "--eval-images", "2", "--threads", "1"]
+    assert train.main([str(run), *flags, "--qa-steps", "1"]) == 0
+    state = tiny.load_weights(run / "model.safetensors")  # the builder's checks: names and shapes
+    assert tiny.TextGeometry.of(state).layers == tiny_llava.Geometry.of(
+        tiny_llava.load_external_weights(tiny_llava.TRAINED_WEIGHTS)).text_layers
+    assert train.main([str(run), *flags, "--qa-steps", "2"]) == 0  # resumes at QA step 1
+    stages = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in stages if e["stage"] == "qa-val"] == [0, 1, 2]
+    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 2
+    after = tiny.load_weights(run / "model.safetensors")
+    assert not torch.equal(after["lm_head.weight"], state["lm_head.weight"])  # the resumed step trained

@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="run folder; a ckpt.pt already there is resumed")
     parser.add_argument("--llava", type=Path, default=tiny_llava.TRAINED_WEIGHTS,
                         help="trained tiny LLaVA weights to start from (default: the bundled ones)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from these Qwen2-VL weights instead (e.g. the bundled trained ones, to train "
+                        "them further; give --distill-steps 0)")
     parser.add_argument("--seed", type=int, default=0, help="data seed (training split of the generator)")
     parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--distill-batch", type=int, default=16)
@@ -300,9 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
 
-    llava_state = load_file(str(args.llava))
-    rows = token_row_map(tiny_llava.train_tokenizer().get_vocab(), tiny.train_tokenizer().get_vocab())
-    model = build_model(transplant(llava_state, rows))
+    if args.init is not None:
+        model = build_model(tiny.load_weights(args.init))
+    else:
+        rows = token_row_map(tiny_llava.train_tokenizer().get_vocab(), tiny.train_tokenizer().get_vocab())
+        model = build_model(transplant(load_file(str(args.llava)), rows))
     distill_opt = torch.optim.AdamW(model.model.visual.parameters(), lr=args.distill_lr, weight_decay=0.0)
     qa_opt = torch.optim.AdamW(model.parameters(), lr=args.qa_lr, weight_decay=0.0)
     stage, step = "distill", 0
