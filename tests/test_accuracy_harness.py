@@ -77,14 +77,20 @@ def test_load_dataset_resolves_images(tmp_path: Path) -> None:
     assert record["image_path"] == str(tmp_path / "a.png") and record["type"] == "all"
 
 
-@pytest.mark.slow
-def test_harness_end_to_end(tmp_path: Path) -> None:
+def harness_data_and_env(tmp_path: Path) -> dict[str, str]:
+    """Two test images (4 questions) in ``tmp_path/data/test``, and the environment the harness runs vLLM in."""
     from vllm_tokcomp.data.generate import main as generate
-    from vllm_tokcomp.tiny.llava import ensure_default_model
 
     generate([str(tmp_path / "data"), "--seed", "0", "--test", "2"])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_PLUGINS": "tokcomp", "PYTHONPATH": str(REPO_ROOT)}
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_PLUGINS": "tokcomp", "PYTHONPATH": str(REPO_ROOT)}
+
+
+@pytest.mark.slow
+def test_harness_end_to_end(tmp_path: Path) -> None:
+    from vllm_tokcomp.tiny.llava import ensure_default_model
+
+    env = harness_data_and_env(tmp_path)
     out = tmp_path / "res" / "accuracy"
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "accuracy.py"), "--data", str(tmp_path / "data" / "test"),
@@ -127,12 +133,9 @@ def test_qwen_models_get_their_own_full_count_and_methods(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_harness_end_to_end_on_qwen(tmp_path: Path) -> None:
-    from vllm_tokcomp.data.generate import main as generate
     from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
 
-    generate([str(tmp_path / "data"), "--seed", "0", "--test", "2"])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_PLUGINS": "tokcomp", "PYTHONPATH": str(REPO_ROOT)}
+    env = harness_data_and_env(tmp_path)
     out = tmp_path / "res" / "accuracy"
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "accuracy.py"), "--data", str(tmp_path / "data" / "test"),
                "--model", str(ensure_default_model()), "--out", str(out), "--no-progress"]
