@@ -211,3 +211,24 @@ def test_the_question_travels_from_the_request_kwargs_to_one_query_row_per_item(
     assert rows.shape == (3, settings.MAX_QUERY_TOKENS)
     assert all(settings.decode_query(row).tolist() == [40, 41, 42] for row in rows)
     assert settings.decode_query(settings.query_rows({}, 1)[0]).numel() == 0
+
+
+def test_text_guided_query_is_the_user_turns_text(tmp_path) -> None:
+    # The question, not the system turn or the template's words, is what text_relevance / pumer match.
+    from transformers import AutoProcessor
+
+    from vllm_tokcomp.tiny import qwen2_vl as tiny
+
+    processor = AutoProcessor.from_pretrained(tiny.build_tiny_qwen2_vl(tmp_path / "m", seed=0))
+    tok = processor.tokenizer
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a red circle?"}]},
+                {"role": "assistant", "content": "yes"},
+                {"role": "user", "content": [{"type": "text", "text": "How many squares are there?"}]}]
+    prompt = tok.encode(processor.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+    assert "You are a helpful assistant" in tok.decode(prompt)
+    kept = qwen.user_turn_ids(prompt, tok)
+    media = tok.encode("<|vision_start|><|image_pad|><|vision_end|>", add_special_tokens=False)
+    assert kept == media + tok.encode("Is there a red circle?", add_special_tokens=False) + tok.encode(
+        "How many squares are there?", add_special_tokens=False)
+    raw = tok.encode("Describe the picture.", add_special_tokens=False)
+    assert qwen.user_turn_ids(raw, tok) == raw  # no ChatML turns: the whole prompt

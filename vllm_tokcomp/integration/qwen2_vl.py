@@ -259,6 +259,29 @@ class CompressedQwen2_5_VLInfo(_InfoMixin, Qwen2_5_VLProcessingInfo):
     pass
 
 
+def user_turn_ids(prompt: list[int], tokenizer) -> list[int]:  # noqa: ANN001 - a HF tokenizer
+    """The tokens of the prompt's user turns (ChatML: after ``<|im_start|>user\\n``, up to ``<|im_end|>``), the
+    text a text-guided method should match: the system turn and the template's words are not the question (on the
+    trained tiny Qwen2-VL the whole prompt steered ``text_relevance`` onto background tokens). A prompt without
+    ChatML user turns is returned whole."""
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    role = tokenizer.encode("user\n", add_special_tokens=False)
+    if not isinstance(start, int) or not isinstance(end, int) or start == end:
+        return prompt
+    kept, inside, i = [], False, 0
+    while i < len(prompt):
+        if prompt[i] == start and prompt[i + 1:i + 1 + len(role)] == role:
+            inside, i = True, i + 1 + len(role)
+            continue
+        if prompt[i] == end:
+            inside = False
+        elif inside:
+            kept.append(prompt[i])
+        i += 1
+    return kept or prompt
+
+
 class _ProcessorMixin:
     info: _InfoMixin
 
@@ -269,8 +292,10 @@ class _ProcessorMixin:
         )
         if spec is not None and spec.method in ENCODER_DECIDED_METHODS:
             config = self.info.get_hf_config()
-            excluded = {config.image_token_id, config.video_token_id, *self.info.get_tokenizer().all_special_ids}
-            request_kwargs = settings.with_query(request_kwargs, list(inputs.prompt), excluded)
+            tokenizer = self.info.get_tokenizer()
+            excluded = {config.image_token_id, config.video_token_id, *tokenizer.all_special_ids}
+            prompt = user_turn_ids(list(inputs.prompt), tokenizer)
+            request_kwargs = settings.with_query(request_kwargs, prompt, excluded)
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
         return super().apply(inputs, timing_ctx)
 
