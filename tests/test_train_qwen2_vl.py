@@ -171,3 +171,19 @@ def test_a_short_run_writes_loadable_weights_and_resumes(tmp_path, monkeypatch) 
     assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 2
     after = tiny.load_weights(run / "model.safetensors")
     assert not torch.equal(after["lm_head.weight"], state["lm_head.weight"])  # the resumed step trained
+
+
+def test_init_from_qwen_weights_goes_straight_to_qa(tmp_path, qwen_state) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in qwen_state.items()}, str(weights))
+    run = tmp_path / "run"
+    assert train.main([str(run), "--init", str(weights), "--distill-steps", "0", "--qa-steps", "1", "--qa-batch", "1",
+                       "--questions-per-image", "2", "--eval-images", "1", "--threads", "1"]) == 0
+    stages = [json.loads(line)["stage"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert stages == ["qa-val", "qa-val"] and torch.load(run / "ckpt.pt", weights_only=False)["step"] == 1
+    trained = tiny.load_weights(run / "model.safetensors")
+    assert not torch.equal(trained["lm_head.weight"], qwen_state["lm_head.weight"].to(torch.bfloat16))

@@ -349,9 +349,11 @@ def main(argv: list[str] | None = None) -> int:
                 "s": round(time.perf_counter() - started, 1)})
 
     started = time.perf_counter()
-    if stage == "distill" and step < args.distill_steps:
-        teacher = LlavaForConditionalGeneration.from_pretrained(str(tiny_llava.ensure_trained_model()),
-                                                                dtype=torch.float32).eval()
+    if stage == "distill":  # with --distill-steps 0 (e.g. --init from Qwen weights) straight on to QA
+        teacher = None
+        if step < args.distill_steps:
+            teacher = LlavaForConditionalGeneration.from_pretrained(str(tiny_llava.ensure_trained_model()),
+                                                                    dtype=torch.float32).eval()
         model.train()
         while step < args.distill_steps:
             rngs = [scene_rng(args.seed, "train", 10_000_000 + step * args.distill_batch + i)
