@@ -236,7 +236,7 @@ def model_or_default(model: str | None) -> str:
     if model == TINY_QWEN:
         from vllm_tokcomp.tiny import qwen2_vl
 
-        return str(qwen2_vl.ensure_trained_model())
+        return str(qwen2_vl.ensure_served_model())
     if model is not None:
         return model
     from vllm_tokcomp.tiny import llava as tiny
