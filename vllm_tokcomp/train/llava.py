@@ -634,7 +634,7 @@ def answer_correct(model: nn.Module, batch: dict) -> list[bool]:
     return first_answers_correct(pred.cpu(), batch["labels"].cpu())
 
 
-def first_answers_correct(pred: torch.Tensor, labels: torch.Tensor) -> list[bool]:
+def first_answers_correct(pred: torch.Tensor, labels: torch.Tensor, eos: int = tiny.EOS_TOKEN_ID) -> list[bool]:
     """Per row: is the argmax ``pred`` (``[B, T-1]``, predictions of tokens 1..T-1) right at every position of
     the first answer in ``labels`` (``[B, T]``, -100 outside answers), up to and including its ``</s>``."""
     target = labels[:, 1:]
@@ -644,7 +644,7 @@ def first_answers_correct(pred: torch.Tensor, labels: torch.Tensor) -> list[bool
         first = []
         for p in pos:  # the first answer runs up to and including the first </s>
             first.append(p)
-            if target[i, p].item() == tiny.EOS_TOKEN_ID:
+            if target[i, p].item() == eos:
                 break
         result.append(all(pred[i, p].item() == target[i, p].item() for p in first))
     return result

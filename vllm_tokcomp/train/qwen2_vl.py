@@ -42,7 +42,14 @@ from vllm_tokcomp.data.generate import scene_rng
 from vllm_tokcomp.data.synth import make_scene, render_scene
 from vllm_tokcomp.tiny import llava as tiny_llava
 from vllm_tokcomp.tiny import qwen2_vl as tiny
-from vllm_tokcomp.train.llava import dense_questions, lr_at, padded_conversations, save, val_question
+from vllm_tokcomp.train.llava import (
+    dense_questions,
+    first_answers_correct,
+    lr_at,
+    padded_conversations,
+    save,
+    val_question,
+)
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 MERGED_SIDE = 12  # a 336 x 336 image: 24 x 24 patches, 12 x 12 merged tokens
@@ -186,7 +193,7 @@ def qa_batch(enc: QwenQAEncoder, pixels: Pixels, seed: int, start: int, n: int, 
         images.append(render_scene(scene))
         seqs.append(enc.conversation(dense_questions(scene, rng, per_image)))
     pixel_values, grid = pixels(images)
-    return {**padded(seqs), "pixel_values": pixel_values, "image_grid_thw": grid, "images": images}
+    return {**padded(seqs), "pixel_values": pixel_values, "image_grid_thw": grid}
 
 
 def padded(seqs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
@@ -252,21 +259,11 @@ def qa_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return F.cross_entropy(logits, target[sel]), logits
 
 
-def first_answers_correct(model: nn.Module, batch: dict) -> list[bool]:
+def answers_correct(model: nn.Module, batch: dict) -> list[bool]:
     """Greedy exact match of each conversation's first answer up to its ``<|im_end|>``, by teacher forcing."""
     with torch.no_grad():
-        out = forward(model, batch)
-        pred = model.lm_head(out.last_hidden_state[:, :-1]).argmax(-1)
-    target = batch["labels"][:, 1:]
-    result = []
-    for i in range(target.shape[0]):
-        first = []
-        for p in (target[i] != -100).nonzero().flatten().tolist():
-            first.append(p)
-            if target[i, p].item() == tiny.IM_END_ID:
-                break
-        result.append(all(pred[i, p].item() == target[i, p].item() for p in first))
-    return result
+        pred = model.lm_head(forward(model, batch).last_hidden_state[:, :-1]).argmax(-1)
+    return first_answers_correct(pred, batch["labels"], eos=tiny.IM_END_ID)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -340,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         hits, types = [], []
         for start in range(0, args.eval_images, 32):
             batch, batch_types = val_batch(enc, pixels, args.seed, start, min(32, args.eval_images - start))
-            hits += first_answers_correct(model, batch)
+            hits += answers_correct(model, batch)
             types += batch_types
         model.train()
         per_type = {t: round(float(np.mean([h for h, u in zip(hits, types, strict=True) if u == t])), 3)
