@@ -34,7 +34,6 @@ FULL = 576  # the tiny LLaVA's image tokens (a Qwen model's come from its proces
 DEFAULT_BUDGETS = (576, 192, 128, 64, 32)
 BUDGET_FRACTIONS = (1, 1 / 3, 2 / 9, 1 / 9, 1 / 18)  # the default budgets as fractions of the full count
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
-TINY_QWEN = "tiny-qwen2-vl"  # --model shortcut: the bundled trained tiny Qwen2-VL
 DEFAULT_AUTO = "mustdrop:cosine,mustdrop:texture"
 AUTO = "auto"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "accuracy"
@@ -231,17 +230,13 @@ def plot(report: dict, path: Path) -> None:
 
 
 def model_or_default(model: str | None) -> str:
-    """``model``, or the bundled trained tiny LLaVA's folder (built on first use); ``tiny-qwen2-vl``: the bundled
-    trained tiny Qwen2-VL's."""
-    if model == TINY_QWEN:
-        from vllm_tokcomp.tiny import qwen2_vl
+    """``model``, or the bundled trained tiny LLaVA's folder (built on first use); a bundled model's name
+    (``tiny-qwen2-vl``, ``tiny-qwen2.5-vl``): that model's folder, as ``tokcomp serve`` resolves it."""
+    from vllm_tokcomp.cli import BUNDLED_MODELS, bundled_model_dir
 
-        return str(qwen2_vl.ensure_served_model())
-    if model is not None:
-        return model
-    from vllm_tokcomp.tiny import llava as tiny
-
-    return str(tiny.ensure_served_model())
+    if model is None or model in BUNDLED_MODELS:
+        return str(bundled_model_dir(model or "tiny-llava", build=True))
+    return model
 
 
 def model_type(model: str) -> str:
@@ -300,8 +295,8 @@ def majority_baseline(records: list[dict]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="folder with questions.jsonl (default: test split)")
-    parser.add_argument("--model", default=None, help="model folder (default: the bundled trained tiny LLaVA; "
-                        f"{TINY_QWEN}: the bundled trained tiny Qwen2-VL)")
+    parser.add_argument("--model", default=None, help="model folder (default: the bundled trained tiny LLaVA), or a "
+                        "bundled model's name: tiny-llava, tiny-qwen2-vl, tiny-qwen2.5-vl")
     parser.add_argument("--methods", default="all", help="comma list of servable methods, or 'all' (those the "
                         "model's family serves)")
     parser.add_argument("--budgets", default=None, help="comma list of token counts per image (default "

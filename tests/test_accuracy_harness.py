@@ -131,6 +131,15 @@ def test_qwen_models_get_their_own_full_count_and_methods(tmp_path: Path) -> Non
     assert "cls_topk" in accuracy.methods_for(str(accuracy.model_or_default(None)))
 
 
+def test_bundled_model_names_resolve_like_tokcomp_serve(tmp_path: Path, monkeypatch) -> None:
+    from vllm_tokcomp.cli import bundled_model_dir
+
+    monkeypatch.setenv("TOKCOMP_MODELS_DIR", str(tmp_path))
+    for name, model_type in (("tiny-qwen2-vl", "qwen2_vl"), ("tiny-qwen2.5-vl", "qwen2_5_vl")):
+        model = accuracy.model_or_default(name)
+        assert model == str(bundled_model_dir(name)) and accuracy.model_type(model) == model_type
+
+
 @pytest.mark.slow
 def test_harness_end_to_end_on_qwen(tmp_path: Path) -> None:
     from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model

@@ -31,14 +31,15 @@ def test_serve_merges_user_mm_processor_kwargs(monkeypatch):
     assert _mm_kwargs(command) == {"tokcomp_method": "pool", "tokcomp_ratio": 0.25}
 
 
-def test_serve_names_the_bundled_models(monkeypatch, tmp_path):
+@pytest.mark.parametrize(("name", "variant"), [("tiny-qwen2-vl", "qwen2_vl"), ("tiny-qwen2.5-vl", "qwen2_5_vl")])
+def test_serve_names_the_bundled_models(monkeypatch, tmp_path, name, variant):
     from vllm_tokcomp.tiny import qwen2_vl
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("TOKCOMP_MODELS_DIR", str(tmp_path))
-    command, _ = build_serve_command(["tiny-qwen2-vl", "--method", "pool", "--ratio", "0.25"])
-    assert command[4] == str(qwen2_vl.served_model_dir())
-    assert json.loads((qwen2_vl.served_model_dir() / "config.json").read_text())["model_type"] == "qwen2_vl"
+    command, _ = build_serve_command([name, "--method", "pool", "--ratio", "0.25"])
+    assert command[4] == str(qwen2_vl.served_model_dir(variant))
+    assert json.loads((qwen2_vl.served_model_dir(variant) / "config.json").read_text())["model_type"] == variant
     assert _mm_kwargs(command) == {"tokcomp_method": "pool", "tokcomp_ratio": 0.25}
 
 
@@ -71,5 +72,5 @@ def test_info_lists_versions_methods_architectures_and_model():
     out = subprocess.run([sys.executable, "-m", "vllm_tokcomp.cli", "info"], capture_output=True, text=True, check=True)
     text = out.stdout
     for expected in ("vllm ", "torch ", "LlavaForConditionalGeneration", "tome", "cls_topk",
-                     "bundled model tiny-llava:", "bundled model tiny-qwen2-vl:"):
+                     "bundled model tiny-llava:", "bundled model tiny-qwen2-vl:", "bundled model tiny-qwen2.5-vl:"):
         assert expected in text

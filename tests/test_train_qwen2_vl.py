@@ -187,3 +187,84 @@ def test_init_from_qwen_weights_goes_straight_to_qa(tmp_path, qwen_state) -> Non
     assert stages == ["qa-val", "qa-val"] and torch.load(run / "ckpt.pt", weights_only=False)["step"] == 1
     trained = tiny.load_weights(run / "model.safetensors")
     assert not torch.equal(trained["lm_head.weight"], qwen_state["lm_head.weight"].to(torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL from Qwen2-VL
+@pytest.fixture(scope="module")
+def qwen2_5_state(qwen_state) -> dict:
+    return train.transplant_to_qwen2_5(qwen_state)
+
+
+def qwen2_5_model(state: dict, full_attention_blocks: list[int] | None = None):  # noqa: ANN201
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = tiny.make_config("qwen2_5_vl", tiny.TextGeometry.of(state))
+    if full_attention_blocks is not None:
+        config.vision_config.fullatt_block_indexes = full_attention_blocks
+    model = Qwen2_5_VLForConditionalGeneration(config).float().eval()
+    model.load_state_dict(state)
+    return model
+
+
+def image_pixels(seed: int = 0):  # noqa: ANN201
+    from vllm_tokcomp.data.generate import scene_rng
+    from vllm_tokcomp.data.synth import make_scene, render_scene
+
+    images = [render_scene(make_scene(scene_rng(seed, "train", i))) for i in range(2)]
+    return train.Pixels()(images)
+
+
+def test_qwen2_5_tower_is_the_qwen2_tower_where_both_attend_fully(qwen_state, qwen2_5_state) -> None:
+    # LayerNorm -> RMSNorm is exact only on zero-mean inputs and quick-GELU -> SwiGLU only with a constant up
+    # branch: the rewritten tower with full attention in every block must give Qwen2-VL's image tokens.
+    assert qwen_state["model.visual.blocks.0.norm1.bias"].abs().max() > 0  # the biases to fold are not zero
+    pixel_values, grid = image_pixels()
+    with torch.no_grad():
+        expected = train.student_features(train.build_model(qwen_state).eval(), pixel_values, grid)
+        full = train.student_features(qwen2_5_model(qwen2_5_state, [0, 1]), pixel_values, grid)
+        windowed = train.student_features(qwen2_5_model(qwen2_5_state), pixel_values, grid)
+    torch.testing.assert_close(full, expected, rtol=1e-4, atol=1e-4)
+    # the shipped config's first block attends within 2x2 merged-token windows: what distillation has to learn
+    assert (windowed - expected).abs().max() > 1e-2
+
+
+def test_qwen2_5_language_model_is_the_qwen2_one(qwen_state, qwen2_5_state) -> None:
+    ids = torch.tensor([train.QwenQAEncoder().ids("What color is the circle on the left?")])
+    with torch.no_grad():
+        expected = train.build_model(qwen_state).eval()(input_ids=ids).logits
+        got = qwen2_5_model(qwen2_5_state)(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_builder_takes_qwen2_5_weights_and_refuses_qwen2_ones(tmp_path, qwen_state, qwen2_5_state) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    for name, state in (("q25", qwen2_5_state), ("q2", qwen_state)):
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, str(tmp_path / f"{name}.st"))
+    out = tiny.build_tiny_qwen2_vl(tmp_path / "m", variant="qwen2_5_vl", weights=tmp_path / "q25.st")
+    assert AutoConfig.from_pretrained(out).model_type == "qwen2_5_vl"
+    assert tiny.is_complete_model_dir(out, "qwen2_5_vl", source=tiny.files.sha256(tmp_path / "q25.st"))
+    with pytest.raises(ValueError, match="qwen2_5_vl.*gate_proj"):
+        tiny.build_tiny_qwen2_vl(tmp_path / "bad", variant="qwen2_5_vl", weights=tmp_path / "q2.st")
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_a_short_qwen2_5_run_distils_the_qwen2_tokens_and_writes_loadable_weights(tmp_path, qwen_state) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    source = tmp_path / "qwen2.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in qwen_state.items()}, str(source))
+    run = tmp_path / "run"
+    assert train.main([str(run), "--variant", "qwen2_5_vl", "--qwen2-vl", str(source), "--distill-steps", "2",
+                       "--distill-batch", "2", "--qa-steps", "1", "--qa-batch", "1", "--questions-per-image", "2",
+                       "--save-every", "1", "--eval-images", "1", "--threads", "1"]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    distilled = [e["loss"] for e in log if e["stage"] == "distill"]
+    # starting from the exact rewrite, only block 0's window attention differs from the teacher: a small loss
+    assert len(distilled) == 1 and 0 < distilled[0] < 0.5
+    state = tiny.load_weights(run / "model.safetensors", "qwen2_5_vl")
+    assert not torch.equal(state["lm_head.weight"], qwen_state["lm_head.weight"].to(torch.bfloat16))

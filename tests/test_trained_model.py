@@ -1,5 +1,5 @@
-"""The bundled trained tiny models (vllm_tokcomp/assets/tiny_llava_vqa.safetensors and
-tiny_qwen2_vl_vqa.safetensors) load through the real loaders and answer synthetic test questions in the task's
+"""The bundled trained tiny models (vllm_tokcomp/assets/tiny_llava_vqa.safetensors, tiny_qwen2_vl_vqa.safetensors
+and tiny_qwen2_5_vl_vqa.safetensors) load through the real loaders and answer synthetic test questions in the task's
 vocabulary: transformers (fast) and vLLM (slow, and agreeing with transformers)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,12 @@ from vllm_tokcomp.tiny import files  # noqa: E402
 from vllm_tokcomp.tiny import llava as tiny  # noqa: E402
 from vllm_tokcomp.tiny import qwen2_vl as tiny_qwen  # noqa: E402
 
-# family -> (builder module, transformers class, end-of-answer token, right answers of 60 required, see
-# test_transformers_answers_well_above_the_priors)
+# family -> (bundled weights, their model folder built on first use, transformers class, end-of-answer token,
+# right answers of 60 required, see test_transformers_answers_well_above_the_priors)
 FAMILIES = {
-    "llava": (tiny, "LlavaForConditionalGeneration", tiny.EOS_TOKEN_ID, 33),
-    "qwen2_vl": (tiny_qwen, "Qwen2VLForConditionalGeneration", tiny_qwen.IM_END_ID, 33),
+    "llava": (tiny.TRAINED_WEIGHTS, tiny.ensure_trained_model, "LlavaForConditionalGeneration", tiny.EOS_TOKEN_ID, 33),
+    **{variant: (tiny_qwen.TRAINED_WEIGHTS_OF[variant], partial(tiny_qwen.ensure_trained_model, variant),
+                 tiny_qwen.ARCHITECTURES[variant], tiny_qwen.IM_END_ID, 33) for variant in tiny_qwen.VARIANTS},
 }
 
 N_QUESTIONS = 8  # the first questions of `python -m vllm_tokcomp.data.generate OUT --seed 0 --test 4`
@@ -57,7 +59,7 @@ def transformers_answers(model_dir: Path, records: list[dict]) -> list[str]:
     from transformers import AutoProcessor
 
     torch.set_num_threads(1)
-    _, class_name, eos, _ = FAMILIES[json.loads((model_dir / "config.json").read_text())["model_type"]]
+    _, _, class_name, eos, _ = FAMILIES[json.loads((model_dir / "config.json").read_text())["model_type"]]
     processor = AutoProcessor.from_pretrained(model_dir)
     model = getattr(transformers, class_name).from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     answers = []
@@ -75,20 +77,20 @@ def transformers_answers(model_dir: Path, records: list[dict]) -> list[str]:
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request) -> str:
-    if not FAMILIES[request.param][0].TRAINED_WEIGHTS.is_file():
+    if not FAMILIES[request.param][0].is_file():
         pytest.skip(f"no bundled trained {request.param} weights")
     return request.param
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, family: str) -> Path:
-    builder = FAMILIES[family][0]
+    ensure_trained_model = FAMILIES[family][1]
     root = tmp_path_factory.mktemp("models")
     old = os.environ.get(files.MODELS_DIR_ENV)
     os.environ[files.MODELS_DIR_ENV] = str(root)
     try:
-        path = builder.ensure_trained_model()
-        assert builder.ensure_trained_model() == path  # built once, then reused
+        path = ensure_trained_model()
+        assert ensure_trained_model() == path  # built once, then reused
         assert json.loads((path / "config.json").read_text())["model_type"] == family
     finally:
         if old is None:
@@ -119,7 +121,7 @@ def test_transformers_answers_well_above_the_priors(model_dir: Path, family: str
     answers = transformers_answers(model_dir, records)
     right = [normalize_answer(a) == normalize_answer(r["answer"]) for r, a in zip(records, answers, strict=True)]
     assert len(records) == 60
-    assert sum(right) >= FAMILIES[family][3], (family, sum(right))
+    assert sum(right) >= FAMILIES[family][4], (family, sum(right))
 
 
 VLLM_SCRIPT = """

@@ -7,23 +7,30 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from .config import BUDGET_KEY, METHOD_KEY, OFF, RATIO_KEY, ConfigError, parse_engine_config, servable_methods
 
 PLUGIN_NAME = "tokcomp"
 DEFAULT_CPU_KV_GIB = "2"
 # MODEL shortcuts for the bundled tiny models (built on first use); no MODEL means tiny-llava
-BUNDLED_MODELS = ("tiny-llava", "tiny-qwen2-vl")
+BUNDLED_MODELS = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
+_QWEN_VARIANTS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}
 
 
-def bundled_model_module(name: str):  # noqa: ANN201 - the builder module (vllm_tokcomp.tiny.llava / qwen2_vl)
-    if name == "tiny-qwen2-vl":
+def bundled_model_dir(name: str, *, build: bool = False) -> Path:
+    """The folder of a bundled tiny model (the trained one where its weights are bundled), built first if
+    ``build``."""
+    if name in _QWEN_VARIANTS:
         from .tiny import qwen2_vl
 
-        return qwen2_vl
+        variant = _QWEN_VARIANTS[name]
+        return qwen2_vl.ensure_served_model(variant) if build else qwen2_vl.served_model_dir(variant)
+    if name != "tiny-llava":
+        raise ValueError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
     from .tiny import llava
 
-    return llava
+    return llava.ensure_served_model() if build else llava.served_model_dir()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,7 +84,7 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
     parse_engine_config(mm_kwargs)  # fail here, naming the field, rather than deep inside vLLM
 
     if model is None or model in BUNDLED_MODELS:
-        model = str(bundled_model_module(model or "tiny-llava").ensure_served_model())
+        model = str(bundled_model_dir(model or "tiny-llava", build=True))
     command = [
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
         "--mm-processor-kwargs", json.dumps(mm_kwargs),
@@ -148,7 +155,7 @@ def info() -> int:
         d = describe(name)
         print(f"  {name:16s} {d['family']:14s} {d['paper']}")
     for name in BUNDLED_MODELS:
-        model_dir = bundled_model_module(name).served_model_dir()
+        model_dir = bundled_model_dir(name)
         state = "built" if (model_dir / "config.json").exists() else f"built on first `tokcomp serve {name}`"
         print(f"bundled model {name}: {model_dir} ({state})")
     return 0

@@ -32,9 +32,12 @@ from .tokenizer import train_bpe_tokenizer
 BUILDER_VERSION = 1
 MODEL_SUBDIR = "tiny-qwen2-vl-v1"
 MODEL_SUBDIR_2_5 = "tiny-qwen2.5-vl-v1"
-TRAINED_MODEL_SUBDIR = "tiny-qwen2-vl-vqa-v1"
-TRAINED_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "tiny_qwen2_vl_vqa.safetensors"
 VARIANTS = ("qwen2_vl", "qwen2_5_vl")
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"
+# the bundled weights trained on the synthetic VQA task (vllm_tokcomp.train.qwen2_vl), per variant
+TRAINED_WEIGHTS_OF = {"qwen2_vl": _ASSETS / "tiny_qwen2_vl_vqa.safetensors",
+                      "qwen2_5_vl": _ASSETS / "tiny_qwen2_5_vl_vqa.safetensors"}
+TRAINED_MODEL_SUBDIR_OF = {"qwen2_vl": "tiny-qwen2-vl-vqa-v1", "qwen2_5_vl": "tiny-qwen2.5-vl-vqa-v1"}
 ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 # --- geometry -------------------------------------------------------------------------
@@ -278,19 +281,19 @@ def image_processor_kwargs() -> dict:
     }
 
 
-def load_weights(path: str | Path) -> dict:
-    """A Qwen2-VL state dict (transformers names) from a safetensors file, checked against the tiny model's
-    names and shapes at the LM geometry it has (``ValueError`` naming what differs)."""
+def load_weights(path: str | Path, variant: str = "qwen2_vl") -> dict:
+    """A Qwen2-VL (or Qwen2.5-VL) state dict (transformers names) from a safetensors file, checked against the
+    tiny model's names and shapes at the LM geometry it has (``ValueError`` naming what differs)."""
     from safetensors.torch import load_file
 
     state = load_file(str(path))
-    expected = checkpoint_shapes("qwen2_vl", TextGeometry.of(state))
+    expected = checkpoint_shapes(variant, TextGeometry.of(state))
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     if shapes != expected:
         missing = sorted(set(expected) - set(shapes))[:5]
         unexpected = sorted(set(shapes) - set(expected))[:5]
         wrong = sorted(n for n in set(shapes) & set(expected) if shapes[n] != expected[n])[:5]
-        raise ValueError(f"{path}: not the tiny Qwen2-VL's tensors (missing {missing}, unexpected {unexpected}, "
+        raise ValueError(f"{path}: not the tiny {variant}'s tensors (missing {missing}, unexpected {unexpected}, "
                          f"other shapes {wrong})")
     return state
 
@@ -299,13 +302,14 @@ def build_tiny_qwen2_vl(
     out_dir: str | Path, *, seed: int = 0, variant: str = "qwen2_vl", weights: str | Path | None = None
 ) -> Path:
     """Write the tiny Qwen2-VL (or Qwen2.5-VL) model: config, weights, tokenizer, processors, chat template.
-    ``weights``: a safetensors file of Qwen2-VL weights (e.g. the bundled trained ones) instead of the random init."""
+    ``weights``: a safetensors file of that variant's weights (e.g. the bundled trained ones) instead of the random
+    init."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    if weights is not None and variant != "qwen2_vl":
-        raise ValueError(f"trained weights exist for qwen2_vl only, not {variant!r}")
-    state = load_weights(weights) if weights is not None else random_state_dict(seed, variant)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    state = load_weights(weights, variant) if weights is not None else random_state_dict(seed, variant)
     out = Path(out_dir)
     files.start_build(out)
     tokenizer = _hf_tokenizer(train_tokenizer())
@@ -356,33 +360,37 @@ def ensure_default_model(variant: str = "qwen2_vl") -> Path:
     )
 
 
-def trained_model_dir() -> Path:
-    """``$TOKCOMP_MODELS_DIR/tiny-qwen2-vl-vqa-v1``: the tiny Qwen2-VL with the bundled trained weights."""
-    return files.models_root() / TRAINED_MODEL_SUBDIR
+def trained_model_dir(variant: str = "qwen2_vl") -> Path:
+    """``$TOKCOMP_MODELS_DIR/tiny-qwen2-vl-vqa-v1`` (``tiny-qwen2.5-vl-vqa-v1``): the tiny model with the bundled
+    trained weights."""
+    return files.models_root() / TRAINED_MODEL_SUBDIR_OF[variant]
 
 
-def ensure_trained_model() -> Path:
+def ensure_trained_model(variant: str = "qwen2_vl") -> Path:
     """Like :func:`ensure_default_model`, with the bundled weights trained on the synthetic VQA task
-    (``vllm_tokcomp/assets/tiny_qwen2_vl_vqa.safetensors``, see ``vllm_tokcomp.train.qwen2_vl``); rebuilt when
-    that file changes."""
-    if not TRAINED_WEIGHTS.is_file():
-        raise FileNotFoundError(f"bundled trained weights not found: {TRAINED_WEIGHTS}")
-    target, source = trained_model_dir(), files.sha256(TRAINED_WEIGHTS)
+    (``vllm_tokcomp/assets/tiny_qwen2_vl_vqa.safetensors`` / ``tiny_qwen2_5_vl_vqa.safetensors``, see
+    ``vllm_tokcomp.train.qwen2_vl``); rebuilt when that file changes."""
+    weights = TRAINED_WEIGHTS_OF[variant]
+    if not weights.is_file():
+        raise FileNotFoundError(f"bundled trained weights not found: {weights}")
+    target, source = trained_model_dir(variant), files.sha256(weights)
     return files.build_in_place(
-        target, lambda: is_complete_model_dir(target, "qwen2_vl", source),
-        lambda tmp: build_tiny_qwen2_vl(tmp, weights=TRAINED_WEIGHTS),
+        target, lambda: is_complete_model_dir(target, variant, source),
+        lambda tmp: build_tiny_qwen2_vl(tmp, variant=variant, weights=weights),
     )
 
 
-def served_model_dir() -> Path:
-    """The tiny Qwen2-VL that ``tokcomp serve tiny-qwen2-vl`` uses (not built here): the trained one, or the
-    random-weight one where the trained weights are absent (a stripped install)."""
-    return trained_model_dir() if TRAINED_WEIGHTS.is_file() else default_model_dir()
+def served_model_dir(variant: str = "qwen2_vl") -> Path:
+    """The tiny model that ``tokcomp serve tiny-qwen2-vl`` (``tiny-qwen2.5-vl``) uses (not built here): the trained
+    one, or the random-weight one where the trained weights are absent (a stripped install)."""
+    return trained_model_dir(variant) if TRAINED_WEIGHTS_OF[variant].is_file() else default_model_dir(variant)
 
 
-def ensure_served_model() -> Path:
+def ensure_served_model(variant: str = "qwen2_vl") -> Path:
     """:func:`served_model_dir`, built first if missing."""
-    return ensure_trained_model() if TRAINED_WEIGHTS.is_file() else ensure_default_model()
+    if TRAINED_WEIGHTS_OF[variant].is_file():
+        return ensure_trained_model(variant)
+    return ensure_default_model(variant)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,14 +398,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", nargs="?", help="output directory (default: build/ensure the default model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", choices=VARIANTS, default="qwen2_vl")
-    parser.add_argument("--weights", default=None, help="safetensors of trained Qwen2-VL weights (transformers names)")
+    parser.add_argument("--weights", default=None,
+                        help="safetensors of trained weights of --variant (transformers names)")
     parser.add_argument("--trained", action="store_true",
-                        help="build/ensure the model with the bundled trained weights")
+                        help="build/ensure the --variant model with the bundled trained weights")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.trained:
-        path = ensure_trained_model() if args.out_dir is None else build_tiny_qwen2_vl(
-            args.out_dir, weights=TRAINED_WEIGHTS)
+        path = ensure_trained_model(args.variant) if args.out_dir is None else build_tiny_qwen2_vl(
+            args.out_dir, variant=args.variant, weights=TRAINED_WEIGHTS_OF[args.variant])
     elif args.out_dir is None:
         path = ensure_default_model(args.variant)
     else:

@@ -21,8 +21,13 @@ model on the question answering task in the Qwen chat format (several questions 
 conversation, loss on the answers and their ``<|im_end|>``), through transformers' own Qwen2-VL forward
 (M-RoPE positions from ``get_rope_index``) with pixels from the real ``Qwen2VLImageProcessor``.
 
+``--variant qwen2_5_vl`` trains the tiny Qwen2.5-VL the same way, starting from the trained tiny Qwen2-VL
+(:func:`transplant_to_qwen2_5`: the same LM, the tower rewritten into Qwen2.5's RMSNorm/SwiGLU form exactly);
+its stage 1 distils the Qwen2-VL's image tokens, to learn the window attention of the Qwen2.5 tower's first
+block, and stage 2 is the same QA training through transformers' Qwen2.5-VL forward.
+
 ``OUT/ckpt.pt`` is written every ``--save-every`` steps and a run resumes from it; ``OUT/model.safetensors``
-(bf16, transformers names) is the result: ``python -m vllm_tokcomp.tiny.qwen2_vl DIR --weights
+(bf16, transformers names) is the result: ``python -m vllm_tokcomp.tiny.qwen2_vl DIR [--variant V] --weights
 OUT/model.safetensors`` turns it into a model folder.
 """
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -123,13 +129,63 @@ def transplant(llava: dict[str, torch.Tensor], rows: dict[int, int]) -> dict[str
     return out
 
 
-def build_model(state: dict[str, torch.Tensor]) -> nn.Module:
-    """transformers' Qwen2-VL (fp32) holding ``state``."""
-    from transformers import Qwen2VLForConditionalGeneration
+QUICK_GELU_SLOPE = 1.702  # quick_gelu(u) = u * sigmoid(1.702 u) = silu(1.702 u) / 1.702
 
-    config = tiny.make_config("qwen2_vl", tiny.TextGeometry.of(state))
+
+def transplant_to_qwen2_5(qwen2: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen2.5-VL weights (transformers names, fp32) from tiny Qwen2-VL weights.
+
+    The LM is the same network. The tower is rewritten so that, were every block full attention, it would give
+    the Qwen2-VL tower's output exactly: every write to the residual stream (the patch embedding, each
+    attention and MLP output) is projected onto zero-mean vectors, so a LayerNorm of the stream equals an RMSNorm
+    with the same weight, and each LayerNorm's bias moves into the bias of the layer it feeds; the quick-GELU MLP
+    becomes a SwiGLU one with ``gate = 1.702 fc1``, ``up = 1/1.702`` (a constant) and ``down = fc2``. What is left
+    to learn is the Qwen2.5 tower's window attention in its first block (``distill`` stage)."""
+    state = {k: v.float() for k, v in qwen2.items()}
+    text = tiny.TextGeometry.of(state)
+    shapes = tiny.checkpoint_shapes("qwen2_5_vl", text)
+    out = {k: v for k, v in state.items() if not k.startswith("model.visual.")}
+
+    def centred(weight: torch.Tensor) -> torch.Tensor:  # outputs of this layer have zero mean over channels
+        return weight - weight.mean(dim=0, keepdim=True)
+
+    out["model.visual.patch_embed.proj.weight"] = centred(state["model.visual.patch_embed.proj.weight"])
+    for i in range(tiny.VISION_DEPTH):
+        b = f"model.visual.blocks.{i}."
+        out[b + "norm1.weight"] = state[b + "norm1.weight"]
+        out[b + "attn.qkv.weight"] = state[b + "attn.qkv.weight"]
+        out[b + "attn.qkv.bias"] = state[b + "attn.qkv.bias"] + state[b + "attn.qkv.weight"] @ state[b + "norm1.bias"]
+        out[b + "attn.proj.weight"] = centred(state[b + "attn.proj.weight"])
+        out[b + "attn.proj.bias"] = centred(state[b + "attn.proj.bias"])
+        out[b + "norm2.weight"] = state[b + "norm2.weight"]
+        fc1_bias = state[b + "mlp.fc1.bias"] + state[b + "mlp.fc1.weight"] @ state[b + "norm2.bias"]
+        out[b + "mlp.gate_proj.weight"] = QUICK_GELU_SLOPE * state[b + "mlp.fc1.weight"]
+        out[b + "mlp.gate_proj.bias"] = QUICK_GELU_SLOPE * fc1_bias
+        out[b + "mlp.up_proj.weight"] = torch.zeros_like(state[b + "mlp.fc1.weight"])
+        out[b + "mlp.up_proj.bias"] = torch.full_like(fc1_bias, 1 / QUICK_GELU_SLOPE)
+        out[b + "mlp.down_proj.weight"] = centred(state[b + "mlp.fc2.weight"])
+        out[b + "mlp.down_proj.bias"] = centred(state[b + "mlp.fc2.bias"])
+    m = "model.visual.merger."
+    out[m + "ln_q.weight"] = state[m + "ln_q.weight"]
+    # ln_q normalises each patch, then the 2x2 window's four patches are concatenated into mlp.0's input
+    tiled_bias = state[m + "ln_q.bias"].repeat(tiny.MERGE_SIZE**2)
+    out[m + "mlp.0.weight"] = state[m + "mlp.0.weight"]
+    out[m + "mlp.0.bias"] = state[m + "mlp.0.bias"] + state[m + "mlp.0.weight"] @ tiled_bias
+    for name in ("mlp.2.weight", "mlp.2.bias"):
+        out[m + name] = state[m + name]
+    got = {k: tuple(v.shape) for k, v in out.items()}
+    if got != shapes:
+        raise RuntimeError(f"transplant mismatch: {sorted(set(got) ^ set(shapes))[:5]}")
+    return out
+
+
+def build_model(state: dict[str, torch.Tensor], variant: str = "qwen2_vl") -> nn.Module:
+    """transformers' Qwen2-VL or Qwen2.5-VL (fp32) holding ``state``."""
+    import transformers
+
+    config = tiny.make_config(variant, tiny.TextGeometry.of(state))
     config.dtype = torch.float32
-    model = Qwen2VLForConditionalGeneration(config).float()
+    model = getattr(transformers, tiny.ARCHITECTURES[variant])(config).float()
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
@@ -231,6 +287,24 @@ def teacher_features(teacher: nn.Module, images: list) -> torch.Tensor:
         return grid.mean(dim=(2, 4)).reshape(b, IMAGE_TOKENS, d)
 
 
+def distill_teacher(args: argparse.Namespace, pixels: Pixels) -> Callable[[list], torch.Tensor]:
+    """What stage 1 trains the tower and merger to give for a list of images: the LLaVA model's projector output
+    pooled per merged token (``qwen2_vl``), or the trained Qwen2-VL's image tokens (``qwen2_5_vl``)."""
+    if args.variant == "qwen2_5_vl":
+        qwen2 = build_model(tiny.load_weights(args.qwen2_vl)).eval()
+
+        def qwen2_features(images: list) -> torch.Tensor:
+            with torch.no_grad():
+                return student_features(qwen2, *pixels(images))
+
+        return qwen2_features
+    from transformers import LlavaForConditionalGeneration
+
+    llava = LlavaForConditionalGeneration.from_pretrained(str(tiny_llava.ensure_trained_model()),
+                                                          dtype=torch.float32).eval()
+    return lambda images: teacher_features(llava, images)
+
+
 def student_features(model: nn.Module, pixel_values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """The Qwen tower + merger's image tokens, ``[B, 144, hidden]``."""
     out = model.model.visual(pixel_values, grid_thw=grid)
@@ -270,10 +344,14 @@ def answers_correct(model: nn.Module, batch: dict) -> list[bool]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.train.qwen2_vl", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="run folder; a ckpt.pt already there is resumed")
+    parser.add_argument("--variant", choices=tiny.VARIANTS, default="qwen2_vl",
+                        help="qwen2_vl starts from the trained tiny LLaVA; qwen2_5_vl from the trained tiny Qwen2-VL")
     parser.add_argument("--llava", type=Path, default=tiny_llava.TRAINED_WEIGHTS,
-                        help="trained tiny LLaVA weights to start from (default: the bundled ones)")
+                        help="qwen2_vl: trained tiny LLaVA weights to start from and distil (default: bundled)")
+    parser.add_argument("--qwen2-vl", type=Path, default=tiny.TRAINED_WEIGHTS_OF["qwen2_vl"],
+                        help="qwen2_5_vl: trained tiny Qwen2-VL weights to start from and distil (default: bundled)")
     parser.add_argument("--init", type=Path, default=None,
-                        help="start from these Qwen2-VL weights instead (e.g. the bundled trained ones, to train "
+                        help="start from these weights of --variant instead (e.g. the bundled trained ones, to train "
                         "them further; give --distill-steps 0)")
     parser.add_argument("--seed", type=int, default=0, help="data seed (training split of the generator)")
     parser.add_argument("--distill-steps", type=int, default=300)
@@ -298,10 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_path = args.out / "ckpt.pt"
 
     from safetensors.torch import load_file
-    from transformers import LlavaForConditionalGeneration
 
     if args.init is not None:
-        model = build_model(tiny.load_weights(args.init))
+        model = build_model(tiny.load_weights(args.init, args.variant), args.variant)
+    elif args.variant == "qwen2_5_vl":
+        model = build_model(transplant_to_qwen2_5(tiny.load_weights(args.qwen2_vl)), args.variant)
     else:
         rows = token_row_map(tiny_llava.train_tokenizer().get_vocab(), tiny.train_tokenizer().get_vocab())
         model = build_model(transplant(load_file(str(args.llava)), rows))
@@ -347,16 +426,13 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     if stage == "distill":  # with --distill-steps 0 (e.g. --init from Qwen weights) straight on to QA
-        teacher = None
-        if step < args.distill_steps:
-            teacher = LlavaForConditionalGeneration.from_pretrained(str(tiny_llava.ensure_trained_model()),
-                                                                    dtype=torch.float32).eval()
+        teacher = distill_teacher(args, pixels) if step < args.distill_steps else None
         model.train()
         while step < args.distill_steps:
             rngs = [scene_rng(args.seed, "train", 10_000_000 + step * args.distill_batch + i)
                     for i in range(args.distill_batch)]
             images = [render_scene(make_scene(rng)) for rng in rngs]
-            target = teacher_features(teacher, images)
+            target = teacher(images)
             pixel_values, grid = pixels(images)
             for group in distill_opt.param_groups:
                 group["lr"] = lr_at(step, args.distill_steps, args.distill_lr, 20)
