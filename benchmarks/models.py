@@ -33,7 +33,8 @@ from pathlib import Path
 
 from vllm_tokcomp.tiny.llava import default_model_dir, ensure_default_model
 
-MODEL_PRESETS = ("tiny", "llava-proportioned", "llava-1.5-7b", "clip-l-encoder", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
+MODEL_PRESETS = ("tiny", "llava-proportioned", "llava-1.5-7b", "clip-l-encoder", "tiny-qwen2-vl", "tiny-qwen2.5-vl",
+                 "qwen2.5-vl-proportioned", "qwen2.5-vl-7b")
 QWEN_PRESETS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}  # the bundled tiny Qwen builders
 RANDOM_INIT_PRESETS = frozenset({"clip-l-encoder"})  # weights written from transformers' init, see above
 SHAPES_VERSION = 1
@@ -67,6 +68,66 @@ SHAPES: dict[str, Shape] = {
 }
 IMAGE_SIZE, PATCH_SIZE = 336, 14
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
+
+
+@dataclass(frozen=True)
+class QwenShape:
+    """A Qwen2.5-VL geometry (window-attention tower, 2x2 merger, GQA LM) and the benchmark image it sees."""
+
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vision_intermediate: int
+    fullatt_blocks: tuple[int, ...]
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+    vocab_size: int
+    image_size: int  # side of the benchmark's square image (px)
+    window_size: int = 112  # px: 4 x 4 merged tokens, as in Qwen2.5-VL
+    max_position_embeddings: int = 32768
+
+
+QWEN_SHAPES: dict[str, QwenShape] = {
+    # Qwen2.5-VL-7B's proportions at CPU size (encoder 38 % of the LM prefill FLOPs at 1024 + 64 tokens, the 7B's 39 %);
+    # an 896 px image is 32 x 32 = 1024 LM tokens, a typical Qwen2.5-VL photo.
+    "qwen2.5-vl-proportioned": QwenShape(320, 8, 5, 856, (3, 7), 1024, 8, 16, 2, 5504, 2048, image_size=896),
+    # Qwen/Qwen2.5-VL-7B-Instruct's config values (dummy weights, GPU runs)
+    "qwen2.5-vl-7b": QwenShape(1280, 32, 16, 3420, (7, 15, 23, 31), 3584, 28, 28, 4, 18944, 152064, image_size=896),
+}
+
+
+def qwen_flops(shape: QwenShape, text_tokens: int = 64, image_tokens: int = 1024) -> dict:
+    """Forward FLOPs (2 per multiply-add) of one image's Qwen2.5-VL encoder pass and of the LM prefill: the tower
+    on 4 patches per LM token (window attention over ``window_size``, full attention in ``fullatt_blocks``), the
+    merger, then the LM over ``text + image`` tokens (as :func:`flops`)."""
+    patches = 4 * image_tokens
+    d, f = shape.vision_hidden, shape.vision_intermediate
+    window = (shape.window_size // PATCH_SIZE) ** 2
+    vision = 2 * patches * 3 * 2 * PATCH_SIZE**2 * d  # the Conv3d patch embedding (2 frames)
+    for layer in range(shape.vision_layers):
+        span = patches if layer in shape.fullatt_blocks else min(window, patches)
+        vision += 2 * patches * 4 * d * d + 2 * patches * 3 * d * f + 2 * 2 * patches * span * d
+    merger = 2 * image_tokens * (4 * d * 4 * d + 4 * d * shape.text_hidden)
+    h = shape.text_hidden
+    t = text_tokens + image_tokens
+    hd = h // shape.text_heads
+    q_o = 2 * t * 2 * h * (shape.text_heads * hd)
+    kv = 2 * t * 2 * h * (shape.text_kv_heads * hd)
+    mlp = 2 * t * 3 * h * shape.text_intermediate
+    attn = 2 * 2 * (t * (t + 1) / 2) * shape.text_heads * hd
+    lm = shape.text_layers * (q_o + kv + mlp + attn) + 2 * h * shape.vocab_size
+    return {
+        "vision_tower": vision,
+        "projector": merger,
+        "encoder": vision + merger,
+        "lm_prefill": lm,
+        "encoder_over_lm_prefill": (vision + merger) / lm,
+        "text_tokens": text_tokens,
+        "image_tokens": image_tokens,
+    }
 
 
 def flops(shape: Shape, text_tokens: int = 64, image_tokens: int = NUM_PATCHES) -> dict:
@@ -162,6 +223,53 @@ def _write_random_init_weights(model_dir: Path) -> None:
     save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _write_qwen_model(name: str, shape: QwenShape) -> Path:
+    """A Qwen2.5-VL model folder of ``shape`` (config and processor only: vLLM's dummy loader makes the weights),
+    with the bundled tiny Qwen2.5-VL's tokenizer, chat template and processor, ``max_pixels`` raised to hold the
+    benchmark image whole."""
+    from vllm_tokcomp.tiny import qwen2_vl
+
+    target = _models_root() / f"bench-{name}-v{SHAPES_VERSION}"
+    marker = target / "tokcomp_bench_shape.json"
+    expected = {"preset": name, "shape": asdict(shape), "version": SHAPES_VERSION}
+    if marker.is_file() and json.loads(marker.read_text()) == expected:
+        return target
+    tiny = qwen2_vl.ensure_default_model("qwen2_5_vl")
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in tiny.iterdir():
+        if item.name not in ("model.safetensors", "config.json") and not item.name.startswith("tokcomp_"):
+            shutil.copy2(item, tmp / item.name)
+    config = json.loads((tiny / "config.json").read_text())
+    config["vision_config"].update(
+        depth=shape.vision_layers, hidden_size=shape.vision_hidden, num_heads=shape.vision_heads,
+        intermediate_size=shape.vision_intermediate, fullatt_block_indexes=list(shape.fullatt_blocks),
+        window_size=shape.window_size, out_hidden_size=shape.text_hidden,
+    )
+    config["text_config"].update(
+        hidden_size=shape.text_hidden, num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
+        num_key_value_heads=shape.text_kv_heads, intermediate_size=shape.text_intermediate,
+        vocab_size=shape.vocab_size, max_position_embeddings=shape.max_position_embeddings,
+        max_window_layers=shape.text_layers, layer_types=["full_attention"] * shape.text_layers,
+    )
+    head_dim = shape.text_hidden // shape.text_heads
+    # M-RoPE's (t, h, w) sections in Qwen2.5-VL's 1 : 1.5 : 1.5 split of head_dim / 2 rotary pairs
+    config["text_config"]["rope_parameters"]["mrope_section"] = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    processor_path = tmp / "processor_config.json"
+    processor = json.loads(processor_path.read_text())
+    merged = qwen2_vl.PATCH_SIZE * qwen2_vl.MERGE_SIZE
+    for key in ("image_processor", "video_processor"):
+        processor[key]["size"]["longest_edge"] = max(processor[key]["size"]["longest_edge"],
+                                                     (shape.image_size // merged * merged) ** 2)
+    processor_path.write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
+    (tmp / marker.name).write_text(json.dumps(expected, indent=2) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
 def resolve_model(preset_or_path: str) -> tuple[Path, str, dict]:
     """(model directory, load_format, info) for a preset name or a model directory."""
     if preset_or_path == "tiny":
@@ -170,6 +278,8 @@ def resolve_model(preset_or_path: str) -> tuple[Path, str, dict]:
         from vllm_tokcomp.tiny import qwen2_vl
 
         path, load_format = qwen2_vl.ensure_default_model(QWEN_PRESETS[preset_or_path]), "auto"
+    elif preset_or_path in QWEN_SHAPES:
+        path, load_format = _write_qwen_model(preset_or_path, QWEN_SHAPES[preset_or_path]), "dummy"
     elif preset_or_path in SHAPES:
         path = _write_model(preset_or_path, SHAPES[preset_or_path])
         load_format = "auto" if preset_or_path in RANDOM_INIT_PRESETS else "dummy"
@@ -180,10 +290,14 @@ def resolve_model(preset_or_path: str) -> tuple[Path, str, dict]:
                              "nor a model directory")
     info: dict = {"preset": preset_or_path if preset_or_path in MODEL_PRESETS else None, "path": str(path),
                   "load_format": load_format}
-    info["image_tokens"] = full_image_tokens(path)
+    qwen_shape = QWEN_SHAPES.get(preset_or_path)
+    info["image_size"] = qwen_shape.image_size if qwen_shape else IMAGE_SIZE
+    info["image_tokens"] = full_image_tokens(path, info["image_size"])
     info["family"] = "qwen2_vl" if is_qwen_vl(path) else "llava"
-    shape = SHAPES.get(preset_or_path) or shape_from_config(path)
-    if shape is not None:
+    if qwen_shape is not None:
+        info["shape"] = asdict(qwen_shape)
+        info["flops_per_request"] = qwen_flops(qwen_shape, image_tokens=info["image_tokens"])
+    elif (shape := SHAPES.get(preset_or_path) or shape_from_config(path)) is not None:
         info["shape"] = asdict(shape)
         info["flops_per_request"] = flops(shape)
     return path, load_format, info

@@ -70,7 +70,8 @@ def _model_line(result: dict) -> str:
             f"{shape['text_hidden']} (weights: {model.get('load_format')})"
         )
     if flops:
-        parts.append(f"encoder/LM-prefill FLOPs at 576+64 tokens: {_pct(flops['encoder_over_lm_prefill'], 1)}")
+        tokens = f"{flops.get('image_tokens', 576)}+{flops.get('text_tokens', 64)}"
+        parts.append(f"encoder/LM-prefill FLOPs at {tokens} tokens: {_pct(flops['encoder_over_lm_prefill'], 1)}")
     if model.get("image_tokens") not in (None, 576):
         parts.append(f"{model['image_tokens']} LM tokens per uncompressed image")
     return ", ".join(parts)

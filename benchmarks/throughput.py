@@ -65,7 +65,8 @@ def build_parser(mode_default: str = "throughput") -> argparse.ArgumentParser:
                    help="untimed full batch of the largest arm first in each engine (default: requests per round)")
     p.add_argument("--output-len", type=int, default=16, help="generated tokens per request (ignore_eos)")
     p.add_argument("--question", default=common.DEFAULT_QUESTION, help="text of every request")
-    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="default: 1024, or the next multiple of 1024 that holds an uncompressed image + 256 tokens")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None,
@@ -165,6 +166,7 @@ def run_engine(name: str, batches: list[dict], args: argparse.Namespace, model: 
         "question": args.question,
         "prompt": args.prompt,
         "limit_mm_per_prompt": mm_limits(model),
+        "image_size": args.image_size,
         "output_len": args.output_len,
         "batches": batches,
         "out": str(workdir / f"{tag}.result.json"),
@@ -470,6 +472,9 @@ def main(argv: list[str] | None = None, mode_default: str = "throughput") -> dic
     arms = common.make_arms(methods, budgets, plain=not args.no_plain, off=not args.no_off)
     model_path, load_format, model_info = resolve_model(args.model)
     args.full_image_tokens = model_info["image_tokens"]
+    args.image_size = model_info["image_size"]
+    if args.max_model_len is None:
+        args.max_model_len = 1024 * math.ceil((args.full_image_tokens + 256) / 1024)
     args.prompt = image_prompt(model_path, args.question)  # once: for Qwen it loads the processor
     text_estimate = None
     if memory_bound:

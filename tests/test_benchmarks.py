@@ -308,3 +308,31 @@ def test_models_know_their_image_tokens_and_prompt():
     prompt = models.image_prompt(qwen, "What is it?")
     assert prompt.count("<|image_pad|>") == 1 and "What is it?" in prompt
     assert models.mm_limits(qwen) == {"image": 1, "video": 0} and models.mm_limits(llava) == {"image": 1}
+
+
+def test_qwen_presets_have_qwen2_5_vl_7b_architecture_and_proportions():
+    from transformers import AutoConfig, AutoProcessor
+
+    from benchmarks.models import QWEN_SHAPES, qwen_flops, resolve_model
+
+    path, load_format, info = resolve_model("qwen2.5-vl-7b")
+    config = AutoConfig.from_pretrained(path)  # transformers reads it as a Qwen2.5-VL config
+    text, vision = config.text_config, config.vision_config
+    assert (config.model_type, load_format) == ("qwen2_5_vl", "dummy") and not (path / "model.safetensors").exists()
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        3584, 28, 28, 4)
+    assert (text.intermediate_size, text.vocab_size, text.rope_parameters["mrope_section"]) == (18944, 152064,
+                                                                                                  [16, 24, 24])
+    assert (vision.hidden_size, vision.depth, vision.intermediate_size) == (1280, 32, 3420)
+    assert vision.out_hidden_size == 3584
+    assert (vision.fullatt_block_indexes, vision.window_size) == ([7, 15, 23, 31], 112)
+    # the benchmark image goes through the real processor whole: 896 px = 32 x 32 merged tokens
+    assert info["image_size"] == 896 and info["image_tokens"] == 1024 and info["family"] == "qwen2_vl"
+    small, _, small_info = resolve_model("qwen2.5-vl-proportioned")
+    assert small_info["image_tokens"] == 1024
+    assert AutoProcessor.from_pretrained(small).image_processor.merge_size == 2
+    head_dims = {QWEN_SHAPES["qwen2.5-vl-proportioned"].text_hidden // 16, 320 // 5}
+    assert head_dims == {64}  # what vLLM's CPU attention supports
+    ratio_7b = qwen_flops(QWEN_SHAPES["qwen2.5-vl-7b"])["encoder_over_lm_prefill"]
+    ratio_small = small_info["flops_per_request"]["encoder_over_lm_prefill"]
+    assert 0.3 < ratio_7b < 0.5 and abs(ratio_small - ratio_7b) < 0.03
