@@ -38,7 +38,7 @@ if __package__ in (None, ""):
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import OFF, PLAIN, SCHEDULER_CLS, Arm  # noqa: E402
-from benchmarks.models import MODEL_PRESETS, resolve_model  # noqa: E402
+from benchmarks.models import MODEL_PRESETS, mm_limits, resolve_model  # noqa: E402
 from benchmarks.throughput import is_cpu_build  # noqa: E402
 
 SERVED_NAME = "bench"
@@ -58,12 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed requests per arm after each server start")
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--question", default=common.DEFAULT_QUESTION)
-    p.add_argument("--mixed-budgets", default="576,192,64,32", help="budgets mixed in one stream ('' to skip)")
+    p.add_argument("--mixed-budgets", default=None, help="budgets mixed in one stream ('' to skip; default: the "
+                   "model's full image count and 1/3, 1/9, 1/18 of it, LLaVA's 576,192,64,32)")
     p.add_argument("--mixed-requests", type=int, default=None, help="requests in the mixed stream per round "
                    "(default 2 x number of mixed budgets)")
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
-    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="default: 1024, or the next multiple of 1024 that holds an uncompressed image + 256 tokens")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--dtype", default=None, help="default: float32 on CPU builds, auto on CUDA")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
@@ -77,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_mixed_budgets(full: int) -> list[int]:
+    """The whole image and about 1/3, 1/9 and 1/18 of it (LLaVA: 576, 192, 64, 32)."""
+    return [full, *(max(1, round(full / d)) for d in (3, 9, 18))]
+
+
 def server_args(args: argparse.Namespace, model: Path, load_format: str) -> list[str]:
     dtype = args.dtype or ("float32" if is_cpu_build() else "auto")
     eager = is_cpu_build() if args.enforce_eager is None else args.enforce_eager
@@ -84,7 +91,7 @@ def server_args(args: argparse.Namespace, model: Path, load_format: str) -> list
         str(model), "--served-model-name", SERVED_NAME, "--max-model-len", str(args.max_model_len),
         "--max-num-seqs", str(args.max_num_seqs), "--dtype", dtype, "--load-format", load_format,
         *(["--enforce-eager"] if eager else []), "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
-        "--limit-mm-per-prompt", json.dumps({"image": 1}), "--scheduler-cls", SCHEDULER_CLS,
+        "--limit-mm-per-prompt", json.dumps(mm_limits(model)), "--scheduler-cls", SCHEDULER_CLS,
         "--seed", "0", *args.server_args.split(),
     ]
 
@@ -205,17 +212,18 @@ def default_slo(levels: dict, args: argparse.Namespace, loads: list[str]) -> dic
             "source": "none"}
 
 
-def mixed_summary(records: list[dict], kv: list[dict], text_tokens: int | None, method: str, load: str) -> dict:
+def mixed_summary(records: list[dict], kv: list[dict], text_tokens: int | None, method: str, load: str,
+                  full: int = common.FULL_IMAGE_TOKENS) -> dict:
     ok = [r for r in records if r.get("ok")]
     duration = busy_seconds(records)
     budgets = sorted({r["budget"] for r in records})
     exact = text_tokens is not None and all(
-        r.get("prompt_tokens") == text_tokens + min(r["budget"], common.FULL_IMAGE_TOKENS) for r in ok
+        r.get("prompt_tokens") == text_tokens + min(r["budget"], full) for r in ok
     ) and len(ok) == len(records)
     kv_exact = bool(kv) and all(
         k["max_blocks"] == math.ceil((k["prompt_tokens"] + k["output_tokens"] - 1) / k["block_size"]) for k in kv
     )
-    expected_prompts = sorted(text_tokens + min(r["budget"], common.FULL_IMAGE_TOKENS) for r in records) \
+    expected_prompts = sorted(text_tokens + min(r["budget"], full) for r in records) \
         if text_tokens is not None else None
     return {
         "method": method,
@@ -261,10 +269,14 @@ def main(argv: list[str] | None = None) -> dict:
     loads += [f"rate={r}" for r in common.parse_list(args.request_rates)]
     if not loads:
         raise SystemExit("give --concurrency and/or --request-rates")
-    mixed_budgets = common.parse_list(args.mixed_budgets, int)
-    mixed_n = args.mixed_requests or 2 * len(mixed_budgets)
     arms = common.make_arms(methods, budgets, plain=not args.no_plain, off=not args.no_off)
     model_path, load_format, model_info = resolve_model(args.model)
+    full, image_size = model_info["image_tokens"], model_info["image_size"]
+    if args.max_model_len is None:
+        args.max_model_len = 1024 * math.ceil((full + 256) / 1024)
+    mixed_budgets = (default_mixed_budgets(full) if args.mixed_budgets is None
+                     else common.parse_list(args.mixed_budgets, int))
+    mixed_n = args.mixed_requests or 2 * len(mixed_budgets)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tokcomp-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
     slug = args.model if args.model in MODEL_PRESETS else Path(args.model).name
@@ -275,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def url(seed: int) -> str:
         if seed not in urls:
-            urls[seed] = common.image_data_url(seed)
+            urls[seed] = common.image_data_url(seed, image_size)
         return urls[seed]
 
     plugin_arms = [a for a in arms if not a.plain]
@@ -350,11 +362,11 @@ def main(argv: list[str] | None = None) -> dict:
     text_tokens = None
     for row in rows:
         if row["prompt_tokens"]:
-            image = common.FULL_IMAGE_TOKENS if row["budget"] is None else min(row["budget"], common.FULL_IMAGE_TOKENS)
+            image = full if row["budget"] is None else min(row["budget"], full)
             text_tokens = row["prompt_tokens"][0] - image
             break
     for row in rows:
-        image = common.FULL_IMAGE_TOKENS if row["budget"] is None else min(row["budget"], common.FULL_IMAGE_TOKENS)
+        image = full if row["budget"] is None else min(row["budget"], full)
         row["prompt_is_text_plus_budget"] = text_tokens is not None and row["prompt_tokens"] == [text_tokens + image]
     result = {
         "schema_version": common.SCHEMA_VERSION,
@@ -377,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
         "raw": {f"{arm}|{load}": [_compact(r) for r in recs] for (arm, load), recs in levels.items()},
         "mixed_raw": [_compact(r) for r in mixed_records],
         "mixed": mixed_summary(mixed_records, mixed_kv, text_tokens, methods[0] if methods else "uniform",
-                               (loads[-1] if loads[-1].startswith("c=") else "c=4")) if mixed_records else None,
+                               (loads[-1] if loads[-1].startswith("c=") else "c=4"), full) if mixed_records else None,
     }
     result["machine"]["load_avg_1m_end"] = common.machine_info()["load_avg_1m_start"]
     common.write_json(out, result)

@@ -238,6 +238,13 @@ def test_serving_rows_slo_and_mixed_stream():
     assert summary["prompt_tokens_exact"] and summary["kv_blocks_exact"]
     kv[0]["max_blocks"] = 8
     assert not mixed_summary(mixed, kv, 40, "tome", "c=2")["kv_blocks_exact"]
+    # a Qwen image of 1024 tokens: the budget above it keeps the whole image, 40 + 1024 prompt tokens
+    qwen = [rec(0, 0.1, 0.01, budget=2048, prompt=1064), rec(0, 0.1, 0.01, budget=114, prompt=154)]
+    assert mixed_summary(qwen, [], 40, "pool", "c=2", full=1024)["prompt_tokens_exact"]
+    assert not mixed_summary(qwen, [], 40, "pool", "c=2")["prompt_tokens_exact"]  # LLaVA's 576 would cap it
+    from benchmarks.serving import default_mixed_budgets
+
+    assert default_mixed_budgets(576) == [576, 192, 64, 32] and default_mixed_budgets(1024) == [1024, 341, 114, 57]
 
 
 def test_model_shapes_have_llava_proportions():
