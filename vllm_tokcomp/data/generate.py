@@ -8,6 +8,10 @@ Layout (spec: docs/dataset.md)::
 
 ``image`` is relative to the split folder, so every split folder is a data set on its own.
 N counts images; each image gets ``--questions-per-image`` questions of distinct types.
+
+``--videos`` writes moving-shape clips instead (:mod:`.video`): ``OUT/<split>/videos/000000/00.png`` ... (one
+336 x 336 frame per file, ``--frames`` of them) and records ``{"id", "video", "frames", "question", "answer",
+"type"}`` with ``video`` the clip's folder.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 
 from .spec import SPEC_VERSION
 from .synth import make_questions, make_scene, render_scene
+from .video import FRAMES, make_clip, make_video_questions, render_clip
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
@@ -27,6 +32,31 @@ SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of one image: independent of every other image and of the split sizes."""
     return np.random.default_rng([SPEC_VERSION, seed, SPLIT_IDS.get(split, 3), index])
+
+
+def clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of one clip, independent of every image's (:func:`scene_rng`) and of every other clip's."""
+    return np.random.default_rng([SPEC_VERSION, seed, SPLIT_IDS.get(split, 3), index, 1])
+
+
+def generate_video_split(out: Path, split: str, n: int, *, seed: int, questions_per_clip: int,
+                         frames: int = FRAMES) -> int:
+    folder = out / split
+    folder.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with open(folder / "questions.jsonl", "w") as handle:
+        for index in range(n):
+            rng = clip_rng(seed, split, index)
+            clip = make_clip(rng, frames)
+            rel = f"videos/{index:06d}"
+            (folder / rel).mkdir(parents=True, exist_ok=True)
+            for k, frame in enumerate(render_clip(clip)):
+                frame.save(folder / rel / f"{k:02d}.png", optimize=False, compress_level=6)
+            for q_index, qa in enumerate(make_video_questions(clip, rng, questions_per_clip)):
+                record = {"id": f"{split}-v{index:06d}-{q_index}", "video": rel, "frames": frames, **qa}
+                handle.write(json.dumps(record) + "\n")
+                count += 1
+    return count
 
 
 def generate_split(out: Path, split: str, n: int, *, seed: int, questions_per_image: int) -> int:
@@ -50,15 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.data.generate", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=0, help="number of training images")
-    parser.add_argument("--val", type=int, default=0, help="number of validation images")
-    parser.add_argument("--test", type=int, default=0, help="number of test images")
-    parser.add_argument("--questions-per-image", type=int, default=2)
+    parser.add_argument("--train", type=int, default=0, help="number of training images (clips with --videos)")
+    parser.add_argument("--val", type=int, default=0, help="number of validation images (clips)")
+    parser.add_argument("--test", type=int, default=0, help="number of test images (clips)")
+    parser.add_argument("--questions-per-image", type=int, default=2, help="(per clip with --videos)")
+    parser.add_argument("--videos", action="store_true", help="moving-shape clips instead of images")
+    parser.add_argument("--frames", type=int, default=FRAMES, help="frames per clip (even)")
     args = parser.parse_args(argv)
+    if args.videos and (args.frames < 2 or args.frames % 2):
+        parser.error("--frames must be an even number >= 2")
     counts = {}
     for split in ("train", "val", "test"):
         n = getattr(args, split)
-        if n > 0:
+        if n > 0 and args.videos:
+            counts[split] = {"videos": n, "questions": generate_video_split(
+                args.out, split, n, seed=args.seed, questions_per_clip=args.questions_per_image, frames=args.frames)}
+        elif n > 0:
             counts[split] = {
                 "images": n,
                 "questions": generate_split(
@@ -67,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             }
     spec = {"spec_version": SPEC_VERSION, "seed": args.seed, "questions_per_image": args.questions_per_image,
             "splits": counts}
+    if args.videos:
+        spec.update(kind="video", frames=args.frames)
     (args.out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     print(json.dumps(spec))
     return 0
