@@ -99,6 +99,30 @@ def test_training_conversation_is_what_the_chat_template_renders(tmp_path) -> No
         tiny.IM_END_ID]
 
 
+def test_video_conversation_and_pixels_are_what_the_processor_renders(tmp_path) -> None:
+    # a training clip's conversation and pixels against the real processor given the same frames as a video
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny.build_tiny_qwen2_vl(tmp_path / "m", seed=0))
+    batch = train.video_batch(train.QwenQAEncoder(), train.Pixels(), 0, 0, 1, 2, 4)
+    from vllm_tokcomp.data.generate import clip_rng
+    from vllm_tokcomp.data.video import make_clip, make_video_questions, render_clip
+
+    rng = clip_rng(0, "train", 0)
+    clip = make_clip(rng, 4)
+    frames = np.stack([np.asarray(f) for f in render_clip(clip)])
+    first = make_video_questions(clip, rng, 2)[0]
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": first["question"]}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    rendered = processor(text=[prompt], videos=[frames], do_sample_frames=False, return_tensors="pt")
+    ids = rendered["input_ids"][0].tolist()
+    assert batch["input_ids"][0, : len(ids)].tolist() == ids
+    assert batch["video_grid_thw"].tolist() == rendered["video_grid_thw"].tolist() == [[2, 24, 24]]
+    torch.testing.assert_close(batch["pixel_values_videos"], rendered["pixel_values_videos"])
+    types = batch["mm_token_type_ids"][0]
+    assert (types == 2).sum() == 2 * 12 * 12 and not (types == 1).any()  # 4 frames: 2 temporal slices
+
+
 def test_distillation_pools_the_four_patches_of_each_merged_token() -> None:
     # The student's merged token k covers the 2x2 window the real processor puts at rows 4k..4k+3 of its patches;
     # the target must average the LLaVA features of those same four patches. Each patch here is painted with its
@@ -248,6 +272,38 @@ def test_builder_takes_qwen2_5_weights_and_refuses_qwen2_ones(tmp_path, qwen_sta
     with pytest.raises(ValueError, match="qwen2_5_vl.*gate_proj"):
         tiny.build_tiny_qwen2_vl(tmp_path / "bad", variant="qwen2_5_vl", weights=tmp_path / "q2.st")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_video_steps_train_on_clips_and_validate_them(tmp_path, qwen_state, monkeypatch) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    drawn = []
+    real_video_batch = train.video_batch
+
+    def spy(*args):  # noqa: ANN002, ANN202
+        drawn.append(args[3])  # the first clip's index
+        return real_video_batch(*args)
+
+    monkeypatch.setattr(train, "video_batch", spy)
+
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in qwen_state.items()}, str(weights))
+    run = tmp_path / "run"
+    flags = ["--init", str(weights), "--distill-steps", "0", "--qa-batch", "1", "--questions-per-image", "2",
+             "--video-share", "0.5", "--video-batch", "1", "--questions-per-clip", "2", "--eval-images", "1",
+             "--eval-clips", "2", "--threads", "1"]
+    assert train.main([str(run), *flags, "--qa-steps", "2"]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e["stage"] == "qa-val-video"] == [0, 2]
+    assert drawn == [0]  # of 2 QA steps at share 0.5 the second trained on clip 0
+    assert train.main([str(run), *flags, "--qa-steps", "4"]) == 0  # resumed: step 3 takes the next clip
+    assert drawn == [0, 1]
+    assert all(0 <= e["acc"] <= 1 for e in log if e["stage"].startswith("qa-val"))
+    with pytest.raises(SystemExit):
+        train.main([str(tmp_path / "bad"), *flags, "--video-frames", "3"])
 
 
 @pytest.mark.slow

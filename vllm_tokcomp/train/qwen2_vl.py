@@ -26,6 +26,11 @@ conversation, loss on the answers and their ``<|im_end|>``), through transformer
 its stage 1 distils the Qwen2-VL's image tokens, to learn the window attention of the Qwen2.5 tower's first
 block, and stage 2 is the same QA training through transformers' Qwen2.5-VL forward.
 
+``--video-share F`` makes that share of the QA steps train on moving-shape clips instead (``data.generate
+--videos``' training stream, ``--video-frames`` frames each through the real ``Qwen2VLVideoProcessor``, several
+questions per clip as one conversation); validation then also checks ``--eval-clips`` validation clips
+(``qa-val-video`` in the log).
+
 ``OUT/ckpt.pt`` is written every ``--save-every`` steps and a run resumes from it; ``OUT/model.safetensors``
 (bf16, transformers names) is the result: ``python -m vllm_tokcomp.tiny.qwen2_vl DIR [--variant V] --weights
 OUT/model.safetensors`` turns it into a model folder.
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,8 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_tokcomp.data.generate import scene_rng
+from vllm_tokcomp.data.generate import clip_rng, scene_rng
 from vllm_tokcomp.data.synth import make_scene, render_scene
+from vllm_tokcomp.data.video import make_clip, make_video_questions, render_clip
 from vllm_tokcomp.tiny import llava as tiny_llava
 from vllm_tokcomp.tiny import qwen2_vl as tiny
 from vllm_tokcomp.train.llava import (
@@ -199,16 +206,24 @@ def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- data
 class Pixels:
-    """Images to what the real ``Qwen2VLImageProcessor`` gives (flattened patches and ``image_grid_thw``)."""
+    """Images (and clips) to what the real ``Qwen2VLImageProcessor`` (``Qwen2VLVideoProcessor``) gives: flattened
+    patches and ``image_grid_thw`` (``video_grid_thw``)."""
 
     def __init__(self) -> None:
-        from transformers import Qwen2VLImageProcessor
+        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
         self.processor = Qwen2VLImageProcessor(**tiny.image_processor_kwargs())
+        self.video_processor = Qwen2VLVideoProcessor(**tiny.image_processor_kwargs())
 
     def __call__(self, images: list) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.processor(images=images, return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
+
+    def videos(self, clips: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``clips``: each a list of PIL frames (all frames used, no sampling)."""
+        arrays = [np.stack([np.asarray(frame) for frame in frames]) for frames in clips]
+        out = self.video_processor(videos=arrays, do_sample_frames=False, return_tensors="pt")
+        return out["pixel_values_videos"], out["video_grid_thw"]
 
 
 class QwenQAEncoder:
@@ -224,16 +239,19 @@ class QwenQAEncoder:
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def conversation(self, qas: list[dict], image_tokens: int = IMAGE_TOKENS) -> tuple[list[int], list[int]]:
+    def conversation(self, qas: list[dict], image_tokens: int = IMAGE_TOKENS,
+                     video: bool = False) -> tuple[list[int], list[int]]:
+        """``video``: the media is a clip (``<|video_pad|>`` x ``image_tokens``) instead of an image."""
+        pad, pad_id = (tiny.VIDEO_PAD, tiny.VIDEO_TOKEN_ID) if video else (tiny.IMAGE_PAD, tiny.IMAGE_TOKEN_ID)
         ids: list[int] = []
         labels: list[int] = []
         for turn, qa in enumerate(qas):
-            media = tiny.VISION_START + tiny.IMAGE_PAD + tiny.VISION_END if turn == 0 else ""
+            media = tiny.VISION_START + pad + tiny.VISION_END if turn == 0 else ""
             prompt = (SYSTEM if turn == 0 else "") + "<|im_start|>user\n" + media + qa["question"]
             p = self.ids(prompt + "<|im_end|>\n<|im_start|>assistant\n")
             if turn == 0:
-                at = p.index(tiny.IMAGE_TOKEN_ID)
-                p = p[:at] + [tiny.IMAGE_TOKEN_ID] * image_tokens + p[at + 1:]
+                at = p.index(pad_id)
+                p = p[:at] + [pad_id] * image_tokens + p[at + 1:]
             a = self.ids(qa["answer"]) + [tiny.IM_END_ID]
             newline = self.ids("\n")
             ids += p + a + newline
@@ -255,9 +273,44 @@ def qa_batch(enc: QwenQAEncoder, pixels: Pixels, seed: int, start: int, n: int, 
 def padded(seqs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
     batch = padded_conversations(seqs)
     batch["input_ids"][batch["attention_mask"] == 0] = tiny.ENDOFTEXT_ID
-    # what the processor returns next to input_ids, transformers' M-RoPE needs it: 1 marks image tokens
-    batch["mm_token_type_ids"] = (batch["input_ids"] == tiny.IMAGE_TOKEN_ID).int()
+    # what the processor returns next to input_ids, transformers' M-RoPE needs it: 1 image, 2 video tokens
+    ids = batch["input_ids"]
+    batch["mm_token_type_ids"] = (ids == tiny.IMAGE_TOKEN_ID).int() + 2 * (ids == tiny.VIDEO_TOKEN_ID).int()
     return batch
+
+
+def clip_tokens(grid: torch.Tensor) -> list[int]:
+    """LM tokens of each clip of ``video_grid_thw`` (t x h x w patches, merged 2 x 2)."""
+    return [int(g.prod()) // tiny.MERGE_SIZE**2 for g in grid]
+
+
+def video_batch(enc: QwenQAEncoder, pixels: Pixels, seed: int, start: int, n: int, per_clip: int,
+                frames: int) -> dict:
+    """Training clips ``start .. start + n`` (``data.generate --videos``' train stream), each with up to
+    ``per_clip`` questions as one conversation."""
+    clips, qas = [], []
+    for index in range(start, start + n):
+        rng = clip_rng(seed, "train", index)
+        clip = make_clip(rng, frames)
+        clips.append(render_clip(clip))
+        qas.append(make_video_questions(clip, rng, per_clip))
+    values, grid = pixels.videos(clips)
+    seqs = [enc.conversation(q, tokens, video=True) for q, tokens in zip(qas, clip_tokens(grid), strict=True)]
+    return {**padded(seqs), "pixel_values_videos": values, "video_grid_thw": grid}
+
+
+def val_video_batch(enc: QwenQAEncoder, pixels: Pixels, seed: int, start: int, n: int,
+                    frames: int) -> tuple[dict, list[str]]:
+    """Validation clips, one question each (the first: a motion question where the clip has a describable mover)."""
+    clips, qas = [], []
+    for index in range(start, start + n):
+        rng = clip_rng(seed, "val", index)
+        clip = make_clip(rng, frames)
+        clips.append(render_clip(clip))
+        qas.append(make_video_questions(clip, rng, 1)[0])
+    values, grid = pixels.videos(clips)
+    seqs = [enc.conversation([qa], tokens, video=True) for qa, tokens in zip(qas, clip_tokens(grid), strict=True)]
+    return {**padded(seqs), "pixel_values_videos": values, "video_grid_thw": grid}, [qa["type"] for qa in qas]
 
 
 def val_batch(enc: QwenQAEncoder, pixels: Pixels, seed: int, start: int, n: int) -> tuple[dict, list[str]]:
@@ -318,10 +371,12 @@ def distill_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def forward(model: nn.Module, batch: dict):  # noqa: ANN201 - transformers' model output
-    """The Qwen2-VL decoder's output for ``batch`` (positions from transformers' own M-RoPE index)."""
+    """The Qwen2-VL decoder's output for ``batch`` of images or clips (positions from transformers' own M-RoPE
+    index)."""
+    media = {key: batch.get(key) for key in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                             "video_grid_thw")}
     return model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                       mm_token_type_ids=batch["mm_token_type_ids"])
+                       mm_token_type_ids=batch["mm_token_type_ids"], **media)
 
 
 def qa_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qa-batch", type=int, default=8)
     parser.add_argument("--qa-lr", type=float, default=3e-4)
     parser.add_argument("--questions-per-image", type=int, default=12)
+    parser.add_argument("--video-share", type=float, default=0.0,
+                        help="share of QA steps that train on moving-shape clips (data.generate --videos) instead")
+    parser.add_argument("--video-batch", type=int, default=4, help="clips per video step")
+    parser.add_argument("--video-frames", type=int, default=4, help="frames per clip (even)")
+    parser.add_argument("--questions-per-clip", type=int, default=4)
+    parser.add_argument("--eval-clips", type=int, default=64, help="validation clips checked with the images")
     parser.add_argument("--time-limit", type=float, default=0.0,
                         help="seconds of QA training: stop then (learning rate decayed by then), checkpoint, export")
     parser.add_argument("--save-every", type=int, default=50)
@@ -369,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.distill_steps < 0 or args.qa_steps < 0:
         parser.error("--distill-steps and --qa-steps must be >= 0")
+    if not 0 <= args.video_share < 1:
+        parser.error("--video-share must be in [0, 1)")
+    if args.video_frames < 2 or args.video_frames % 2:
+        parser.error("--video-frames must be an even number >= 2")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -423,6 +488,19 @@ def main(argv: list[str] | None = None) -> int:
                     for t in sorted(set(types))}
         record({"stage": "qa-val", "step": step, "acc": round(float(np.mean(hits)), 3), "per_type": per_type,
                 "s": round(time.perf_counter() - started, 1)})
+        if args.video_share > 0 and args.eval_clips:
+            model.eval()
+            hits, types = [], []
+            for start in range(0, args.eval_clips, 16):
+                batch, batch_types = val_video_batch(enc, pixels, args.seed, start, min(16, args.eval_clips - start),
+                                                     args.video_frames)
+                hits += answers_correct(model, batch)
+                types += batch_types
+            model.train()
+            per_type = {t: round(float(np.mean([h for h, u in zip(hits, types, strict=True) if u == t])), 3)
+                        for t in sorted(set(types))}
+            record({"stage": "qa-val-video", "step": step, "acc": round(float(np.mean(hits)), 3),
+                    "per_type": per_type, "s": round(time.perf_counter() - started, 1)})
 
     started = time.perf_counter()
     if stage == "distill":  # with --distill-steps 0 (e.g. --init from Qwen weights) straight on to QA
@@ -459,7 +537,12 @@ def main(argv: list[str] | None = None) -> int:
             elapsed = time.perf_counter() - qa_started
             if args.time_limit and elapsed > args.time_limit:
                 break
-            batch = qa_batch(enc, pixels, args.seed, step * args.qa_batch, args.qa_batch, args.questions_per_image)
+            videos_before = math.floor(step * args.video_share)  # clips are drawn in order, so a resume continues
+            if math.floor((step + 1) * args.video_share) > videos_before:
+                batch = video_batch(enc, pixels, args.seed, videos_before * args.video_batch, args.video_batch,
+                                    args.questions_per_clip, args.video_frames)
+            else:
+                batch = qa_batch(enc, pixels, args.seed, step * args.qa_batch, args.qa_batch, args.questions_per_image)
             for group in qa_opt.param_groups:
                 group["lr"] = lr_at(step, args.qa_steps, args.qa_lr, 20,
                                     elapsed / args.time_limit if args.time_limit else 0.0)
