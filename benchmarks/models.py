@@ -111,23 +111,8 @@ def qwen_flops(shape: QwenShape, text_tokens: int = 64, image_tokens: int = 1024
         span = patches if layer in shape.fullatt_blocks else min(window, patches)
         vision += 2 * patches * 4 * d * d + 2 * patches * 3 * d * f + 2 * 2 * patches * span * d
     merger = 2 * image_tokens * (4 * d * 4 * d + 4 * d * shape.text_hidden)
-    h = shape.text_hidden
-    t = text_tokens + image_tokens
-    hd = h // shape.text_heads
-    q_o = 2 * t * 2 * h * (shape.text_heads * hd)
-    kv = 2 * t * 2 * h * (shape.text_kv_heads * hd)
-    mlp = 2 * t * 3 * h * shape.text_intermediate
-    attn = 2 * 2 * (t * (t + 1) / 2) * shape.text_heads * hd
-    lm = shape.text_layers * (q_o + kv + mlp + attn) + 2 * h * shape.vocab_size
-    return {
-        "vision_tower": vision,
-        "projector": merger,
-        "encoder": vision + merger,
-        "lm_prefill": lm,
-        "encoder_over_lm_prefill": (vision + merger) / lm,
-        "text_tokens": text_tokens,
-        "image_tokens": image_tokens,
-    }
+    return _flops_table(vision, merger, _lm_prefill_flops(shape, text_tokens + image_tokens), text_tokens,
+                        image_tokens)
 
 
 def flops(shape: Shape, text_tokens: int = 64, image_tokens: int = NUM_PATCHES) -> dict:
@@ -141,15 +126,23 @@ def flops(shape: Shape, text_tokens: int = 64, image_tokens: int = NUM_PATCHES) 
     d, f = shape.vision_hidden, shape.vision_intermediate
     per_layer = 2 * n * 4 * d * d + 2 * n * 2 * d * f + 2 * 2 * n * n * d
     vision = shape.vision_layers_used * per_layer + 2 * NUM_PATCHES * 3 * PATCH_SIZE**2 * d
-    h = shape.text_hidden
-    projector = 2 * NUM_PATCHES * (d * h + h * h)
-    t = text_tokens + image_tokens
+    projector = 2 * NUM_PATCHES * (d * shape.text_hidden + shape.text_hidden**2)
+    return _flops_table(vision, projector, _lm_prefill_flops(shape, text_tokens + image_tokens), text_tokens,
+                        image_tokens)
+
+
+def _lm_prefill_flops(shape: Shape | QwenShape, tokens: int) -> float:
+    """The LM's prefill over ``tokens``: projections (GQA), SwiGLU MLP, causal attention, the last position's head."""
+    h, t = shape.text_hidden, tokens
     hd = h // shape.text_heads
     q_o = 2 * t * 2 * h * (shape.text_heads * hd)
     kv = 2 * t * 2 * h * (shape.text_kv_heads * hd)
     mlp = 2 * t * 3 * h * shape.text_intermediate
     attn = 2 * 2 * (t * (t + 1) / 2) * shape.text_heads * hd
-    lm = shape.text_layers * (q_o + kv + mlp + attn) + 2 * h * shape.vocab_size
+    return shape.text_layers * (q_o + kv + mlp + attn) + 2 * h * shape.vocab_size
+
+
+def _flops_table(vision: float, projector: float, lm: float, text_tokens: int, image_tokens: int) -> dict:
     return {
         "vision_tower": vision,
         "projector": projector,
