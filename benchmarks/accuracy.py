@@ -13,6 +13,10 @@ length minus the text tokens). Answers are scored by exact match after ``normali
 ``OUT.json`` (every arm, per question type, the baseline's predictions), ``OUT.md`` (accuracy and
 relative accuracy per method and budget, and per question type) and ``OUT.png`` (accuracy vs tokens
 per image, one line per method, a star per adaptive arm).
+
+A data set of clips (``data.generate --videos``: records with ``"video"``, a folder of frames) runs the same way on
+a Qwen model: each clip is one video of all its frames, budgets are per clip, and the full count is what the model's
+video processor makes of a clip.
 """
 
 from __future__ import annotations
@@ -47,8 +51,13 @@ def load_dataset(folder: Path, limit: int | None = None) -> list[dict]:
             if line.strip():
                 record = json.loads(line)
                 record.setdefault("type", "all")
-                record["image_path"] = str(folder / record["image"])
+                if "video" in record:
+                    record["video_path"] = str(folder / record["video"])
+                else:
+                    record["image_path"] = str(folder / record["image"])
                 records.append(record)
+    if len({"video_path" in r for r in records}) > 1:
+        raise SystemExit(f"{folder}: mixes image and video records; give one kind per data set")
     return records[:limit] if limit else records
 
 
@@ -118,8 +127,10 @@ def run_arms(model: str, records: list[dict], arms: list[Arm], *, chunk: int, ma
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, max_model_len=1024, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 1})
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    if records and "video_path" in records[0]:
+        return _run_video_arms(model, records, arms, params, chunk=chunk, progress=progress, on_arm=on_arm)
+    llm = LLM(model=model, max_model_len=1024, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 1})
     images = {}
     for record in records:
         if record["image_path"] not in images:
@@ -138,6 +149,55 @@ def run_arms(model: str, records: list[dict], arms: list[Arm], *, chunk: int, ma
         for start in range(0, len(conversations), chunk):
             outputs = llm.chat(conversations[start:start + chunk], params, mm_processor_kwargs=arm_kwargs(arm),
                                use_tqdm=False)
+            answers += [o.outputs[0].text for o in outputs]
+            prompt_lengths += [len(o.prompt_token_ids) for o in outputs]
+            bar.update(len(outputs))
+        results.append(answers)
+        lengths.append(prompt_lengths)
+        if on_arm is not None:
+            on_arm(results, lengths)
+    bar.close()
+    return results, lengths
+
+
+def load_clip(folder: str):  # noqa: ANN201 - numpy uint8 [frames, H, W, 3]
+    """A clip's frames (``00.png``, ``01.png``, ... in name order) as one array."""
+    import numpy as np
+    from PIL import Image
+
+    frames = []
+    for path in sorted(Path(folder).glob("*.png")):
+        with Image.open(path) as frame:
+            frames.append(np.asarray(frame.convert("RGB")))
+    if not frames:
+        raise SystemExit(f"{folder}: no frames (*.png)")
+    return np.stack(frames)
+
+
+def _run_video_arms(model: str, records: list[dict], arms: list[Arm], params, *, chunk: int, progress: bool,
+                    on_arm) -> tuple[list[list[str]], list[list[int]]]:  # noqa: ANN001
+    """:func:`run_arms` for clips: prompts from the model's chat template, the clip as one video."""
+    from tqdm import tqdm
+    from transformers import AutoProcessor
+    from vllm import LLM
+
+    processor = AutoProcessor.from_pretrained(model)
+    clips = {r["video_path"]: load_clip(r["video_path"]) for r in records}
+    prompts = []
+    for r in records:
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": r["question"]}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        prompts.append({"prompt": text, "multi_modal_data": {"video": clips[r["video_path"]]}})
+    llm = LLM(model=model, max_model_len=2048, enforce_eager=True, seed=0,
+              limit_mm_per_prompt={"image": 0, "video": 1})
+    results, lengths = [], []
+    bar = tqdm(total=len(arms) * len(records), unit="q", disable=not progress, dynamic_ncols=True)
+    for arm in arms:
+        bar.set_description(arm_label(arm))
+        answers, prompt_lengths = [], []
+        for start in range(0, len(prompts), chunk):
+            outputs = llm.generate(prompts[start:start + chunk], params, mm_processor_kwargs=arm_kwargs(arm),
+                                   use_tqdm=False)
             answers += [o.outputs[0].text for o in outputs]
             prompt_lengths += [len(o.prompt_token_ids) for o in outputs]
             bar.update(len(outputs))
@@ -246,21 +306,28 @@ def model_type(model: str) -> str:
 def full_image_tokens(model: str, records: list[dict]) -> int:
     """Visual tokens of one uncompressed image: LLaVA's fixed count, or for a Qwen model what its own image
     processor makes of the images (which must then all give the same count: budgets are counts)."""
+    videos = bool(records) and "video_path" in records[0]
     if model_type(model) not in QWEN_TYPES:
+        if videos:
+            raise SystemExit(f"video data sets need a Qwen model; {model} is {model_type(model) or 'unknown'}")
         return json.loads((Path(model) / "config.json").read_text()).get("image_seq_length", FULL)
     from PIL import Image
-    from transformers import AutoImageProcessor
+    from transformers import AutoProcessor
 
-    processor = AutoImageProcessor.from_pretrained(model)
-    merge = processor.merge_size**2
+    processor = AutoProcessor.from_pretrained(model)
+    merge = processor.image_processor.merge_size**2
     counts = set()
-    for path in sorted({r["image_path"] for r in records}):
+    for path in sorted({r["video_path" if videos else "image_path"] for r in records}):
+        if videos:
+            out = processor.video_processor(videos=[load_clip(path)], do_sample_frames=False, return_tensors="pt")
+            counts.add(int(out["video_grid_thw"].prod()) // merge)
+            continue
         with Image.open(path) as image:
-            counts.add(int(processor(images=[image.convert("RGB")], return_tensors="pt")["image_grid_thw"].prod())
-                       // merge)
+            counts.add(int(processor.image_processor(images=[image.convert("RGB")],
+                                                     return_tensors="pt")["image_grid_thw"].prod()) // merge)
     if len(counts) != 1:
-        raise SystemExit(f"the images give {sorted(counts)} visual tokens each on {model}: this harness compares "
-                         "fixed budgets, so give it images of one size")
+        raise SystemExit(f"the {'clips' if videos else 'images'} give {sorted(counts)} visual tokens each on {model}: "
+                         "this harness compares fixed budgets, so give it media of one size")
     return counts.pop()
 
 

@@ -162,6 +162,33 @@ def test_harness_end_to_end_on_qwen(tmp_path: Path) -> None:
     assert [a["tokens"] for a in report["arms"]] == [48, 32, 16, 8] * 2  # read back from the prompts vLLM ran
 
 
+@pytest.mark.slow
+def test_harness_end_to_end_on_qwen_videos(tmp_path: Path) -> None:
+    from vllm_tokcomp.data.generate import main as generate
+    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
+
+    env = harness_data_and_env(tmp_path)
+    generate([str(tmp_path / "clips"), "--videos", "--frames", "4", "--test", "2"])
+    model = str(ensure_default_model())
+    records = accuracy.load_dataset(tmp_path / "clips" / "test")
+    assert accuracy.full_image_tokens(model, records) == 2 * 12 * 12  # 4 frames: 2 temporal slices of 12 x 12
+    out = tmp_path / "res" / "accuracy"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "accuracy.py"), "--data",
+                           str(tmp_path / "clips" / "test"), "--model", model, "--methods", "pool,tome",
+                           "--budgets", "96,16", "--out", str(out), "--no-progress"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["n"] == len(records) == 4 and report["full_tokens"] == 288
+    assert report["baseline"]["tokens"] == 288
+    assert [(a["method"], a["budget"], a["tokens"]) for a in report["arms"]] == [
+        ("pool", 96, 96), ("pool", 16, 16), ("tome", 96, 96), ("tome", 16, 16)]  # read back from vLLM's prompts
+    with pytest.raises(SystemExit, match="need a Qwen model"):
+        from vllm_tokcomp.tiny.llava import ensure_default_model as llava_model
+
+        accuracy.full_image_tokens(str(llava_model()), records)
+
+
 def test_positions_renumbered_vs_original() -> None:
     import torch
 
