@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.common import output_file  # noqa: E402
+
 FULL = 576  # the tiny LLaVA's image tokens (a Qwen model's come from its processor: full_image_tokens)
 DEFAULT_BUDGETS = (576, 192, 128, 64, 32)
 BUDGET_FRACTIONS = (1, 1 / 3, 2 / 9, 1 / 9, 1 / 18)  # the default budgets as fractions of the full count
@@ -345,10 +347,10 @@ def methods_for(model: str) -> list[str]:
 def write_report(out: Path, report: dict, text: str) -> None:
     """``OUT.json`` and ``OUT.md``, then the markdown and where it went on stdout."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text)
+    output_file(out, ".json").write_text(json.dumps(report, indent=1) + "\n")
+    output_file(out, ".md").write_text(text)
     print(text)
-    print(f"wrote {out.with_suffix('.json')} and .md ({report['seconds']:.0f}s)")
+    print(f"wrote {output_file(out, '.json')} and .md ({report['seconds']:.0f}s)")
 
 
 def majority_baseline(records: list[dict]) -> float:
@@ -404,16 +406,16 @@ def main(argv: list[str] | None = None) -> int:
         report = build_report(model, data, records, budgets, methods, arms, answers, time.perf_counter() - start,
                               lengths, full=full)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(report))
-        plot(report, args.out.with_suffix(".png"))
+        output_file(args.out, ".json").write_text(json.dumps(report, indent=1) + "\n")
+        output_file(args.out, ".md").write_text(markdown(report))
+        plot(report, output_file(args.out, ".png"))
         return report
 
     answers, lengths = run_arms(model, records, arms, chunk=args.chunk, max_tokens=args.max_tokens,
                                 progress=not args.no_progress, on_arm=write)
     report = write(answers, lengths)
     print(markdown(report))
-    print(f"wrote {args.out.with_suffix('.json')}, .md, .png ({report['seconds']:.0f}s)")
+    print(f"wrote {output_file(args.out, '.json')}, .md, .png ({report['seconds']:.0f}s)")
     return 0
 
 

@@ -26,6 +26,17 @@ DEFAULT_QUESTION = (
     "Look at the picture carefully and describe the shapes you can see, their colours, "
     "their positions relative to each other, and anything unusual about the scene."
 )
+RESULT_SUFFIXES = (".json", ".md", ".png")
+
+
+def output_file(stem: Path, suffix: str) -> Path:
+    """``stem`` + ``suffix`` for an output stem such as ``results/accuracy-qwen2.5-vl`` (``Path.with_suffix`` would
+    take its ``.5-vl`` for a suffix and write ``accuracy-qwen2.json``); a stem that ends in one of
+    :data:`RESULT_SUFFIXES` has it replaced."""
+    base = stem.with_suffix("") if stem.suffix in RESULT_SUFFIXES else stem
+    return base.with_name(base.name + suffix)
+
+
 PLAIN = "plain"  # plain vLLM, the plugin filtered out of the process (VLLM_PLUGINS="")
 OFF = "off"  # plugin installed and loaded, no tokcomp setting: compression off
 SCHEMA_VERSION = 1

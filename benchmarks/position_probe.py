@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.accuracy import model_or_default  # noqa: E402
+from benchmarks.common import output_file  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "position-probe"
 GRID = 24
@@ -110,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{r['left_right']['object_patches']:.3f} | {r['column']['all_patches']:.3f} | "
                          f"{r['column']['object_patches']:.3f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    output_file(args.out, ".json").write_text(json.dumps(report, indent=1) + "\n")
     text = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(text)
+    output_file(args.out, ".md").write_text(text)
     print(text + f"\nwrote {args.out}.json and .md ({report['seconds']}s)")
     return 0
 

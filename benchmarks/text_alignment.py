@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.common import output_file  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 OBJECT_SHARE = 0.1  # a token is an object's when more than this share of its pixels belong to one
 
@@ -184,8 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
               "seconds": round(time.perf_counter() - started, 1)}
     out = args.out or RESULTS / f"text-alignment-{args.model}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
+    output_file(out, ".json").write_text(json.dumps(report, indent=2) + "\n")
+    output_file(out, ".md").write_text(markdown(report))
     print(markdown(report))
     return report
 

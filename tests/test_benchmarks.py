@@ -343,3 +343,10 @@ def test_qwen_presets_have_qwen2_5_vl_7b_architecture_and_proportions():
     ratio_7b = qwen_flops(QWEN_SHAPES["qwen2.5-vl-7b"])["encoder_over_lm_prefill"]
     ratio_small = small_info["flops_per_request"]["encoder_over_lm_prefill"]
     assert 0.3 < ratio_7b < 0.5 and abs(ratio_small - ratio_7b) < 0.03
+
+
+def test_output_files_keep_dots_in_the_stem(tmp_path):
+    stem = tmp_path / "accuracy-qwen2.5-vl"
+    assert common.output_file(stem, ".json").name == "accuracy-qwen2.5-vl.json"
+    assert common.output_file(tmp_path / "accuracy.json", ".md").name == "accuracy.md"
+    assert common.output_file(tmp_path / "accuracy", ".png").name == "accuracy.png"
