@@ -74,6 +74,17 @@ def default_dataset(seed: int = 0, images: int = 250) -> Path:
     return out / "test"
 
 
+def default_video_dataset(seed: int = 0, clips: int = 100, frames: int = 4) -> Path:
+    """The synthetic video test split (``clips`` clips of ``frames`` frames, 2 questions each), generated once."""
+    root = Path(os.environ.get("TOKCOMP_DATA_DIR", Path.home() / ".cache" / "vllm-tokcomp" / "data"))
+    out = root / f"vqa-video-v1-seed{seed}-f{frames}-test{clips}"
+    if not (out / "test" / "questions.jsonl").exists() or not (out / "spec.json").exists():
+        from vllm_tokcomp.data.generate import main as generate
+
+        generate([str(out), "--videos", "--frames", str(frames), "--seed", str(seed), "--test", str(clips)])
+    return out / "test"
+
+
 def score(records: list[dict], predictions: list[str]) -> dict:
     from vllm_tokcomp.data.spec import normalize_answer
 
@@ -364,6 +375,8 @@ def majority_baseline(records: list[dict]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="folder with questions.jsonl (default: test split)")
+    parser.add_argument("--videos", action="store_true", help="default data: the synthetic video test split "
+                        "(100 clips of 4 frames, 2 questions each) instead of the images")
     parser.add_argument("--model", default=None, help="model folder (default: the bundled trained tiny LLaVA), or a "
                         "bundled model's name: tiny-llava, tiny-qwen2-vl, tiny-qwen2.5-vl")
     parser.add_argument("--methods", default="all", help="comma list of servable methods, or 'all' (those the "
@@ -381,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    data = args.data or default_dataset()
+    data = args.data or (default_video_dataset() if args.videos else default_dataset())
     model = model_or_default(args.model)
     records = load_dataset(Path(data), args.limit)
     full = full_image_tokens(model, records)
