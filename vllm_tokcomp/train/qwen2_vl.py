@@ -285,32 +285,19 @@ def clip_tokens(grid: torch.Tensor) -> list[int]:
 
 
 def video_batch(enc: QwenQAEncoder, pixels: Pixels, seed: int, start: int, n: int, per_clip: int,
-                frames: int) -> dict:
-    """Training clips ``start .. start + n`` (``data.generate --videos``' train stream), each with up to
-    ``per_clip`` questions as one conversation."""
+                frames: int, split: str = "train") -> dict:
+    """Clips ``start .. start + n`` of ``split`` (``data.generate --videos``' stream), each with up to ``per_clip``
+    questions as one conversation; ``"first_types"`` lists each clip's first question type."""
     clips, qas = [], []
     for index in range(start, start + n):
-        rng = clip_rng(seed, "train", index)
+        rng = clip_rng(seed, split, index)
         clip = make_clip(rng, frames)
         clips.append(render_clip(clip))
         qas.append(make_video_questions(clip, rng, per_clip))
     values, grid = pixels.videos(clips)
     seqs = [enc.conversation(q, tokens, video=True) for q, tokens in zip(qas, clip_tokens(grid), strict=True)]
-    return {**padded(seqs), "pixel_values_videos": values, "video_grid_thw": grid}
-
-
-def val_video_batch(enc: QwenQAEncoder, pixels: Pixels, seed: int, start: int, n: int,
-                    frames: int) -> tuple[dict, list[str]]:
-    """Validation clips, one question each (the first: a motion question where the clip has a describable mover)."""
-    clips, qas = [], []
-    for index in range(start, start + n):
-        rng = clip_rng(seed, "val", index)
-        clip = make_clip(rng, frames)
-        clips.append(render_clip(clip))
-        qas.append(make_video_questions(clip, rng, 1)[0])
-    values, grid = pixels.videos(clips)
-    seqs = [enc.conversation([qa], tokens, video=True) for qa, tokens in zip(qas, clip_tokens(grid), strict=True)]
-    return {**padded(seqs), "pixel_values_videos": values, "video_grid_thw": grid}, [qa["type"] for qa in qas]
+    return {**padded(seqs), "pixel_values_videos": values, "video_grid_thw": grid,
+            "first_types": [q[0]["type"] for q in qas]}
 
 
 def val_batch(enc: QwenQAEncoder, pixels: Pixels, seed: int, start: int, n: int) -> tuple[dict, list[str]]:
@@ -492,10 +479,11 @@ def main(argv: list[str] | None = None) -> int:
             model.eval()
             hits, types = [], []
             for start in range(0, args.eval_clips, 16):
-                batch, batch_types = val_video_batch(enc, pixels, args.seed, start, min(16, args.eval_clips - start),
-                                                     args.video_frames)
+                # one question per clip (the first: a motion question where the clip has a describable mover)
+                batch = video_batch(enc, pixels, args.seed, start, min(16, args.eval_clips - start), 1,
+                                    args.video_frames, split="val")
                 hits += answers_correct(model, batch)
-                types += batch_types
+                types += batch["first_types"]
             model.train()
             per_type = {t: round(float(np.mean([h for h, u in zip(hits, types, strict=True) if u == t])), 3)
                         for t in sorted(set(types))}
