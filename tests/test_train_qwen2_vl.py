@@ -283,9 +283,10 @@ def test_video_steps_train_on_clips_and_validate_them(tmp_path, qwen_state, monk
     drawn = []
     real_video_batch = train.video_batch
 
-    def spy(*args):  # noqa: ANN002, ANN202
-        drawn.append(args[3])  # the first clip's index
-        return real_video_batch(*args)
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if kwargs.get("split", "train") == "train":
+            drawn.append(args[3])  # the first training clip's index
+        return real_video_batch(*args, **kwargs)
 
     monkeypatch.setattr(train, "video_batch", spy)
 
