@@ -194,6 +194,13 @@ def test_analysis_bounds_and_goals_from_synthetic_batches():
     batches[4]["kv"] = [{**batches[4]["kv"][0], "max_blocks": 99}] * 2
     again = analyse(arms, [{"batches": batches}], args)
     assert again["goals"]["kv_blocks_exact"]["met"] is False
+    # No compression timing recorded (the Qwen integration has no timer): "not measured", never a passed 0 %.
+    for batch in batches[4:]:
+        batch["encoder"] = {**batch["encoder"], "method_calls": 0, "method_s": 0.0}
+    untimed = analyse(arms, [{"batches": batches}], args)
+    goal = untimed["goals"]["budget64_vs_amdahl"]["tome@64"]
+    assert goal["compression_share"] is None and goal["compression_met"] is None
+    assert "compression not measured" in report.goals_markdown({**untimed, "model": {}})
 
 
 def test_memory_bound_goal_uses_max_running_from_the_engine():
