@@ -131,37 +131,37 @@ def parse_auto(text: str) -> list[Arm]:
 
 def run_arms(model: str, records: list[dict], arms: list[Arm], *, chunk: int, max_tokens: int,
              progress: bool = True, on_arm=None) -> tuple[list[list[str]], list[list[int]]]:  # noqa: ANN001
-    """Greedy answers and prompt lengths of every record for every arm, from one engine.
+    """Greedy answers and prompt lengths of every record for every arm, from one engine: images through
+    ``llm.chat``, clips (records with ``video_path``) as one video each in the model's own chat prompt.
 
     ``on_arm(answers_so_far, prompt_lengths_so_far)`` is called after each arm (the harness writes partial
     reports)."""
     _engine_env()
-    from PIL import Image
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     if records and "video_path" in records[0]:
-        return _run_video_arms(model, records, arms, params, chunk=chunk, progress=progress, on_arm=on_arm)
-    llm = LLM(model=model, max_model_len=1024, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 1})
-    images = {}
-    for record in records:
-        if record["image_path"] not in images:
-            with Image.open(record["image_path"]) as image:
-                images[record["image_path"]] = image.convert("RGB")
-    conversations = [
-        [{"role": "user", "content": [{"type": "image_pil", "image_pil": images[r["image_path"]]},
-                                      {"type": "text", "text": r["question"]}]}]
-        for r in records
-    ]
+        llm = LLM(model=model, max_model_len=2048, enforce_eager=True, seed=0,
+                  limit_mm_per_prompt={"image": 0, "video": 1})
+        prompts = video_prompts(model, records)
+
+        def answer(batch: list, kwargs: dict | None) -> list:
+            return llm.generate(batch, params, mm_processor_kwargs=kwargs, use_tqdm=False)
+    else:
+        llm = LLM(model=model, max_model_len=1024, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 1})
+        prompts = image_conversations(records)
+
+        def answer(batch: list, kwargs: dict | None) -> list:
+            return llm.chat(batch, params, mm_processor_kwargs=kwargs, use_tqdm=False)
+
     results, lengths = [], []
     bar = tqdm(total=len(arms) * len(records), unit="q", disable=not progress, dynamic_ncols=True)
     for arm in arms:
         bar.set_description(arm_label(arm))
         answers, prompt_lengths = [], []
-        for start in range(0, len(conversations), chunk):
-            outputs = llm.chat(conversations[start:start + chunk], params, mm_processor_kwargs=arm_kwargs(arm),
-                               use_tqdm=False)
+        for start in range(0, len(prompts), chunk):
+            outputs = answer(prompts[start:start + chunk], arm_kwargs(arm))
             answers += [o.outputs[0].text for o in outputs]
             prompt_lengths += [len(o.prompt_token_ids) for o in outputs]
             bar.update(len(outputs))
@@ -171,6 +171,19 @@ def run_arms(model: str, records: list[dict], arms: list[Arm], *, chunk: int, ma
             on_arm(results, lengths)
     bar.close()
     return results, lengths
+
+
+def image_conversations(records: list[dict]) -> list[list[dict]]:
+    """One single-image chat conversation per record (each image read once)."""
+    from PIL import Image
+
+    images = {}
+    for record in records:
+        if record["image_path"] not in images:
+            with Image.open(record["image_path"]) as image:
+                images[record["image_path"]] = image.convert("RGB")
+    return [[{"role": "user", "content": [{"type": "image_pil", "image_pil": images[r["image_path"]]},
+                                          {"type": "text", "text": r["question"]}]}] for r in records]
 
 
 def load_clip(folder: str):  # noqa: ANN201 - numpy uint8 [frames, H, W, 3]
@@ -187,12 +200,9 @@ def load_clip(folder: str):  # noqa: ANN201 - numpy uint8 [frames, H, W, 3]
     return np.stack(frames)
 
 
-def _run_video_arms(model: str, records: list[dict], arms: list[Arm], params, *, chunk: int, progress: bool,
-                    on_arm) -> tuple[list[list[str]], list[list[int]]]:  # noqa: ANN001
-    """:func:`run_arms` for clips: prompts from the model's chat template, the clip as one video."""
-    from tqdm import tqdm
+def video_prompts(model: str, records: list[dict]) -> list[dict]:
+    """One prompt per record: the model's chat template around a video and the question, the clip as the video."""
     from transformers import AutoProcessor
-    from vllm import LLM
 
     processor = AutoProcessor.from_pretrained(model)
     clips = {r["video_path"]: load_clip(r["video_path"]) for r in records}
@@ -201,25 +211,7 @@ def _run_video_arms(model: str, records: list[dict], arms: list[Arm], params, *,
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": r["question"]}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
         prompts.append({"prompt": text, "multi_modal_data": {"video": clips[r["video_path"]]}})
-    llm = LLM(model=model, max_model_len=2048, enforce_eager=True, seed=0,
-              limit_mm_per_prompt={"image": 0, "video": 1})
-    results, lengths = [], []
-    bar = tqdm(total=len(arms) * len(records), unit="q", disable=not progress, dynamic_ncols=True)
-    for arm in arms:
-        bar.set_description(arm_label(arm))
-        answers, prompt_lengths = [], []
-        for start in range(0, len(prompts), chunk):
-            outputs = llm.generate(prompts[start:start + chunk], params, mm_processor_kwargs=arm_kwargs(arm),
-                                   use_tqdm=False)
-            answers += [o.outputs[0].text for o in outputs]
-            prompt_lengths += [len(o.prompt_token_ids) for o in outputs]
-            bar.update(len(outputs))
-        results.append(answers)
-        lengths.append(prompt_lengths)
-        if on_arm is not None:
-            on_arm(results, lengths)
-    bar.close()
-    return results, lengths
+    return prompts
 
 
 def arm_label(arm: Arm) -> str:
