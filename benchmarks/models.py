@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -158,47 +159,57 @@ def _models_root() -> Path:
     return default_model_dir().parent
 
 
-def _write_model(name: str, shape: Shape) -> Path:
+def _write_bench_model(name: str, shape: Shape | QwenShape, donor: Callable[[], Path],
+                       fill: Callable[[Path], None]) -> Path:
+    """``bench-<name>-v<SHAPES_VERSION>`` next to the tiny models: the ``donor`` model's files (tokenizer, chat
+    template, processor) without its weights and config, then ``fill(folder)`` writes the rest; built in a
+    temporary sibling renamed into place, reused while its marker records the same ``shape``."""
     target = _models_root() / f"bench-{name}-v{SHAPES_VERSION}"
     marker = target / "tokcomp_bench_shape.json"
     expected = {"preset": name, "shape": asdict(shape), "version": SHAPES_VERSION}
     if marker.is_file() and json.loads(marker.read_text()) == expected:
         return target
-    tiny = ensure_default_model()
+    source = donor()
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for item in tiny.iterdir():
-        if item.name in ("model.safetensors", "config.json") or item.name.startswith("tokcomp_"):
-            continue
-        shutil.copy2(item, tmp / item.name)
-    config = json.loads((tiny / "config.json").read_text())
-    vision, text = config["vision_config"], config["text_config"]
-    vision.update(
-        hidden_size=shape.vision_hidden,
-        projection_dim=shape.vision_hidden,
-        num_hidden_layers=shape.vision_layers,
-        num_attention_heads=shape.vision_heads,
-        intermediate_size=shape.vision_intermediate,
-    )
-    text.update(
-        hidden_size=shape.text_hidden,
-        num_hidden_layers=shape.text_layers,
-        num_attention_heads=shape.text_heads,
-        num_key_value_heads=shape.text_kv_heads,
-        head_dim=shape.text_hidden // shape.text_heads,
-        intermediate_size=shape.text_intermediate,
-        vocab_size=shape.vocab_size,
-        max_position_embeddings=shape.max_position_embeddings,
-        rms_norm_eps=shape.rms_norm_eps,
-    )
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if name in RANDOM_INIT_PRESETS:
-        _write_random_init_weights(tmp)
+    for item in source.iterdir():
+        if item.name not in ("model.safetensors", "config.json") and not item.name.startswith("tokcomp_"):
+            shutil.copy2(item, tmp / item.name)
+    fill(tmp)
     (tmp / marker.name).write_text(json.dumps(expected, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
+
+
+def _write_model(name: str, shape: Shape) -> Path:
+    def fill(folder: Path) -> None:
+        config = json.loads((ensure_default_model() / "config.json").read_text())
+        vision, text = config["vision_config"], config["text_config"]
+        vision.update(
+            hidden_size=shape.vision_hidden,
+            projection_dim=shape.vision_hidden,
+            num_hidden_layers=shape.vision_layers,
+            num_attention_heads=shape.vision_heads,
+            intermediate_size=shape.vision_intermediate,
+        )
+        text.update(
+            hidden_size=shape.text_hidden,
+            num_hidden_layers=shape.text_layers,
+            num_attention_heads=shape.text_heads,
+            num_key_value_heads=shape.text_kv_heads,
+            head_dim=shape.text_hidden // shape.text_heads,
+            intermediate_size=shape.text_intermediate,
+            vocab_size=shape.vocab_size,
+            max_position_embeddings=shape.max_position_embeddings,
+            rms_norm_eps=shape.rms_norm_eps,
+        )
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if name in RANDOM_INIT_PRESETS:
+            _write_random_init_weights(folder)
+
+    return _write_bench_model(name, shape, ensure_default_model, fill)
 
 
 def _write_random_init_weights(model_dir: Path) -> None:
@@ -222,45 +233,36 @@ def _write_qwen_model(name: str, shape: QwenShape) -> Path:
     benchmark image whole."""
     from vllm_tokcomp.tiny import qwen2_vl
 
-    target = _models_root() / f"bench-{name}-v{SHAPES_VERSION}"
-    marker = target / "tokcomp_bench_shape.json"
-    expected = {"preset": name, "shape": asdict(shape), "version": SHAPES_VERSION}
-    if marker.is_file() and json.loads(marker.read_text()) == expected:
-        return target
-    tiny = qwen2_vl.ensure_default_model("qwen2_5_vl")
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for item in tiny.iterdir():
-        if item.name not in ("model.safetensors", "config.json") and not item.name.startswith("tokcomp_"):
-            shutil.copy2(item, tmp / item.name)
-    config = json.loads((tiny / "config.json").read_text())
-    config["vision_config"].update(
-        depth=shape.vision_layers, hidden_size=shape.vision_hidden, num_heads=shape.vision_heads,
-        intermediate_size=shape.vision_intermediate, fullatt_block_indexes=list(shape.fullatt_blocks),
-        window_size=shape.window_size, out_hidden_size=shape.text_hidden,
-    )
-    config["text_config"].update(
-        hidden_size=shape.text_hidden, num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
-        num_key_value_heads=shape.text_kv_heads, intermediate_size=shape.text_intermediate,
-        vocab_size=shape.vocab_size, max_position_embeddings=shape.max_position_embeddings,
-        max_window_layers=shape.text_layers, layer_types=["full_attention"] * shape.text_layers,
-    )
-    head_dim = shape.text_hidden // shape.text_heads
-    # M-RoPE's (t, h, w) sections in Qwen2.5-VL's 1 : 1.5 : 1.5 split of head_dim / 2 rotary pairs
-    config["text_config"]["rope_parameters"]["mrope_section"] = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    processor_path = tmp / "processor_config.json"
-    processor = json.loads(processor_path.read_text())
-    merged = qwen2_vl.PATCH_SIZE * qwen2_vl.MERGE_SIZE
-    for key in ("image_processor", "video_processor"):
-        processor[key]["size"]["longest_edge"] = max(processor[key]["size"]["longest_edge"],
-                                                     (shape.image_size // merged * merged) ** 2)
-    processor_path.write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
-    (tmp / marker.name).write_text(json.dumps(expected, indent=2) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
+    def tiny() -> Path:
+        return qwen2_vl.ensure_default_model("qwen2_5_vl")
+
+    def fill(folder: Path) -> None:
+        config = json.loads((tiny() / "config.json").read_text())
+        config["vision_config"].update(
+            depth=shape.vision_layers, hidden_size=shape.vision_hidden, num_heads=shape.vision_heads,
+            intermediate_size=shape.vision_intermediate, fullatt_block_indexes=list(shape.fullatt_blocks),
+            window_size=shape.window_size, out_hidden_size=shape.text_hidden,
+        )
+        config["text_config"].update(
+            hidden_size=shape.text_hidden, num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
+            num_key_value_heads=shape.text_kv_heads, intermediate_size=shape.text_intermediate,
+            vocab_size=shape.vocab_size, max_position_embeddings=shape.max_position_embeddings,
+            max_window_layers=shape.text_layers, layer_types=["full_attention"] * shape.text_layers,
+        )
+        head_dim = shape.text_hidden // shape.text_heads
+        # M-RoPE's (t, h, w) sections in Qwen2.5-VL's 1 : 1.5 : 1.5 split of head_dim / 2 rotary pairs
+        config["text_config"]["rope_parameters"]["mrope_section"] = [head_dim // 8, 3 * head_dim // 16,
+                                                                     3 * head_dim // 16]
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        processor_path = folder / "processor_config.json"
+        processor = json.loads(processor_path.read_text())
+        merged = qwen2_vl.PATCH_SIZE * qwen2_vl.MERGE_SIZE
+        for key in ("image_processor", "video_processor"):
+            processor[key]["size"]["longest_edge"] = max(processor[key]["size"]["longest_edge"],
+                                                         (shape.image_size // merged * merged) ** 2)
+        processor_path.write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
+
+    return _write_bench_model(name, shape, tiny, fill)
 
 
 def resolve_model(preset_or_path: str) -> tuple[Path, str, dict]:
