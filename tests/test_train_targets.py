@@ -431,3 +431,77 @@ def test_tower_flags_that_cannot_apply_are_refused_at_startup(extra, flag, tmp_p
         main([str(tmp_path / "run"), "--init", str(Path(init)), "--clip-steps", "0", "--qa-steps", "0", *extra])
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compress_prob", [0.0, 1.0])
+def test_isolated_questions_are_the_single_turn_conversations_served(compress_prob):
+    """--isolated-questions packs an image's questions after one image prefix; every answer's logits must equal
+    those of that question asked alone (built independently: one single-turn conversation per question, no
+    custom mask), for plain and compressed images."""
+    from vllm_tokcomp.data.synth import make_scene
+    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.train.llava import (
+        QAEncoder,
+        build_model,
+        dense_questions,
+        image_tokens,
+        load_llava_hf_state,
+        padded_conversations,
+        qa_batch,
+        qa_forward,
+    )
+
+    enc = QAEncoder()
+    model = build_model(tiny.Geometry(text_layers=2))
+    load_llava_hf_state(model, tiny.random_state_dict(5))
+    model.eval()
+    packed = qa_batch(enc, 0, 6, 3, 5, compress_prob=compress_prob, isolated=True)
+    assert packed["attention_mask"].shape[:2] == (3, 1) and packed["position_ids"].shape == packed["input_ids"].shape
+    with torch.no_grad():
+        out, _ = qa_forward(model, packed)
+        packed_logits = model.lm_head(out.last_hidden_state)
+        checked = 0
+        for row in range(3):
+            rng = scene_rng(0, "train", 6 + row)
+            scene = make_scene(rng)
+            qas = dense_questions(scene, rng, 5)
+            squeeze = packed["squeeze"][row]
+            labels = packed["labels"][row]
+            answer_at = (labels != -100).nonzero().flatten()  # the answer tokens of all questions, in order
+            offset = 0
+            for qa in qas:
+                ids, lab = enc.conversation([qa], image_tokens(squeeze))
+                single = {"pixel_values": packed["pixel_values"][row:row + 1], **padded_conversations([(ids, lab)]),
+                          "looks": [], "squeeze": [squeeze]}
+                single_out, _ = qa_forward(model, single)
+                single_logits = model.lm_head(single_out.last_hidden_state[0])
+                single_answer = [i for i, t in enumerate(lab) if t != -100]
+                for k, i in enumerate(single_answer):  # the logits predicting each answer token
+                    packed_i = int(answer_at[offset + k])
+                    assert packed["input_ids"][row, packed_i] == ids[i]
+                    assert torch.allclose(packed_logits[row, packed_i - 1], single_logits[i - 1], atol=1e-4)
+                    checked += 1
+                offset += len(single_answer)
+            assert offset == len(answer_at)
+    assert checked > 20
+
+
+def test_look_loss_under_packed_questions_equals_eager_attention_with_that_mask():
+    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.train.llava import QAEncoder, build_model, load_llava_hf_state, qa_batch, qa_loss
+
+    model = build_model(tiny.Geometry(text_layers=2))
+    load_llava_hf_state(model, tiny.random_state_dict(5))
+    batch = qa_batch(QAEncoder(), 0, 0, 2, 6, isolated=True)
+    assert batch["looks"]
+    with torch.no_grad():
+        plain, _ = qa_loss(model, batch)
+        supervised, _ = qa_loss(model, batch, look_weight=1.0)
+        model.model.language_model.config._attn_implementation = "eager"
+        additive = torch.zeros(batch["attention_mask"].shape).masked_fill(~batch["attention_mask"], float("-inf"))
+        attentions = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                                 attention_mask=additive, position_ids=batch["position_ids"],
+                                 output_attentions=True).attentions
+    expected = torch.stack([-torch.log(layer[row, 0, query, cols].sum().clamp_min(1e-6))
+                            for layer in attentions[1:] for row, query, cols in batch["looks"]]).mean()
+    assert torch.allclose(supervised - plain, expected, rtol=1e-4, atol=1e-5)

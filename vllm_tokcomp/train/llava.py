@@ -428,6 +428,40 @@ class QAEncoder:
             labels += [-100] * len(p) + a
         return ids, labels, starts
 
+    def isolated_conversation(
+        self, qas: list[dict], image_tokens: int = tiny.NUM_IMAGE_TOKENS
+    ) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+        """Every question as its own single-turn conversation, packed after one shared image prefix: ids,
+        labels and answer starts as :meth:`conversation_with_answer_starts`, plus each token's position and
+        segment (0: the shared ``<s>USER: <image>`` prefix; ``k``: question ``k``). With
+        :func:`segment_attention` question ``k`` sees the prefix and itself only, at the positions it has when
+        served alone, so no answer can be read off an earlier turn and each is a single-turn sample."""
+        singles = [self.conversation_with_answer_starts([qa], image_tokens) for qa in qas]
+        first = singles[0][0]
+        prefix = first.index(self.image_id) + image_tokens  # up to and including the last image token
+        ids, labels, starts = list(first[:prefix]), [-100] * prefix, []
+        positions, segments = list(range(prefix)), [0] * prefix
+        for k, (single, single_labels, (start,)) in enumerate(singles, start=1):
+            if single[:prefix] != first[:prefix]:
+                raise ValueError("the questions' single-turn prompts do not share the image prefix")
+            starts.append(len(ids) + start - prefix)
+            ids += single[prefix:]
+            labels += single_labels[prefix:]
+            positions += range(prefix, len(single))
+            segments += [k] * (len(single) - prefix)
+        return ids, labels, starts, positions, segments
+
+
+def segment_attention(segments: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, T, T]`` boolean mask (True: may attend) for packed conversations: causal, and a token of segment
+    ``k`` > 0 sees segment 0 (the shared prefix) and its own segment only. ``segments``: ``[B, T]``; ``valid``:
+    ``[B, T]``, False on padding (a padding token sees itself only, so no attention row is empty)."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
+    mask = causal & same & valid[:, None, :] & valid[:, :, None]
+    return (mask | torch.eye(length, dtype=torch.bool)).unsqueeze(1)
+
 
 def dense_questions(scene, rng: np.random.Generator, k: int) -> list[dict]:  # noqa: ANN001 - Scene
     """Up to ``k`` distinct questions about one scene: rounds of :func:`make_questions` (all types each)."""
@@ -477,12 +511,14 @@ def draw_squeeze(rng: np.random.Generator, prob: float) -> Squeeze | None:
 
 
 def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, caption: bool = False,
-             compress_prob: float = 0.0) -> dict:
+             compress_prob: float = 0.0, isolated: bool = False) -> dict:
     """Rendered images and their conversations. With ``compress_prob`` > 0 each image is compressed with that
     probability (``batch["squeeze"]``, one :class:`Squeeze` or None per row; the ids hold that many image tokens,
     and a compressed row's looks hold ``first image position + patch index``, mapped to the kept tokens in
-    :func:`qa_forward`)."""
-    images, seqs, patch_targets, squeezes = [], [], [], []
+    :func:`qa_forward`). With ``isolated`` the questions are packed as single-turn conversations
+    (:meth:`QAEncoder.isolated_conversation`): the batch's ``attention_mask`` is then the ``[B, 1, T, T]``
+    :func:`segment_attention` and it carries ``position_ids``."""
+    images, seqs, patch_targets, squeezes, layouts = [], [], [], [], []
     looks: list[tuple[int, int, list[int]]] = []  # (row, answer-start position, image-token positions it is about)
     for row, index in enumerate(range(start, start + n)):
         rng = scene_rng(seed, "train", index)
@@ -493,7 +529,11 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
             qas = [{"question": CAPTION_QUESTION, "answer": scene_caption(scene)}, *qas]
         squeeze = draw_squeeze(rng, compress_prob)  # drawn last: without it the batches are the same as before
         squeezes.append(squeeze)
-        ids, labels, starts = enc.conversation_with_answer_starts(qas, image_tokens(squeeze))
+        if isolated:
+            ids, labels, starts, positions, segments = enc.isolated_conversation(qas, image_tokens(squeeze))
+            layouts.append((positions, segments))
+        else:
+            ids, labels, starts = enc.conversation_with_answer_starts(qas, image_tokens(squeeze))
         seqs.append((ids, labels))
         patch_targets.append(patch_labels(scene))
         first_image = ids.index(tiny.IMAGE_TOKEN_ID)
@@ -504,8 +544,18 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
                 patches = np.flatnonzero(np.isin(owners, targets))
                 if patches.size:
                     looks.append((row, answer_start, (first_image + patches).tolist()))
-    return {"pixel_values": torch.stack(images), **padded_conversations(seqs),
-            "patch_labels": torch.from_numpy(np.stack(patch_targets)), "looks": looks, "squeeze": squeezes}
+    batch = {"pixel_values": torch.stack(images), **padded_conversations(seqs),
+             "patch_labels": torch.from_numpy(np.stack(patch_targets)), "looks": looks, "squeeze": squeezes}
+    if isolated:
+        length = batch["input_ids"].shape[1]
+        position_ids = torch.zeros(n, length, dtype=torch.long)
+        segment_ids = torch.full((n, length), -1, dtype=torch.long)
+        for row, (positions, segments) in enumerate(layouts):
+            position_ids[row, : len(positions)] = torch.tensor(positions)
+            segment_ids[row, : len(segments)] = torch.tensor(segments)
+        batch["position_ids"] = position_ids
+        batch["attention_mask"] = segment_attention(segment_ids, batch["attention_mask"].bool())
+    return batch
 
 
 def qa_forward(model: nn.Module, batch: dict) -> tuple[object, list[tuple[int, int, list[int]]]]:
@@ -515,7 +565,8 @@ def qa_forward(model: nn.Module, batch: dict) -> tuple[object, list[tuple[int, i
     squeezes = batch.get("squeeze") or []
     if not any(squeezes):
         out = model.model(
-            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
         )
         return out, batch["looks"]
     from vllm_tokcomp.methods import VisualTokens
@@ -544,7 +595,8 @@ def qa_forward(model: nn.Module, batch: dict) -> tuple[object, list[tuple[int, i
     embeds = model.model.get_input_embeddings()(batch["input_ids"])
     image_features = torch.cat(image_rows).to(embeds.dtype)
     embeds = embeds.masked_scatter(image_mask[..., None], image_features)
-    return model.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]), looks
+    return model.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                       position_ids=batch.get("position_ids")), looks
 
 
 def qa_loss(
@@ -589,17 +641,20 @@ def qa_loss(
         if metrics is not None:
             metrics.update(accuracy)
     if attention_inputs and looks:
-        loss = loss + look_weight * look_loss(attention_inputs, looks)
+        mask = batch["attention_mask"]
+        loss = loss + look_weight * look_loss(attention_inputs, looks, mask[:, 0] if mask.dim() == 4 else None)
     return loss, (logits.argmax(-1) == target[sel])
 
 
 def look_loss(
     attention_inputs: list[tuple[nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]],
     looks: list[tuple[int, int, list[int]]],
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over looks and layers of ``-log`` (head 0's attention mass on the look's targets). Head 0's
     attention row is recomputed from each layer's input for the supervised queries only (the forward
-    itself runs SDPA, which returns no weights)."""
+    itself runs SDPA, which returns no weights). ``allowed``: ``[B, T, T]``, what each token may attend to
+    (packed single-turn questions); causal when None."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     device = attention_inputs[0][1].device
@@ -611,6 +666,8 @@ def look_loss(
         targets[i, cols] = True
     future = torch.arange(length)[None, :] > queries[:, None]
     rows, queries, targets, future = rows.to(device), queries.to(device), targets.to(device), future.to(device)
+    if allowed is not None:
+        future = ~allowed[rows, queries]
     terms = []
     for attn, hidden, (cos, sin) in attention_inputs:
         d = attn.head_dim
@@ -669,9 +726,10 @@ class QABatches(torch.utils.data.Dataset):
     batches are the ones the single-process loop would build."""
 
     def __init__(self, enc: QAEncoder, seed: int, first: int, steps: int, batch: int, per_image: int,
-                 caption: bool, compress_prob: float = 0.0) -> None:
+                 caption: bool, compress_prob: float = 0.0, isolated: bool = False) -> None:
         self.enc, self.seed, self.first, self.steps = enc, seed, first, steps
         self.batch, self.per_image, self.caption, self.compress_prob = batch, per_image, caption, compress_prob
+        self.isolated = isolated
 
     def __len__(self) -> int:
         return max(0, self.steps - self.first)
@@ -679,7 +737,7 @@ class QABatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         step = self.first + i
         return qa_batch(self.enc, self.seed, step * self.batch, self.batch, self.per_image, self.caption,
-                        self.compress_prob)
+                        self.compress_prob, self.isolated)
 
 
 def _as_is(item: dict) -> dict:
@@ -736,6 +794,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--look-weight", type=float, default=0.0,
                         help="weight of the attention supervision on what each question is about (qa_loss)")
     parser.add_argument("--questions-per-image", type=int, default=6)
+    parser.add_argument("--isolated-questions", action="store_true",
+                        help="pack an image's questions as single-turn conversations (each sees the image and itself "
+                        "only, as when served) instead of one multi-turn conversation whose later answers can be read "
+                        "off earlier ones")
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-images", type=int, default=64, help="validation images checked at each save")
@@ -910,7 +972,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_qa = time.perf_counter()
     batches = qa_batches(QABatches(enc, args.seed, step, args.qa_steps, args.qa_batch, args.questions_per_image,
-                                   args.caption_turn, args.compress_prob), args.workers, pin=device.type == "cuda")
+                                   args.caption_turn, args.compress_prob, args.isolated_questions),
+                         args.workers, pin=device.type == "cuda")
     out_of_time = False
     for batch in batches:
         elapsed = time.perf_counter() - t_qa
