@@ -152,6 +152,10 @@ def test_question_targets_name_the_objects_a_question_is_about():
     assert question_targets(scene, "Is the red circle on the left or the right?") == [1]
     assert question_targets(scene, "Which is further left, the cross or the circle?") == [1, 2, 3]
     assert question_targets(scene, "Is there a blue cross?") == []
+    assert question_targets(scene, "Is there a blue cross?", near_misses=True) == [2, 3]  # the blue one, the cross
+    assert question_targets(scene, "Is there a red circle?", near_misses=True) == [1]  # a match: only the match
+    assert question_targets(scene, "How many green objects are there?", near_misses=True) == []  # nothing to see
+    assert question_targets(scene, "Is there a green square?", near_misses=True) == []
     assert question_targets(scene, "What digit is written in the white box?") == [DIGIT_LABEL]
 
 

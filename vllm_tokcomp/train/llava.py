@@ -260,10 +260,12 @@ def patch_labels(scene) -> np.ndarray:  # noqa: ANN001 - Scene
     return out
 
 
-def question_targets(scene, question: str) -> list[int]:  # noqa: ANN001 - Scene
+def question_targets(scene, question: str, near_misses: bool = False) -> list[int]:  # noqa: ANN001 - Scene
     """The :func:`label_map` labels of what a generated question is about: the digit box for the digit
     question, else the objects matching every colour and shape it names (either shape for "which is further
-    left, the A or the B"). Empty when nothing in the scene matches (a count of 0, a "no")."""
+    left, the A or the B"). Empty when nothing in the scene matches (a count of 0, a "no"), except with
+    ``near_misses`` for a question naming a colour and a shape ("Is there a green circle?" -> no): then the
+    objects with that colour or that shape, the ones to inspect before answering no."""
     if "digit" in question:
         return [DIGIT_LABEL] if scene.digit is not None else []
     words = set(question.lower().rstrip("?").split())
@@ -271,8 +273,11 @@ def question_targets(scene, question: str) -> list[int]:  # noqa: ANN001 - Scene
     shapes = {s for s in SHAPES if words & {s, s + "s", s + "es"}}
     if len(shapes) > 1:
         return [i + 1 for i, o in enumerate(scene.objects) if o.shape in shapes]
-    return [i + 1 for i, o in enumerate(scene.objects)
-            if (not colors or o.color in colors) and (not shapes or o.shape in shapes)]
+    matches = [i + 1 for i, o in enumerate(scene.objects)
+               if (not colors or o.color in colors) and (not shapes or o.shape in shapes)]
+    if not matches and near_misses and colors and shapes:
+        return [i + 1 for i, o in enumerate(scene.objects) if o.color in colors or o.shape in shapes]
+    return matches
 
 
 def sincos_positions(dim: int) -> torch.Tensor:
@@ -511,13 +516,14 @@ def draw_squeeze(rng: np.random.Generator, prob: float) -> Squeeze | None:
 
 
 def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, caption: bool = False,
-             compress_prob: float = 0.0, isolated: bool = False) -> dict:
+             compress_prob: float = 0.0, isolated: bool = False, near_misses: bool = False) -> dict:
     """Rendered images and their conversations. With ``compress_prob`` > 0 each image is compressed with that
     probability (``batch["squeeze"]``, one :class:`Squeeze` or None per row; the ids hold that many image tokens,
     and a compressed row's looks hold ``first image position + patch index``, mapped to the kept tokens in
     :func:`qa_forward`). With ``isolated`` the questions are packed as single-turn conversations
     (:meth:`QAEncoder.isolated_conversation`): the batch's ``attention_mask`` is then the ``[B, 1, T, T]``
-    :func:`segment_attention` and it carries ``position_ids``."""
+    :func:`segment_attention` and it carries ``position_ids``. ``near_misses``: look targets for "no" presence
+    answers too (:func:`question_targets`)."""
     images, seqs, patch_targets, squeezes, layouts = [], [], [], [], []
     looks: list[tuple[int, int, list[int]]] = []  # (row, answer-start position, image-token positions it is about)
     for row, index in enumerate(range(start, start + n)):
@@ -539,7 +545,7 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
         first_image = ids.index(tiny.IMAGE_TOKEN_ID)
         owners = patch_owners(scene)
         for qa, answer_start in zip(qas, starts, strict=True):
-            targets = question_targets(scene, qa["question"])
+            targets = question_targets(scene, qa["question"], near_misses)
             if targets:
                 patches = np.flatnonzero(np.isin(owners, targets))
                 if patches.size:
@@ -726,10 +732,11 @@ class QABatches(torch.utils.data.Dataset):
     batches are the ones the single-process loop would build."""
 
     def __init__(self, enc: QAEncoder, seed: int, first: int, steps: int, batch: int, per_image: int,
-                 caption: bool, compress_prob: float = 0.0, isolated: bool = False) -> None:
+                 caption: bool, compress_prob: float = 0.0, isolated: bool = False,
+                 near_misses: bool = False) -> None:
         self.enc, self.seed, self.first, self.steps = enc, seed, first, steps
         self.batch, self.per_image, self.caption, self.compress_prob = batch, per_image, caption, compress_prob
-        self.isolated = isolated
+        self.isolated, self.near_misses = isolated, near_misses
 
     def __len__(self) -> int:
         return max(0, self.steps - self.first)
@@ -737,7 +744,7 @@ class QABatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         step = self.first + i
         return qa_batch(self.enc, self.seed, step * self.batch, self.batch, self.per_image, self.caption,
-                        self.compress_prob, self.isolated)
+                        self.compress_prob, self.isolated, self.near_misses)
 
 
 def _as_is(item: dict) -> dict:
@@ -793,6 +800,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --init: remove the shared direction of the image tokens (recenter_projector)")
     parser.add_argument("--look-weight", type=float, default=0.0,
                         help="weight of the attention supervision on what each question is about (qa_loss)")
+    parser.add_argument("--look-at-near-misses", action="store_true",
+                        help="with --look-weight: a 'no' to 'Is there a <colour> <shape>?' looks at the objects of "
+                        "that colour or that shape (otherwise it has no look target)")
     parser.add_argument("--questions-per-image", type=int, default=6)
     parser.add_argument("--isolated-questions", action="store_true",
                         help="pack an image's questions as single-turn conversations (each sees the image and itself "
@@ -972,7 +982,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_qa = time.perf_counter()
     batches = qa_batches(QABatches(enc, args.seed, step, args.qa_steps, args.qa_batch, args.questions_per_image,
-                                   args.caption_turn, args.compress_prob, args.isolated_questions),
+                                   args.caption_turn, args.compress_prob, args.isolated_questions,
+                                   args.look_at_near_misses),
                          args.workers, pin=device.type == "cuda")
     out_of_time = False
     for batch in batches:
