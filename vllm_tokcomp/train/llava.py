@@ -20,6 +20,8 @@ answer tokens and ``</s>`` only, and the LM head is applied at those positions o
 ``--compress-prob P`` shortens each image with probability P the way the plugin serves it (a library
 method of :data:`AUGMENT_METHODS` to a budget of :data:`AUGMENT_BUDGETS`, the kept tokens at consecutive
 positions), so the LM also learns to read compressed images; ``--eval-squeeze`` validates on those too.
+``--isolated-questions`` packs the questions as single-turn conversations sharing the image prefix (block
+attention mask, served positions), so no answer can be read off an earlier turn.
 
 Data is generated on the fly from the training split's seeds (image ``i`` of the run is image
 ``i`` of ``python -m vllm_tokcomp.data.generate --seed SEED``), so runs are deterministic and
