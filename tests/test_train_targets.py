@@ -420,6 +420,7 @@ def test_eval_squeeze_is_refused_at_startup_naming_the_flag(value, tmp_path, cap
     (["--vision-layers", "2"], "--vision-layers"),  # shallower than the --init tower (3 layers)
     (["--vision-hidden", "96"], "--vision-hidden"),  # another width than the --init tower (64)
     (["--position-weight", "0.3", "--tower-lr-scale", "0"], "--position-weight"),  # it trains the frozen tower
+    (["--look-at-near-misses"], "--look-at-near-misses"),  # look targets with no look loss to use them
 ])
 def test_tower_flags_that_cannot_apply_are_refused_at_startup(extra, flag, tmp_path, capsys):
     from pathlib import Path
@@ -491,6 +492,8 @@ def test_isolated_questions_are_the_single_turn_conversations_served(compress_pr
 
 
 def test_look_loss_under_packed_questions_equals_eager_attention_with_that_mask():
+    """With --isolated-questions the look term must use the packed mask: -log of the target mass in
+    transformers' eager attention weights computed under the same mask and positions."""
     from vllm_tokcomp.tiny import llava as tiny
     from vllm_tokcomp.train.llava import QAEncoder, build_model, load_llava_hf_state, qa_batch, qa_loss
 

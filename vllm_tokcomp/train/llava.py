@@ -842,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--compress-prob must be in [0, 1], got {args.compress_prob}")
     if args.tower_lr_scale == 0 and (args.qa_dense_weight > 0 or args.position_weight > 0):
         parser.error("--qa-dense-weight and --position-weight train the tower, which --tower-lr-scale 0 freezes")
+    if args.look_at_near_misses and args.look_weight <= 0:
+        parser.error("--look-at-near-misses adds look targets, which only --look-weight > 0 trains")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
