@@ -160,10 +160,11 @@ def _models_root() -> Path:
 
 
 def _write_bench_model(name: str, shape: Shape | QwenShape, donor: Callable[[], Path],
-                       fill: Callable[[Path], None]) -> Path:
+                       reshape: Callable[[dict], None], finish: Callable[[Path], None] | None = None) -> Path:
     """``bench-<name>-v<SHAPES_VERSION>`` next to the tiny models: the ``donor`` model's files (tokenizer, chat
-    template, processor) without its weights and config, then ``fill(folder)`` writes the rest; built in a
-    temporary sibling renamed into place, reused while its marker records the same ``shape``."""
+    template, processor) without its weights, its ``config.json`` as edited in place by ``reshape(config)``, then
+    ``finish(folder)`` for whatever else the preset needs; built in a temporary sibling renamed into place, reused
+    while its marker records the same ``shape``."""
     target = _models_root() / f"bench-{name}-v{SHAPES_VERSION}"
     marker = target / "tokcomp_bench_shape.json"
     expected = {"preset": name, "shape": asdict(shape), "version": SHAPES_VERSION}
@@ -176,7 +177,11 @@ def _write_bench_model(name: str, shape: Shape | QwenShape, donor: Callable[[], 
     for item in source.iterdir():
         if item.name not in ("model.safetensors", "config.json") and not item.name.startswith("tokcomp_"):
             shutil.copy2(item, tmp / item.name)
-    fill(tmp)
+    config = json.loads((source / "config.json").read_text())
+    reshape(config)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if finish is not None:
+        finish(tmp)
     (tmp / marker.name).write_text(json.dumps(expected, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
@@ -184,8 +189,7 @@ def _write_bench_model(name: str, shape: Shape | QwenShape, donor: Callable[[], 
 
 
 def _write_model(name: str, shape: Shape) -> Path:
-    def fill(folder: Path) -> None:
-        config = json.loads((ensure_default_model() / "config.json").read_text())
+    def reshape(config: dict) -> None:
         vision, text = config["vision_config"], config["text_config"]
         vision.update(
             hidden_size=shape.vision_hidden,
@@ -205,11 +209,9 @@ def _write_model(name: str, shape: Shape) -> Path:
             max_position_embeddings=shape.max_position_embeddings,
             rms_norm_eps=shape.rms_norm_eps,
         )
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if name in RANDOM_INIT_PRESETS:
-            _write_random_init_weights(folder)
 
-    return _write_bench_model(name, shape, ensure_default_model, fill)
+    finish = _write_random_init_weights if name in RANDOM_INIT_PRESETS else None
+    return _write_bench_model(name, shape, ensure_default_model, reshape, finish)
 
 
 def _write_random_init_weights(model_dir: Path) -> None:
@@ -233,11 +235,7 @@ def _write_qwen_model(name: str, shape: QwenShape) -> Path:
     benchmark image whole."""
     from vllm_tokcomp.tiny import qwen2_vl
 
-    def tiny() -> Path:
-        return qwen2_vl.ensure_default_model("qwen2_5_vl")
-
-    def fill(folder: Path) -> None:
-        config = json.loads((tiny() / "config.json").read_text())
+    def reshape(config: dict) -> None:
         config["vision_config"].update(
             depth=shape.vision_layers, hidden_size=shape.vision_hidden, num_heads=shape.vision_heads,
             intermediate_size=shape.vision_intermediate, fullatt_block_indexes=list(shape.fullatt_blocks),
@@ -253,7 +251,8 @@ def _write_qwen_model(name: str, shape: QwenShape) -> Path:
         # M-RoPE's (t, h, w) sections in Qwen2.5-VL's 1 : 1.5 : 1.5 split of head_dim / 2 rotary pairs
         config["text_config"]["rope_parameters"]["mrope_section"] = [head_dim // 8, 3 * head_dim // 16,
                                                                      3 * head_dim // 16]
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def raise_max_pixels(folder: Path) -> None:
         processor_path = folder / "processor_config.json"
         processor = json.loads(processor_path.read_text())
         merged = qwen2_vl.PATCH_SIZE * qwen2_vl.MERGE_SIZE
@@ -262,7 +261,8 @@ def _write_qwen_model(name: str, shape: QwenShape) -> Path:
                                                          (shape.image_size // merged * merged) ** 2)
         processor_path.write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
 
-    return _write_bench_model(name, shape, tiny, fill)
+    return _write_bench_model(name, shape, lambda: qwen2_vl.ensure_default_model("qwen2_5_vl"), reshape,
+                              raise_max_pixels)
 
 
 def resolve_model(preset_or_path: str) -> tuple[Path, str, dict]:

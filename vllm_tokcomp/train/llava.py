@@ -672,9 +672,10 @@ def look_loss(
     targets = torch.zeros(len(looks), length, dtype=torch.bool)
     for i, (_, _, cols) in enumerate(looks):
         targets[i, cols] = True
-    future = torch.arange(length)[None, :] > queries[:, None]
-    rows, queries, targets, future = rows.to(device), queries.to(device), targets.to(device), future.to(device)
-    if allowed is not None:
+    rows, queries, targets = rows.to(device), queries.to(device), targets.to(device)
+    if allowed is None:
+        future = torch.arange(length, device=device)[None, :] > queries[:, None]
+    else:
         future = ~allowed[rows, queries]
     terms = []
     for attn, hidden, (cos, sin) in attention_inputs:
