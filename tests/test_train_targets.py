@@ -443,7 +443,6 @@ def test_isolated_questions_are_the_single_turn_conversations_served(compress_pr
     """--isolated-questions packs an image's questions after one image prefix; every answer's logits must equal
     those of that question asked alone (built independently: one single-turn conversation per question, no
     custom mask), for plain and compressed images."""
-    from vllm_tokcomp.data.synth import make_scene
     from vllm_tokcomp.tiny import llava as tiny
     from vllm_tokcomp.train.llava import (
         QAEncoder,
