@@ -518,14 +518,16 @@ def draw_squeeze(rng: np.random.Generator, prob: float) -> Squeeze | None:
 
 
 def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, caption: bool = False,
-             compress_prob: float = 0.0, isolated: bool = False, near_misses: bool = False) -> dict:
+             compress_prob: float = 0.0, isolated: bool = False, near_misses: bool = False,
+             placeholders: int | None = None) -> dict:
     """Rendered images and their conversations. With ``compress_prob`` > 0 each image is compressed with that
     probability (``batch["squeeze"]``, one :class:`Squeeze` or None per row; the ids hold that many image tokens,
     and a compressed row's looks hold ``first image position + patch index``, mapped to the kept tokens in
     :func:`qa_forward`). With ``isolated`` the questions are packed as single-turn conversations
     (:meth:`QAEncoder.isolated_conversation`): the batch's ``attention_mask`` is then the ``[B, 1, T, T]``
     :func:`segment_attention` and it carries ``position_ids``. ``near_misses``: look targets for "no" presence
-    answers too (:func:`question_targets`)."""
+    answers too (:func:`question_targets`). ``placeholders``: every image gets that many image tokens (a learned
+    connector's fixed output count, :mod:`vllm_tokcomp.train.connector`); the batch then has no looks."""
     images, seqs, patch_targets, squeezes, layouts = [], [], [], [], []
     looks: list[tuple[int, int, list[int]]] = []  # (row, answer-start position, image-token positions it is about)
     for row, index in enumerate(range(start, start + n)):
@@ -537,13 +539,16 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
             qas = [{"question": CAPTION_QUESTION, "answer": scene_caption(scene)}, *qas]
         squeeze = draw_squeeze(rng, compress_prob)  # drawn last: without it the batches are the same as before
         squeezes.append(squeeze)
+        tokens = placeholders or image_tokens(squeeze)
         if isolated:
-            ids, labels, starts, positions, segments = enc.isolated_conversation(qas, image_tokens(squeeze))
+            ids, labels, starts, positions, segments = enc.isolated_conversation(qas, tokens)
             layouts.append((positions, segments))
         else:
-            ids, labels, starts = enc.conversation_with_answer_starts(qas, image_tokens(squeeze))
+            ids, labels, starts = enc.conversation_with_answer_starts(qas, tokens)
         seqs.append((ids, labels))
         patch_targets.append(patch_labels(scene))
+        if placeholders:
+            continue
         first_image = ids.index(tiny.IMAGE_TOKEN_ID)
         owners = patch_owners(scene)
         for qa, answer_start in zip(qas, starts, strict=True):
@@ -1053,13 +1058,15 @@ def padded_conversations(seqs: list[tuple[list[int], list[int]]]) -> dict[str, t
     return batch
 
 
-def _val_batch(enc: QAEncoder, seed: int, start: int, n: int, squeeze: Squeeze | None = None) -> tuple[dict, list[str]]:
-    """Validation-split images, one question each (:func:`val_question`), each compressed by ``squeeze`` if given."""
+def _val_batch(enc: QAEncoder, seed: int, start: int, n: int, squeeze: Squeeze | None = None,
+               placeholders: int | None = None) -> tuple[dict, list[str]]:
+    """Validation-split images, one question each (:func:`val_question`), each compressed by ``squeeze`` if given
+    (``placeholders``: that many image tokens instead, for a learned connector)."""
     images, seqs, types = [], [], []
     for index in range(start, start + n):
         scene, qa = val_question(seed, index)
         images.append(pixels(render_scene(scene)))
-        seqs.append(enc.conversation([qa], image_tokens(squeeze)))
+        seqs.append(enc.conversation([qa], placeholders or image_tokens(squeeze)))
         types.append(qa["type"])
     return {**padded_conversations(seqs), "pixel_values": torch.stack(images), "looks": [],
             "squeeze": [squeeze] * n}, types

@@ -1,0 +1,183 @@
+"""Accuracy of the trained learned connectors against the training-free rows at the same token count.
+
+``python benchmarks/accuracy_learned.py [--data DIR] [--model DIR] [--limit N] [--connectors STEM ...]``
+
+The connectors (``python -m vllm_tokcomp.train.connector``; the bundled ones are
+``train-checkpoints/connectors/*.json``) replace the projector's 576 outputs with their fixed count of
+tokens on the frozen model they were trained for. The plugin does not serve them (they need weights
+vLLM's LLaVA does not have), so every arm runs here on the model's transformers weights, greedy, one
+question at a time, image tokens at consecutive positions as the plugin serves compressed images:
+``none`` (576 tokens), ``pool@N`` (the registry's ``pool`` at each connector's count, the connectors'
+starting point) and each connector. Same data and scoring as ``accuracy.py``.
+
+Writes ``OUT.json`` and ``OUT.md`` (default ``benchmarks/results/accuracy-learned``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.accuracy import (  # noqa: E402
+    default_dataset,
+    load_dataset,
+    majority_baseline,
+    model_or_default,
+    score,
+    write_report,
+)
+
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "accuracy-learned"
+BUNDLED_CONNECTORS = REPO / "train-checkpoints" / "connectors"
+
+
+def bundled_connectors() -> list[Path]:
+    return sorted(path.with_suffix("") for path in BUNDLED_CONNECTORS.glob("*.json"))
+
+
+def greedy(model, prompt_ids: list[int], visual, max_tokens: int, eos: int) -> list[int]:  # noqa: ANN001
+    """Greedy decoding of one prompt whose single image placeholder is replaced by ``visual`` (``[M, D]``)."""
+    import torch
+
+    at = prompt_ids.index(model.config.image_token_index)
+    embed = model.get_input_embeddings()
+    ids = torch.tensor(prompt_ids)
+    with torch.no_grad():
+        sequence = torch.cat([embed(ids[:at]), visual.to(embed.weight.dtype), embed(ids[at + 1:])])[None]
+        out: list[int] = []
+        for _ in range(max_tokens):
+            token = int(model(inputs_embeds=sequence).logits[0, -1].argmax())
+            if token == eos:
+                break
+            out.append(token)
+            sequence = torch.cat([sequence, embed(torch.tensor([[token]]))], dim=1)
+    return out
+
+
+def build_arms(model_dir: Path, stems: list[Path]) -> dict:
+    """``none``, ``pool@N`` per connector count N, then each connector; a connector trained for other weights is
+    refused (its outputs mean nothing to this model's LM)."""
+    from vllm_tokcomp.methods import get_method
+    from vllm_tokcomp.methods.learned.io import load_connector
+
+    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    connectors = {}
+    for stem in stems:
+        module, spec = load_connector(stem)
+        if spec.get("model_weights_sha256") != digest:
+            raise SystemExit(f"{stem}: trained for other weights than {model_dir}/model.safetensors")
+        connectors[f"{spec['method']}@{spec['tokens']}"] = (module, spec)
+    arms: dict = {"none": (None, {"tokens": None})}
+    pool = get_method("pool")
+    for count in sorted({spec["tokens"] for _, spec in connectors.values()}, reverse=True):
+        arms[f"pool@{count}"] = (lambda tokens, n=count: pool(tokens, n), {"tokens": count})
+    for name, (module, spec) in connectors.items():
+        arms[name] = (lambda tokens, m=module: m(tokens), spec)
+    return arms
+
+
+def run(model_dir: Path, records: list[dict], arms: dict, max_tokens: int, progress: bool = True) -> dict:
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vllm_tokcomp.methods import VisualTokens
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = processor.tokenizer
+    prepared = []
+    for record in records:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        with Image.open(record["image_path"]) as image:
+            pixels = processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
+        # BOS comes from the chat template (as in vLLM); one <image> placeholder, replaced by the arm's tokens.
+        prepared.append((tokenizer(text, add_special_tokens=False)["input_ids"], features))
+    side = math.isqrt(prepared[0][1].shape[0]) if prepared else 0
+    results = {}
+    bar = tqdm(total=len(arms) * len(records), unit="q", disable=not progress, dynamic_ncols=True)
+    for name, (compress, spec) in arms.items():
+        bar.set_description(name)
+        answers, counts = [], []
+        for ids, features in prepared:
+            with torch.no_grad():
+                visual = features if compress is None else compress(VisualTokens(features, (side, side))).features
+            counts.append(visual.shape[0])
+            tokens = greedy(model, ids, visual, max_tokens, tokenizer.eos_token_id)
+            answers.append(tokenizer.decode(tokens, skip_special_tokens=True))
+            bar.update(1)
+        results[name] = {"answers": answers, "tokens": sum(counts) / max(1, len(counts)),
+                         **{k: spec[k] for k in ("steps", "images_seen", "parameters", "train_seconds") if k in spec}}
+    bar.close()
+    return results
+
+
+def markdown(report: dict) -> str:
+    base = report["arms"]["none"]["accuracy"]
+    types = sorted(report["arms"]["none"]["per_type"])
+    lines = [
+        f"# Learned connectors vs training-free pooling ({report['model_name']}, {report['n']} questions)",
+        "",
+        f"Data: `{report['data']}`; transformers, greedy, exact match after normalisation. Each connector is trained "
+        "with the tower, projector and LM frozen (`python -m vllm_tokcomp.train.connector`), started at the mean of "
+        "its outputs' inputs (for pixel_unshuffle and c_abstractor exactly `pool` at the same count).",
+        "",
+        "| arm | tokens | trained (steps / images) | params | accuracy | rel | " + " | ".join(types) + " |",
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(types),
+    ]
+    for name, arm in report["arms"].items():
+        rel = f"{arm['accuracy'] / base:.0%}" if base else "–"
+        trained = f"{arm['steps']} / {arm['images_seen']}" if "steps" in arm else "–"
+        params = f"{arm['parameters'] / 1e6:.2f} M" if "parameters" in arm else "–"
+        lines.append(
+            f"| {name} | {arm['tokens']:.0f} | {trained} | {params} | {arm['accuracy']:.3f} | {rel} | "
+            + " | ".join(f"{arm['per_type'].get(t, float('nan')):.2f}" for t in types) + " |"
+        )
+    lines += ["", f"Majority-answer baseline: {report['chance']:.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="folder with questions.jsonl (default: test split)")
+    parser.add_argument("--model", default=None, help="model folder (default: the bundled trained tiny LLaVA)")
+    parser.add_argument("--connectors", type=Path, nargs="*", default=None,
+                        help="connector stems (STEM.json + STEM.safetensors; default: the bundled ones)")
+    parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output path stem (.json/.md)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    data = args.data or default_dataset()
+    model = Path(model_or_default(args.model))
+    stems = bundled_connectors() if args.connectors is None else args.connectors
+    records = load_dataset(Path(data), args.limit)
+    arms = build_arms(model, stems)
+    start = time.perf_counter()
+    results = run(model, records, arms, args.max_tokens, progress=not args.no_progress)
+    report = {
+        "model": str(model), "model_name": model.name, "data": str(data), "n": len(records),
+        "chance": majority_baseline(records), "seconds": round(time.perf_counter() - start, 1),
+        "command": "python benchmarks/accuracy_learned.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "arms": {name: {**{k: v for k, v in r.items() if k != "answers"}, **score(records, r["answers"]),
+                        "predictions": r["answers"]} for name, r in results.items()},
+    }
+    write_report(args.out, report, markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
