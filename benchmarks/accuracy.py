@@ -304,6 +304,18 @@ def model_or_default(model: str | None) -> str:
     return model
 
 
+def llava_prompt(processor, record: dict) -> tuple[list[int], object]:  # noqa: ANN001 - a transformers processor
+    """One question as transformers' LLaVA gets it: the chat template's token ids (BOS from the template, as in
+    vLLM; the one ``<image>`` placeholder not expanded) and the image's ``pixel_values`` (``[1, 3, H, W]``)."""
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    with Image.open(record["image_path"]) as image:
+        pixels = processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+    return processor.tokenizer(text, add_special_tokens=False)["input_ids"], pixels
+
+
 def model_type(model: str) -> str:
     return json.loads((Path(model) / "config.json").read_text()).get("model_type", "")
 

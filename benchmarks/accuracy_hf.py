@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.accuracy import (  # noqa: E402
     default_dataset,
+    llava_prompt,
     load_dataset,
     majority_baseline,
     model_or_default,
@@ -63,7 +64,6 @@ def build_arms(prune_layers: tuple[int, ...], fastv_layer: int, fastv_budgets: l
 
 def run(model_dir: str, records: list[dict], arms: dict, max_tokens: int, progress: bool = True) -> dict:
     import torch
-    from PIL import Image
     from tqdm import tqdm
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -74,13 +74,9 @@ def run(model_dir: str, records: list[dict], arms: dict, max_tokens: int, progre
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = processor.tokenizer
     prepared = []
-    for record in records:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        with Image.open(record["image_path"]) as image:
-            pixels = processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
-        # BOS comes from the chat template (as in vLLM); one <image> placeholder, which the reference expands.
-        prepared.append((tokenizer(text, add_special_tokens=False)["input_ids"], pixels))
+    for record in records:  # one <image> placeholder each, which the reference expands
+        ids, pixels = llava_prompt(processor, record)
+        prepared.append((ids, pixels[0]))
     results = {}
     bar = tqdm(total=len(arms) * len(records), unit="q", disable=not progress, dynamic_ncols=True)
     for name, cfg in arms.items():

@@ -28,12 +28,14 @@ if str(REPO) not in sys.path:
 
 from benchmarks.accuracy import (  # noqa: E402
     default_dataset,
+    llava_prompt,
     load_dataset,
     majority_baseline,
     model_or_default,
     score,
     write_report,
 )
+from benchmarks.accuracy_positions import greedy  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "accuracy-learned"
 BUNDLED_CONNECTORS = REPO / "train-checkpoints" / "connectors"
@@ -41,25 +43,6 @@ BUNDLED_CONNECTORS = REPO / "train-checkpoints" / "connectors"
 
 def bundled_connectors() -> list[Path]:
     return sorted(path.with_suffix("") for path in BUNDLED_CONNECTORS.glob("*.json"))
-
-
-def greedy(model, prompt_ids: list[int], visual, max_tokens: int, eos: int) -> list[int]:  # noqa: ANN001
-    """Greedy decoding of one prompt whose single image placeholder is replaced by ``visual`` (``[M, D]``)."""
-    import torch
-
-    at = prompt_ids.index(model.config.image_token_index)
-    embed = model.get_input_embeddings()
-    ids = torch.tensor(prompt_ids)
-    with torch.no_grad():
-        sequence = torch.cat([embed(ids[:at]), visual.to(embed.weight.dtype), embed(ids[at + 1:])])[None]
-        out: list[int] = []
-        for _ in range(max_tokens):
-            token = int(model(inputs_embeds=sequence).logits[0, -1].argmax())
-            if token == eos:
-                break
-            out.append(token)
-            sequence = torch.cat([sequence, embed(torch.tensor([[token]]))], dim=1)
-    return out
 
 
 def build_arms(model_dir: Path, stems: list[Path]) -> dict:
@@ -86,7 +69,6 @@ def build_arms(model_dir: Path, stems: list[Path]) -> dict:
 
 def run(model_dir: Path, records: list[dict], arms: dict, max_tokens: int, progress: bool = True) -> dict:
     import torch
-    from PIL import Image
     from tqdm import tqdm
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -95,27 +77,26 @@ def run(model_dir: Path, records: list[dict], arms: dict, max_tokens: int, progr
     processor = AutoProcessor.from_pretrained(model_dir)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = processor.tokenizer
+    table = model.get_input_embeddings()
     prepared = []
-    for record in records:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        with Image.open(record["image_path"]) as image:
-            pixels = processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+    for record in records:  # one <image> placeholder each, replaced by the arm's tokens
+        prompt, pixels = llava_prompt(processor, record)
+        ids, at = torch.tensor(prompt), prompt.index(model.config.image_token_index)
         with torch.no_grad():
             features = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
-        # BOS comes from the chat template (as in vLLM); one <image> placeholder, replaced by the arm's tokens.
-        prepared.append((tokenizer(text, add_special_tokens=False)["input_ids"], features))
+            prepared.append((table(ids[:at]), features, table(ids[at + 1:])))
     side = math.isqrt(prepared[0][1].shape[0]) if prepared else 0
     results = {}
     bar = tqdm(total=len(arms) * len(records), unit="q", disable=not progress, dynamic_ncols=True)
     for name, (compress, spec) in arms.items():
         bar.set_description(name)
         answers, counts = [], []
-        for ids, features in prepared:
+        for before, features, after in prepared:
             with torch.no_grad():
                 visual = features if compress is None else compress(VisualTokens(features, (side, side))).features
             counts.append(visual.shape[0])
-            tokens = greedy(model, ids, visual, max_tokens, tokenizer.eos_token_id)
+            embeds = torch.cat([before, visual, after])  # consecutive positions, as vLLM serves compressed images
+            tokens = greedy(model, embeds, torch.arange(embeds.shape[0]), max_tokens, tokenizer.eos_token_id)
             answers.append(tokenizer.decode(tokens, skip_special_tokens=True))
             bar.update(1)
         results[name] = {"answers": answers, "tokens": sum(counts) / max(1, len(counts)),

@@ -25,7 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy import default_dataset, load_dataset, model_or_default, score, write_report  # noqa: E402
+from benchmarks.accuracy import (  # noqa: E402
+    default_dataset,
+    llava_prompt,
+    load_dataset,
+    model_or_default,
+    score,
+    write_report,
+)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "accuracy-positions"
 FULL = 576
@@ -62,7 +69,6 @@ def greedy(model, embeds, position_ids, max_tokens: int, eos: int) -> list[int]:
 def run(model_dir: str, records: list[dict], method: str, budgets: list[int], max_tokens: int,
         device: str = "cpu") -> dict:
     import torch
-    from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from vllm_tokcomp.methods import VisualTokens, get_method
@@ -75,11 +81,8 @@ def run(model_dir: str, records: list[dict], method: str, budgets: list[int], ma
     compressor = get_method(method)
     answers: dict[str, list[str]] = {}
     for record in records:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        with Image.open(record["image_path"]) as image:
-            pixels = processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"].to(device)
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], device=device)
+        prompt, pixels = llava_prompt(processor, record)
+        pixels, ids = pixels.to(device), torch.tensor(prompt, device=device)
         at = int((ids == image_id).nonzero()[0])  # one <image> placeholder: the tokenizer does not expand it
         with torch.no_grad():
             feats = model.model.get_image_features(pixel_values=pixels)
