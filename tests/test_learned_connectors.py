@@ -98,7 +98,7 @@ def test_trainer_starts_at_pool_and_resumes(tmp_path: Path) -> None:
     assert trainer.main([str(out), "--steps", "2", *common]) == 0
     spec = json.loads((out / "connector.json").read_text())
     assert [point["step"] for point in spec["validation"]] == [0, 2] and spec["steps"] == 2
-    assert spec["images_seen"] == 4 and spec["tokens"] == 64
+    assert spec["images_seen"] == 4 and spec["tokens"] == 64 and "--method pixel_unshuffle" in spec["command"]
 
     model = trainer.load_frozen_model(model_dir)
     enc = QAEncoder(model_dir / "tokenizer.json")

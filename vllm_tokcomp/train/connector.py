@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"method": args.method, "kwargs": kwargs, "mean_residual": True, "tokens": args.tokens,
                 "model_weights_sha256": weights_digest(Path(model_dir)), "steps": step,
                 "images_seen": step * args.batch, "train_seconds": round(seconds, 1),
-                "command": "python -m vllm_tokcomp.train.connector " + " ".join(argv or []), "validation": curve,
+                "command": "python -m vllm_tokcomp.train.connector " + " ".join(sys.argv[1:] if argv is None else argv),
+                "validation": curve,
                 "parameters": sum(p.numel() for p in connector.parameters())}
         save_connector(connector, spec, args.out / "connector")
 
