@@ -105,6 +105,20 @@ def run(model_dir: Path, records: list[dict], arms: dict, max_tokens: int, progr
     return results
 
 
+def paired_against(records: list[dict], predictions: list[str], baseline: list[str]) -> list[int]:
+    """``[won, lost]``: questions ``predictions`` gets right and ``baseline`` wrong, and the other way round (the
+    discordant pairs a sign test reads; a difference in accuracy alone hides how many answers changed)."""
+    from vllm_tokcomp.data.spec import normalize_answer
+
+    won = lost = 0
+    for record, mine, theirs in zip(records, predictions, baseline, strict=True):
+        truth = normalize_answer(record["answer"])
+        mine_ok, theirs_ok = normalize_answer(mine) == truth, normalize_answer(theirs) == truth
+        won += mine_ok and not theirs_ok
+        lost += theirs_ok and not mine_ok
+    return [won, lost]
+
+
 def markdown(report: dict) -> str:
     base = report["arms"]["none"]["accuracy"]
     types = sorted(report["arms"]["none"]["per_type"])
@@ -115,18 +129,21 @@ def markdown(report: dict) -> str:
         "with the tower, projector and LM frozen (`python -m vllm_tokcomp.train.connector`), started at the mean of "
         "its outputs' inputs (for pixel_unshuffle and c_abstractor exactly `pool` at the same count).",
         "",
-        "| arm | tokens | trained (steps / images) | params | accuracy | rel | " + " | ".join(types) + " |",
-        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(types),
+        "| arm | tokens | trained (steps / images) | params | accuracy | rel | vs pool (won / lost) | "
+        + " | ".join(types) + " |",
+        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(types),
     ]
     for name, arm in report["arms"].items():
         rel = f"{arm['accuracy'] / base:.0%}" if base else "–"
         trained = f"{arm['steps']} / {arm['images_seen']}" if "steps" in arm else "–"
         params = f"{arm['parameters'] / 1e6:.2f} M" if "parameters" in arm else "–"
+        versus = f"{arm['vs_pool'][0]} / {arm['vs_pool'][1]}" if "vs_pool" in arm else "–"
         lines.append(
-            f"| {name} | {arm['tokens']:.0f} | {trained} | {params} | {arm['accuracy']:.3f} | {rel} | "
+            f"| {name} | {arm['tokens']:.0f} | {trained} | {params} | {arm['accuracy']:.3f} | {rel} | {versus} | "
             + " | ".join(f"{arm['per_type'].get(t, float('nan')):.2f}" for t in types) + " |"
         )
-    lines += ["", f"Majority-answer baseline: {report['chance']:.3f}."]
+    lines += ["", "vs pool: questions the connector answers right and `pool` at its count wrong / the other way round.",
+              f"Majority-answer baseline: {report['chance']:.3f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -156,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         "arms": {name: {**{k: v for k, v in r.items() if k != "answers"}, **score(records, r["answers"]),
                         "predictions": r["answers"]} for name, r in results.items()},
     }
+    for arm in report["arms"].values():
+        pool = f"pool@{arm['tokens']:.0f}"
+        if "steps" in arm and pool in results:  # a connector, next to pool at its count
+            arm["vs_pool"] = paired_against(records, arm["predictions"], results[pool]["answers"])
     write_report(args.out, report, markdown(report))
     return 0
 

@@ -139,6 +139,10 @@ def test_accuracy_benchmark_runs_connectors_and_matches_transformers_generate(tm
     assert list(report["arms"]) == ["none", "pool@16", "pixel_unshuffle@16", "qformer@16"]
     assert report["n"] == 6 and [arm["tokens"] for arm in report["arms"].values()] == [576, 16, 16, 16]
     assert report["arms"]["qformer@16"]["steps"] == 1
+    assert "vs_pool" not in report["arms"]["pool@16"] and "vs_pool" not in report["arms"]["none"]
+    for name in ("pixel_unshuffle@16", "qformer@16"):
+        won, lost = report["arms"][name]["vs_pool"]
+        assert won - lost == round((report["arms"][name]["accuracy"] - report["arms"]["pool@16"]["accuracy"]) * 6)
     assert out.with_suffix(".md").read_text().startswith("# Learned connectors")
 
     # The uncompressed arm's greedy loop is transformers' own greedy decoding of the same prompt.
@@ -158,3 +162,42 @@ def test_accuracy_benchmark_runs_connectors_and_matches_transformers_generate(tm
     (other / "model.safetensors").write_bytes(b"not the weights the connector was trained on")
     with pytest.raises(SystemExit, match="trained for other weights"):
         accuracy_learned.build_arms(other, [tmp_path / "qformer" / "connector"])
+
+
+def test_paired_counts_read_the_normalised_answers() -> None:
+    from benchmarks.accuracy_learned import paired_against
+
+    records = [{"answer": "yes"}, {"answer": "2"}, {"answer": "red"}, {"answer": "left"}]
+    assert paired_against(records, ["Yes.", "3", "red", "right"], ["no", "2", "Red", "right"]) == [1, 1]
+
+
+def test_bundled_connectors_load_for_the_bundled_model() -> None:
+    import hashlib
+
+    from benchmarks.accuracy_learned import bundled_connectors
+    from vllm_tokcomp.tiny.llava import ensure_trained_model
+
+    stems = bundled_connectors()
+    assert {stem.name for stem in stems} == {"pixel_unshuffle-16", "c_abstractor-16", "qformer-16"}
+    digest = hashlib.sha256((ensure_trained_model() / "model.safetensors").read_bytes()).hexdigest()
+    for stem in stems:
+        module, spec = load_connector(stem)
+        assert spec["model_weights_sha256"] == digest and spec["tokens"] == 16
+        assert module.output_count((24, 24)) == 16 and spec["steps"] > 0
+
+
+@pytest.mark.slow
+def test_committed_results_come_from_the_bundled_connectors() -> None:
+    """The first questions of benchmarks/results/accuracy-learned.json, re-run from the bundled files."""
+    from benchmarks import accuracy_learned
+    from benchmarks.accuracy import default_dataset, load_dataset
+    from vllm_tokcomp.tiny.llava import ensure_trained_model
+
+    committed = json.loads(accuracy_learned.DEFAULT_OUT.with_suffix(".json").read_text())
+    model_dir = ensure_trained_model()
+    records = load_dataset(default_dataset(), 8)
+    arms = accuracy_learned.build_arms(model_dir, accuracy_learned.bundled_connectors())
+    assert set(arms) == set(committed["arms"])
+    results = accuracy_learned.run(model_dir, records, arms, max_tokens=4, progress=False)
+    for name, result in results.items():
+        assert result["answers"] == committed["arms"][name]["predictions"][:8], name
