@@ -46,8 +46,8 @@ def bundled_connectors() -> list[Path]:
 
 
 def build_arms(model_dir: Path, stems: list[Path]) -> dict:
-    """``none``, ``pool@N`` per connector count N, then each connector; a connector trained for other weights is
-    refused (its outputs mean nothing to this model's LM)."""
+    """``none``, then per connector count N (largest first) ``pool@N`` and the connectors of that count; a
+    connector trained for other weights is refused (its outputs mean nothing to this model's LM)."""
     from vllm_tokcomp.methods import get_method
     from vllm_tokcomp.methods.learned.io import load_connector
 
@@ -62,8 +62,9 @@ def build_arms(model_dir: Path, stems: list[Path]) -> dict:
     pool = get_method("pool")
     for count in sorted({spec["tokens"] for _, spec in connectors.values()}, reverse=True):
         arms[f"pool@{count}"] = (lambda tokens, n=count: pool(tokens, n), {"tokens": count})
-    for name, (module, spec) in connectors.items():
-        arms[name] = (lambda tokens, m=module: m(tokens), spec)
+        for name, (module, spec) in connectors.items():
+            if spec["tokens"] == count:
+                arms[name] = (lambda tokens, m=module: m(tokens), spec)
     return arms
 
 

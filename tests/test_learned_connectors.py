@@ -178,12 +178,14 @@ def test_bundled_connectors_load_for_the_bundled_model() -> None:
     from vllm_tokcomp.tiny.llava import ensure_trained_model
 
     stems = bundled_connectors()
-    assert {stem.name for stem in stems} == {"pixel_unshuffle-16", "c_abstractor-16", "qformer-16"}
+    assert {stem.name for stem in stems} == {"pixel_unshuffle-16", "c_abstractor-16", "qformer-16",
+                                             "pixel_unshuffle-64", "c_abstractor-64"}
     digest = hashlib.sha256((ensure_trained_model() / "model.safetensors").read_bytes()).hexdigest()
     for stem in stems:
         module, spec = load_connector(stem)
-        assert spec["model_weights_sha256"] == digest and spec["tokens"] == 16
-        assert module.output_count((24, 24)) == 16 and spec["steps"] > 0
+        tokens = int(stem.name.rsplit("-", 1)[1])
+        assert spec["model_weights_sha256"] == digest and spec["tokens"] == tokens and spec["method"] in stem.name
+        assert module.output_count((24, 24)) == tokens and spec["steps"] > 0
 
 
 @pytest.mark.slow
