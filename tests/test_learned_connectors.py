@@ -89,7 +89,7 @@ def test_trainer_starts_at_pool_and_resumes(tmp_path: Path) -> None:
     (``train.llava.qa_forward``, a separate forward); then a few steps move the weights and a rerun resumes."""
     from vllm_tokcomp.tiny.llava import ensure_trained_model
     from vllm_tokcomp.train import connector as trainer
-    from vllm_tokcomp.train.llava import QAEncoder, Squeeze, _val_batch, answer_correct
+    from vllm_tokcomp.train.llava import QAEncoder, Squeeze, answer_correct, val_batch
 
     model_dir = ensure_trained_model()
     out = tmp_path / "run"
@@ -104,7 +104,7 @@ def test_trainer_starts_at_pool_and_resumes(tmp_path: Path) -> None:
     enc = QAEncoder(model_dir / "tokenizer.json")
     correct = []
     for start in (0, 16):
-        batch, _ = _val_batch(enc, 0, start, 16, Squeeze("pool", 64))
+        batch, _ = val_batch(enc, 0, start, 16, Squeeze("pool", 64))
         correct += answer_correct(model, batch)
     assert spec["validation"][0]["acc"] == round(sum(correct) / len(correct), 3)
 

@@ -40,7 +40,7 @@ from vllm_tokcomp.methods import VisualTokens
 from vllm_tokcomp.methods.learned.base import LearnedCompressor
 from vllm_tokcomp.methods.learned.io import build_connector, save_connector
 from vllm_tokcomp.tiny import llava as tiny
-from vllm_tokcomp.train.llava import QAEncoder, _val_batch, first_answers_correct, lr_at, qa_batch, save
+from vllm_tokcomp.train.llava import QAEncoder, first_answers_correct, lr_at, qa_batch, save, val_batch
 
 GRID = (int(math.isqrt(tiny.NUM_IMAGE_TOKENS)),) * 2  # 24 x 24
 TOKEN_COUNTS = tuple(side * side for side in range(1, GRID[0] + 1) if GRID[0] % side == 0 and side < GRID[0])
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.load_state_dict(ckpt["opt"])
         step, curve, seconds = ckpt["step"], ckpt["curve"], ckpt["seconds"]
         print(f"resumed at step {step}", flush=True)
-    val_batches = [_val_batch(enc, args.seed, i, 16, placeholders=args.tokens)
+    val_batches = [val_batch(enc, args.seed, i, 16, placeholders=args.tokens)
                    for i in range(0, args.eval_images, 16)]
 
     def evaluate() -> None:

@@ -969,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def val_accuracy(squeeze: Squeeze | None) -> tuple[float, dict]:
         if squeeze not in val_batches:
-            val_batches[squeeze] = [_val_batch(enc, args.seed, i, 16, squeeze) for i in range(0, args.eval_images, 16)]
+            val_batches[squeeze] = [val_batch(enc, args.seed, i, 16, squeeze) for i in range(0, args.eval_images, 16)]
         correct = []
         with autocast():
             for vb, types in val_batches[squeeze]:
@@ -1058,7 +1058,7 @@ def padded_conversations(seqs: list[tuple[list[int], list[int]]]) -> dict[str, t
     return batch
 
 
-def _val_batch(enc: QAEncoder, seed: int, start: int, n: int, squeeze: Squeeze | None = None,
+def val_batch(enc: QAEncoder, seed: int, start: int, n: int, squeeze: Squeeze | None = None,
                placeholders: int | None = None) -> tuple[dict, list[str]]:
     """Validation-split images, one question each (:func:`val_question`), each compressed by ``squeeze`` if given
     (``placeholders``: that many image tokens instead, for a learned connector)."""
