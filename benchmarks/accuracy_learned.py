@@ -57,7 +57,10 @@ def build_arms(model_dir: Path, stems: list[Path]) -> dict:
         module, spec = load_connector(stem)
         if spec.get("model_weights_sha256") != digest:
             raise SystemExit(f"{stem}: trained for other weights than {model_dir}/model.safetensors")
-        connectors[f"{spec['method']}@{spec['tokens']}"] = (module, spec)
+        name = f"{spec['method']}@{spec['tokens']}"
+        if name in connectors:
+            raise SystemExit(f"{stem}: a second {name} connector (one of each method and count per run)")
+        connectors[name] = (module, spec)
     arms: dict = {"none": (None, {"tokens": None})}
     pool = get_method("pool")
     for count in sorted({spec["tokens"] for _, spec in connectors.values()}, reverse=True):

@@ -157,6 +157,9 @@ def test_accuracy_benchmark_runs_connectors_and_matches_transformers_generate(tm
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]
         assert processor.tokenizer.decode(generated, skip_special_tokens=True) == predicted
 
+    twice = [tmp_path / "qformer" / "connector"] * 2
+    with pytest.raises(SystemExit, match="a second qformer@16 connector"):
+        accuracy_learned.build_arms(model_dir, twice)
     other = tmp_path / "other-model"
     other.mkdir()
     (other / "model.safetensors").write_bytes(b"not the weights the connector was trained on")
