@@ -16,7 +16,6 @@ Writes ``OUT.json`` and ``OUT.md`` (default ``benchmarks/results/accuracy-learne
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import sys
 import time
@@ -50,8 +49,9 @@ def build_arms(model_dir: Path, stems: list[Path]) -> dict:
     connector trained for other weights is refused (its outputs mean nothing to this model's LM)."""
     from vllm_tokcomp.methods import get_method
     from vllm_tokcomp.methods.learned.io import load_connector
+    from vllm_tokcomp.train.connector import weights_digest
 
-    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    digest = weights_digest(model_dir)
     connectors = {}
     for stem in stems:
         module, spec = load_connector(stem)

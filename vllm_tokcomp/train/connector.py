@@ -24,7 +24,6 @@ is the result, with the validation curve in the JSON.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -103,7 +102,10 @@ def load_frozen_model(model_dir: Path) -> nn.Module:
 
 
 def weights_digest(model_dir: Path) -> str:
-    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    """SHA-256 of the model folder's weights: a connector is only valid for the weights it was trained against."""
+    from ..tiny.files import sha256
+
+    return sha256(model_dir / "model.safetensors")
 
 
 def main(argv: list[str] | None = None) -> int:
