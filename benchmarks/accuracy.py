@@ -130,9 +130,11 @@ def parse_auto(text: str) -> list[Arm]:
 
 
 def run_arms(model: str, records: list[dict], arms: list[Arm], *, chunk: int, max_tokens: int,
-             progress: bool = True, on_arm=None) -> tuple[list[list[str]], list[list[int]]]:  # noqa: ANN001
+             progress: bool = True, on_arm=None,  # noqa: ANN001
+             engine_kwargs: dict | None = None) -> tuple[list[list[str]], list[list[int]]]:
     """Greedy answers and prompt lengths of every record for every arm, from one engine: images through
     ``llm.chat``, clips (records with ``video_path``) as one video each in the model's own chat prompt.
+    ``engine_kwargs``: the engine's ``--mm-processor-kwargs`` (e.g. the trained connectors it loads).
 
     ``on_arm(answers_so_far, prompt_lengths_so_far)`` is called after each arm (the harness writes partial
     reports)."""
@@ -143,13 +145,14 @@ def run_arms(model: str, records: list[dict], arms: list[Arm], *, chunk: int, ma
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     if records and "video_path" in records[0]:
         llm = LLM(model=model, max_model_len=2048, enforce_eager=True, seed=0,
-                  limit_mm_per_prompt={"image": 0, "video": 1})
+                  limit_mm_per_prompt={"image": 0, "video": 1}, mm_processor_kwargs=engine_kwargs)
         prompts = video_prompts(model, records)
 
         def answer(batch: list, kwargs: dict | None) -> list:
             return llm.generate(batch, params, mm_processor_kwargs=kwargs, use_tqdm=False)
     else:
-        llm = LLM(model=model, max_model_len=1024, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 1})
+        llm = LLM(model=model, max_model_len=1024, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 1},
+                  mm_processor_kwargs=engine_kwargs)
         prompts = image_conversations(records)
 
         def answer(batch: list, kwargs: dict | None) -> list:
@@ -359,6 +362,21 @@ def methods_for(model: str) -> list[str]:
     return [m for m in servable_methods() if m in SERVED_METHODS]
 
 
+def connector_setup(stems: list[Path]) -> tuple[dict | None, list[Arm]]:
+    """The engine kwargs that load ``stems`` and one arm per connector (its method at its count); a bad listing
+    stops here with the plugin's own message."""
+    if not stems:
+        return None, []
+    from vllm_tokcomp.config import CONNECTORS_KEY, ConfigError, engine_connectors
+
+    engine_kwargs = {CONNECTORS_KEY: [str(stem) for stem in stems]}
+    try:
+        catalog = engine_connectors(engine_kwargs)
+    except ConfigError as error:
+        raise SystemExit(f"--connectors: {error}") from None
+    return engine_kwargs, [(method, count, None) for method, count in catalog]
+
+
 def write_report(out: Path, report: dict, text: str) -> None:
     """``OUT.json`` and ``OUT.md``, then the markdown and where it went on stdout."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -391,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auto", default=None,
                         help=f"adaptive-budget arms, METHOD[:ESTIMATOR] comma list ('' for none; default "
                         f"{DEFAULT_AUTO} for LLaVA, none for Qwen)")
+    parser.add_argument("--connectors", type=Path, nargs="*", default=[],
+                        help="trained connectors (STEM of STEM.json) the engine loads, each an arm at its count "
+                        "(e.g. train-checkpoints/connectors/c_abstractor-16)")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--chunk", type=int, default=64, help="requests per llm.chat call")
     parser.add_argument("--max-tokens", type=int, default=4)
@@ -417,6 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--auto: not servable through vLLM: {', '.join(unknown)}")
     arms: list[Arm] = [("none", full, None)] + [(m, b, None) for m in methods for b in budgets if b < full] + adaptive
+    # Each connector is an arm at its own count (a column of the table; the other methods are not run there).
+    engine_kwargs, connector_arms = connector_setup(args.connectors)
+    arms += connector_arms
+    methods += sorted({method for method, _, _ in connector_arms})
+    budgets = sorted({*budgets, *(count for _, count, _ in connector_arms)}, reverse=True)
     start = time.perf_counter()
 
     def write(answers: list[list[str]], lengths: list[list[int]]) -> dict:
@@ -429,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         return report
 
     answers, lengths = run_arms(model, records, arms, chunk=args.chunk, max_tokens=args.max_tokens,
-                                progress=not args.no_progress, on_arm=write)
+                                progress=not args.no_progress, on_arm=write, engine_kwargs=engine_kwargs)
     report = write(answers, lengths)
     print(markdown(report))
     print(f"wrote {output_file(args.out, '.json')}, .md, .png ({report['seconds']:.0f}s)")
@@ -444,7 +470,7 @@ def build_report(model: str, data: Path, records: list[dict], budgets: list[int]
     length minus the baseline's text tokens (its prompt length minus the ``full`` image tokens)."""
     scored = []
     for i, ((method, budget, estimator), arm_answers) in enumerate(zip(arms, answers, strict=False)):
-        arm = {"method": method, "budget": budget, **score(records, arm_answers)}
+        arm = {"method": method, "budget": budget, **score(records, arm_answers), "predictions": arm_answers}
         if estimator:
             arm["estimator"] = estimator
         if lengths is not None:

@@ -9,7 +9,16 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .config import BUDGET_KEY, METHOD_KEY, OFF, RATIO_KEY, ConfigError, parse_engine_config, servable_methods
+from .config import (
+    BUDGET_KEY,
+    CONNECTORS_KEY,
+    METHOD_KEY,
+    OFF,
+    RATIO_KEY,
+    ConfigError,
+    parse_engine_config,
+    servable_methods,
+)
 
 PLUGIN_NAME = "tokcomp"
 DEFAULT_CPU_KV_GIB = "2"
@@ -37,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("usage: tokcomp serve [MODEL] --method NAME [--budget N | --ratio R] [vllm serve args...]")
+        print("usage: tokcomp serve [MODEL] --method NAME [--budget N | --ratio R] [--connector STEM ...] "
+              "[vllm serve args...]")
         print(f"       (MODEL: a model folder or name, or {' / '.join(BUNDLED_MODELS)} for a bundled tiny model; "
               "default tiny-llava)")
         print("       tokcomp info")
@@ -60,6 +70,7 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
     parser.add_argument("--method", default=None)
     parser.add_argument("--budget", type=int, default=None)
     parser.add_argument("--ratio", type=float, default=None)
+    parser.add_argument("--connector", action="append", default=None)
     parser.add_argument("--mm-processor-kwargs", dest="mm_processor_kwargs", default=None)
     argv = list(argv)
     # Like `vllm serve`, the model is the first argument when it is not a flag.
@@ -81,6 +92,9 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
         mm_kwargs[BUDGET_KEY] = known.budget
     if known.ratio is not None:
         mm_kwargs[RATIO_KEY] = known.ratio
+    if known.connector:
+        # Absolute, so that the engine (whatever its working directory) reads the same files.
+        mm_kwargs[CONNECTORS_KEY] = [str(Path(stem).expanduser().resolve()) for stem in known.connector]
     parse_engine_config(mm_kwargs)  # fail here, naming the field, rather than deep inside vLLM
 
     if model is None or model in BUNDLED_MODELS:

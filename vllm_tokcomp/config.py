@@ -14,6 +14,10 @@ choice replaces the engine's.
 
 ``tokcomp_method: "none"`` switches compression off. No ``tokcomp_*`` key at
 engine level means the plugin is inert unless a request opts in.
+
+Trained connectors (:mod:`vllm_tokcomp.connectors`) are listed engine-wide only
+(``"tokcomp_connectors": [STEM, ...]``); a request then picks one as ``tokcomp_method`` (its
+kind, e.g. ``c_abstractor``) with ``tokcomp_budget`` (its count).
 No vLLM import here.
 """
 
@@ -25,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .connectors import Connector, ConnectorError, counts_of, is_connector_method, read_catalog
 from .methods import available_methods, get_method, method_class
 
 METHOD_KEY = "tokcomp_method"
@@ -32,6 +37,8 @@ BUDGET_KEY = "tokcomp_budget"
 OPTIONS_KEY = "tokcomp_options"
 RATIO_KEY = "tokcomp_ratio"
 PLUGIN_KEYS = (METHOD_KEY, BUDGET_KEY, RATIO_KEY, OPTIONS_KEY)
+CONNECTORS_KEY = "tokcomp_connectors"  # engine-wide only: the trained connector files the server loads
+ENGINE_KEYS = (*PLUGIN_KEYS, CONNECTORS_KEY)
 OFF = "none"
 AUTO = "auto"  # per-image budget estimated from the pixels (MustDrop-style spatial redundancy)
 DEFAULT_BUDGET = 64
@@ -92,6 +99,8 @@ def plugin_keys_in(kwargs: Mapping[str, object] | None) -> dict[str, object]:
 
 def method_reads_text(method: str) -> bool:
     """Whether the method uses the prompt's text (embeddings or text->vision attention)."""
+    if is_connector_method(method):
+        return False
     cls = method_class(method)
     return cls.needs_text or cls.needs_text_attention or getattr(cls, "uses_text_attention", False)
 
@@ -115,15 +124,29 @@ def _unservable_reason(name: str) -> str | None:
     return None
 
 
-def _check_method(value: object, field: str) -> str:
+def engine_connectors(engine_kwargs: Mapping[str, object] | None) -> dict[tuple[str, int], Connector]:
+    """The trained connectors the server lists (``{(method, tokens): Connector}``), checked; empty if none."""
+    if not engine_kwargs or CONNECTORS_KEY not in engine_kwargs:
+        return {}
+    try:
+        return read_catalog(engine_kwargs[CONNECTORS_KEY], f"mm_processor_kwargs.{CONNECTORS_KEY}")
+    except ConnectorError as error:
+        raise ConfigError(error.field, str(error).split(": ", 1)[1]) from None
+
+
+def _check_method(value: object, field: str, connectors: Mapping[tuple[str, int], Connector]) -> str:
     if not isinstance(value, str):
         raise ConfigError(field, f"must be a method name (string), got {type(value).__name__} {value!r}")
     if value == OFF:
         return value
+    if is_connector_method(value):
+        if not counts_of(connectors, value):
+            raise ConfigError(field, f"{value!r} is a trained connector: the server must list its files in "
+                                     f"--mm-processor-kwargs {CONNECTORS_KEY}")
+        return value
     if value not in available_methods():
-        raise ConfigError(
-            field, f"unknown method {value!r}; available: {', '.join([OFF, *servable_methods()])}"
-        )
+        served = [OFF, *servable_methods(), *sorted({method for method, _ in connectors})]
+        raise ConfigError(field, f"unknown method {value!r}; available: {', '.join(served)}")
     reason = _unservable_reason(value)
     if reason:
         raise ConfigError(field, f"method {value!r} cannot be served: {reason}")
@@ -175,25 +198,50 @@ def _check_options(method: str, value: object, field: str) -> tuple[tuple[str, A
     return tuple(sorted(value.items()))
 
 
-def _check_keys(kwargs: Mapping[str, object], where: str) -> None:
-    unknown = sorted(set(plugin_keys_in(kwargs)) - set(PLUGIN_KEYS))
+def _check_keys(kwargs: Mapping[str, object], where: str, known: tuple[str, ...] = PLUGIN_KEYS) -> None:
+    if CONNECTORS_KEY in kwargs and CONNECTORS_KEY not in known:
+        raise ConfigError(f"{where}.{CONNECTORS_KEY}", "is set by the server (engine-wide), not by requests")
+    unknown = sorted(set(plugin_keys_in(kwargs)) - set(known))
     if unknown:
         raise ConfigError(
-            f"{where}.{unknown[0]}", f"unknown tokcomp setting; known: {', '.join(PLUGIN_KEYS)}"
+            f"{where}.{unknown[0]}", f"unknown tokcomp setting; known: {', '.join(known)}"
         )
+
+
+def _connector_spec(
+    method: str, amount: tuple[int | str | None, float | None] | None, options: object,
+    connectors: Mapping[tuple[str, int], Connector], where: str,
+) -> CompressionSpec:
+    """A connector's spec: its count is one of the listed connectors' (the only one when none is given)."""
+    counts = counts_of(connectors, method)
+    if options:
+        raise ConfigError(f"{where}.{OPTIONS_KEY}", f"trained connector {method!r} takes no options, got {options!r}")
+    budget, ratio = amount if amount is not None else (None, None)
+    if ratio is not None:
+        raise ConfigError(f"{where}.{RATIO_KEY}", f"trained connector {method!r} has fixed counts: give "
+                                                  f"{BUDGET_KEY} ({', '.join(map(str, counts))})")
+    if budget is None and len(counts) == 1:
+        budget = counts[0]
+    if budget not in counts:
+        raise ConfigError(f"{where}.{BUDGET_KEY}", f"trained connector {method!r} is loaded for "
+                                                   f"{', '.join(map(str, counts))} tokens, got {budget!r}")
+    return CompressionSpec(method=method, budget=budget)
 
 
 def parse_engine_config(mm_processor_kwargs: Mapping[str, object] | None) -> CompressionSpec | None:
     """Engine-wide spec from ``--mm-processor-kwargs``; ``None`` means no compression by default."""
     where = "mm_processor_kwargs"
     kwargs = plugin_keys_in(mm_processor_kwargs)
-    _check_keys(kwargs, where)
-    if not kwargs:
-        return None
+    _check_keys(kwargs, where, ENGINE_KEYS)
+    connectors = engine_connectors(kwargs)
+    if not set(kwargs) - {CONNECTORS_KEY}:
+        return None  # nothing, or connectors that requests may opt into
     if METHOD_KEY not in kwargs:
         given = next(k for k in PLUGIN_KEYS if k in kwargs)
         raise ConfigError(f"{where}.{METHOD_KEY}", f"is required when {given} is set")
-    method = _check_method(kwargs[METHOD_KEY], f"{where}.{METHOD_KEY}")
+    method = _check_method(kwargs[METHOD_KEY], f"{where}.{METHOD_KEY}", connectors)
+    if is_connector_method(method):
+        return _connector_spec(method, _check_amount(kwargs, where), kwargs.get(OPTIONS_KEY), connectors, where)
     budget, ratio = _check_amount(kwargs, where) or (DEFAULT_BUDGET, None)
     if method == OFF:
         return None
@@ -215,9 +263,15 @@ def resolve_request(
     _check_keys(request, where)
     engine_keys = plugin_keys_in(engine_kwargs)
     engine_method = engine_keys.get(METHOD_KEY)
+    connectors = engine_connectors(engine_keys)
     method = request.get(METHOD_KEY, engine_method)
     if METHOD_KEY in request:
-        method = _check_method(method, f"{where}.{METHOD_KEY}")
+        method = _check_method(method, f"{where}.{METHOD_KEY}", connectors)
+    if isinstance(method, str) and is_connector_method(method):
+        # The engine's count belongs to the engine's method; another method's 64 is no connector's count.
+        amount = _check_amount(request, where) or (_check_amount(engine_keys, where) if method == engine_method
+                                                    else None)
+        return _connector_spec(method, amount, request.get(OPTIONS_KEY), connectors, where)
     # A request's count or share replaces the engine's (which were validated at startup: checking them again
     # cannot fail, it only turns them into the same (budget, ratio) pair).
     budget, ratio = _check_amount(request, where) or _check_amount(engine_keys, where) or (DEFAULT_BUDGET, None)

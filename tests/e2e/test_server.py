@@ -12,7 +12,7 @@ import pytest
 
 from vllm_tokcomp.launch import ServerProcess
 
-from .conftest import run_process_group
+from .conftest import REPO, run_process_group
 from .images import make_image
 
 pytestmark = pytest.mark.slow
@@ -165,6 +165,19 @@ def test_plain_vllm_serve_with_bad_config_fails_at_startup_naming_the_field(tiny
     )
     assert proc.returncode != 0
     assert "mm_processor_kwargs.tokcomp_budget" in proc.stdout + proc.stderr
+
+
+def test_connector_trained_for_other_weights_stops_startup(tiny_llava_dir, vllm_env):
+    """The bundled connectors were trained for the trained tiny LLaVA; this random-init one must refuse them."""
+    listing = json.dumps({"tokcomp_connectors": [str(REPO / "train-checkpoints" / "connectors" / "qformer-16")]})
+    proc = run_process_group(
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_llava_dir),
+         "--mm-processor-kwargs", listing, "--max-model-len", "2048", "--port", "0"],
+        {**vllm_env, "VLLM_PLUGINS": "tokcomp"}, timeout=300,
+    )
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "mm_processor_kwargs.tokcomp_connectors[0]" in output and "other model weights" in output
 
 
 def _selections(path):

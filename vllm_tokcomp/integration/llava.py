@@ -9,7 +9,8 @@ Overrides (vLLM 0.32.0, ``model_executor/models/llava.py``):
   the scheduler allocates KV blocks only for kept tokens.
 * ``CompressedLlava.embed_multimodal``: runs the tower (capturing CLS attention
   and keys when the method needs them), projects, and compresses every image to
-  exactly its placeholder count.
+  exactly its placeholder count (with a trained connector the server lists, when
+  the request picks one).
 
 Pixtral-HF configs (which share the LLaVA architecture name) and precomputed
 ``image_embeds`` pass through uncompressed.
@@ -20,20 +21,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
 from ..config import (
     AUTO,
+    CONNECTORS_KEY,
     QUERY_KEY,
     CompressionSpec,
     ConfigError,
+    engine_connectors,
     is_engine_configured,
     method_reads_text,
     parse_engine_config,
     resolve_request,
     without_plugin_keys,
 )
+from ..connectors import ConnectorError, ConnectorModules, check_trained_for, is_connector_method
 from ..methods import VisualTokens, get_method, method_class
 from ..methods.redundancy import adaptive_budget
 from . import settings
@@ -57,6 +62,7 @@ from .vllm_api import (
     engine_mm_processor_kwargs,
     in_tree_llava_info,
     in_tree_llava_processor,
+    model_mm_processor_kwargs,
 )
 
 logger = logging.getLogger("vllm_tokcomp")
@@ -72,7 +78,8 @@ class CompressedLlavaInfo(LlavaProcessingInfo):
         self.engine_kwargs = dict(engine_mm_processor_kwargs(ctx))
         try:
             self.engine_spec = parse_engine_config(self.engine_kwargs)
-        except ConfigError as error:
+            _check_connectors_trained_for(self.engine_kwargs, ctx.model_config.model)
+        except (ConfigError, ConnectorError) as error:
             # Not a ValueError: vLLM 0.32 turns a ValueError from processor-info construction
             # into "running in text-only mode" (ModelConfig._supports_multimodal_inputs).
             raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
@@ -159,9 +166,28 @@ def build_processor(info, dummy_inputs):  # noqa: ANN001, ANN201
     return in_tree_llava_processor(info, dummy_inputs)
 
 
+def _check_connectors_trained_for(engine_kwargs: Mapping[str, object], model: str) -> None:
+    """A listed connector must have been trained for the served weights (one ``model.safetensors``)."""
+    connectors = engine_connectors(engine_kwargs)
+    if not connectors:
+        return
+    weights = Path(model) / "model.safetensors"
+    unchecked = check_trained_for(connectors, weights if weights.is_file() else None,
+                                  f"mm_processor_kwargs.{CONNECTORS_KEY}")
+    if unchecked:
+        logger.warning("tokcomp: could not check that these connectors were trained for %s: %s", model,
+                       ", ".join(unchecked))
+
+
 @MULTIMODAL_REGISTRY.register_processor(build_processor, info=build_info, dummy_inputs=LlavaDummyInputsBuilder)
 class CompressedLlava(LlavaForConditionalGeneration):
     """``LlavaForConditionalGeneration`` whose image embeddings are compressed per image."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:  # noqa: ANN001 - vLLM's VllmConfig
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        # Not submodules: vLLM's loader would expect their weights in the model's checkpoint. Validated at
+        # startup by the processor info (same engine kwargs), loaded on first use.
+        self.tokcomp_connectors = ConnectorModules(engine_connectors(model_mm_processor_kwargs(vllm_config)))
 
     def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings
         rows = kwargs.pop(settings.FIELD, None)
@@ -227,15 +253,19 @@ class CompressedLlava(LlavaForConditionalGeneration):
         for position, (index, spec) in enumerate(zip(indices, specs, strict=True)):
             item = embeds[position]
             if spec is not None:
-                tokens = VisualTokens(
-                    features=item,
-                    grid=grid,
-                    cls_attention=None if signals is None else signals[position].cls_attention,
-                    keys=None if signals is None else signals[position].keys,
-                    **self._text_signals(spec.method, item, query_ids[index]),
-                )
-                method = get_method(spec.method, **dict(spec.options))
-                result = method(with_text_fallback(spec.method, tokens), spec.budget)
+                if is_connector_method(spec.method):
+                    connector = self.tokcomp_connectors.get(spec.method, spec.budget, item.device)
+                    result = connector(VisualTokens(features=item, grid=grid))
+                else:
+                    tokens = VisualTokens(
+                        features=item,
+                        grid=grid,
+                        cls_attention=None if signals is None else signals[position].cls_attention,
+                        keys=None if signals is None else signals[position].keys,
+                        **self._text_signals(spec.method, item, query_ids[index]),
+                    )
+                    method = get_method(spec.method, **dict(spec.options))
+                    result = method(with_text_fallback(spec.method, tokens), spec.budget)
                 item = result.features
                 log_selection(spec, grid, result.assignment.anchor)
             outputs[index] = item
@@ -269,7 +299,10 @@ class CompressedLlava(LlavaForConditionalGeneration):
 
 
 def _uses_vision_signals(method: str) -> bool:
-    """Content-blind methods (uniform, pooling) skip the capture; all others may use keys or CLS attention."""
+    """Content-blind methods (uniform, pooling) and trained connectors skip the capture; all others may use keys
+    or CLS attention."""
+    if is_connector_method(method):
+        return False
     cls = method_class(method)
     return cls.family not in ("baseline", "transformation") or cls.needs_cls_attention or cls.needs_keys
 

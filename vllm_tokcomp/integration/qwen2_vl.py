@@ -50,6 +50,7 @@ import torch
 from ..config import (
     AUTO,
     BUDGET_KEY,
+    CONNECTORS_KEY,
     METHOD_KEY,
     QUERY_KEY,
     RATIO_KEY,
@@ -60,6 +61,7 @@ from ..config import (
     resolve_request,
     without_plugin_keys,
 )
+from ..connectors import is_connector_method
 from ..methods import TokenAssignment, VisualTokens, get_method
 from . import settings
 from .debug_log import POSITIONS_LOG_ENV, append_record, log_selection
@@ -111,6 +113,8 @@ def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec
             f"{AUTO!r} (pixel-redundancy estimate) is implemented for LLaVA's fixed 24x24 grid only; "
             f"on Qwen2-VL give a count or {RATIO_KEY}",
         )
+    if spec is not None and is_connector_method(spec.method):
+        raise ConfigError(field, f"{spec.method!r} is a trained connector, served on LLaVA only")
     if spec is not None and spec.method not in SERVED_METHODS:
         raise ConfigError(
             field,
@@ -230,6 +234,10 @@ class _InfoMixin:
         self.evs_rate = _evs_rate(ctx)
         try:
             self.engine_spec = self._check(parse_engine_config(self.engine_kwargs))
+            if CONNECTORS_KEY in self.engine_kwargs:
+                raise ConfigError(f"mm_processor_kwargs.{CONNECTORS_KEY}",
+                                  "trained connectors are served on LLaVA only (the bundled ones were trained for "
+                                  "the tiny LLaVA's weights)")
         except ConfigError as error:
             raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
         self.engine_configured = is_engine_configured(self.engine_kwargs)

@@ -65,6 +65,7 @@ __all__ = [
     "RECOMPUTE_FLAG",
     "enable_runner_position_recompute",
     "engine_mm_processor_kwargs",
+    "model_mm_processor_kwargs",
     "in_tree_llava_info",
     "in_tree_llava_processor",
 ]
@@ -82,6 +83,11 @@ class RequestSettingError(VLLMValidationError, ValueError):
 def engine_mm_processor_kwargs(ctx: InputProcessingContext) -> Mapping[str, object]:
     """The engine-wide ``--mm-processor-kwargs`` as configured (before any per-request merge)."""
     return ctx.model_config.get_multimodal_config().mm_processor_kwargs or {}
+
+
+def model_mm_processor_kwargs(vllm_config) -> Mapping[str, object]:  # noqa: ANN001 - vLLM's VllmConfig
+    """The same engine-wide ``--mm-processor-kwargs``, as the model (worker side) sees them."""
+    return vllm_config.model_config.get_multimodal_config().mm_processor_kwargs or {}
 
 
 def context_hiding_keys(

@@ -1,0 +1,159 @@
+"""Trained connectors served through the plugin: configuration (fast) and vLLM against transformers (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_tokcomp.config import (
+    CONNECTORS_KEY,
+    CompressionSpec,
+    ConfigError,
+    engine_connectors,
+    parse_engine_config,
+    resolve_request,
+)
+from vllm_tokcomp.connectors import ConnectorError, check_trained_for
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "train-checkpoints" / "connectors"
+C16, C64, Q16 = (str(BUNDLED / name) for name in ("c_abstractor-16", "c_abstractor-64", "qformer-16"))
+WEIGHTS = REPO / "vllm_tokcomp" / "assets" / "tiny_llava_vqa.safetensors"
+ENGINE = {CONNECTORS_KEY: [C16, C64, Q16]}
+
+
+def test_engine_picks_a_listed_connector_by_method_and_count() -> None:
+    spec = parse_engine_config({**ENGINE, "tokcomp_method": "c_abstractor", "tokcomp_budget": 64})
+    assert spec == CompressionSpec("c_abstractor", 64)
+    # one count loaded: it is the default
+    assert parse_engine_config({**ENGINE, "tokcomp_method": "qformer"}) == CompressionSpec("qformer", 16)
+    # listing connectors alone leaves compression off by default
+    assert parse_engine_config(ENGINE) is None
+    assert sorted(engine_connectors(ENGINE)) == [("c_abstractor", 16), ("c_abstractor", 64), ("qformer", 16)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "says"),
+    [
+        ({"tokcomp_budget": 32}, "tokcomp_budget", "16, 64"),
+        ({}, "tokcomp_budget", "16, 64"),  # two counts loaded: the budget must say which
+        ({"tokcomp_ratio": 0.1}, "tokcomp_ratio", "fixed counts"),
+        ({"tokcomp_budget": "auto"}, "tokcomp_budget", "16, 64"),
+        ({"tokcomp_budget": 16, "tokcomp_options": {"x": 1}}, "tokcomp_options", "no options"),
+    ],
+)
+def test_bad_connector_settings_name_the_field(extra: dict, field: str, says: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_engine_config({**ENGINE, "tokcomp_method": "c_abstractor", **extra})
+    assert error.value.field == f"mm_processor_kwargs.{field}"
+    assert says in str(error.value)
+
+
+def test_requests_pick_connectors_but_cannot_list_them() -> None:
+    engine = {**ENGINE, "tokcomp_method": "tome", "tokcomp_budget": 64}
+    # the engine's 64 belongs to tome; qformer has 16 only
+    assert resolve_request(engine, {"tokcomp_method": "qformer"}) == CompressionSpec("qformer", 16)
+    assert resolve_request(engine, {"tokcomp_method": "c_abstractor", "tokcomp_budget": 16}) == CompressionSpec(
+        "c_abstractor", 16)
+    with pytest.raises(ConfigError) as error:
+        resolve_request(engine, {CONNECTORS_KEY: [C16]})
+    assert error.value.field == f"mm_processor_kwargs.{CONNECTORS_KEY}" and "server" in str(error.value)
+    with pytest.raises(ConfigError) as error:  # a server that lists none
+        resolve_request({"tokcomp_method": "tome"}, {"tokcomp_method": "pixel_unshuffle", "tokcomp_budget": 16})
+    assert error.value.field == "mm_processor_kwargs.tokcomp_method" and CONNECTORS_KEY in str(error.value)
+
+
+def test_bad_listings_name_the_entry(tmp_path: Path) -> None:
+    def refused(listing: object) -> ConfigError:
+        with pytest.raises(ConfigError) as error:
+            parse_engine_config({CONNECTORS_KEY: listing, "tokcomp_method": "qformer"})
+        return error.value
+
+    assert refused(C16).field == f"mm_processor_kwargs.{CONNECTORS_KEY}"  # a string, not a list
+    assert refused([C16, str(tmp_path / "missing")]).field == f"mm_processor_kwargs.{CONNECTORS_KEY}[1]"
+    (tmp_path / "odd.json").write_text(json.dumps({"method": "resampler", "tokens": 8}))
+    (tmp_path / "odd.safetensors").write_bytes(b"")
+    assert "unknown connector method 'resampler'" in str(refused([str(tmp_path / "odd")]))
+    (tmp_path / "odd.json").write_text("{not json")
+    assert "not a connector spec" in str(refused([str(tmp_path / "odd")]))
+    shutil.copy(BUNDLED / "c_abstractor-16.json", tmp_path / "again.json")
+    shutil.copy(BUNDLED / "c_abstractor-16.safetensors", tmp_path / "again.safetensors")
+    second = refused([C16, str(tmp_path / "again")])
+    assert second.field == f"mm_processor_kwargs.{CONNECTORS_KEY}[1]" and "second c_abstractor" in str(second)
+
+
+def test_connectors_must_be_trained_for_the_served_weights(tmp_path: Path) -> None:
+    catalog = engine_connectors(ENGINE)
+    assert check_trained_for(catalog, WEIGHTS, "f") == []  # the bundled connectors match the bundled model
+    other = tmp_path / "model.safetensors"
+    other.write_bytes(WEIGHTS.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ConnectorError) as error:
+        check_trained_for(catalog, other, "f")
+    assert error.value.field == "f[0]" and "other model weights" in str(error.value)
+    assert len(check_trained_for(catalog, None, "f")) == 3  # nothing to compare with: reported, not refused
+
+
+def test_tokcomp_serve_passes_absolute_connector_paths(monkeypatch, tmp_path: Path) -> None:
+    from vllm_tokcomp.cli import build_serve_command
+
+    monkeypatch.chdir(REPO)
+    command, _ = build_serve_command([str(tmp_path), "--method", "c_abstractor", "--budget", "16",
+                                      "--connector", "train-checkpoints/connectors/c_abstractor-16"])
+    kwargs = json.loads(command[command.index("--mm-processor-kwargs") + 1])
+    assert kwargs[CONNECTORS_KEY] == [C16] and kwargs["tokcomp_method"] == "c_abstractor"
+    with pytest.raises(ConfigError):
+        build_serve_command([str(tmp_path), "--method", "c_abstractor", "--budget", "32", "--connector", C16])
+
+
+def test_qwen_refuses_connectors() -> None:
+    from vllm_tokcomp.integration.qwen2_vl import _check_servable
+
+    with pytest.raises(ConfigError, match="LLaVA only"):
+        _check_servable(CompressionSpec("c_abstractor", 16), "mm_processor_kwargs.tokcomp_method")
+
+
+@pytest.mark.slow
+def test_vllm_serves_connectors_as_the_transformers_reference_computes_them(tmp_path: Path) -> None:
+    """The harness through real vLLM (engine listing two bundled connectors, each request picking one) against
+    ``accuracy_learned``'s transformers path (the library module applied to the projector's outputs, fp32)."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks import accuracy, accuracy_learned
+    from vllm_tokcomp.data.spec import normalize_answer
+
+    data = accuracy.default_dataset()
+    model = Path(accuracy.model_or_default(None))
+    limit = 16
+    out = tmp_path / "acc"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_PLUGINS": "tokcomp",
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--data", str(data), "--model", str(model),
+         "--methods", "pool", "--budgets", "64", "--auto", "", "--connectors", C16, Q16, "--limit", str(limit),
+         "--out", str(out), "--no-progress"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    served = {f"{arm['method']}@{arm['budget']}": arm for arm in report["arms"]}
+    assert set(served) == {"pool@64", "c_abstractor@16", "qformer@16"}
+    assert report["budgets"] == [576, 64, 16]
+    records = accuracy.load_dataset(data, limit)
+    reference = accuracy_learned.run(model, records, accuracy_learned.build_arms(model, [Path(C16), Path(Q16)]),
+                                     max_tokens=4, progress=False)
+    for name in ("c_abstractor@16", "qformer@16"):
+        arm = served[name]
+        assert arm["tokens_min"] == arm["tokens_max"] == 16  # prompt = text + the connector's 16 tokens
+        agree = sum(normalize_answer(a) == normalize_answer(b)
+                    for a, b in zip(arm["predictions"], reference[name]["answers"], strict=True))
+        # vLLM runs the LM in bf16, the reference in fp32: near-ties may flip, nothing more
+        assert agree >= limit - 2, (name, arm["predictions"], reference[name]["answers"])
+    # and the connectors are not pool in disguise: at 16 tokens they answer differently somewhere
+    pool16 = reference["pool@16"]["answers"]
+    assert served["c_abstractor@16"]["predictions"] != pool16 or served["qformer@16"]["predictions"] != pool16
