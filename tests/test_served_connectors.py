@@ -19,7 +19,7 @@ from vllm_tokcomp.config import (
     parse_engine_config,
     resolve_request,
 )
-from vllm_tokcomp.connectors import ConnectorError, check_trained_for
+from vllm_tokcomp.connectors import check_trained_for
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "train-checkpoints" / "connectors"
@@ -93,7 +93,7 @@ def test_connectors_must_be_trained_for_the_served_weights(tmp_path: Path) -> No
     assert check_trained_for(catalog, WEIGHTS, "f") == []  # the bundled connectors match the bundled model
     other = tmp_path / "model.safetensors"
     other.write_bytes(WEIGHTS.read_bytes()[:-1] + b"\0")
-    with pytest.raises(ConnectorError) as error:
+    with pytest.raises(ConfigError) as error:
         check_trained_for(catalog, other, "f")
     assert error.value.field == "f[0]" and "other model weights" in str(error.value)
     assert len(check_trained_for(catalog, None, "f")) == 3  # nothing to compare with: reported, not refused

@@ -29,7 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .connectors import Connector, ConnectorError, counts_of, is_connector_method, read_catalog
+from .connectors import Connector, counts_of, is_connector_method, read_catalog
+from .errors import ConfigError
 from .methods import available_methods, get_method, method_class
 
 METHOD_KEY = "tokcomp_method"
@@ -49,14 +50,6 @@ INTEGRATION_SIGNALS = frozenset({"cls_attention", "keys", "text_embeds", "text_a
 # Internal key: the prompt's text token ids, injected by the processor for text-guided methods
 # (so they are part of vLLM's multimodal hash). Never accepted from a request.
 QUERY_KEY = "tokcomp_query"
-
-
-class ConfigError(ValueError):
-    """A bad tokcomp setting; the message names the field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -128,10 +121,7 @@ def engine_connectors(engine_kwargs: Mapping[str, object] | None) -> dict[tuple[
     """The trained connectors the server lists (``{(method, tokens): Connector}``), checked; empty if none."""
     if not engine_kwargs or CONNECTORS_KEY not in engine_kwargs:
         return {}
-    try:
-        return read_catalog(engine_kwargs[CONNECTORS_KEY], f"mm_processor_kwargs.{CONNECTORS_KEY}")
-    except ConnectorError as error:
-        raise ConfigError(error.field, str(error).split(": ", 1)[1]) from None
+    return read_catalog(engine_kwargs[CONNECTORS_KEY], f"mm_processor_kwargs.{CONNECTORS_KEY}")
 
 
 def _check_method(value: object, field: str, connectors: Mapping[tuple[str, int], Connector]) -> str:

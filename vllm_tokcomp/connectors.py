@@ -17,15 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
 from .methods.learned.io import LEARNED_CLASSES, load_connector
-
-
-class ConnectorError(ValueError):
-    """A bad connector listing; ``field`` names the entry (``config.ConfigError`` is raised from it)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -44,9 +37,9 @@ def is_connector_method(method: str) -> bool:
 def read_catalog(stems: object, field: str) -> dict[tuple[str, int], Connector]:
     """``{(method, tokens): Connector}`` for the listed stems; errors name the entry (``field[i]``)."""
     if isinstance(stems, str) or not isinstance(stems, (list, tuple)):
-        raise ConnectorError(field, f"must be a list of connector paths (STEM of STEM.json), got {stems!r}")
+        raise ConfigError(field, f"must be a list of connector paths (STEM of STEM.json), got {stems!r}")
     if not all(isinstance(stem, str) for stem in stems):
-        raise ConnectorError(field, "every entry must be a path (string)")
+        raise ConfigError(field, "every entry must be a path (string)")
     return _read_catalog(tuple(stems), field)
 
 
@@ -60,18 +53,18 @@ def _read_catalog(stems: tuple[str, ...], field: str) -> dict[tuple[str, int], C
             stem = stem.with_suffix("")
         for suffix in (".json", ".safetensors"):
             if not stem.with_suffix(suffix).is_file():
-                raise ConnectorError(where, f"no file {stem.with_suffix(suffix)}")
+                raise ConfigError(where, f"no file {stem.with_suffix(suffix)}")
         try:
             spec = json.loads(stem.with_suffix(".json").read_text())
             method, tokens = spec["method"], spec["tokens"]
         except (ValueError, KeyError, TypeError) as error:
-            raise ConnectorError(where, f"{stem.with_suffix('.json')} is not a connector spec ({error})") from None
+            raise ConfigError(where, f"{stem.with_suffix('.json')} is not a connector spec ({error})") from None
         if method not in LEARNED_CLASSES:
-            raise ConnectorError(where, f"unknown connector method {method!r}; known: {', '.join(LEARNED_CLASSES)}")
+            raise ConfigError(where, f"unknown connector method {method!r}; known: {', '.join(LEARNED_CLASSES)}")
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise ConnectorError(where, f"'tokens' must be a positive integer, got {tokens!r}")
+            raise ConfigError(where, f"'tokens' must be a positive integer, got {tokens!r}")
         if (method, tokens) in catalog:
-            raise ConnectorError(where, f"a second {method} connector with {tokens} tokens (one of each per server)")
+            raise ConfigError(where, f"a second {method} connector with {tokens} tokens (one of each per server)")
         catalog[(method, tokens)] = Connector(method, tokens, stem, spec.get("model_weights_sha256"))
     return catalog
 
@@ -91,7 +84,7 @@ def check_trained_for(catalog: dict[tuple[str, int], Connector], weights: Path |
         if digest is None or connector.weights_sha256 is None:
             unchecked.append(str(connector.stem))
         elif connector.weights_sha256 != digest:
-            raise ConnectorError(
+            raise ConfigError(
                 f"{field}[{index}]",
                 f"{connector.stem} was trained for other model weights (SHA-256 {connector.weights_sha256[:12]}..., "
                 f"the served {weights.name} is {digest[:12]}...); its outputs would mean nothing to this LM",

@@ -38,7 +38,7 @@ from ..config import (
     resolve_request,
     without_plugin_keys,
 )
-from ..connectors import ConnectorError, ConnectorModules, check_trained_for, is_connector_method
+from ..connectors import ConnectorModules, check_trained_for, is_connector_method
 from ..methods import VisualTokens, get_method, method_class
 from ..methods.redundancy import adaptive_budget
 from . import settings
@@ -79,7 +79,7 @@ class CompressedLlavaInfo(LlavaProcessingInfo):
         try:
             self.engine_spec = parse_engine_config(self.engine_kwargs)
             _check_connectors_trained_for(self.engine_kwargs, ctx.model_config.model)
-        except (ConfigError, ConnectorError) as error:
+        except ConfigError as error:
             # Not a ValueError: vLLM 0.32 turns a ValueError from processor-info construction
             # into "running in text-only mode" (ModelConfig._supports_multimodal_inputs).
             raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
