@@ -19,7 +19,8 @@ from vllm_tokcomp.config import (
     parse_engine_config,
     resolve_request,
 )
-from vllm_tokcomp.connectors import check_trained_for
+from vllm_tokcomp.connectors import ConnectorModules, check_trained_for
+from vllm_tokcomp.methods import VisualTokens
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "train-checkpoints" / "connectors"
@@ -36,6 +37,9 @@ def test_engine_picks_a_listed_connector_by_method_and_count() -> None:
     # listing connectors alone leaves compression off by default
     assert parse_engine_config(ENGINE) is None
     assert sorted(engine_connectors(ENGINE)) == [("c_abstractor", 16), ("c_abstractor", 64), ("qformer", 16)]
+    # a shell glob names each pair twice, once per file
+    globbed = engine_connectors({CONNECTORS_KEY: sorted(str(path) for path in BUNDLED.glob("c_abstractor-16.*"))})
+    assert list(globbed) == [("c_abstractor", 16)]
 
 
 @pytest.mark.parametrize(
@@ -97,6 +101,19 @@ def test_connectors_must_be_trained_for_the_served_weights(tmp_path: Path) -> No
         check_trained_for(catalog, other, "f")
     assert error.value.field == "f[0]" and "other model weights" in str(error.value)
     assert len(check_trained_for(catalog, None, "f")) == 3  # nothing to compare with: reported, not refused
+
+
+def test_connector_modules_load_at_construction(tmp_path: Path) -> None:
+    import torch
+
+    modules = ConnectorModules(engine_connectors(ENGINE))
+    features = torch.randn(576, 256)
+    out = modules.get("qformer", 16, torch.device("cpu"))(VisualTokens(features, (24, 24)))
+    assert out.features.shape == (16, 256)
+    shutil.copy(BUNDLED / "qformer-16.json", tmp_path / "broken.json")
+    shutil.copy(BUNDLED / "c_abstractor-16.safetensors", tmp_path / "broken.safetensors")  # other weights
+    with pytest.raises(RuntimeError, match="cannot load connector .*broken"):
+        ConnectorModules(engine_connectors({CONNECTORS_KEY: [str(tmp_path / "broken")]}))
 
 
 def test_tokcomp_serve_passes_absolute_connector_paths(monkeypatch, tmp_path: Path) -> None:

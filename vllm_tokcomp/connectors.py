@@ -63,6 +63,8 @@ def _read_catalog(stems: tuple[str, ...], field: str) -> dict[tuple[str, int], C
             raise ConfigError(where, f"unknown connector method {method!r}; known: {', '.join(LEARNED_CLASSES)}")
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             raise ConfigError(where, f"'tokens' must be a positive integer, got {tokens!r}")
+        if (method, tokens) in catalog and catalog[(method, tokens)].stem.resolve() == stem.resolve():
+            continue  # the same file pair named twice (e.g. a shell glob over STEM.json and STEM.safetensors)
         if (method, tokens) in catalog:
             raise ConfigError(where, f"a second {method} connector with {tokens} tokens (one of each per server)")
         catalog[(method, tokens)] = Connector(method, tokens, stem, spec.get("model_weights_sha256"))
@@ -93,18 +95,22 @@ def check_trained_for(catalog: dict[tuple[str, int], Connector], weights: Path |
 
 
 class ConnectorModules:
-    """Each listed connector's module, loaded on first use onto the features' device (fp32 weights: the
-    connectors are small and were trained in fp32)."""
+    """Each listed connector's module, loaded when the model is built (a broken file stops startup, not a
+    request), in fp32 (they are small and were trained in fp32), moved to the features' device on first use."""
 
     def __init__(self, catalog: dict[tuple[str, int], Connector]) -> None:
-        self.catalog = catalog
-        self._loaded: dict[tuple[str, int, torch.device], torch.nn.Module] = {}
+        self._modules: dict[tuple[str, int], torch.nn.Module] = {}
+        for key, connector in catalog.items():
+            try:
+                self._modules[key] = load_connector(connector.stem)[0]
+            except Exception as error:  # any failure to build or load: name the file
+                raise RuntimeError(f"tokcomp: cannot load connector {connector.stem}: {error}") from error
+        self._on_device: dict[tuple[str, int, torch.device], torch.nn.Module] = {}
 
     def get(self, method: str, tokens: int, device: torch.device) -> torch.nn.Module:
         key = (method, tokens, device)
-        if key not in self._loaded:
-            if (method, tokens) not in self.catalog:
+        if key not in self._on_device:
+            if (method, tokens) not in self._modules:
                 raise RuntimeError(f"tokcomp: no {method} connector with {tokens} tokens was loaded")
-            module, _ = load_connector(self.catalog[(method, tokens)].stem)
-            self._loaded[key] = module.to(device)
-        return self._loaded[key]
+            self._on_device[key] = self._modules[(method, tokens)].to(device)
+        return self._on_device[key]

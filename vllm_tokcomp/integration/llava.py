@@ -185,8 +185,8 @@ class CompressedLlava(LlavaForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:  # noqa: ANN001 - vLLM's VllmConfig
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        # Not submodules: vLLM's loader would expect their weights in the model's checkpoint. Validated at
-        # startup by the processor info (same engine kwargs), loaded on first use.
+        # Not submodules: vLLM's loader would expect their weights in the model's checkpoint. The listing is
+        # validated by the processor info (same engine kwargs); the weights are loaded here.
         self.tokcomp_connectors = ConnectorModules(engine_connectors(model_mm_processor_kwargs(vllm_config)))
 
     def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings
