@@ -1,7 +1,7 @@
 """Accuracy vs visual-token budget through vLLM with the tokcomp plugin.
 
 ``python benchmarks/accuracy.py [--data DIR] [--model DIR] [--methods all] [--budgets 576,192,128,64,32]
-[--auto mustdrop:cosine,mustdrop:texture]``
+[--auto mustdrop:cosine,mustdrop:texture] [--connectors STEM ...]``
 
 Runs every question of a data set (a folder with ``questions.jsonl`` in the format of
 docs/dataset.md; default: the test split of the synthetic task, generated on first use) through
@@ -10,9 +10,12 @@ ONE vLLM engine with greedy decoding, for the uncompressed baseline and every me
 (``tokcomp_budget: "auto"``: a per-image count estimated from the pixels, ``--auto METHOD[:ESTIMATOR]``).
 Every arm also reports the visual tokens its images really got, read from the prompts vLLM ran (prompt
 length minus the text tokens). Answers are scored by exact match after ``normalize_answer``. Writes
-``OUT.json`` (every arm, per question type, the baseline's predictions), ``OUT.md`` (accuracy and
+``OUT.json`` (every arm with its predictions, per question type), ``OUT.md`` (accuracy and
 relative accuracy per method and budget, and per question type) and ``OUT.png`` (accuracy vs tokens
 per image, one line per method, a star per adaptive arm).
+
+``--connectors STEM ...`` loads trained connectors into the engine (``tokcomp_connectors``) and adds each as an
+arm at its own count (LLaVA).
 
 A data set of clips (``data.generate --videos``: records with ``"video"``, a folder of frames) runs the same way on
 a Qwen model: each clip is one video of all its frames, budgets are per clip, and the full count is what the model's
