@@ -166,10 +166,17 @@ def build_processor(info, dummy_inputs):  # noqa: ANN001, ANN201
     return in_tree_llava_processor(info, dummy_inputs)
 
 
+_connectors_checked: set[tuple[str, tuple[str, ...]]] = set()
+
+
 def _check_connectors_trained_for(engine_kwargs: Mapping[str, object], model: str) -> None:
-    """A listed connector must have been trained for the served weights (one ``model.safetensors``)."""
+    """A listed connector must have been trained for the served weights (one ``model.safetensors``).
+
+    Once per model and listing in a process: vLLM builds the processing info for every request, and the check
+    hashes the whole weights file."""
     connectors = engine_connectors(engine_kwargs)
-    if not connectors:
+    key = (model, tuple(str(connector.stem) for connector in connectors.values()))
+    if not connectors or key in _connectors_checked:
         return
     weights = Path(model) / "model.safetensors"
     unchecked = check_trained_for(connectors, weights if weights.is_file() else None,
@@ -177,6 +184,7 @@ def _check_connectors_trained_for(engine_kwargs: Mapping[str, object], model: st
     if unchecked:
         logger.warning("tokcomp: could not check that these connectors were trained for %s: %s", model,
                        ", ".join(unchecked))
+    _connectors_checked.add(key)
 
 
 @MULTIMODAL_REGISTRY.register_processor(build_processor, info=build_info, dummy_inputs=LlavaDummyInputsBuilder)
