@@ -62,7 +62,6 @@ from .vllm_api import (
     engine_mm_processor_kwargs,
     in_tree_llava_info,
     in_tree_llava_processor,
-    model_mm_processor_kwargs,
 )
 
 logger = logging.getLogger("vllm_tokcomp")
@@ -195,7 +194,7 @@ class CompressedLlava(LlavaForConditionalGeneration):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         # Not submodules: vLLM's loader would expect their weights in the model's checkpoint. The listing is
         # validated by the processor info (same engine kwargs); the weights are loaded here.
-        self.tokcomp_connectors = ConnectorModules(engine_connectors(model_mm_processor_kwargs(vllm_config)))
+        self.tokcomp_connectors = ConnectorModules(engine_connectors(engine_mm_processor_kwargs(vllm_config)))
 
     def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings
         rows = kwargs.pop(settings.FIELD, None)

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from vllm.config import VllmConfig
 from vllm.exceptions import VLLMValidationError
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
@@ -65,7 +66,6 @@ __all__ = [
     "RECOMPUTE_FLAG",
     "enable_runner_position_recompute",
     "engine_mm_processor_kwargs",
-    "model_mm_processor_kwargs",
     "in_tree_llava_info",
     "in_tree_llava_processor",
 ]
@@ -80,14 +80,10 @@ class RequestSettingError(VLLMValidationError, ValueError):
     """A bad per-request tokcomp value: the OpenAI server answers HTTP 400, offline callers get a ValueError."""
 
 
-def engine_mm_processor_kwargs(ctx: InputProcessingContext) -> Mapping[str, object]:
-    """The engine-wide ``--mm-processor-kwargs`` as configured (before any per-request merge)."""
-    return ctx.model_config.get_multimodal_config().mm_processor_kwargs or {}
-
-
-def model_mm_processor_kwargs(vllm_config) -> Mapping[str, object]:  # noqa: ANN001 - vLLM's VllmConfig
-    """The same engine-wide ``--mm-processor-kwargs``, as the model (worker side) sees them."""
-    return vllm_config.model_config.get_multimodal_config().mm_processor_kwargs or {}
+def engine_mm_processor_kwargs(config: InputProcessingContext | VllmConfig) -> Mapping[str, object]:
+    """The engine-wide ``--mm-processor-kwargs`` as configured (before any per-request merge), from the
+    processor's context or the model's ``vllm_config`` (both carry the ``model_config``)."""
+    return config.model_config.get_multimodal_config().mm_processor_kwargs or {}
 
 
 def context_hiding_keys(
