@@ -45,22 +45,24 @@ def bundled_connectors() -> list[Path]:
 
 
 def build_arms(model_dir: Path, stems: list[Path]) -> dict:
-    """``none``, then per connector count N (largest first) ``pool@N`` and the connectors of that count; a
-    connector trained for other weights is refused (its outputs mean nothing to this model's LM)."""
+    """``none``, then per connector count N (largest first) ``pool@N`` and the connectors of that count; the
+    stems are read and checked as the server reads them (:mod:`vllm_tokcomp.connectors`), and here a connector
+    must also record the weights it was trained for: one trained for others is refused (its outputs mean
+    nothing to this model's LM)."""
+    from vllm_tokcomp.connectors import check_trained_for, read_catalog
+    from vllm_tokcomp.errors import ConfigError
     from vllm_tokcomp.methods import get_method
     from vllm_tokcomp.methods.learned.io import load_connector
-    from vllm_tokcomp.train.connector import weights_digest
 
-    digest = weights_digest(model_dir)
-    connectors = {}
-    for stem in stems:
-        module, spec = load_connector(stem)
-        if spec.get("model_weights_sha256") != digest:
-            raise SystemExit(f"{stem}: trained for other weights than {model_dir}/model.safetensors")
-        name = f"{spec['method']}@{spec['tokens']}"
-        if name in connectors:
-            raise SystemExit(f"{stem}: a second {name} connector (one of each method and count per run)")
-        connectors[name] = (module, spec)
+    try:
+        catalog = read_catalog([str(stem) for stem in stems], "--connectors")
+        unchecked = check_trained_for(catalog, model_dir / "model.safetensors", "--connectors")
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
+    if unchecked:
+        raise SystemExit(f"--connectors: {', '.join(unchecked)} cannot be checked against "
+                         f"{model_dir}/model.safetensors (no weights digest)")
+    connectors = {f"{method}@{tokens}": load_connector(c.stem) for (method, tokens), c in catalog.items()}
     arms: dict = {"none": (None, {"tokens": None})}
     pool = get_method("pool")
     for count in sorted({spec["tokens"] for _, spec in connectors.values()}, reverse=True):

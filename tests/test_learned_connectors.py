@@ -7,6 +7,7 @@ independently of the code under test.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -157,13 +158,16 @@ def test_accuracy_benchmark_runs_connectors_and_matches_transformers_generate(tm
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]
         assert processor.tokenizer.decode(generated, skip_special_tokens=True) == predicted
 
-    twice = [tmp_path / "qformer" / "connector"] * 2
-    with pytest.raises(SystemExit, match="a second qformer@16 connector"):
-        accuracy_learned.build_arms(model_dir, twice)
+    stem = tmp_path / "qformer" / "connector"
+    assert list(accuracy_learned.build_arms(model_dir, [stem, stem])) == ["none", "pool@16", "qformer@16"]
+    for suffix in (".json", ".safetensors"):  # the same connector under another name is a second one
+        shutil.copy(stem.with_suffix(suffix), (tmp_path / "qformer" / "copy").with_suffix(suffix))
+    with pytest.raises(SystemExit, match=r"--connectors\[1\]: a second qformer connector with 16 tokens"):
+        accuracy_learned.build_arms(model_dir, [stem, tmp_path / "qformer" / "copy"])
     other = tmp_path / "other-model"
     other.mkdir()
     (other / "model.safetensors").write_bytes(b"not the weights the connector was trained on")
-    with pytest.raises(SystemExit, match="trained for other weights"):
+    with pytest.raises(SystemExit, match=r"--connectors\[0\]: .* was trained for other model weights"):
         accuracy_learned.build_arms(other, [tmp_path / "qformer" / "connector"])
 
 
