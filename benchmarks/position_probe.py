@@ -56,27 +56,35 @@ def features(model_dir: str, images: int):  # noqa: ANN201 - (tower [N, 576, D],
     return torch.stack(tower), torch.stack(projected), torch.stack(occupied)
 
 
-def probe(x, y, occupied, steps: int = 300) -> dict[str, float]:  # noqa: ANN001 - torch tensors [N, 576, ...]
-    """Multinomial logistic regression on the first 3/4 of the images, accuracy on the rest."""
+def fit_linear(train_x, train_y, steps: int = 300):  # noqa: ANN001, ANN201 - torch [M, D], [M] -> classifier
+    """Multinomial logistic regression on standardised ``train_x``; returns ``[..., D] -> [...]`` predicted classes."""
     import torch
     import torch.nn.functional as F
 
-    n = x.shape[0] * 3 // 4
-    mean, std = x[:n].reshape(-1, x.shape[-1]).mean(0), x[:n].reshape(-1, x.shape[-1]).std(0) + 1e-5
-    x = (x - mean) / std
-    classes = int(y.max()) + 1
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-5
+    x = (train_x - mean) / std
+    classes = int(train_y.max()) + 1
     torch.manual_seed(0)
     w = torch.zeros(x.shape[-1], classes, requires_grad=True)
     b = torch.zeros(classes, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=0.05)
-    train_x, train_y = x[:n].reshape(-1, x.shape[-1]), y[:n].reshape(-1)
     for _ in range(steps):
-        loss = F.cross_entropy(train_x @ w + b, train_y)
+        loss = F.cross_entropy(x @ w + b, train_y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    w, b = w.detach(), b.detach()
+    return lambda features: (((features - mean) / std) @ w + b).argmax(-1)
+
+
+def probe(x, y, occupied, steps: int = 300) -> dict[str, float]:  # noqa: ANN001 - torch tensors [N, 576, ...]
+    """Multinomial logistic regression on the first 3/4 of the images, accuracy on the rest."""
+    import torch
+
+    n = x.shape[0] * 3 // 4
+    classify = fit_linear(x[:n].reshape(-1, x.shape[-1]), y[:n].reshape(-1), steps)
     with torch.no_grad():
-        right = ((x[n:] @ w + b).argmax(-1) == y[n:])
+        right = classify(x[n:]) == y[n:]
     return {"all_patches": round(right.float().mean().item(), 3),
             "object_patches": round(right[occupied[n:]].float().mean().item(), 3)}
 

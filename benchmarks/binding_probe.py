@@ -1,0 +1,298 @@
+"""Where do the trained tiny LLaVA's wrong answers come from: the tower, finding the object, or earlier turns?
+
+``python benchmarks/binding_probe.py [--model DIR] [--data DIR] [--probe-images 120] [--context-images 100]
+[--out PATH]``
+
+Three measurements on a model folder (default: the bundled trained tiny LLaVA), through transformers (fp32, eager
+attention), on the generator's test split (``--data``, default the accuracy harness's; each scene is rebuilt from
+the split's seed and checked against the image file):
+
+* **tower**: can the patch features the projector reads tell an object's shape? A linear probe per patch (fitted on
+  ``--probe-images`` training-split scenes, object patches only), then per test object the majority vote of its
+  patches; reported over all objects and over the targets of the shape questions the LM gets right / wrong.
+* **attention**: each test question whose answer is about objects in the image (shape, presence "yes", counts > 0,
+  colour, position), asked alone as served, teacher-forced on the gold answer (greedy exact match): the attention
+  mass at the answer's first prediction on the patches of what the question is about, per LM layer (head 0, which
+  ``train.llava --look-weight`` supervises, and the mean over heads), split by right and wrong answers; for wrong
+  shape answers, how often the most attended object is another one and the answer is that object's shape.
+* **context**: the training conversations (16 questions per validation scene, ``train.llava``'s format) scored as
+  one multi-turn conversation and as isolated single-turn questions (``--isolated-questions``): turns 2-16 asked
+  both ways; a gap means later answers lean on earlier turns, which single-turn serving does not have.
+
+Writes ``OUT.json`` and ``OUT.md`` (default ``benchmarks/results/binding-probe``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.accuracy import default_dataset, load_dataset, model_or_default  # noqa: E402
+from benchmarks.common import output_file  # noqa: E402
+from benchmarks.position_probe import FIRST_SCENE, fit_linear  # noqa: E402
+
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "binding-probe"
+
+
+def test_scenes(data: Path, records: list[dict]) -> dict[str, object]:
+    """``image`` -> the generator's scene behind it, rebuilt from the split's seed and checked pixel for pixel."""
+    import numpy as np
+    from PIL import Image
+
+    from vllm_tokcomp.data.generate import scene_rng
+    from vllm_tokcomp.data.synth import make_scene, render_scene
+
+    spec = json.loads((data.parent / "spec.json").read_text())
+    split = data.name
+    scenes = {}
+    for record in records:
+        if record["image"] in scenes:
+            continue
+        index = int(Path(record["image"]).stem)
+        scene = make_scene(scene_rng(spec["seed"], split, index))
+        with Image.open(record["image_path"]) as image:
+            if not np.array_equal(np.asarray(image.convert("RGB")), np.asarray(render_scene(scene))):
+                raise SystemExit(f"{record['image_path']} is not scene {index} of the generator's {split!r} split "
+                                 f"(seed {spec['seed']}): this probe needs the generator's own data")
+        scenes[record["image"]] = scene
+    return scenes
+
+
+def feature_layer_patches(model, pixel_values):  # noqa: ANN001, ANN201 - torch [B, 576, D]
+    import torch
+
+    with torch.no_grad():
+        out = model.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def shape_classifier(model, images: int):  # noqa: ANN001, ANN201 - [N, D] features -> shape index (0 = none)
+    """A linear per-patch shape probe on ``images`` training-split scenes' object patches."""
+    import torch
+
+    from vllm_tokcomp.data.generate import scene_rng
+    from vllm_tokcomp.data.synth import make_scene, render_scene
+    from vllm_tokcomp.train.llava import patch_labels, pixels
+
+    xs, ys = [], []
+    for i in range(images):
+        scene = make_scene(scene_rng(0, "train", FIRST_SCENE + i))
+        shape = torch.from_numpy(patch_labels(scene)[:, 1])
+        features = feature_layer_patches(model, pixels(render_scene(scene))[None])[0]
+        xs.append(features[shape > 0])
+        ys.append(shape[shape > 0])
+    return fit_linear(torch.cat(xs), torch.cat(ys))
+
+
+def object_shape_votes(model, classify, scene) -> list[str | None]:  # noqa: ANN001
+    """Per object of ``scene``: the majority of the probe's shape over its patches (None: it owns no patch)."""
+    import numpy as np
+
+    from vllm_tokcomp.data.spec import SHAPES
+    from vllm_tokcomp.data.synth import render_scene
+    from vllm_tokcomp.train.llava import patch_owners, pixels
+
+    owners = patch_owners(scene)
+    predicted = classify(feature_layer_patches(model, pixels(render_scene(scene))[None])[0]).numpy()
+    votes = []
+    for i in range(len(scene.objects)):
+        mine = predicted[owners == i + 1]
+        mine = mine[mine > 0]
+        votes.append(SHAPES[int(np.bincount(mine).argmax()) - 1] if mine.size else None)
+    return votes
+
+
+def answer_with_attention(model, enc, scene, qa: dict) -> dict:  # noqa: ANN001
+    """Teacher-forced single-turn answer and, at its first prediction, the attention on each object's patches."""
+    import numpy as np
+    import torch
+
+    from vllm_tokcomp.data.synth import render_scene
+    from vllm_tokcomp.train.llava import patch_owners, pixels
+
+    ids, labels, (start,) = enc.conversation_with_answer_starts([qa])
+    with torch.no_grad():
+        out = model.model(input_ids=torch.tensor([ids]), pixel_values=pixels(render_scene(scene))[None],
+                          output_attentions=True)
+        predicted = model.lm_head(out.last_hidden_state[0]).argmax(-1)
+    answer = [p for p in range(1, len(labels)) if labels[p] != -100]
+    first_image = ids.index(enc.image_id)
+    owners = patch_owners(scene)
+    at_answer = torch.stack([a[0, :, start] for a in out.attentions])  # [layers, heads, T]
+    per_object = []
+    for i in range(len(scene.objects)):
+        columns = first_image + np.flatnonzero(owners == i + 1)
+        per_object.append(at_answer[:, :, columns].sum(-1))  # [layers, heads]
+    return {"correct": all(predicted[p - 1].item() == labels[p] for p in answer),
+            "said": enc.tok.decode(predicted[start:start + len(answer) - 1].tolist()).strip(),
+            "per_object": torch.stack(per_object) if per_object else torch.zeros(0, *at_answer.shape[:2])}
+
+
+def context_gap(model, enc, images: int) -> dict:  # noqa: ANN001
+    """Turns 2-16 of ``images`` validation scenes' training conversations: right as multi-turn vs as isolated."""
+    import torch
+
+    from vllm_tokcomp.data.generate import scene_rng
+    from vllm_tokcomp.data.synth import make_scene, render_scene
+    from vllm_tokcomp.train.llava import dense_questions, pixels, segment_attention
+
+    def right_answers(ids, labels, pixel_values, **extra) -> list[bool]:  # noqa: ANN001
+        with torch.no_grad():
+            out = model.model(input_ids=torch.tensor([ids]), pixel_values=pixel_values, **extra)
+            predicted = model.lm_head(out.last_hidden_state[0]).argmax(-1)
+        results, current = [], []
+        for p, y in enumerate(labels):
+            if y != -100:
+                current.append(predicted[p - 1].item() == y)
+                if y == enc.eos:
+                    results.append(all(current))
+                    current = []
+        return results
+
+    tally: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # type -> [n, multi-turn right, isolated right]
+    first_turn_same = 0
+    for index in range(images):
+        rng = scene_rng(0, "val", index)
+        scene = make_scene(rng)
+        pixel_values = pixels(render_scene(scene))[None]
+        qas = dense_questions(scene, rng, 16)
+        ids, labels, _ = enc.conversation_with_answer_starts(qas)
+        multi = right_answers(ids, labels, pixel_values)
+        ids, labels, _, positions, segments = enc.isolated_conversation(qas)
+        allowed = segment_attention(torch.tensor([segments]), torch.ones(1, len(ids), dtype=torch.bool))
+        # additive form: eager attention adds a 4-D mask to the scores (a boolean one would mask nothing)
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        isolated = right_answers(ids, labels, pixel_values, attention_mask=mask,
+                                 position_ids=torch.tensor([positions]))
+        first_turn_same += multi[0] == isolated[0]
+        for qa, m, i in list(zip(qas, multi, isolated, strict=True))[1:]:
+            row = tally[qa["type"]]
+            row[0], row[1], row[2] = row[0] + 1, row[1] + m, row[2] + i
+    tally["all"] = [sum(row[k] for row in list(tally.values())) for k in range(3)]
+    return {"images": images, "first_turn_same": f"{first_turn_same}/{images}",
+            "turns_2_16": {t: {"n": n, "multi_turn": round(m / n, 3), "isolated": round(i / n, 3)}
+                           for t, (n, m, i) in sorted(tally.items())}}
+
+
+def run(model_dir: str, data: Path, probe_images: int, context_images: int, limit: int | None = None) -> dict:
+    import numpy as np
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from vllm_tokcomp.train.llava import QAEncoder, question_targets
+
+    records = load_dataset(data, limit)
+    scenes = test_scenes(data, records)  # before the model: data it cannot use fails at once
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    enc = QAEncoder(Path(model_dir) / "tokenizer.json")
+    classify = shape_classifier(model, probe_images)
+    votes = {image: object_shape_votes(model, classify, scene) for image, scene in scenes.items()}
+    all_votes = [(v, o.shape) for image, scene in scenes.items()
+                 for v, o in zip(votes[image], scene.objects, strict=True) if v is not None]
+
+    layers = model.config.text_config.num_hidden_layers
+    mass: dict[tuple[str, bool], list] = defaultdict(list)  # (type, right) -> [layers, 2] per question
+    shape_targets: dict[bool, list[bool]] = defaultdict(list)  # right -> tower vote right, per target object
+    wrong_shape = {"n": 0, "most_attended_is_another_object": 0, "answer_is_that_objects_shape": 0}
+    for record in records:
+        scene = scenes[record["image"]]
+        targets = [t - 1 for t in question_targets(scene, record["question"])]
+        targets = [t for t in targets if t < len(scene.objects)]  # the digit box is not an object
+        if not targets:
+            continue
+        seen = answer_with_attention(model, enc, scene, record)
+        on_targets = seen["per_object"][targets].sum(0)  # [layers, heads]
+        mass[(record["type"], seen["correct"])].append(torch.stack([on_targets[:, 0], on_targets.mean(1)], 1))
+        if record["type"] != "shape":
+            continue
+        (target,) = targets
+        shape_targets[seen["correct"]].append(votes[record["image"]][target] == scene.objects[target].shape)
+        if not seen["correct"]:
+            # over heads and layers 1.. (layer 0 looks nowhere)
+            most = int(seen["per_object"][:, 1:].mean((1, 2)).argmax())
+            wrong_shape["n"] += 1
+            wrong_shape["most_attended_is_another_object"] += most != target
+            wrong_shape["answer_is_that_objects_shape"] += most != target and seen["said"] == scene.objects[most].shape
+    attention = {f"{t} {'right' if ok else 'wrong'}": {
+        "n": len(rows),
+        "head0_by_layer": np.round(torch.stack(rows)[:, :, 0].mean(0).numpy(), 3).tolist(),
+        "heads_mean_by_layer": np.round(torch.stack(rows)[:, :, 1].mean(0).numpy(), 3).tolist(),
+    } for (t, ok), rows in sorted(mass.items())}
+    return {
+        "model": model_dir, "data": str(data), "questions": len(records), "layers": layers,
+        "tower": {"probe_images": probe_images, "objects": len(all_votes),
+                  "object_shape_vote": round(float(np.mean([v == s for v, s in all_votes])), 3),
+                  **{f"shape_question_targets_lm_{'right' if ok else 'wrong'}":
+                     {"n": len(v), "vote_right": round(float(np.mean(v)), 3)}
+                     for ok, v in sorted(shape_targets.items())}},
+        "attention": attention, "wrong_shape_answers": wrong_shape,
+        "context": context_gap(model, enc, context_images),
+    }
+
+
+def markdown(report: dict) -> str:
+    tower, wrong = report["tower"], report["wrong_shape_answers"]
+    lines = [f"# Where the wrong answers come from: {Path(report['model']).name}", "",
+             f"{report['questions']} test questions; transformers fp32, single-turn, teacher-forced greedy exact "
+             "match.",
+             "", "## Tower: a linear shape probe on the feature-layer patches", "",
+             f"Fitted on {tower['probe_images']} training scenes; majority vote of each object's patches.", "",
+             "| objects | n | vote right |", "|---|---:|---:|",
+             f"| all test objects | {tower['objects']} | {tower['object_shape_vote']:.3f} |"]
+    for key in ("shape_question_targets_lm_right", "shape_question_targets_lm_wrong"):
+        if key in tower:
+            label = "targets of shape questions the LM gets " + key.rsplit("_", 1)[1]
+            lines.append(f"| {label} | {tower[key]['n']} | {tower[key]['vote_right']:.3f} |")
+    lines += ["", "## LM attention at the answer on what the question is about", "",
+              "Attention mass on the patches of the question's objects at the answer's first prediction, per layer "
+              "(head 0 = the head `--look-weight` supervises / mean of all heads).", "",
+              "| question, answer | n | head 0 by layer | all heads by layer |", "|---|---:|---|---|"]
+    for key, row in report["attention"].items():
+        lines.append(f"| {key} | {row['n']} | {' '.join(f'{v:.2f}' for v in row['head0_by_layer'])} | "
+                     f"{' '.join(f'{v:.2f}' for v in row['heads_mean_by_layer'])} |")
+    lines += ["", f"Wrong shape answers: {wrong['n']}; the most attended object is another one in "
+              f"{wrong['most_attended_is_another_object']}, and the answer is that object's shape in "
+              f"{wrong['answer_is_that_objects_shape']}.", "",
+              "## Context: training conversations, turns 2-16, multi-turn vs isolated", "",
+              f"{report['context']['images']} validation scenes (first turns agree: "
+              f"{report['context']['first_turn_same']}).",
+              "", "| type | n | multi-turn | isolated |", "|---|---:|---:|---:|"]
+    for t, row in report["context"]["turns_2_16"].items():
+        lines.append(f"| {t} | {row['n']} | {row['multi_turn']:.3f} | {row['isolated']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="LLaVA model folder (default: the bundled trained tiny LLaVA)")
+    parser.add_argument("--data", type=Path, default=None, help="the generator's test split folder (default: the "
+                        "accuracy harness's)")
+    parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument("--probe-images", type=int, default=120)
+    parser.add_argument("--context-images", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    data = args.data or default_dataset()
+    report = run(model_or_default(args.model), data, args.probe_images, args.context_images, args.limit)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["command"] = "python benchmarks/binding_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    output_file(args.out, ".json").write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
+    output_file(args.out, ".md").write_text(text)
+    print(text + f"\nwrote {args.out}.json and .md ({report['seconds']}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
