@@ -159,16 +159,20 @@ def test_question_targets_name_the_objects_a_question_is_about():
     assert question_targets(scene, "What digit is written in the white box?") == [DIGIT_LABEL]
 
 
-def test_look_loss_equals_the_attention_transformers_computes():
+@pytest.mark.parametrize("type_weights", [None, {"color": 4.0, "count": 0.5}])
+def test_look_loss_equals_the_attention_transformers_computes(type_weights):
     """The attention-supervision term recomputes head 0's attention rows from the layers' inputs; it must equal
-    -log(mass on the targets) read from transformers' own eager attention weights."""
+    -log(mass on the targets) read from transformers' own eager attention weights (with ``--type-weight``, the
+    looks' weighted mean)."""
     from vllm_tokcomp.tiny import llava as tiny
     from vllm_tokcomp.train.llava import QAEncoder, build_model, load_llava_hf_state, qa_batch, qa_loss
 
     model = build_model(tiny.Geometry(text_layers=2))
     load_llava_hf_state(model, tiny.random_state_dict(5))
-    batch = qa_batch(QAEncoder(), 0, 0, 2, 6)
+    batch = qa_batch(QAEncoder(), 0, 0, 2, 6, type_weights=type_weights)
     assert batch["looks"]
+    if type_weights:
+        assert len({look[3] for look in batch["looks"]}) > 1  # the weights differ, so the mean is a weighted one
     with torch.no_grad():
         plain, _ = qa_loss(model, batch)
         supervised, _ = qa_loss(model, batch, look_weight=1.0)
@@ -176,9 +180,90 @@ def test_look_loss_equals_the_attention_transformers_computes():
         config._attn_implementation = "eager"
         attentions = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                                  attention_mask=batch["attention_mask"], output_attentions=True).attentions
-    expected = torch.stack([-torch.log(layer[row, 0, query, cols].sum().clamp_min(1e-6))
-                            for layer in attentions[1:] for row, query, cols in batch["looks"]]).mean()
-    assert torch.allclose(supervised - plain, expected, rtol=1e-4, atol=1e-5)
+    terms = torch.stack([-torch.log(layer[row, 0, query, cols].sum().clamp_min(1e-6))
+                         for layer in attentions[1:] for row, query, cols, _ in batch["looks"]])
+    weights = torch.tensor([weight for _ in attentions[1:] for *_, weight in batch["looks"]])
+    assert torch.allclose(supervised - plain, (terms * weights).sum() / weights.sum(), rtol=1e-4, atol=1e-5)
+
+
+def test_answer_token_weights_follow_the_answers_in_order():
+    from vllm_tokcomp.train.llava import QAEncoder, answer_token_weights
+
+    enc = QAEncoder()
+    qas = [{"question": "What shape is the red object?", "answer": "circle"},
+           {"question": "How many red objects are there?", "answer": "2"}]
+    ids, labels, starts = enc.conversation_with_answer_starts(qas)
+    weights = answer_token_weights(labels, [3.0, 0.5])
+    assert len(weights) == len(labels)
+    for position, (label, weight) in enumerate(zip(labels, weights, strict=True)):
+        expected = 0.0 if label == -100 else 3.0 if position <= starts[1] else 0.5
+        assert weight == expected
+    with pytest.raises(ValueError, match="2 answers in the labels, 3 weights"):
+        answer_token_weights(labels, [1.0, 1.0, 1.0])
+
+
+def test_type_weights_weigh_each_answer_by_its_question_type():
+    """The weighted answer loss against a plain reference: the image's questions drawn again the way the
+    generator draws them, each answer's tokens weighted by its type, cross-entropy from the model's logits."""
+    import torch.nn.functional as F
+
+    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.train.llava import (
+        QAEncoder,
+        build_model,
+        dense_questions,
+        load_llava_hf_state,
+        qa_batch,
+        qa_loss,
+    )
+
+    model = build_model(tiny.Geometry(text_layers=2))
+    load_llava_hf_state(model, tiny.random_state_dict(5))
+    enc = QAEncoder()
+    plain = qa_batch(enc, 0, 7, 1, 8)
+    even = qa_batch(enc, 0, 7, 1, 8, type_weights={"shape": 2.0, "count": 2.0, "color": 2.0, "position": 2.0,
+                                                       "presence": 2.0, "digit": 2.0})
+    type_weights = {"shape": 3.0, "presence": 0.0}
+    weighted = qa_batch(enc, 0, 7, 1, 8, type_weights=type_weights)
+    assert torch.equal(plain["input_ids"], weighted["input_ids"])
+    rng = scene_rng(0, "train", 7)
+    scene = make_scene(rng)
+    qas = dense_questions(scene, rng, 8)
+    assert {qa["type"] for qa in qas} >= {"presence", "shape"}
+    with torch.no_grad():
+        loss_plain, _ = qa_loss(model, plain)
+        loss_even, _ = qa_loss(model, even)
+        loss_weighted, _ = qa_loss(model, weighted)
+        hidden = model.model(input_ids=plain["input_ids"], pixel_values=plain["pixel_values"],
+                             attention_mask=plain["attention_mask"]).last_hidden_state[0, :-1]
+        per_token = F.cross_entropy(model.lm_head(hidden), plain["labels"][0, 1:].clamp_min(0), reduction="none")
+    labels = plain["labels"][0, 1:].tolist()
+    answer, weights = 0, []
+    for label in labels:
+        weights.append(0.0 if label == -100 else type_weights.get(qas[answer]["type"], 1.0))
+        answer += label == tiny.EOS_TOKEN_ID
+    weights = torch.tensor(weights)
+    assert torch.allclose(loss_even, loss_plain, rtol=1e-5)  # a common factor changes nothing
+    assert torch.allclose(loss_weighted, (per_token * weights).sum() / weights.sum(), rtol=1e-5)
+    assert not torch.allclose(loss_weighted, loss_plain, rtol=1e-3)
+    # looks: presence questions (weight 0) have none left, shape ones carry their weight
+    assert {look[3] for look in weighted["looks"]} == {1.0, 3.0}
+    assert len(weighted["looks"]) < len(plain["looks"])
+
+
+def test_type_weight_flag_names_what_is_wrong():
+    from vllm_tokcomp.train.llava import parse_type_weights
+
+    def fail(message: str) -> None:
+        raise SystemExit(message)
+
+    assert parse_type_weights([], fail) is None
+    assert parse_type_weights(["shape=3", "presence=0.5"], fail) == {"shape": 3.0, "presence": 0.5}
+    for bad in ("shapes=3", "shape=-1", "shape=x", "shape", "shape=inf"):
+        with pytest.raises(SystemExit, match=f"--type-weight wants .*got '{bad}'"):
+            parse_type_weights([bad], fail)
+    with pytest.raises(SystemExit, match="once per type"):
+        parse_type_weights(["shape=1", "shape=2"], fail)
 
 
 def test_recenter_projector_is_a_shift_and_scale_of_the_image_tokens():
@@ -387,9 +472,9 @@ def test_compressed_rows_feed_the_lm_the_library_methods_tokens_at_consecutive_p
             destinations.append(result.assignment.destination)
     first = int((batch["input_ids"][0] == tiny.IMAGE_TOKEN_ID).nonzero()[0])
     assert looks
-    for row, query, cols in batch["looks"]:  # every look now names the slots its patches went to, no others
+    for row, query, cols, _ in batch["looks"]:  # every look now names the slots its patches went to, no others
         slots = {int(destinations[row][c - first]) for c in cols} - {-1}
-        got = [c for r, q, c in looks if (r, q) == (row, query)]
+        got = [c for r, q, c, _ in looks if (r, q) == (row, query)]
         assert got == ([sorted(first + s for s in slots)] if slots else [])
         assert all(first <= c < first + squeezes[row].budget for c in (got[0] if got else []))
 
@@ -421,6 +506,7 @@ def test_eval_squeeze_is_refused_at_startup_naming_the_flag(value, tmp_path, cap
     (["--vision-hidden", "96"], "--vision-hidden"),  # another width than the --init tower (64)
     (["--position-weight", "0.3", "--tower-lr-scale", "0"], "--position-weight"),  # it trains the frozen tower
     (["--look-at-near-misses"], "--look-at-near-misses"),  # look targets with no look loss to use them
+    (["--type-weight", "colour=2"], "--type-weight"),  # not a question type (the generator says "color")
 ])
 def test_tower_flags_that_cannot_apply_are_refused_at_startup(extra, flag, tmp_path, capsys):
     from pathlib import Path
@@ -509,5 +595,5 @@ def test_look_loss_under_packed_questions_equals_eager_attention_with_that_mask(
                                  attention_mask=additive, position_ids=batch["position_ids"],
                                  output_attentions=True).attentions
     expected = torch.stack([-torch.log(layer[row, 0, query, cols].sum().clamp_min(1e-6))
-                            for layer in attentions[1:] for row, query, cols in batch["looks"]]).mean()
+                            for layer in attentions[1:] for row, query, cols, _ in batch["looks"]]).mean()
     assert torch.allclose(supervised - plain, expected, rtol=1e-4, atol=1e-5)

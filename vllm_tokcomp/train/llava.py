@@ -47,7 +47,15 @@ from torch import nn
 
 from vllm_tokcomp.data.generate import scene_rng
 from vllm_tokcomp.data.spec import BACKGROUNDS, COLORS, DIGITS, SHAPES, SIZES
-from vllm_tokcomp.data.synth import DIGIT_LABEL, label_map, make_questions, make_scene, render_scene, scene_caption
+from vllm_tokcomp.data.synth import (
+    ASKERS,
+    DIGIT_LABEL,
+    label_map,
+    make_questions,
+    make_scene,
+    render_scene,
+    scene_caption,
+)
 from vllm_tokcomp.tiny import llava as tiny
 
 MEAN = np.array(tiny.OPENAI_CLIP_MEAN, np.float32)
@@ -517,9 +525,39 @@ def draw_squeeze(rng: np.random.Generator, prob: float) -> Squeeze | None:
     return Squeeze(str(rng.choice(AUGMENT_METHODS)), int(rng.choice(AUGMENT_BUDGETS)), int(rng.integers(2**31)))
 
 
+def parse_type_weights(items: list[str], error) -> dict[str, float] | None:  # noqa: ANN001 - argparse's error
+    """``["shape=3", ...]`` -> ``{"shape": 3.0}`` (None when empty); a bad item goes to ``error``."""
+    weights: dict[str, float] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if name not in ASKERS or not 0 <= weight < float("inf") or name in weights:
+            error(f"--type-weight wants TYPE=W once per type, TYPE one of {', '.join(ASKERS)} and W >= 0, got {item!r}")
+        weights[name] = weight
+    return weights or None
+
+
+def answer_token_weights(labels: list[int], answer_weights: list[float], eos: int = tiny.EOS_TOKEN_ID) -> list[float]:
+    """Per token of ``labels``: the weight of the answer it belongs to (answers in order, each up to and including
+    its ``</s>``), 0 outside answers."""
+    out, answer = [], 0
+    for label in labels:
+        if label == -100:
+            out.append(0.0)
+            continue
+        out.append(float(answer_weights[answer]))
+        answer += label == eos
+    if answer != len(answer_weights):
+        raise ValueError(f"{answer} answers in the labels, {len(answer_weights)} weights")
+    return out
+
+
 def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, caption: bool = False,
              compress_prob: float = 0.0, isolated: bool = False, near_misses: bool = False,
-             placeholders: int | None = None) -> dict:
+             placeholders: int | None = None, type_weights: dict[str, float] | None = None) -> dict:
     """Rendered images and their conversations. With ``compress_prob`` > 0 each image is compressed with that
     probability (``batch["squeeze"]``, one :class:`Squeeze` or None per row; the ids hold that many image tokens,
     and a compressed row's looks hold ``first image position + patch index``, mapped to the kept tokens in
@@ -527,9 +565,12 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
     (:meth:`QAEncoder.isolated_conversation`): the batch's ``attention_mask`` is then the ``[B, 1, T, T]``
     :func:`segment_attention` and it carries ``position_ids``. ``near_misses``: look targets for "no" presence
     answers too (:func:`question_targets`). ``placeholders``: every image gets that many image tokens (a learned
-    connector's fixed output count, :mod:`vllm_tokcomp.train.connector`); the batch then has no looks."""
-    images, seqs, patch_targets, squeezes, layouts = [], [], [], [], []
-    looks: list[tuple[int, int, list[int]]] = []  # (row, answer-start position, image-token positions it is about)
+    connector's fixed output count, :mod:`vllm_tokcomp.train.connector`); the batch then has no looks.
+    ``type_weights``: question type -> weight of its answer tokens and its look in the loss (others 1; the batch
+    then has ``answer_weights``, ``[B, T]`` aligned with ``labels``)."""
+    images, seqs, patch_targets, squeezes, layouts, weights = [], [], [], [], [], []
+    # (row, answer-start position, image-token positions it is about, weight)
+    looks: list[tuple[int, int, list[int], float]] = []
     for row, index in enumerate(range(start, start + n)):
         rng = scene_rng(seed, "train", index)
         scene = make_scene(rng)
@@ -546,6 +587,8 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
         else:
             ids, labels, starts = enc.conversation_with_answer_starts(qas, tokens)
         seqs.append((ids, labels))
+        if type_weights:
+            weights.append(answer_token_weights(labels, [type_weights.get(qa.get("type"), 1.0) for qa in qas]))
         patch_targets.append(patch_labels(scene))
         if placeholders:
             continue
@@ -553,12 +596,17 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
         owners = patch_owners(scene)
         for qa, answer_start in zip(qas, starts, strict=True):
             targets = question_targets(scene, qa["question"], near_misses)
-            if targets:
+            weight = type_weights.get(qa.get("type"), 1.0) if type_weights else 1.0
+            if targets and weight > 0:
                 patches = np.flatnonzero(np.isin(owners, targets))
                 if patches.size:
-                    looks.append((row, answer_start, (first_image + patches).tolist()))
+                    looks.append((row, answer_start, (first_image + patches).tolist(), weight))
     batch = {"pixel_values": torch.stack(images), **padded_conversations(seqs),
              "patch_labels": torch.from_numpy(np.stack(patch_targets)), "looks": looks, "squeeze": squeezes}
+    if type_weights:
+        batch["answer_weights"] = torch.zeros(batch["labels"].shape)
+        for row, row_weights in enumerate(weights):
+            batch["answer_weights"][row, : len(row_weights)] = torch.tensor(row_weights)
     if isolated:
         length = batch["input_ids"].shape[1]
         position_ids = torch.zeros(n, length, dtype=torch.long)
@@ -597,14 +645,14 @@ def qa_forward(model: nn.Module, batch: dict) -> tuple[object, list[tuple[int, i
     image_mask = batch["input_ids"] == tiny.IMAGE_TOKEN_ID
     firsts = image_mask.int().argmax(1).tolist()  # each row's first image position, one device sync for all
     looks = []
-    for row, query, cols in batch["looks"]:
+    for row, query, cols, weight in batch["looks"]:
         if row in destinations:
             first = firsts[row]
             slots = sorted({destinations[row][c - first] for c in cols} - {-1})
             if not slots:  # everything it is about was dropped: nothing to look at
                 continue
             cols = [first + slot for slot in slots]
-        looks.append((row, query, cols))
+        looks.append((row, query, cols, weight))
     embeds = model.model.get_input_embeddings()(batch["input_ids"])
     image_features = torch.cat(image_rows).to(embeds.dtype)
     embeds = embeds.masked_scatter(image_mask[..., None], image_features)
@@ -644,7 +692,11 @@ def qa_loss(
     target = batch["labels"][:, 1:]
     sel = target != -100
     logits = model.lm_head(hidden[sel])
-    loss = F.cross_entropy(logits, target[sel])
+    if "answer_weights" in batch:  # --type-weight
+        weights = batch["answer_weights"][:, 1:][sel].to(logits.dtype)
+        loss = (F.cross_entropy(logits, target[sel], reduction="none") * weights).sum() / weights.sum().clamp_min(1e-6)
+    else:
+        loss = F.cross_entropy(logits, target[sel])
     if dense_weight > 0:
         loss = loss + dense_weight * dense_loss(heads, captured[0][:, 1:], batch["patch_labels"])[0]
     if position_weight > 0:
@@ -661,21 +713,23 @@ def qa_loss(
 
 def look_loss(
     attention_inputs: list[tuple[nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]],
-    looks: list[tuple[int, int, list[int]]],
+    looks: list[tuple[int, int, list[int], float]],
     allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over looks and layers of ``-log`` (head 0's attention mass on the look's targets). Head 0's
+    """Mean over looks (weighted by each look's weight) and layers of ``-log`` (head 0's attention mass on the
+    look's targets). Head 0's
     attention row is recomputed from each layer's input for the supervised queries only (the forward
     itself runs SDPA, which returns no weights). ``allowed``: ``[B, T, T]``, what each token may attend to
     (packed single-turn questions); causal when None."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     device = attention_inputs[0][1].device
-    rows = torch.tensor([row for row, _, _ in looks])
-    queries = torch.tensor([query for _, query, _ in looks])
+    rows = torch.tensor([look[0] for look in looks])
+    queries = torch.tensor([look[1] for look in looks])
+    weights = torch.tensor([float(look[3]) for look in looks], device=attention_inputs[0][1].device)
     length = attention_inputs[0][1].shape[1]
     targets = torch.zeros(len(looks), length, dtype=torch.bool)
-    for i, (_, _, cols) in enumerate(looks):
+    for i, (_, _, cols, _) in enumerate(looks):
         targets[i, cols] = True
     rows, queries, targets = rows.to(device), queries.to(device), targets.to(device)
     if allowed is None:
@@ -693,7 +747,8 @@ def look_loss(
         scores = torch.einsum("ld,ltd->lt", q[:, 0, 0], k[rows, 0]).float() * attn.scaling
         probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
         terms.append(-torch.log((probs * targets).sum(-1).clamp_min(1e-6)))
-    return torch.cat(terms).mean()
+    per_term = weights.repeat(len(terms))
+    return (torch.cat(terms) * per_term).sum() / per_term.sum().clamp_min(1e-6)
 
 
 def answer_correct(model: nn.Module, batch: dict) -> list[bool]:
@@ -741,10 +796,10 @@ class QABatches(torch.utils.data.Dataset):
 
     def __init__(self, enc: QAEncoder, seed: int, first: int, steps: int, batch: int, per_image: int,
                  caption: bool, compress_prob: float = 0.0, isolated: bool = False,
-                 near_misses: bool = False) -> None:
+                 near_misses: bool = False, type_weights: dict[str, float] | None = None) -> None:
         self.enc, self.seed, self.first, self.steps = enc, seed, first, steps
         self.batch, self.per_image, self.caption, self.compress_prob = batch, per_image, caption, compress_prob
-        self.isolated, self.near_misses = isolated, near_misses
+        self.isolated, self.near_misses, self.type_weights = isolated, near_misses, type_weights
 
     def __len__(self) -> int:
         return max(0, self.steps - self.first)
@@ -752,7 +807,7 @@ class QABatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         step = self.first + i
         return qa_batch(self.enc, self.seed, step * self.batch, self.batch, self.per_image, self.caption,
-                        self.compress_prob, self.isolated, self.near_misses)
+                        self.compress_prob, self.isolated, self.near_misses, type_weights=self.type_weights)
 
 
 def _as_is(item: dict) -> dict:
@@ -816,6 +871,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="pack an image's questions as single-turn conversations (each sees the image and itself "
                         "only, as when served) instead of one multi-turn conversation whose later answers can be read "
                         "off earlier ones")
+    parser.add_argument("--type-weight", action="append", default=[], metavar="TYPE=W",
+                        help="weight of one question type's answers and looks in the QA loss (others 1), e.g. "
+                        "shape=3: benchmarks/binding_probe.py found the LM finding objects by shape far better than "
+                        "by colour; repeat for several types")
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-images", type=int, default=64, help="validation images checked at each save")
@@ -850,6 +909,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--qa-dense-weight and --position-weight train the tower, which --tower-lr-scale 0 freezes")
     if args.look_at_near_misses and args.look_weight <= 0:
         parser.error("--look-at-near-misses adds look targets, which only --look-weight > 0 trains")
+    type_weights = parse_type_weights(args.type_weight, parser.error)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -993,7 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
     t_qa = time.perf_counter()
     batches = qa_batches(QABatches(enc, args.seed, step, args.qa_steps, args.qa_batch, args.questions_per_image,
                                    args.caption_turn, args.compress_prob, args.isolated_questions,
-                                   args.look_at_near_misses),
+                                   args.look_at_near_misses, type_weights),
                          args.workers, pin=device.type == "cuda")
     out_of_time = False
     for batch in batches:
