@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Continue the bundled tiny LLaVA's QA training in several arms side by side on one GPU, then score the bundled
+# model and every arm on the whole test split (transformers, greedy, uncompressed), all in one call: the shape of
+# the issue-5 runs (benchmarks/results/accuracy_training_v9.json), kept here so a lent GPU's minutes go to training.
+#
+#   bash scripts/gpu_train_arms.sh SECONDS 'a=' 'b=--isolated-questions' 'c=--isolated-questions --look-weight 1'
+#
+# Each arm is NAME=EXTRA-FLAGS added to the common command (train-checkpoints/README.md's recipe; a later flag wins
+# over an earlier one, so an arm may override a common value). Environment:
+#   DEV (cuda)          torch device; on cpu the runs are tiny dry runs (no bf16)
+#   WORKERS (7)         render workers per arm (16 cores: 2 arms x 7, 3 arms x 4)
+#   PY (python3)        the interpreter with torch and transformers (vLLM is not needed)
+#   OUT (/tmp/out)      results: model-NAME.safetensors, wh-NAME.pt and small.tgz (logs, curves, test JSONs)
+#   BUNDLED             the served bundled model folder (tokenizer, processor, config); default: built here
+#   LIMIT               score only the first N test questions (default: all 500)
+#   INIT                the checkpoint to continue (default: the bundled model's weights with their heads)
+set -euo pipefail
+seconds=${1:?usage: gpu_train_arms.sh SECONDS NAME=FLAGS [NAME=FLAGS ...]}
+shift
+[ $# -ge 1 ] || { echo "give at least one arm, e.g. 'control='" >&2; exit 2; }
+DEV=${DEV:-cuda}; WORKERS=${WORKERS:-7}; PY=${PY:-python3}; OUT=${OUT:-/tmp/out}
+INIT=${INIT:-train-checkpoints/tiny_llava_gpu_pos_qa3645.pt}
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+work=$(mktemp -d)
+start=$(date +%s)
+elapsed() { echo "$(( $(date +%s) - start )) s"; }
+
+$PY - <<'PY' 2>&1 | tee "$OUT/setup.log"
+import torch, transformers
+print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())
+from benchmarks.accuracy import default_dataset
+print("test split", default_dataset())
+PY
+if [ -z "${BUNDLED:-}" ]; then
+  BUNDLED=$($PY -c "from benchmarks.accuracy import model_or_default; print(model_or_default(None))" | tail -n 1)
+fi
+echo "bundled model $BUNDLED, setup $(elapsed)" | tee -a "$OUT/setup.log"
+
+bf16=(); [ "$DEV" = cuda ] && bf16=(--bf16)
+common=(--init "$INIT" --clip-steps 0 --qa-steps 100000 --time-limit "$seconds" --qa-batch 16 --qa-lr 5e-4
+        --questions-per-image 16 --qa-dense-weight 0.5 --position-weight 0.3 --tower-lr-scale 1 --text-layers 8
+        --look-weight 0.3 --compress-prob 0.5 --eval-squeeze uniform:64 --save-every 400 --eval-images 256
+        --device "$DEV" "${bf16[@]}" --workers "$WORKERS" --threads 1 --tokenizer-json "$BUNDLED/tokenizer.json")
+names=()
+for arm in "$@"; do
+  name=${arm%%=*}; flags=${arm#*=}
+  [[ "$name" =~ ^[A-Za-z0-9_-]+$ ]] || { echo "bad arm name in '$arm'" >&2; exit 2; }
+  names+=("$name")
+  # shellcheck disable=SC2086 # the arm's flags are meant to split
+  $PY -m vllm_tokcomp.train.llava "$work/run-$name" "${common[@]}" $flags > "$OUT/train-$name.log" 2>&1 &
+done
+wait
+echo "trained $(elapsed)"
+
+score() {  # NAME WEIGHTS
+  rm -rf "$work/model-$1"; cp -r "$BUNDLED" "$work/model-$1"; cp "$2" "$work/model-$1/model.safetensors"
+  $PY benchmarks/accuracy_positions.py --model "$work/model-$1" --budgets "" ${LIMIT:+--limit "$LIMIT"} \
+    --device "$DEV" --out "$OUT/test-$1" > "$OUT/eval-$1.log" 2>&1
+}
+score bundled "$BUNDLED/model.safetensors" &
+for name in "${names[@]}"; do
+  tail -n 2 "$OUT/train-$name.log"
+  cp "$work/run-$name/model.safetensors" "$OUT/model-$name.safetensors"
+  cp "$work/run-$name/weights_and_heads.pt" "$OUT/wh-$name.pt"
+  cp "$work/run-$name/log.jsonl" "$OUT/log-$name.jsonl"
+  score "$name" "$work/run-$name/model.safetensors" &
+done
+wait
+echo "scored $(elapsed)"
+for name in bundled "${names[@]}"; do
+  $PY -c "import json; d = json.load(open('$OUT/test-$name.json')); a = d['arms']['576']
+print('$name', d['n'], round(a['accuracy'], 3), {k: round(v, 3) for k, v in a['per_type'].items()})"
+done | tee "$OUT/summary.txt"
+small=(setup.log summary.txt)
+for name in bundled "${names[@]}"; do small+=("test-$name.json" "eval-$name.log"); done
+for name in "${names[@]}"; do small+=("train-$name.log" "log-$name.jsonl"); done
+tar czf "$OUT/small.tgz" -C "$OUT" "${small[@]}"
+(cd "$OUT" && rm -f "${small[@]}" test-*.md)
+rm -rf "$work"
+ls -la "$OUT"
