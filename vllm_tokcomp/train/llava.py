@@ -619,7 +619,7 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
     return batch
 
 
-def qa_forward(model: nn.Module, batch: dict) -> tuple[object, list[tuple[int, int, list[int]]]]:
+def qa_forward(model: nn.Module, batch: dict) -> tuple[object, list[tuple[int, int, list[int], float]]]:
     """The LM's output for ``batch``, and its looks on the image tokens the LM really sees. Rows with a
     :class:`Squeeze` get their projected image features compressed by the library method (as vLLM serves them:
     the kept tokens at consecutive positions); a look then points at the output tokens its patches went into."""
@@ -717,9 +717,8 @@ def look_loss(
     allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over looks (weighted by each look's weight) and layers of ``-log`` (head 0's attention mass on the
-    look's targets). Head 0's
-    attention row is recomputed from each layer's input for the supervised queries only (the forward
-    itself runs SDPA, which returns no weights). ``allowed``: ``[B, T, T]``, what each token may attend to
+    look's targets). Head 0's attention row is recomputed from each layer's input for the supervised queries only
+    (the forward itself runs SDPA, which returns no weights). ``allowed``: ``[B, T, T]``, what each token may attend to
     (packed single-turn questions); causal when None."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
