@@ -587,16 +587,16 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
         else:
             ids, labels, starts = enc.conversation_with_answer_starts(qas, tokens)
         seqs.append((ids, labels))
+        qa_weights = [type_weights.get(qa.get("type"), 1.0) if type_weights else 1.0 for qa in qas]
         if type_weights:
-            weights.append(answer_token_weights(labels, [type_weights.get(qa.get("type"), 1.0) for qa in qas]))
+            weights.append(answer_token_weights(labels, qa_weights))
         patch_targets.append(patch_labels(scene))
         if placeholders:
             continue
         first_image = ids.index(tiny.IMAGE_TOKEN_ID)
         owners = patch_owners(scene)
-        for qa, answer_start in zip(qas, starts, strict=True):
+        for qa, answer_start, weight in zip(qas, starts, qa_weights, strict=True):
             targets = question_targets(scene, qa["question"], near_misses)
-            weight = type_weights.get(qa.get("type"), 1.0) if type_weights else 1.0
             if targets and weight > 0:
                 patches = np.flatnonzero(np.isin(owners, targets))
                 if patches.size:
@@ -725,7 +725,7 @@ def look_loss(
     device = attention_inputs[0][1].device
     rows = torch.tensor([look[0] for look in looks])
     queries = torch.tensor([look[1] for look in looks])
-    weights = torch.tensor([float(look[3]) for look in looks], device=attention_inputs[0][1].device)
+    weights = torch.tensor([float(look[3]) for look in looks], device=device)
     length = attention_inputs[0][1].shape[1]
     targets = torch.zeros(len(looks), length, dtype=torch.bool)
     for i, (_, _, cols, _) in enumerate(looks):
