@@ -42,13 +42,15 @@ from benchmarks.position_probe import FIRST_SCENE, fit_linear  # noqa: E402
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "binding-probe"
 
 
-def test_scenes(data: Path, records: list[dict]) -> dict[str, object]:
-    """``image`` -> the generator's scene behind it, rebuilt from the split's seed and checked pixel for pixel."""
+def test_scenes(data: Path, records: list[dict]) -> dict[str, tuple[object, object]]:
+    """``image`` -> (the generator's scene behind it, rebuilt from the split's seed and checked pixel for pixel,
+    and its ``[1, 3, 336, 336]`` pixel values)."""
     import numpy as np
     from PIL import Image
 
     from vllm_tokcomp.data.generate import scene_rng
     from vllm_tokcomp.data.synth import make_scene, render_scene
+    from vllm_tokcomp.train.llava import pixels
 
     spec = json.loads((data.parent / "spec.json").read_text())
     split = data.name
@@ -58,11 +60,12 @@ def test_scenes(data: Path, records: list[dict]) -> dict[str, object]:
             continue
         index = int(Path(record["image"]).stem)
         scene = make_scene(scene_rng(spec["seed"], split, index))
+        rendered = render_scene(scene)
         with Image.open(record["image_path"]) as image:
-            if not np.array_equal(np.asarray(image.convert("RGB")), np.asarray(render_scene(scene))):
+            if not np.array_equal(np.asarray(image.convert("RGB")), np.asarray(rendered)):
                 raise SystemExit(f"{record['image_path']} is not scene {index} of the generator's {split!r} split "
                                  f"(seed {spec['seed']}): this probe needs the generator's own data")
-        scenes[record["image"]] = scene
+        scenes[record["image"]] = (scene, pixels(rendered)[None])
     return scenes
 
 
@@ -92,16 +95,15 @@ def shape_classifier(model, images: int):  # noqa: ANN001, ANN201 - [N, D] featu
     return fit_linear(torch.cat(xs), torch.cat(ys))
 
 
-def object_shape_votes(model, classify, scene) -> list[str | None]:  # noqa: ANN001
+def object_shape_votes(model, classify, scene, pixel_values) -> list[str | None]:  # noqa: ANN001
     """Per object of ``scene``: the majority of the probe's shape over its patches (None: it owns no patch)."""
     import numpy as np
 
     from vllm_tokcomp.data.spec import SHAPES
-    from vllm_tokcomp.data.synth import render_scene
-    from vllm_tokcomp.train.llava import patch_owners, pixels
+    from vllm_tokcomp.train.llava import patch_owners
 
     owners = patch_owners(scene)
-    predicted = classify(feature_layer_patches(model, pixels(render_scene(scene))[None])[0]).numpy()
+    predicted = classify(feature_layer_patches(model, pixel_values)[0]).numpy()
     votes = []
     for i in range(len(scene.objects)):
         mine = predicted[owners == i + 1]
@@ -110,20 +112,31 @@ def object_shape_votes(model, classify, scene) -> list[str | None]:  # noqa: ANN
     return votes
 
 
-def answer_with_attention(model, enc, scene, qa: dict) -> dict:  # noqa: ANN001
+def answers_right(predicted, labels: list[int], eos: int) -> list[bool]:  # noqa: ANN001 - torch [T] argmax ids
+    """Per answer in ``labels`` (in order, each up to and including its ``</s>``): is the teacher-forced argmax
+    right at every one of its tokens (what greedy decoding would emit)?"""
+    results, current = [], []
+    for p, y in enumerate(labels):
+        if y != -100:
+            current.append(predicted[p - 1].item() == y)
+            if y == eos:
+                results.append(all(current))
+                current = []
+    return results
+
+
+def answer_with_attention(model, enc, scene, pixel_values, qa: dict) -> dict:  # noqa: ANN001
     """Teacher-forced single-turn answer and, at its first prediction, the attention on each object's patches."""
     import numpy as np
     import torch
 
-    from vllm_tokcomp.data.synth import render_scene
-    from vllm_tokcomp.train.llava import patch_owners, pixels
+    from vllm_tokcomp.train.llava import patch_owners
 
     ids, labels, (start,) = enc.conversation_with_answer_starts([qa])
     with torch.no_grad():
-        out = model.model(input_ids=torch.tensor([ids]), pixel_values=pixels(render_scene(scene))[None],
-                          output_attentions=True)
+        out = model.model(input_ids=torch.tensor([ids]), pixel_values=pixel_values, output_attentions=True)
         predicted = model.lm_head(out.last_hidden_state[0]).argmax(-1)
-    answer = [p for p in range(1, len(labels)) if labels[p] != -100]
+    answer_length = sum(label != -100 for label in labels)
     first_image = ids.index(enc.image_id)
     owners = patch_owners(scene)
     at_answer = torch.stack([a[0, :, start] for a in out.attentions])  # [layers, heads, T]
@@ -131,8 +144,9 @@ def answer_with_attention(model, enc, scene, qa: dict) -> dict:  # noqa: ANN001
     for i in range(len(scene.objects)):
         columns = first_image + np.flatnonzero(owners == i + 1)
         per_object.append(at_answer[:, :, columns].sum(-1))  # [layers, heads]
-    return {"correct": all(predicted[p - 1].item() == labels[p] for p in answer),
-            "said": enc.tok.decode(predicted[start:start + len(answer) - 1].tolist()).strip(),
+    (correct,) = answers_right(predicted, labels, enc.eos)
+    return {"correct": correct,
+            "said": enc.tok.decode(predicted[start:start + answer_length - 1].tolist()).strip(),
             "per_object": torch.stack(per_object) if per_object else torch.zeros(0, *at_answer.shape[:2])}
 
 
@@ -148,14 +162,7 @@ def context_gap(model, enc, images: int) -> dict:  # noqa: ANN001
         with torch.no_grad():
             out = model.model(input_ids=torch.tensor([ids]), pixel_values=pixel_values, **extra)
             predicted = model.lm_head(out.last_hidden_state[0]).argmax(-1)
-        results, current = [], []
-        for p, y in enumerate(labels):
-            if y != -100:
-                current.append(predicted[p - 1].item() == y)
-                if y == enc.eos:
-                    results.append(all(current))
-                    current = []
-        return results
+        return answers_right(predicted, labels, enc.eos)
 
     tally: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # type -> [n, multi-turn right, isolated right]
     first_turn_same = 0
@@ -195,8 +202,9 @@ def run(model_dir: str, data: Path, probe_images: int, context_images: int, limi
                                                           attn_implementation="eager").eval()
     enc = QAEncoder(Path(model_dir) / "tokenizer.json")
     classify = shape_classifier(model, probe_images)
-    votes = {image: object_shape_votes(model, classify, scene) for image, scene in scenes.items()}
-    all_votes = [(v, o.shape) for image, scene in scenes.items()
+    votes = {image: object_shape_votes(model, classify, scene, pixel_values)
+             for image, (scene, pixel_values) in scenes.items()}
+    all_votes = [(v, o.shape) for image, (scene, _) in scenes.items()
                  for v, o in zip(votes[image], scene.objects, strict=True) if v is not None]
 
     layers = model.config.text_config.num_hidden_layers
@@ -204,12 +212,12 @@ def run(model_dir: str, data: Path, probe_images: int, context_images: int, limi
     shape_targets: dict[bool, list[bool]] = defaultdict(list)  # right -> tower vote right, per target object
     wrong_shape = {"n": 0, "most_attended_is_another_object": 0, "answer_is_that_objects_shape": 0}
     for record in records:
-        scene = scenes[record["image"]]
+        scene, pixel_values = scenes[record["image"]]
         targets = [t - 1 for t in question_targets(scene, record["question"])]
         targets = [t for t in targets if t < len(scene.objects)]  # the digit box is not an object
         if not targets:
             continue
-        seen = answer_with_attention(model, enc, scene, record)
+        seen = answer_with_attention(model, enc, scene, pixel_values, record)
         on_targets = seen["per_object"][targets].sum(0)  # [layers, heads]
         mass[(record["type"], seen["correct"])].append(torch.stack([on_targets[:, 0], on_targets.mean(1)], 1))
         if record["type"] != "shape":
