@@ -11,6 +11,16 @@ from vllm_tokcomp.data.synth import Obj, Scene, label_map, make_scene, render_sc
 from vllm_tokcomp.train.llava import DENSE_TARGETS, MIN_COVER, patch_labels, patch_owners, sincos_positions
 
 
+def _two_layer_model():
+    """transformers' LLaVA with a 2-layer LM and random weights (seed 5): small enough for exact checks."""
+    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.train.llava import build_model, load_llava_hf_state
+
+    model = build_model(tiny.Geometry(text_layers=2))
+    load_llava_hf_state(model, tiny.random_state_dict(5))
+    return model
+
+
 def _plain(objects, digit=None, digit_xy=None):
     params = {"c1": (90, 90, 90), "c2": (90, 90, 90), "dir": 0, "period": 8, "noise_seed": 0}
     return Scene("plain", objects, digit, digit_xy, params)
@@ -164,11 +174,9 @@ def test_look_loss_equals_the_attention_transformers_computes(type_weights):
     """The attention-supervision term recomputes head 0's attention rows from the layers' inputs; it must equal
     -log(mass on the targets) read from transformers' own eager attention weights (with ``--type-weight``, the
     looks' weighted mean)."""
-    from vllm_tokcomp.tiny import llava as tiny
-    from vllm_tokcomp.train.llava import QAEncoder, build_model, load_llava_hf_state, qa_batch, qa_loss
+    from vllm_tokcomp.train.llava import QAEncoder, qa_batch, qa_loss
 
-    model = build_model(tiny.Geometry(text_layers=2))
-    load_llava_hf_state(model, tiny.random_state_dict(5))
+    model = _two_layer_model()
     batch = qa_batch(QAEncoder(), 0, 0, 2, 6, type_weights=type_weights)
     assert batch["looks"]
     if type_weights:
@@ -210,15 +218,12 @@ def test_type_weights_weigh_each_answer_by_its_question_type():
     from vllm_tokcomp.tiny import llava as tiny
     from vllm_tokcomp.train.llava import (
         QAEncoder,
-        build_model,
         dense_questions,
-        load_llava_hf_state,
         qa_batch,
         qa_loss,
     )
 
-    model = build_model(tiny.Geometry(text_layers=2))
-    load_llava_hf_state(model, tiny.random_state_dict(5))
+    model = _two_layer_model()
     enc = QAEncoder()
     plain = qa_batch(enc, 0, 7, 1, 8)
     even = qa_batch(enc, 0, 7, 1, 8, type_weights={"shape": 2.0, "count": 2.0, "color": 2.0, "position": 2.0,
@@ -436,14 +441,11 @@ def test_compressed_rows_feed_the_lm_the_library_methods_tokens_at_consecutive_p
     from vllm_tokcomp.train.llava import (
         AUGMENT_METHODS,
         QAEncoder,
-        build_model,
-        load_llava_hf_state,
         qa_batch,
         qa_forward,
     )
 
-    model = build_model(tiny.Geometry(text_layers=2))
-    load_llava_hf_state(model, tiny.random_state_dict(5))
+    model = _two_layer_model()
     model.eval()
     batch = qa_batch(QAEncoder(), 0, 6, 9, 3, compress_prob=1.0)  # images 6-14 draw all four methods
     plain = qa_batch(QAEncoder(), 0, 6, 9, 3)
@@ -529,21 +531,17 @@ def test_isolated_questions_are_the_single_turn_conversations_served(compress_pr
     """--isolated-questions packs an image's questions after one image prefix; every answer's logits must equal
     those of that question asked alone (built independently: one single-turn conversation per question, no
     custom mask), for plain and compressed images."""
-    from vllm_tokcomp.tiny import llava as tiny
     from vllm_tokcomp.train.llava import (
         QAEncoder,
-        build_model,
         dense_questions,
         image_tokens,
-        load_llava_hf_state,
         padded_conversations,
         qa_batch,
         qa_forward,
     )
 
     enc = QAEncoder()
-    model = build_model(tiny.Geometry(text_layers=2))
-    load_llava_hf_state(model, tiny.random_state_dict(5))
+    model = _two_layer_model()
     model.eval()
     packed = qa_batch(enc, 0, 6, 3, 5, compress_prob=compress_prob, isolated=True)
     assert packed["attention_mask"].shape[:2] == (3, 1) and packed["position_ids"].shape == packed["input_ids"].shape
@@ -579,11 +577,9 @@ def test_isolated_questions_are_the_single_turn_conversations_served(compress_pr
 def test_look_loss_under_packed_questions_equals_eager_attention_with_that_mask():
     """With --isolated-questions the look term must use the packed mask: -log of the target mass in
     transformers' eager attention weights computed under the same mask and positions."""
-    from vllm_tokcomp.tiny import llava as tiny
-    from vllm_tokcomp.train.llava import QAEncoder, build_model, load_llava_hf_state, qa_batch, qa_loss
+    from vllm_tokcomp.train.llava import QAEncoder, qa_batch, qa_loss
 
-    model = build_model(tiny.Geometry(text_layers=2))
-    load_llava_hf_state(model, tiny.random_state_dict(5))
+    model = _two_layer_model()
     batch = qa_batch(QAEncoder(), 0, 0, 2, 6, isolated=True)
     assert batch["looks"]
     with torch.no_grad():
