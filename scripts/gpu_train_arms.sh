@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Continue the bundled tiny LLaVA's QA training in several arms side by side on one GPU, then score the bundled
-# model and every arm on the whole test split (transformers, greedy, uncompressed), all in one call: the shape of
+# model and every arm on the whole test split (transformers, greedy, uncompressed) and on 600 fresh validation
+# scenes (benchmarks/heldout.py: 3027 single-turn questions, standard error ~0.7 points, where the test split's 500
+# questions cannot tell two arms 2 points apart), all in one call: the shape of
 # the issue-5 runs (benchmarks/results/accuracy_training_v9.json), kept here so a lent GPU's minutes go to training.
 #
 #   bash scripts/gpu_train_arms.sh SECONDS 'a=' 'b=--isolated-questions' 'c=--isolated-questions --look-weight 1'
@@ -12,7 +14,7 @@
 #   PY (python3)        the interpreter with torch and transformers (vLLM is not needed)
 #   OUT (/tmp/out)      results: model-NAME.safetensors, wh-NAME.pt and small.tgz (logs, curves, test JSONs)
 #   BUNDLED             the served bundled model folder (tokenizer, processor, config); default: built here
-#   LIMIT               score only the first N test questions (default: all 500)
+#   LIMIT               score only the first N test questions and N held-out scenes (default: 500 and 600)
 #   INIT                the checkpoint to continue (default: the bundled model's weights with their heads)
 set -euo pipefail
 seconds=${1:?usage: gpu_train_arms.sh SECONDS NAME=FLAGS [NAME=FLAGS ...]}
@@ -67,13 +69,22 @@ for name in "${names[@]}"; do
   cp "$work/run-$name/log.jsonl" "$OUT/log-$name.jsonl"
   score "$name" "$work/run-$name/model.safetensors" &
 done
+heldout=("bundled=$BUNDLED")
+for name in "${names[@]}"; do heldout+=("$name=$OUT/model-$name.safetensors"); done
+$PY benchmarks/heldout.py "${heldout[@]}" --tokenizer "$BUNDLED/tokenizer.json" --device "$DEV" \
+  ${LIMIT:+--scenes "$LIMIT"} --out "$OUT/heldout" > "$OUT/heldout.log" 2>&1 &
 wait
 echo "scored $(elapsed)"
 for name in bundled "${names[@]}"; do
   $PY -c "import json; d = json.load(open('$OUT/test-$name.json')); a = d['arms']['576']
 print('$name', d['n'], round(a['accuracy'], 3), {k: round(v, 3) for k, v in a['per_type'].items()})"
 done | tee "$OUT/summary.txt"
-small=(setup.log summary.txt)
+small=(setup.log summary.txt heldout.log)
+if [ -f "$OUT/heldout.md" ]; then
+  tee -a "$OUT/summary.txt" < "$OUT/heldout.md"; small+=(heldout.json heldout.md)
+else
+  echo "held-out scoring failed: see heldout.log" | tee -a "$OUT/summary.txt"
+fi
 for name in bundled "${names[@]}"; do small+=("test-$name.json" "eval-$name.log"); done
 for name in "${names[@]}"; do small+=("train-$name.log" "log-$name.jsonl"); done
 tar czf "$OUT/small.tgz" -C "$OUT" "${small[@]}"
