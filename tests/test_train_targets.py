@@ -271,6 +271,26 @@ def test_type_weight_flag_names_what_is_wrong():
         parse_type_weights(["shape=1", "shape=2"], fail)
 
 
+def test_min_objects_draws_crowded_scenes_and_one_changes_nothing():
+    from vllm_tokcomp.train.llava import QAEncoder, qa_batch, training_scene
+
+    enc = QAEncoder()
+    counts = [len(make_scene(scene_rng(0, "train", i)).objects) for i in range(40)]
+    assert min(counts) < 3  # the generator's own mix has sparse scenes ...
+    crowded = [training_scene(scene_rng(0, "train", i), 3) for i in range(40)]
+    assert min(len(scene.objects) for scene in crowded) >= 3  # ... which min_objects skips
+    # each kept scene is the first crowded one its image's generator draws (the skipped draws are whole scenes)
+    rng = scene_rng(0, "train", counts.index(1))
+    while len((first := make_scene(rng)).objects) < 3:
+        pass
+    assert training_scene(scene_rng(0, "train", counts.index(1)), 3) == first
+    plain, same = qa_batch(enc, 0, 5, 3, 4), qa_batch(enc, 0, 5, 3, 4, min_objects=1)
+    for key in ("input_ids", "labels", "pixel_values", "patch_labels"):
+        assert torch.equal(plain[key], same[key])
+    assert plain["looks"] == same["looks"]
+    assert not torch.equal(qa_batch(enc, 0, 5, 3, 4, min_objects=4)["patch_labels"], plain["patch_labels"])
+
+
 def test_recenter_projector_is_a_shift_and_scale_of_the_image_tokens():
     from vllm_tokcomp.data.synth import render_scene
     from vllm_tokcomp.tiny import llava as tiny
@@ -509,6 +529,8 @@ def test_eval_squeeze_is_refused_at_startup_naming_the_flag(value, tmp_path, cap
     (["--position-weight", "0.3", "--tower-lr-scale", "0"], "--position-weight"),  # it trains the frozen tower
     (["--look-at-near-misses"], "--look-at-near-misses"),  # look targets with no look loss to use them
     (["--type-weight", "colour=2"], "--type-weight"),  # not a question type (the generator says "color")
+    (["--min-objects", "6"], "--min-objects"),  # a scene has at most 5 objects
+    (["--min-objects", "0"], "--min-objects"),
 ])
 def test_tower_flags_that_cannot_apply_are_refused_at_startup(extra, flag, tmp_path, capsys):
     from pathlib import Path
