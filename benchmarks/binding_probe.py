@@ -18,6 +18,12 @@ the split's seed and checked against the image file):
 * **context**: the training conversations (16 questions per validation scene, ``train.llava``'s format) scored as
   one multi-turn conversation and as isolated single-turn questions (``--isolated-questions``): turns 2-16 asked
   both ways; a gap means later answers lean on earlier turns, which single-turn serving does not have.
+* **lookup**: could attention find an object by its colour, or by its shape, at all? For each colour (shape), the
+  one query vector that puts the most attention on that colour's (shape's) objects, fitted by gradient ascent on
+  half of ``--lookup-images`` validation scenes with two or more objects, scored on the other half: in the tower's
+  feature layer, in the LM's input (the projected patches after layer 0's norm), and in head 0's keys (with their
+  rotary positions, as a single-turn question's answer sees them) of every later LM layer. High in the input and
+  low in the keys means the information is there and the LM's key projections do not carry it.
 
 Writes ``OUT.json`` and ``OUT.md`` (default ``benchmarks/results/binding-probe``).
 """
@@ -189,7 +195,98 @@ def context_gap(model, enc, images: int) -> dict:  # noqa: ANN001
                            for t, (n, m, i) in sorted(tally.items())}}
 
 
-def run(model_dir: str, data: Path, probe_images: int, context_images: int, limit: int | None = None) -> dict:
+LOOKUP_FIRST_SCENE = 30000  # validation scenes no other measurement here or in benchmarks/heldout.py uses
+
+
+def best_query_mass(keys, targets, fit: int, steps: int = 300) -> float:  # noqa: ANN001 - torch tensors
+    """``keys`` ``[S, P, D]``, ``targets`` ``[S, P]`` bool: the mean attention mass (softmax over each scene's ``P``
+    keys, scaled by ``1/sqrt(D)``) that the single query fitted (Adam, maximising the mean log mass) on the first
+    ``fit`` scenes puts on the targets of the others."""
+    import torch
+
+    query = torch.zeros(keys.shape[-1], requires_grad=True)
+    optimizer = torch.optim.Adam([query], lr=0.05)
+    scale = keys.shape[-1] ** -0.5
+    for _ in range(steps):
+        mass = (torch.softmax(keys[:fit] @ query * scale, -1) * targets[:fit]).sum(-1)
+        loss = -torch.log(mass + 1e-9).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float((torch.softmax(keys[fit:] @ query * scale, -1) * targets[fit:]).sum(-1).mean())
+
+
+def lookup_spaces(model, enc, scenes: list) -> dict:  # noqa: ANN001 - model, QAEncoder, synth scenes
+    """Name -> ``[S, 576, D]`` patch vectors a query could be matched against: the tower's feature layer, the LM's
+    input after layer 0's norm, and head 0's keys of LM layers 1.. (rotary positions of a single-turn question)."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from vllm_tokcomp.data.synth import render_scene
+    from vllm_tokcomp.train.llava import pixels
+
+    lm = model.model.language_model
+    ids, _, _ = enc.conversation_with_answer_starts([{"question": "What shape is the red object?", "answer": "x"}])
+    first = ids.index(enc.image_id)
+    image = slice(first, first + model.config.image_seq_length)
+    spaces: dict[str, list] = defaultdict(list)
+    for scene in scenes:
+        pixel_values = pixels(render_scene(scene))[None]
+        spaces["tower feature layer"].append(feature_layer_patches(model, pixel_values)[0])
+        with torch.no_grad():
+            out = model.model(input_ids=torch.tensor([ids]), pixel_values=pixel_values, output_hidden_states=True)
+            cos, sin = lm.rotary_emb(out.hidden_states[0], torch.arange(len(ids))[None])
+            spaces["LM input"].append(lm.layers[0].input_layernorm(out.hidden_states[0])[0, image])
+            for index in range(1, len(lm.layers)):
+                attention = lm.layers[index].self_attn
+                hidden = lm.layers[index].input_layernorm(out.hidden_states[index])
+                keys = attention.k_proj(hidden)[..., : attention.head_dim][:, None]  # [1, 1, T, d]: head 0
+                _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
+                spaces[f"LM layer {index} head 0 keys"].append(keys[0, 0, image])
+    return {name: torch.stack(rows) for name, rows in spaces.items()}
+
+
+def lookup(model, enc, images: int) -> dict:  # noqa: ANN001
+    """Per space of :func:`lookup_spaces`: held-out attention mass of the best single query by colour / by shape."""
+    import numpy as np
+    import torch
+
+    from vllm_tokcomp.data.generate import scene_rng
+    from vllm_tokcomp.data.spec import COLORS, SHAPES
+    from vllm_tokcomp.data.synth import make_scene
+    from vllm_tokcomp.train.llava import patch_owners
+
+    scenes = [scene for i in range(images)
+              if len((scene := make_scene(scene_rng(0, "val", LOOKUP_FIRST_SCENE + i))).objects) >= 2]
+    owners = [patch_owners(scene) for scene in scenes]
+    fit = len(scenes) // 2
+    torch.manual_seed(0)
+    spaces = lookup_spaces(model, enc, scenes)
+    result = {"images": images, "scenes_with_two_or_more_objects": len(scenes), "spaces": {}}
+    for name, keys in spaces.items():
+        row = {}
+        for attribute, values in (("color", COLORS), ("shape", SHAPES)):
+            masses, chance = [], []
+            for value in values:
+                # scenes where the value names some objects but not all, so finding them is a choice
+                named = [[i + 1 for i, o in enumerate(scene.objects) if getattr(o, attribute) == value]
+                         for scene in scenes]
+                keep = [k for k, ids in enumerate(named) if 0 < len(ids) < len(scenes[k].objects)]
+                train = [k for k in keep if k < fit]
+                if not train or len(train) == len(keep):
+                    continue
+                targets = torch.from_numpy(np.stack([np.isin(owners[k], named[k]) for k in keep]))
+                masses.append(best_query_mass(keys[keep], targets, len(train)))
+                chance.append(float(targets[len(train):].float().mean()))
+            row[f"by_{attribute}"] = round(float(np.mean(masses)), 3)
+            row[f"by_{attribute}_uniform"] = round(float(np.mean(chance)), 3)
+        result["spaces"][name] = row
+    return result
+
+
+def run(model_dir: str, data: Path, probe_images: int, context_images: int, limit: int | None = None,
+        lookup_images: int = 240) -> dict:
     import numpy as np
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -244,6 +341,7 @@ def run(model_dir: str, data: Path, probe_images: int, context_images: int, limi
                      for ok, v in sorted(shape_targets.items())}},
         "attention": attention, "wrong_shape_answers": wrong_shape,
         "context": context_gap(model, enc, context_images),
+        **({"lookup": lookup(model, enc, lookup_images)} if lookup_images else {}),
     }
 
 
@@ -276,6 +374,17 @@ def markdown(report: dict) -> str:
               "", "| type | n | multi-turn | isolated |", "|---|---:|---:|---:|"]
     for t, row in report["context"]["turns_2_16"].items():
         lines.append(f"| {t} | {row['n']} | {row['multi_turn']:.3f} | {row['isolated']:.3f} |")
+    if "lookup" in report:
+        found = report["lookup"]
+        lines += ["", "## Lookup: can one query find objects by colour, or by shape?", "",
+                  f"{found['scenes_with_two_or_more_objects']} of {found['images']} validation scenes have two or "
+                  "more objects; per colour (shape), the single query that puts the most attention on its objects, "
+                  "fitted on half of them, attention mass on the other half (mean over colours / shapes; uniform "
+                  "attention in brackets).", "",
+                  "| where | by colour | by shape |", "|---|---:|---:|"]
+        for name, row in found["spaces"].items():
+            lines.append(f"| {name} | {row['by_color']:.2f} ({row['by_color_uniform']:.2f}) | "
+                         f"{row['by_shape']:.2f} ({row['by_shape_uniform']:.2f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -287,11 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--probe-images", type=int, default=120)
     parser.add_argument("--context-images", type=int, default=100)
+    parser.add_argument("--lookup-images", type=int, default=240, help="validation scenes for the lookup fit (0: skip)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     data = args.data or default_dataset()
-    report = run(model_or_default(args.model), data, args.probe_images, args.context_images, args.limit)
+    report = run(model_or_default(args.model), data, args.probe_images, args.context_images, args.limit,
+                 args.lookup_images)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["command"] = "python benchmarks/binding_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ def test_script_writes_its_report_for_a_model_folder(tmp_path, test_split):
     out = tmp_path / "probe"
     model = tiny.ensure_default_model()
     assert main(["--model", str(model), "--data", str(test_split), "--probe-images", "3",
-                 "--context-images", "3", "--out", str(out)]) == 0
+                 "--context-images", "3", "--lookup-images", "12", "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["questions"] == 12 and report["layers"] == len(report["attention"][next(iter(report["attention"]))]
                                                                    ["head0_by_layer"])
@@ -35,6 +35,28 @@ def test_script_writes_its_report_for_a_model_folder(tmp_path, test_split):
         assert all(0.0 <= v <= 1.0 + 1e-6 for v in row["head0_by_layer"] + row["heads_mean_by_layer"])
     assert 0.0 <= report["tower"]["object_shape_vote"] <= 1.0
     assert "## Context" in out.with_suffix(".md").read_text()
+    spaces = report["lookup"]["spaces"]
+    assert {"tower feature layer", "LM input", "LM layer 1 head 0 keys"} <= set(spaces)
+    assert len(spaces) == 2 + report["layers"] - 1
+    for row in spaces.values():
+        assert all(0.0 <= row[key] <= 1.0 for key in ("by_color", "by_shape", "by_color_uniform", "by_shape_uniform"))
+    assert "## Lookup" in out.with_suffix(".md").read_text()
+
+
+def test_best_query_finds_a_planted_direction_and_nothing_where_there_is_none():
+    import torch
+
+    from benchmarks.binding_probe import best_query_mass
+
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(40, 100, 16, generator=generator)
+    targets = torch.zeros(40, 100, dtype=torch.bool)
+    targets[:, :5] = True  # 5 % of each scene's keys
+    planted = keys.clone()
+    planted[:, :5, 3] += 6.0  # the targets stand out along one direction
+    assert best_query_mass(planted, targets, 20) > 0.9
+    # the same targets with nothing marking them: a query fitted on 20 scenes does no better than uniform elsewhere
+    assert best_query_mass(keys, targets, 20) < 0.1
 
 
 def test_refuses_images_the_generator_did_not_make(tmp_path, test_split):
