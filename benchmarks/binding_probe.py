@@ -22,8 +22,9 @@ the split's seed and checked against the image file):
   one query vector that puts the most attention on that colour's (shape's) objects, fitted by gradient ascent on
   half of ``--lookup-images`` validation scenes with two or more objects, scored on the other half: in the tower's
   feature layer, in the LM's input (the projected patches after layer 0's norm), and in head 0's keys (with their
-  rotary positions, as a single-turn question's answer sees them) of every later LM layer. High in the input and
-  low in the keys means the information is there and the LM's key projections do not carry it.
+  rotary positions, as a single-turn question's answer sees them, and without them) of every later LM layer. High
+  in the input and low in the keys means the information is there and the keys do not carry it in a form one query
+  can match at every position; high without the rotary positions and low with them means RoPE is what scrambles it.
 
 Writes ``OUT.json`` and ``OUT.md`` (default ``benchmarks/results/binding-probe``).
 """
@@ -219,7 +220,8 @@ def best_query_mass(keys, targets, fit: int, steps: int = 300) -> float:  # noqa
 
 def lookup_spaces(model, enc, scenes: list) -> dict:  # noqa: ANN001 - model, QAEncoder, synth scenes
     """Name -> ``[S, 576, D]`` patch vectors a query could be matched against: the tower's feature layer, the LM's
-    input after layer 0's norm, and head 0's keys of LM layers 1.. (rotary positions of a single-turn question)."""
+    input after layer 0's norm, and head 0's keys of LM layers 1.. with the rotary positions of a single-turn
+    question (what attention matches) and without them (what the keys carry before RoPE turns them)."""
     import torch
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -242,6 +244,7 @@ def lookup_spaces(model, enc, scenes: list) -> dict:  # noqa: ANN001 - model, QA
                 attention = lm.layers[index].self_attn
                 hidden = lm.layers[index].input_layernorm(out.hidden_states[index])
                 keys = attention.k_proj(hidden)[..., : attention.head_dim][:, None]  # [1, 1, T, d]: head 0
+                spaces[f"LM layer {index} head 0 keys, rotary positions left out"].append(keys[0, 0, image])
                 _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
                 spaces[f"LM layer {index} head 0 keys"].append(keys[0, 0, image])
     return {name: torch.stack(rows) for name, rows in spaces.items()}

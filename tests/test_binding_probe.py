@@ -36,8 +36,9 @@ def test_script_writes_its_report_for_a_model_folder(tmp_path, test_split):
     assert 0.0 <= report["tower"]["object_shape_vote"] <= 1.0
     assert "## Context" in out.with_suffix(".md").read_text()
     spaces = report["lookup"]["spaces"]
-    assert {"tower feature layer", "LM input", "LM layer 1 head 0 keys"} <= set(spaces)
-    assert len(spaces) == 2 + report["layers"] - 1
+    assert {"tower feature layer", "LM input", "LM layer 1 head 0 keys",
+            "LM layer 1 head 0 keys, rotary positions left out"} <= set(spaces)
+    assert len(spaces) == 2 + 2 * (report["layers"] - 1)
     for row in spaces.values():
         assert all(0.0 <= row[key] <= 1.0 for key in ("by_color", "by_shape", "by_color_uniform", "by_shape_uniform"))
     assert "## Lookup" in out.with_suffix(".md").read_text()
