@@ -810,9 +810,9 @@ class QABatches(torch.utils.data.Dataset):
                  near_misses: bool = False, type_weights: dict[str, float] | None = None,
                  min_objects: int = 1) -> None:
         self.enc, self.seed, self.first, self.steps = enc, seed, first, steps
-        self.min_objects = min_objects
         self.batch, self.per_image, self.caption, self.compress_prob = batch, per_image, caption, compress_prob
         self.isolated, self.near_misses, self.type_weights = isolated, near_misses, type_weights
+        self.min_objects = min_objects
 
     def __len__(self) -> int:
         return max(0, self.steps - self.first)
@@ -891,7 +891,8 @@ def main(argv: list[str] | None = None) -> int:
                         "by colour; repeat for several types")
     parser.add_argument("--min-objects", type=int, default=1,
                         help=f"QA images with at least this many objects (1-{MAX_OBJECTS}; 1: the generator's own "
-                        "mix): accuracy falls with every distractor, so a run can train on crowded scenes")
+                        "mix): accuracy falls with every distractor, so a run can train on crowded scenes (above 3 "
+                        "there are no digit images: they hold at most 3 objects)")
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-images", type=int, default=64, help="validation images checked at each save")
