@@ -132,6 +132,17 @@ def answers_right(predicted, labels: list[int], eos: int) -> list[bool]:  # noqa
     return results
 
 
+def single_turn_mask(segments: list[int]):  # noqa: ANN201 - torch [1, 1, T, T] float
+    """The attention mask of one packed row of single-turn questions (``QAEncoder.isolated_conversation``'s
+    segments), in additive form: eager attention adds a 4-D mask to the scores (a boolean one would mask nothing)."""
+    import torch
+
+    from vllm_tokcomp.train.llava import segment_attention
+
+    allowed = segment_attention(torch.tensor([segments]), torch.ones(1, len(segments), dtype=torch.bool))
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
 def answer_with_attention(model, enc, scene, pixel_values, qa: dict) -> dict:  # noqa: ANN001
     """Teacher-forced single-turn answer and, at its first prediction, the attention on each object's patches."""
     import numpy as np
@@ -163,7 +174,7 @@ def context_gap(model, enc, images: int) -> dict:  # noqa: ANN001
 
     from vllm_tokcomp.data.generate import scene_rng
     from vllm_tokcomp.data.synth import make_scene, render_scene
-    from vllm_tokcomp.train.llava import dense_questions, pixels, segment_attention
+    from vllm_tokcomp.train.llava import dense_questions, pixels
 
     def right_answers(ids, labels, pixel_values, **extra) -> list[bool]:  # noqa: ANN001
         with torch.no_grad():
@@ -181,10 +192,7 @@ def context_gap(model, enc, images: int) -> dict:  # noqa: ANN001
         ids, labels, _ = enc.conversation_with_answer_starts(qas)
         multi = right_answers(ids, labels, pixel_values)
         ids, labels, _, positions, segments = enc.isolated_conversation(qas)
-        allowed = segment_attention(torch.tensor([segments]), torch.ones(1, len(ids), dtype=torch.bool))
-        # additive form: eager attention adds a 4-D mask to the scores (a boolean one would mask nothing)
-        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-        isolated = right_answers(ids, labels, pixel_values, attention_mask=mask,
+        isolated = right_answers(ids, labels, pixel_values, attention_mask=single_turn_mask(segments),
                                  position_ids=torch.tensor([positions]))
         first_turn_same += multi[0] == isolated[0]
         for qa, m, i in list(zip(qas, multi, isolated, strict=True))[1:]:
@@ -266,22 +274,25 @@ def lookup(model, enc, images: int) -> dict:  # noqa: ANN001
     fit = len(scenes) // 2
     torch.manual_seed(0)
     spaces = lookup_spaces(model, enc, scenes)
+    # per colour / shape: the scenes where it names some objects but not all (so finding them is a choice), how
+    # many of those are in the fitting half, and their target patches
+    selections: dict[str, list] = {}
+    for attribute, values in (("color", COLORS), ("shape", SHAPES)):
+        selections[attribute] = []
+        for value in values:
+            named = [[i + 1 for i, o in enumerate(scene.objects) if getattr(o, attribute) == value]
+                     for scene in scenes]
+            keep = [k for k, ids in enumerate(named) if 0 < len(ids) < len(scenes[k].objects)]
+            fitted = sum(k < fit for k in keep)
+            if 0 < fitted < len(keep):
+                targets = torch.from_numpy(np.stack([np.isin(owners[k], named[k]) for k in keep]))
+                selections[attribute].append((keep, fitted, targets))
     result = {"images": images, "scenes_with_two_or_more_objects": len(scenes), "spaces": {}}
     for name, keys in spaces.items():
         row = {}
-        for attribute, values in (("color", COLORS), ("shape", SHAPES)):
-            masses, chance = [], []
-            for value in values:
-                # scenes where the value names some objects but not all, so finding them is a choice
-                named = [[i + 1 for i, o in enumerate(scene.objects) if getattr(o, attribute) == value]
-                         for scene in scenes]
-                keep = [k for k, ids in enumerate(named) if 0 < len(ids) < len(scenes[k].objects)]
-                train = [k for k in keep if k < fit]
-                if not train or len(train) == len(keep):
-                    continue
-                targets = torch.from_numpy(np.stack([np.isin(owners[k], named[k]) for k in keep]))
-                masses.append(best_query_mass(keys[keep], targets, len(train)))
-                chance.append(float(targets[len(train):].float().mean()))
+        for attribute, chosen in selections.items():
+            masses = [best_query_mass(keys[keep], targets, fitted) for keep, fitted, targets in chosen]
+            chance = [float(targets[fitted:].float().mean()) for _, fitted, targets in chosen]
             row[f"by_{attribute}"] = round(float(np.mean(masses)), 3)
             row[f"by_{attribute}_uniform"] = round(float(np.mean(chance)), 3)
         result["spaces"][name] = row

@@ -48,11 +48,10 @@ def load(where: Path, tokenizer: Path | None, device: str):  # noqa: ANN201 - (t
     from vllm_tokcomp.tiny.llava import Geometry
     from vllm_tokcomp.train.llava import QAEncoder, build_model, load_llava_hf_state, read_init
 
-    weights = where / "model.safetensors" if where.is_dir() else where
     if where.is_dir():
-        tokenizer = where / "tokenizer.json"
-    elif tokenizer is None:
-        tokenizer = Path(model_or_default(None)) / "tokenizer.json"
+        weights, tokenizer = where / "model.safetensors", where / "tokenizer.json"
+    else:
+        weights, tokenizer = where, tokenizer or Path(model_or_default(None)) / "tokenizer.json"
     _, state = read_init(weights)
     model = build_model(Geometry.of(state))
     load_llava_hf_state(model, state)
@@ -64,17 +63,16 @@ def packed_logits(model, enc, scene, qas: list[dict], device: str):  # noqa: ANN
     [T, vocab] on the CPU, labels, each answer's first prediction position)``."""
     import torch
 
+    from benchmarks.binding_probe import single_turn_mask
     from vllm_tokcomp.data.synth import render_scene
-    from vllm_tokcomp.train.llava import pixels, segment_attention
+    from vllm_tokcomp.train.llava import pixels
 
     ids, labels, starts, positions, segments = enc.isolated_conversation(qas)
-    allowed = segment_attention(torch.tensor([segments]), torch.ones(1, len(ids), dtype=torch.bool))
-    # additive form: eager attention adds a 4-D mask to the scores (a boolean one would mask nothing)
-    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     with torch.no_grad():
         out = model.model(input_ids=torch.tensor([ids], device=device),
                           pixel_values=pixels(render_scene(scene))[None].to(device),
-                          attention_mask=mask.to(device), position_ids=torch.tensor([positions], device=device))
+                          attention_mask=single_turn_mask(segments).to(device),
+                          position_ids=torch.tensor([positions], device=device))
         logits = model.lm_head(out.last_hidden_state[0]).float().cpu()
     return logits, labels, starts
 
