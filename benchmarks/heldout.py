@@ -45,15 +45,14 @@ def parse_model(spec: str) -> tuple[str, Path]:
 def load(where: Path, tokenizer: Path | None, device: str):  # noqa: ANN201 - (transformers LLaVA, QAEncoder)
     """The model behind ``where`` in fp32 (eval mode, on ``device``) and the tokenizer its questions are encoded
     with."""
-    from vllm_tokcomp.tiny.llava import Geometry
     from vllm_tokcomp.train.llava import QAEncoder, build_model, load_llava_hf_state, read_init
 
     if where.is_dir():
         weights, tokenizer = where / "model.safetensors", where / "tokenizer.json"
     else:
         weights, tokenizer = where, tokenizer or Path(model_or_default(None)) / "tokenizer.json"
-    _, state = read_init(weights)
-    model = build_model(Geometry.of(state))
+    _, state, geometry = read_init(weights)
+    model = build_model(geometry)
     load_llava_hf_state(model, state)
     return model.eval().to(device), QAEncoder(tokenizer)
 

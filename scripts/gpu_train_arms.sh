@@ -56,18 +56,20 @@ done
 wait
 echo "trained $(elapsed)"
 
-score() {  # NAME WEIGHTS
-  rm -rf "$work/model-$1"; cp -r "$BUNDLED" "$work/model-$1"; cp "$2" "$work/model-$1/model.safetensors"
-  $PY benchmarks/accuracy_positions.py --model "$work/model-$1" --budgets "" ${LIMIT:+--limit "$LIMIT"} \
+score() {  # NAME MODEL-FOLDER
+  $PY benchmarks/accuracy_positions.py --model "$2" --budgets "" ${LIMIT:+--limit "$LIMIT"} \
     --device "$DEV" --out "$OUT/test-$1" > "$OUT/eval-$1.log" 2>&1
 }
-score bundled "$BUNDLED/model.safetensors" &
+score bundled "$BUNDLED" &
 for name in "${names[@]}"; do
   tail -n 2 "$OUT/train-$name.log"
   cp "$work/run-$name/model.safetensors" "$OUT/model-$name.safetensors"
   cp "$work/run-$name/weights_and_heads.pt" "$OUT/wh-$name.pt"
   cp "$work/run-$name/log.jsonl" "$OUT/log-$name.jsonl"
-  score "$name" "$work/run-$name/model.safetensors" &
+  # built, not copied from the bundled folder: an arm's config follows its weights (e.g. a --rope-theta arm)
+  $PY -m vllm_tokcomp.tiny.llava "$work/model-$name" --weights "$work/run-$name/model.safetensors" \
+    > "$OUT/build-$name.log" 2>&1
+  score "$name" "$work/model-$name" &
 done
 heldout=("bundled=$BUNDLED")
 for name in "${names[@]}"; do heldout+=("$name=$OUT/model-$name.safetensors"); done

@@ -81,6 +81,8 @@ TEXT_HEAD_DIM = 64  # vLLM's CPU attention supports 32, 64, 80, ... only
 TEXT_LAYERS = 2
 TEXT_INTERMEDIATE = 512
 MAX_POSITION_EMBEDDINGS = 4096
+ROPE_THETA = 10000.0  # the LM's rotary base unless a trained variant's weights record another (Geometry.metadata)
+ROPE_THETA_KEY = "tokcomp.rope_theta"  # its key in the safetensors header
 VOCAB_SIZE = 2048
 
 # --- tokenizer ------------------------------------------------------------------------
@@ -209,35 +211,52 @@ def _hf_tokenizer(tokenizer):  # noqa: ANN001, ANN202
 # ======================================================================================
 @dataclass(frozen=True)
 class Geometry:
-    """The sizes a trained variant may change (read back from its weights by :meth:`of`); the image geometry,
+    """The sizes a trained variant may change (read back from its weights by :meth:`of`) and the LM's rotary base
+    (which weights cannot show: it travels in the safetensors header, :meth:`metadata`); the image geometry,
     vocabulary, LM width and heads are fixed. The default is the bundled random model's."""
 
     text_layers: int = TEXT_LAYERS
     vision_hidden: int = VISION_HIDDEN
     vision_layers: int = VISION_LAYERS
     vision_intermediate: int = VISION_INTERMEDIATE
+    rope_theta: float = ROPE_THETA
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 1):
+            raise ValueError(f"rope_theta must be a finite number above 1, got {self.rope_theta!r}")
 
     @property
     def vision_heads(self) -> int:
         return self.vision_hidden // VISION_HEAD_DIM
 
+    def metadata(self) -> dict[str, str]:
+        """What a safetensors header must carry besides the tensors: the rotary base where it is not the default
+        (so files of default models stay byte-identical to those written before the field existed)."""
+        return {} if self.rope_theta == ROPE_THETA else {ROPE_THETA_KEY: repr(float(self.rope_theta))}
+
     @classmethod
-    def of(cls, state: Mapping[str, object]) -> Geometry:
+    def of(cls, state: Mapping[str, object], metadata: Mapping[str, str] | None = None) -> Geometry:
+        """The geometry of weights ``state`` (llava-hf names) whose safetensors header is ``metadata``."""
+
         def count(pattern: re.Pattern[str]) -> int:
             found = {int(m.group(1)) for key in state if (m := pattern.match(key))}
             return max(found) + 1 if found else 0
 
+        theta_text = (metadata or {}).get(ROPE_THETA_KEY)
+        try:
+            rope_theta = ROPE_THETA if theta_text is None else float(theta_text)
+        except ValueError:
+            raise ValueError(f"safetensors metadata {ROPE_THETA_KEY}={theta_text!r} is not a number") from None
         vis = "vision_tower.vision_model."
         if vis + "embeddings.class_embedding" not in state or vis + "encoder.layers.0.mlp.fc1.weight" not in state:
-            return cls(text_layers=count(_LM_LAYER) or TEXT_LAYERS)
+            return cls(text_layers=count(_LM_LAYER) or TEXT_LAYERS, rope_theta=rope_theta)
         return cls(
             text_layers=count(_LM_LAYER) or TEXT_LAYERS,
             vision_hidden=tuple(state[vis + "embeddings.class_embedding"].shape)[0],
             vision_layers=count(_VISION_LAYER),
             vision_intermediate=tuple(state[vis + "encoder.layers.0.mlp.fc1.weight"].shape)[0],
+            rope_theta=rope_theta,
         )
-
-
 _LM_LAYER = re.compile(r"language_model\.model\.layers\.(\d+)\.")
 _VISION_LAYER = re.compile(r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.")
 
@@ -268,7 +287,7 @@ def _make_config(vocab_size: int = VOCAB_SIZE, geometry: Geometry = Geometry()):
         hidden_act="silu",
         max_position_embeddings=MAX_POSITION_EMBEDDINGS,
         rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rope_parameters={"rope_type": "default", "rope_theta": geometry.rope_theta},
         tie_word_embeddings=False,
         bos_token_id=BOS_TOKEN_ID,
         eos_token_id=EOS_TOKEN_ID,
@@ -415,6 +434,15 @@ def _weights_file(weights: str | Path) -> Path:
     return path / "model.safetensors" if path.is_dir() else path
 
 
+def weights_metadata(weights: str | Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (``weights``: the file or a folder holding
+    ``model.safetensors``); read without loading the tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(_weights_file(weights)), "pt") as handle:
+        return dict(handle.metadata() or {})
+
+
 def load_external_weights(weights: str | Path, vocab_size: int = VOCAB_SIZE) -> dict:
     """Load a safetensors state dict, normalise names, check names and shapes, cast to bf16."""
     import torch
@@ -472,6 +500,7 @@ def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, weights: str | Path 
     out = Path(out_dir)
     # Validate external weights before writing anything.
     state = load_external_weights(weights) if weights is not None else random_state_dict(seed)
+    geometry = Geometry.of(state, weights_metadata(weights) if weights is not None else None)
     files.start_build(out)
 
     tokenizer = _hf_tokenizer(train_tokenizer())
@@ -500,12 +529,12 @@ def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, weights: str | Path 
     processor.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
 
-    config = _make_config(VOCAB_SIZE, Geometry.of(state))
+    config = _make_config(VOCAB_SIZE, geometry)
     config.save_pretrained(str(out))
     GenerationConfig(bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID).save_pretrained(
         str(out)
     )
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", **geometry.metadata()})
     files.write_manifest(out, {
         "builder": "vllm_tokcomp.tiny.llava",
         "builder_version": BUILDER_VERSION,

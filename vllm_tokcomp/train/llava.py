@@ -159,13 +159,15 @@ def recenter_projector(model: nn.Module, seed: int, images: int = 32, target_nor
     return {"shared_norm": float(mu.norm()), "token_norm": float(out.norm(dim=-1).mean()), "scale": scale}
 
 
-def read_init(path: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """``(per-patch heads or None, weights in llava-hf names)`` of a ``--init`` file: a run's ``ckpt.pt`` (or a
-    file of its form) or exported safetensors."""
+def read_init(path: Path) -> tuple[dict | None, dict[str, torch.Tensor], tiny.Geometry]:
+    """``(per-patch heads or None, weights in llava-hf names, their geometry)`` of a ``--init`` file: a run's
+    ``ckpt.pt`` (or a file of its form) or exported safetensors."""
     if path.suffix == ".pt":
         ck = torch.load(path, weights_only=False, map_location="cpu")
-        return ck["heads"], llava_hf_names(ck["model"])
-    return None, tiny.load_external_weights(path)
+        state = llava_hf_names(ck["model"])
+        return ck["heads"], state, tiny.Geometry.of(state, ck.get("metadata"))
+    state = tiny.load_external_weights(path)
+    return None, state, tiny.Geometry.of(state, tiny.weights_metadata(path))
 
 
 def with_language_side(state: dict[str, torch.Tensor], donor: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -893,6 +895,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"QA images with at least this many objects (1-{MAX_OBJECTS}; 1: the generator's own "
                         "mix): accuracy falls with every distractor, so a run can train on crowded scenes (above 3 "
                         "there are no digit images: they hold at most 3 objects)")
+    parser.add_argument("--rope-theta", type=float, default=None,
+                        help="the LM's rotary base (default: --init-lm's, else --init's, else "
+                        f"{tiny.ROPE_THETA:g}); a larger one turns the keys of far-apart image patches less against "
+                        "each other. Recorded in the exported weights, so the built and served model use it")
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-images", type=int, default=64, help="validation images checked at each save")
@@ -940,10 +946,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--init-lm replaces part of --init's weights; give --init too")
     init_state = None
     if args.init is not None:  # read on resume too: the tower's sizes come from it
-        init_heads, init_state = read_init(args.init)
+        init_heads, init_state, geometry = read_init(args.init)
         if args.init_lm is not None:
-            init_state = with_language_side(init_state, read_init(args.init_lm)[1])
-        geometry = tiny.Geometry.of(init_state)
+            _, donor, donor_geometry = read_init(args.init_lm)
+            init_state = with_language_side(init_state, donor)
+            geometry = dataclasses.replace(geometry, rope_theta=donor_geometry.rope_theta)
         if args.vision_hidden not in (None, geometry.vision_hidden):
             parser.error(f"--vision-hidden {args.vision_hidden}: --init's tower is {geometry.vision_hidden} wide")
         if args.vision_layers is not None and args.vision_layers < geometry.vision_layers:
@@ -954,9 +961,25 @@ def main(argv: list[str] | None = None) -> int:
         hidden = args.vision_hidden or tiny.VISION_HIDDEN
         geometry = tiny.Geometry(text_layers=args.text_layers, vision_hidden=hidden,
                                  vision_layers=args.vision_layers or tiny.VISION_LAYERS, vision_intermediate=4 * hidden)
+    inherited_theta = geometry.rope_theta
+    ckpt_path = args.out / "ckpt.pt"
+    resumed = torch.load(ckpt_path, weights_only=False, map_location="cpu") if ckpt_path.exists() else None
+    if resumed is not None:  # the run goes on with the rotary base it started with
+        started = tiny.Geometry.of({}, resumed.get("metadata")).rope_theta
+        if args.rope_theta not in (None, started):
+            parser.error(f"--rope-theta {args.rope_theta:g}: the run in {args.out} was started with {started:g}")
+        geometry = dataclasses.replace(geometry, rope_theta=started)
+    elif args.rope_theta is not None:
+        try:
+            geometry = dataclasses.replace(geometry, rope_theta=args.rope_theta)
+        except ValueError as error:
+            parser.error(f"--rope-theta: {error}")
+        if init_state is not None and args.rope_theta != inherited_theta:
+            print(f"rotary base {inherited_theta:g} -> {args.rope_theta:g}: the LM's attention relearns its positions",
+                  flush=True)
     model = build_model(geometry)
     heads = ClipHeads(model.config.vision_config.hidden_size)
-    if init_state is not None and not (args.out / "ckpt.pt").exists():
+    if init_state is not None and resumed is None:
         if init_heads is not None:
             load_heads(heads, init_heads)
         load_llava_hf_state(model, tower_deepened(deepened(init_state, args.text_layers), geometry.vision_layers))
@@ -967,7 +990,6 @@ def main(argv: list[str] | None = None) -> int:
             table = model.model.vision_tower.embeddings.position_embedding.weight
             table.copy_(sincos_positions(table.shape[1]))
     enc = QAEncoder(args.tokenizer_json)
-    ckpt_path = args.out / "ckpt.pt"
     stage, step = "clip", 0
     clip_opt = torch.optim.AdamW(
         list(model.model.vision_tower.parameters()) + list(heads.parameters()), lr=args.clip_lr, weight_decay=0.05
@@ -982,20 +1004,21 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.qa_lr,
         weight_decay=0.0,
     )
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")  # a GPU run resumes anywhere
-        model.load_state_dict(ck["model"])
-        load_heads(heads, ck["heads"])
-        clip_opt.load_state_dict(ck["clip_opt"])
-        stage, step = ck["stage"], ck["step"]
+    if resumed is not None:  # loaded onto the CPU: a GPU run resumes anywhere
+        model.load_state_dict(resumed["model"])
+        load_heads(heads, resumed["heads"])
+        clip_opt.load_state_dict(resumed["clip_opt"])
+        stage, step = resumed["stage"], resumed["step"]
         if stage == "qa" and step > 0:  # before that the QA optimizer holds nothing worth restoring
-            qa_opt.load_state_dict(ck["qa_opt"])
+            qa_opt.load_state_dict(resumed["qa_opt"])
+        resumed = None  # the CPU copy of the weights and optimizer state is no longer needed
         ignored = " (--init/--init-lm ignored: the run in OUT goes on)" if args.init is not None else ""
         print(f"resumed {ckpt_path} at {stage} step {step}{ignored}", flush=True)
 
     def checkpoint() -> None:
         save(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "clip_opt": clip_opt.state_dict(),
-                         "qa_opt": qa_opt.state_dict(), "stage": stage, "step": step})
+                         "qa_opt": qa_opt.state_dict(), "stage": stage, "step": step,
+                         "metadata": geometry.metadata()})
 
     device = torch.device(args.device)
     model.to(device)
@@ -1012,11 +1035,13 @@ def main(argv: list[str] | None = None) -> int:
     def export() -> None:
         from safetensors.torch import save_file
 
-        save_file(export_state(model), str(args.out / "model.safetensors"), metadata={"format": "pt"})
+        save_file(export_state(model), str(args.out / "model.safetensors"),
+                  metadata={"format": "pt", **geometry.metadata()})
         # weights + per-patch heads, the form --init reads, without optimizer state (a tenth of ckpt.pt)
         save(args.out / "weights_and_heads.pt", {"model": {k: v.detach().to("cpu", torch.bfloat16)
                                                            for k, v in model.state_dict().items()},
-                                                 "heads": {k: v.detach().cpu() for k, v in heads.state_dict().items()}})
+                                                 "heads": {k: v.detach().cpu() for k, v in heads.state_dict().items()},
+                                                 "metadata": geometry.metadata()})
 
     model.train()
     t0 = time.perf_counter()
