@@ -242,11 +242,7 @@ class Geometry:
             found = {int(m.group(1)) for key in state if (m := pattern.match(key))}
             return max(found) + 1 if found else 0
 
-        theta_text = (metadata or {}).get(ROPE_THETA_KEY)
-        try:
-            rope_theta = ROPE_THETA if theta_text is None else float(theta_text)
-        except ValueError:
-            raise ValueError(f"safetensors metadata {ROPE_THETA_KEY}={theta_text!r} is not a number") from None
+        rope_theta = rope_theta_of(metadata)
         vis = "vision_tower.vision_model."
         if vis + "embeddings.class_embedding" not in state or vis + "encoder.layers.0.mlp.fc1.weight" not in state:
             return cls(text_layers=count(_LM_LAYER) or TEXT_LAYERS, rope_theta=rope_theta)
@@ -257,6 +253,16 @@ class Geometry:
             vision_intermediate=tuple(state[vis + "encoder.layers.0.mlp.fc1.weight"].shape)[0],
             rope_theta=rope_theta,
         )
+def rope_theta_of(metadata: Mapping[str, str] | None) -> float:
+    """The rotary base a safetensors header (or a run checkpoint's ``"metadata"``) records; the default where it
+    records none."""
+    text = (metadata or {}).get(ROPE_THETA_KEY)
+    try:
+        return ROPE_THETA if text is None else float(text)
+    except ValueError:
+        raise ValueError(f"safetensors metadata {ROPE_THETA_KEY}={text!r} is not a number") from None
+
+
 _LM_LAYER = re.compile(r"language_model\.model\.layers\.(\d+)\.")
 _VISION_LAYER = re.compile(r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.")
 
@@ -500,7 +506,10 @@ def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, weights: str | Path 
     out = Path(out_dir)
     # Validate external weights before writing anything.
     state = load_external_weights(weights) if weights is not None else random_state_dict(seed)
-    geometry = Geometry.of(state, weights_metadata(weights) if weights is not None else None)
+    try:
+        geometry = Geometry.of(state, weights_metadata(weights) if weights is not None else None)
+    except ValueError as error:
+        raise ValueError(f"weights in {_weights_file(weights)}: {error}") from None
     files.start_build(out)
 
     tokenizer = _hf_tokenizer(train_tokenizer())

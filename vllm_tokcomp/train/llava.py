@@ -965,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_path = args.out / "ckpt.pt"
     resumed = torch.load(ckpt_path, weights_only=False, map_location="cpu") if ckpt_path.exists() else None
     if resumed is not None:  # the run goes on with the rotary base it started with
-        started = tiny.Geometry.of({}, resumed.get("metadata")).rope_theta
+        started = tiny.rope_theta_of(resumed.get("metadata"))
         if args.rope_theta not in (None, started):
             parser.error(f"--rope-theta {args.rope_theta:g}: the run in {args.out} was started with {started:g}")
         geometry = dataclasses.replace(geometry, rope_theta=started)

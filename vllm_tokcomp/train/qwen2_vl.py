@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.video_frames < 2 or args.video_frames % 2:
         parser.error("--video-frames must be an even number >= 2")
     if args.init is None and args.variant == "qwen2_vl":
-        llava_theta = tiny_llava.Geometry.of({}, tiny_llava.weights_metadata(args.llava)).rope_theta
+        llava_theta = tiny_llava.rope_theta_of(tiny_llava.weights_metadata(args.llava))
         if llava_theta != tiny.ROPE_THETA:  # the transplanted attention learned its positions at the LLaVA's base
             parser.error(f"--llava {args.llava}: its LM has rotary base {llava_theta:g}, the tiny Qwen2-VL's is "
                          f"{tiny.ROPE_THETA:g}")
