@@ -242,17 +242,18 @@ class Geometry:
             found = {int(m.group(1)) for key in state if (m := pattern.match(key))}
             return max(found) + 1 if found else 0
 
-        rope_theta = rope_theta_of(metadata)
+        lm = {"text_layers": count(_LM_LAYER) or TEXT_LAYERS, "rope_theta": rope_theta_of(metadata)}
         vis = "vision_tower.vision_model."
         if vis + "embeddings.class_embedding" not in state or vis + "encoder.layers.0.mlp.fc1.weight" not in state:
-            return cls(text_layers=count(_LM_LAYER) or TEXT_LAYERS, rope_theta=rope_theta)
+            return cls(**lm)
         return cls(
-            text_layers=count(_LM_LAYER) or TEXT_LAYERS,
+            **lm,
             vision_hidden=tuple(state[vis + "embeddings.class_embedding"].shape)[0],
             vision_layers=count(_VISION_LAYER),
             vision_intermediate=tuple(state[vis + "encoder.layers.0.mlp.fc1.weight"].shape)[0],
-            rope_theta=rope_theta,
         )
+
+
 def rope_theta_of(metadata: Mapping[str, str] | None) -> float:
     """The rotary base a safetensors header (or a run checkpoint's ``"metadata"``) records; the default where it
     records none."""
