@@ -354,7 +354,7 @@ def run(model_dir: str, data: Path, probe_images: int, context_images: int, limi
                      {"n": len(v), "vote_right": round(float(np.mean(v)), 3)}
                      for ok, v in sorted(shape_targets.items())}},
         "attention": attention, "wrong_shape_answers": wrong_shape,
-        "context": context_gap(model, enc, context_images),
+        **({"context": context_gap(model, enc, context_images)} if context_images else {}),
         **({"lookup": lookup(model, enc, lookup_images)} if lookup_images else {}),
     }
 
@@ -382,12 +382,14 @@ def markdown(report: dict) -> str:
     lines += ["", f"Wrong shape answers: {wrong['n']}; the most attended object is another one in "
               f"{wrong['most_attended_is_another_object']}, and the answer is that object's shape in "
               f"{wrong['answer_is_that_objects_shape']}.", "",
-              "## Context: training conversations, turns 2-16, multi-turn vs isolated", "",
-              f"{report['context']['images']} validation scenes (first turns agree: "
-              f"{report['context']['first_turn_same']}).",
-              "", "| type | n | multi-turn | isolated |", "|---|---:|---:|---:|"]
-    for t, row in report["context"]["turns_2_16"].items():
-        lines.append(f"| {t} | {row['n']} | {row['multi_turn']:.3f} | {row['isolated']:.3f} |")
+              ]
+    if "context" in report:
+        lines += ["## Context: training conversations, turns 2-16, multi-turn vs isolated", "",
+                  f"{report['context']['images']} validation scenes (first turns agree: "
+                  f"{report['context']['first_turn_same']}).",
+                  "", "| type | n | multi-turn | isolated |", "|---|---:|---:|---:|"]
+        for t, row in report["context"]["turns_2_16"].items():
+            lines.append(f"| {t} | {row['n']} | {row['multi_turn']:.3f} | {row['isolated']:.3f} |")
     if "lookup" in report:
         found = report["lookup"]
         lines += ["", "## Lookup: can one query find objects by colour, or by shape?", "",
@@ -409,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                         "accuracy harness's)")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--probe-images", type=int, default=120)
-    parser.add_argument("--context-images", type=int, default=100)
+    parser.add_argument("--context-images", type=int, default=100,
+                        help="validation scenes for the multi-turn vs isolated comparison (0: skip)")
     parser.add_argument("--lookup-images", type=int, default=240, help="validation scenes for the lookup fit (0: skip)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)

@@ -44,6 +44,18 @@ def test_script_writes_its_report_for_a_model_folder(tmp_path, test_split):
     assert "## Lookup" in out.with_suffix(".md").read_text()
 
 
+def test_zero_context_and_lookup_images_skip_those_sections(tmp_path, test_split):
+    from vllm_tokcomp.tiny import llava as tiny
+
+    out = tmp_path / "probe"
+    assert main(["--model", str(tiny.ensure_default_model()), "--data", str(test_split), "--probe-images", "2",
+                 "--context-images", "0", "--lookup-images", "0", "--limit", "4", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert "context" not in report and "lookup" not in report and report["questions"] == 4
+    text = out.with_suffix(".md").read_text()
+    assert "## LM attention" in text and "## Context" not in text and "## Lookup" not in text
+
+
 def test_best_query_finds_a_planted_direction_and_nothing_where_there_is_none():
     import torch
 
