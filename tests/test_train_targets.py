@@ -615,3 +615,85 @@ def test_look_loss_under_packed_questions_equals_eager_attention_with_that_mask(
     expected = torch.stack([-torch.log(layer[row, 0, query, cols].sum().clamp_min(1e-6))
                             for layer in attentions[1:] for row, query, cols, _ in batch["looks"]]).mean()
     assert torch.allclose(supervised - plain, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("isolated", [False, True])
+def test_question_looks_point_at_the_words_each_question_names(isolated):
+    """Each answer's question look covers exactly the colour and shape words of its own question (read back from
+    the question text, not from the token ids the code matched), never an earlier turn's answer."""
+    import re
+
+    from vllm_tokcomp.train.llava import QAEncoder, dense_questions, qa_batch, training_scene
+
+    enc = QAEncoder()
+    batch = qa_batch(enc, 0, 0, 3, 8, isolated=isolated)
+    by_answer = {(row, query): cols for row, query, cols, _ in batch["question_looks"]}
+    attribute_words = {*COLORS, *SHAPES, *(s + "s" for s in SHAPES)}
+    checked = 0
+    for row in range(3):
+        rng = scene_rng(0, "train", row)
+        qas = dense_questions(training_scene(rng, 1), rng, 8)
+        ids = batch["input_ids"][row].tolist()
+        _, _, starts, *_ = (enc.isolated_conversation(qas) if isolated else enc.conversation_with_answer_starts(qas))
+        for qa, start in zip(qas, starts, strict=True):
+            named = [w for w in re.findall(r"[a-z]+", qa["question"].lower()) if w in attribute_words]
+            cols = by_answer.get((row, start), [])
+            assert [enc.tok.decode([ids[c]]).strip() for c in cols] == named, qa["question"]
+            assert all(c < start for c in cols)
+            checked += bool(named)
+    assert checked > 10
+
+
+@pytest.mark.parametrize("isolated", [False, True])
+def test_question_look_loss_equals_first_layer_attention_transformers_computes(isolated):
+    """The question-look term is -log of the first layer's head QUESTION_LOOK_HEAD attention mass on the
+    question's words, read from transformers' eager attention (same mask and positions)."""
+    from vllm_tokcomp.train.llava import QUESTION_LOOK_HEAD, QAEncoder, qa_batch, qa_loss
+
+    model = _two_layer_model()
+    batch = qa_batch(QAEncoder(), 0, 0, 2, 6, isolated=isolated)
+    assert batch["question_looks"]
+    with torch.no_grad():
+        plain, _ = qa_loss(model, batch)
+        supervised, _ = qa_loss(model, batch, question_look_weight=2.0)
+        model.model.language_model.config._attn_implementation = "eager"
+        mask = batch["attention_mask"]
+        if isolated:
+            mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        first_layer = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                                  attention_mask=mask, position_ids=batch.get("position_ids"),
+                                  output_attentions=True).attentions[0]
+    expected = torch.stack([-torch.log(first_layer[row, QUESTION_LOOK_HEAD, query, cols].sum())
+                            for row, query, cols, _ in batch["question_looks"]]).mean()
+    assert torch.allclose(supervised - plain, 2.0 * expected, rtol=1e-4, atol=1e-5)
+
+
+def test_look_loss_keeps_its_gradient_where_the_head_puts_nothing_on_the_targets():
+    """A saturated head (the trained model's layer 0 puts ~e-20 on colour words) must still be pushed: the term
+    is finite, far above a clamped -log(1e-6), and its gradient reaches the query projection."""
+    from vllm_tokcomp.tiny.llava import TEXT_HEAD_DIM
+    from vllm_tokcomp.train.llava import QUESTION_LOOK_HEAD, QAEncoder, qa_batch, qa_loss
+
+    model = _two_layer_model()
+    q_proj = model.model.language_model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q_proj.weight.mul_(3000.0)  # logits in the thousands: softmax mass on any one word underflows to 0
+    batch = qa_batch(QAEncoder(), 0, 0, 2, 6)
+    plain, _ = qa_loss(model, batch)
+    supervised, _ = qa_loss(model, batch, question_look_weight=1.0)
+    term = supervised - plain
+    assert torch.isfinite(term) and term.item() > 50
+    term.backward()
+    rows = slice(QUESTION_LOOK_HEAD * TEXT_HEAD_DIM, (QUESTION_LOOK_HEAD + 1) * TEXT_HEAD_DIM)
+    assert q_proj.weight.grad[rows].abs().sum() > 0
+
+
+def test_question_look_weight_is_refused_below_zero(tmp_path, capsys):
+    from vllm_tokcomp.train.llava import main
+
+    for bad in ("-1", "inf", "nan"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(tmp_path / "run"), "--question-look-weight", bad, "--clip-steps", "0", "--qa-steps", "0"])
+        assert exit_info.value.code == 2
+        assert "--question-look-weight" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

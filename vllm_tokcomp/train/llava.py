@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -420,6 +421,24 @@ class QAEncoder:
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    @functools.cached_property
+    def attribute_ids(self) -> frozenset[int]:
+        """The tokens of the words a question names objects by: colours and shapes (and the generator's plurals,
+        "circles", "crosss"), as they appear mid-sentence."""
+        words = [*COLORS, *SHAPES, *(shape + "s" for shape in SHAPES)]
+        return frozenset(token for word in words for token in self.ids(" " + word))
+
+    def attribute_positions(self, ids: list[int], answer_start: int) -> list[int]:
+        """Positions of :attr:`attribute_ids` in the question whose answer starts after ``answer_start``: the turn
+        runs back to the previous answer's ``</s>`` or the image, so earlier turns' words are not counted."""
+        positions = []
+        for position in range(answer_start, -1, -1):
+            if ids[position] in (self.eos, self.image_id):
+                break
+            if ids[position] in self.attribute_ids:
+                positions.append(position)
+        return positions[::-1]
+
     def conversation(self, qas: list[dict], image_tokens: int = tiny.NUM_IMAGE_TOKENS) -> tuple[list[int], list[int]]:
         ids, labels, _ = self.conversation_with_answer_starts(qas, image_tokens)
         return ids, labels
@@ -585,6 +604,7 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
     images, seqs, patch_targets, squeezes, layouts, weights = [], [], [], [], [], []
     # (row, answer-start position, image-token positions it is about, weight)
     looks: list[tuple[int, int, list[int], float]] = []
+    question_looks: list[tuple[int, int, list[int], float]] = []  # the same, on the words the question names
     for row, index in enumerate(range(start, start + n)):
         rng = scene_rng(seed, "train", index)
         scene = training_scene(rng, min_objects)
@@ -607,6 +627,10 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
         patch_targets.append(patch_labels(scene))
         if placeholders:
             continue
+        for answer_start, weight in zip(starts, qa_weights, strict=True):
+            words = enc.attribute_positions(ids, answer_start)
+            if words and weight > 0:
+                question_looks.append((row, answer_start, words, weight))
         first_image = ids.index(tiny.IMAGE_TOKEN_ID)
         owners = patch_owners(scene)
         for qa, answer_start, weight in zip(qas, starts, qa_weights, strict=True):
@@ -616,7 +640,8 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
                 if patches.size:
                     looks.append((row, answer_start, (first_image + patches).tolist(), weight))
     batch = {"pixel_values": torch.stack(images), **padded_conversations(seqs),
-             "patch_labels": torch.from_numpy(np.stack(patch_targets)), "looks": looks, "squeeze": squeezes}
+             "patch_labels": torch.from_numpy(np.stack(patch_targets)), "looks": looks,
+             "question_looks": question_looks, "squeeze": squeezes}
     if type_weights:
         batch["answer_weights"] = torch.zeros(batch["labels"].shape)
         for row, row_weights in enumerate(weights):
@@ -677,6 +702,7 @@ def qa_forward(model: nn.Module, batch: dict) -> tuple[object, list[tuple[int, i
 def qa_loss(
     model: nn.Module, batch: dict, heads: ClipHeads | None = None, dense_weight: float = 0.0,
     look_weight: float = 0.0, position_weight: float = 0.0, metrics: dict | None = None,
+    question_look_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Answer-token loss; with ``dense_weight`` > 0 plus the per-patch label loss on the features the
     projector reads (captured by a hook on the feature layer), so the tower keeps learning objects.
@@ -684,9 +710,16 @@ def qa_loss(
     (head 0) of every LM layer from the second on is pushed to put its attention on the image tokens of what
     the question is about (``-log`` of that attention mass), a shortcut past the slow phase in which the LM
     has to find out by itself which of 576 tokens matter. With ``position_weight`` > 0 plus
-    :func:`position_loss` on the same features (its accuracies go into ``metrics`` when given)."""
+    :func:`position_loss` on the same features (its accuracies go into ``metrics`` when given).
+    With ``question_look_weight`` > 0 plus the same kind of term for the text: at each answer's first prediction,
+    head :data:`QUESTION_LOOK_HEAD` of the LM's first layer is pushed onto the words the question names objects by
+    (its colour and shape words, ``batch["question_looks"]``), so the answer position carries them into the later
+    layers' queries. Without it the trained model's answer position ignores colour words entirely (its layer-0
+    attention on them is ~e-20, saturated, so no other loss's gradient reaches them) and head 0 cannot look for
+    "the red object"."""
     captured: list[torch.Tensor] = []
     attention_inputs: list[tuple[nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+    first_layer_inputs: list[tuple[nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
     handles = []
     if dense_weight > 0 or position_weight > 0:
         layers = model.model.vision_tower.encoder.layers
@@ -697,6 +730,12 @@ def qa_loss(
                 lambda m, a, kw: attention_inputs.append((m, kw["hidden_states"], kw["position_embeddings"])),
                 with_kwargs=True,
             ))
+    question_looks = batch.get("question_looks") or []
+    if question_look_weight > 0 and question_looks:
+        handles.append(model.model.language_model.layers[0].self_attn.register_forward_pre_hook(
+            lambda m, a, kw: first_layer_inputs.append((m, kw["hidden_states"], kw["position_embeddings"])),
+            with_kwargs=True,
+        ))
     try:
         out, looks = qa_forward(model, batch)
     finally:
@@ -722,18 +761,28 @@ def qa_loss(
     if attention_inputs and looks:
         mask = batch["attention_mask"]
         loss = loss + look_weight * look_loss(attention_inputs, looks, mask[:, 0] if mask.dim() == 4 else None)
+    if first_layer_inputs:
+        mask = batch["attention_mask"]
+        loss = loss + question_look_weight * look_loss(first_layer_inputs, question_looks,
+                                                       mask[:, 0] if mask.dim() == 4 else None, QUESTION_LOOK_HEAD)
     return loss, (logits.argmax(-1) == target[sel])
+
+
+QUESTION_LOOK_HEAD = 3  # the first layer's head that already reads the shape word at the answer (bundled model)
 
 
 def look_loss(
     attention_inputs: list[tuple[nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]],
     looks: list[tuple[int, int, list[int], float]],
     allowed: torch.Tensor | None = None,
+    head: int = 0,
 ) -> torch.Tensor:
-    """Mean over looks (weighted by each look's weight) and layers of ``-log`` (head 0's attention mass on the
-    look's targets). Head 0's attention row is recomputed from each layer's input for the supervised queries only
+    """Mean over looks (weighted by each look's weight) and layers of ``-log`` (``head``'s attention mass on the
+    look's targets). The head's attention row is recomputed from each layer's input for the supervised queries only
     (the forward itself runs SDPA, which returns no weights). ``allowed``: ``[B, T, T]``, what each token may attend to
-    (packed single-turn questions); causal when None."""
+    (packed single-turn questions); causal when None. Computed as ``logsumexp(all scores) - logsumexp(target
+    scores)``, so a head that puts ~0 on its targets still gets the full gradient (a clamped ``-log(mass)`` would be
+    flat there)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     device = attention_inputs[0][1].device
@@ -752,14 +801,15 @@ def look_loss(
     terms = []
     for attn, hidden, (cos, sin) in attention_inputs:
         d = attn.head_dim
+        kv_head = head // attn.num_key_value_groups
         cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
-        k = attn.k_proj(hidden)[..., :d][:, None]  # [B, 1, T, d]: head 0's keys
+        k = attn.k_proj(hidden)[..., kv_head * d:(kv_head + 1) * d][:, None]  # [B, 1, T, d]: the head's keys
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        q = attn.q_proj(hidden[rows, queries])[:, :d][:, None, None]  # [L, 1, 1, d]
+        q = attn.q_proj(hidden[rows, queries])[:, head * d:(head + 1) * d][:, None, None]  # [L, 1, 1, d]
         q, _ = apply_rotary_pos_emb(q, q, cos[rows, queries][:, None], sin[rows, queries][:, None])
         scores = torch.einsum("ld,ltd->lt", q[:, 0, 0], k[rows, 0]).float() * attn.scaling
-        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-        terms.append(-torch.log((probs * targets).sum(-1).clamp_min(1e-6)))
+        scores = scores.masked_fill(future, float("-inf"))
+        terms.append(torch.logsumexp(scores, -1) - torch.logsumexp(scores.masked_fill(~targets, float("-inf")), -1))
     per_term = weights.repeat(len(terms))
     return (torch.cat(terms) * per_term).sum() / per_term.sum().clamp_min(1e-6)
 
@@ -879,6 +929,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --init: remove the shared direction of the image tokens (recenter_projector)")
     parser.add_argument("--look-weight", type=float, default=0.0,
                         help="weight of the attention supervision on what each question is about (qa_loss)")
+    parser.add_argument("--question-look-weight", type=float, default=0.0,
+                        help="weight of the attention supervision of the first LM layer's head "
+                        f"{QUESTION_LOOK_HEAD} onto the colour and shape words of each question, at its answer "
+                        "(qa_loss)")
     parser.add_argument("--look-at-near-misses", action="store_true",
                         help="with --look-weight: a 'no' to 'Is there a <colour> <shape>?' looks at the objects of "
                         "that colour or that shape (otherwise it has no look target)")
@@ -931,6 +985,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--compress-prob must be in [0, 1], got {args.compress_prob}")
     if args.tower_lr_scale == 0 and (args.qa_dense_weight > 0 or args.position_weight > 0):
         parser.error("--qa-dense-weight and --position-weight train the tower, which --tower-lr-scale 0 freezes")
+    if not 0 <= args.question_look_weight < math.inf:
+        parser.error(f"--question-look-weight must be a finite number >= 0, got {args.question_look_weight}")
     if args.look_at_near_misses and args.look_weight <= 0:
         parser.error("--look-at-near-misses adds look targets, which only --look-weight > 0 trains")
     type_weights = parse_type_weights(args.type_weight, parser.error)
@@ -1113,7 +1169,7 @@ def main(argv: list[str] | None = None) -> int:
         with autocast():
             metrics: dict[str, float] = {}
             loss, hits = qa_loss(model, to_device(batch, device), heads, args.qa_dense_weight, args.look_weight,
-                                 args.position_weight, metrics)
+                                 args.position_weight, metrics, args.question_look_weight)
         qa_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
