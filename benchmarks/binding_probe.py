@@ -1,9 +1,9 @@
 """Where do the trained tiny LLaVA's wrong answers come from: the tower, finding the object, or earlier turns?
 
 ``python benchmarks/binding_probe.py [--model DIR] [--data DIR] [--probe-images 120] [--context-images 100]
-[--out PATH]``
+[--lookup-images 240] [--word-images 20] [--out PATH]``
 
-Three measurements on a model folder (default: the bundled trained tiny LLaVA), through transformers (fp32, eager
+Five measurements on a model folder (default: the bundled trained tiny LLaVA), through transformers (fp32, eager
 attention), on the generator's test split (``--data``, default the accuracy harness's; each scene is rebuilt from
 the split's seed and checked against the image file):
 
@@ -18,6 +18,8 @@ the split's seed and checked against the image file):
 * **context**: the training conversations (16 questions per validation scene, ``train.llava``'s format) scored as
   one multi-turn conversation and as isolated single-turn questions (``--isolated-questions``): turns 2-16 asked
   both ways; a gap means later answers lean on earlier turns, which single-turn serving does not have.
+* **question words**: does the state at the answer change at all when only the colour word (or only the shape
+  word) of the question changes (``--word-images`` validation scenes)? A word that changes nothing is never read.
 * **lookup**: could attention find an object by its colour, or by its shape, at all? For each colour (shape), the
   one query vector that puts the most attention on that colour's (shape's) objects, fitted by gradient ascent on
   half of ``--lookup-images`` validation scenes with two or more objects, scored on the other half: in the tower's
@@ -205,6 +207,50 @@ def context_gap(model, enc, images: int) -> dict:  # noqa: ANN001
 
 
 LOOKUP_FIRST_SCENE = 30000  # validation scenes no other measurement here or in benchmarks/heldout.py uses
+WORDS_FIRST_SCENE = 40000  # likewise, for question_word_influence
+
+# Question pairs that differ in one word the question names its object by: (what changes, question a, question b).
+WORD_SWAPS = (
+    ("colour", "What shape is the red object?", "What shape is the blue object?"),
+    ("colour", "How many red objects are there?", "How many green objects are there?"),
+    ("colour", "Is there a red circle?", "Is there a blue circle?"),
+    ("shape", "What color is the circle?", "What color is the square?"),
+    ("shape", "How many circles are there?", "How many triangles are there?"),
+    ("shape", "Is there a red circle?", "Is there a red square?"),
+)
+
+
+def answer_state(model, enc, pixel_values, question: str):  # noqa: ANN001, ANN201 - torch [layers + 1, D]
+    """The LM's hidden states (its input and every layer's output) at a single-turn question's answer position."""
+    import torch
+
+    ids, _, (start,) = enc.conversation_with_answer_starts([{"question": question, "answer": "x"}])
+    with torch.no_grad():
+        out = model.model(input_ids=torch.tensor([ids]), pixel_values=pixel_values, output_hidden_states=True)
+    return torch.stack([state[0, start] for state in out.hidden_states])
+
+
+def question_word_influence(model, enc, images: int) -> dict:  # noqa: ANN001
+    """Does the answer depend on the words a question names its object by? For each pair of :data:`WORD_SWAPS`
+    on ``images`` validation scenes, the change of the answer position's state when only that word changes,
+    relative to the state's norm, per layer (mean over scenes and pairs): ~0 means the LM never reads that word
+    and can only guess which object is meant."""
+    import numpy as np
+    import torch
+
+    from vllm_tokcomp.data.generate import scene_rng
+    from vllm_tokcomp.data.synth import make_scene, render_scene
+    from vllm_tokcomp.train.llava import pixels
+
+    changes: dict[str, list] = defaultdict(list)
+    for index in range(images):
+        pixel_values = pixels(render_scene(make_scene(scene_rng(0, "val", WORDS_FIRST_SCENE + index))))[None]
+        for word, a, b in WORD_SWAPS:
+            state_a, state_b = answer_state(model, enc, pixel_values, a), answer_state(model, enc, pixel_values, b)
+            changes[word].append((state_a - state_b).norm(dim=-1) / state_a.norm(dim=-1).clamp_min(1e-12))
+    return {"images": images, "pairs": [list(pair) for pair in WORD_SWAPS],
+            **{f"{word}_word_by_layer": np.round(torch.stack(rows).mean(0)[1:].numpy(), 3).tolist()
+               for word, rows in changes.items()}}
 
 
 def best_query_mass(keys, targets, fit: int, steps: int = 300) -> float:  # noqa: ANN001 - torch tensors
@@ -300,7 +346,7 @@ def lookup(model, enc, images: int) -> dict:  # noqa: ANN001
 
 
 def run(model_dir: str, data: Path, probe_images: int, context_images: int, limit: int | None = None,
-        lookup_images: int = 240) -> dict:
+        lookup_images: int = 240, word_images: int = 20) -> dict:
     import numpy as np
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -356,6 +402,7 @@ def run(model_dir: str, data: Path, probe_images: int, context_images: int, limi
         "attention": attention, "wrong_shape_answers": wrong_shape,
         **({"context": context_gap(model, enc, context_images)} if context_images else {}),
         **({"lookup": lookup(model, enc, lookup_images)} if lookup_images else {}),
+        **({"question_words": question_word_influence(model, enc, word_images)} if word_images else {}),
     }
 
 
@@ -401,6 +448,15 @@ def markdown(report: dict) -> str:
         for name, row in found["spaces"].items():
             lines.append(f"| {name} | {row['by_color']:.2f} ({row['by_color_uniform']:.2f}) | "
                          f"{row['by_shape']:.2f} ({row['by_shape_uniform']:.2f}) |")
+    if "question_words" in report:
+        words = report["question_words"]
+        lines += ["", "## Question words: does the answer depend on the word that names the object?", "",
+                  f"{words['images']} validation scenes; pairs of single-turn questions that differ in one colour word "
+                  "(\"What shape is the red / blue object?\", counts, presence) or one shape word; the change of the "
+                  "answer position's hidden state relative to its norm, after each LM layer (0: the word is not read "
+                  "at all).", "", "| word changed | after layer 1, 2, ... |", "|---|---|"]
+        for word in ("colour", "shape"):
+            lines.append(f"| {word} | {' '.join(f'{v:.3f}' for v in words[f'{word}_word_by_layer'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -414,12 +470,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-images", type=int, default=100,
                         help="validation scenes for the multi-turn vs isolated comparison (0: skip)")
     parser.add_argument("--lookup-images", type=int, default=240, help="validation scenes for the lookup fit (0: skip)")
+    parser.add_argument("--word-images", type=int, default=20,
+                        help="validation scenes for the question-word influence (0: skip)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     data = args.data or default_dataset()
     report = run(model_or_default(args.model), data, args.probe_images, args.context_images, args.limit,
-                 args.lookup_images)
+                 args.lookup_images, args.word_images)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["command"] = "python benchmarks/binding_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)

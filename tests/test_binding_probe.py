@@ -24,7 +24,7 @@ def test_script_writes_its_report_for_a_model_folder(tmp_path, test_split):
     out = tmp_path / "probe"
     model = tiny.ensure_default_model()
     assert main(["--model", str(model), "--data", str(test_split), "--probe-images", "3",
-                 "--context-images", "3", "--lookup-images", "12", "--out", str(out)]) == 0
+                 "--context-images", "3", "--lookup-images", "12", "--word-images", "2", "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["questions"] == 12 and report["layers"] == len(report["attention"][next(iter(report["attention"]))]
                                                                    ["head0_by_layer"])
@@ -42,6 +42,10 @@ def test_script_writes_its_report_for_a_model_folder(tmp_path, test_split):
     for row in spaces.values():
         assert all(0.0 <= row[key] <= 1.0 for key in ("by_color", "by_shape", "by_color_uniform", "by_shape_uniform"))
     assert "## Lookup" in out.with_suffix(".md").read_text()
+    words = report["question_words"]
+    assert words["images"] == 2 and len(words["colour_word_by_layer"]) == report["layers"]
+    assert all(v >= 0 for v in words["colour_word_by_layer"] + words["shape_word_by_layer"])
+    assert "## Question words" in out.with_suffix(".md").read_text()
 
 
 def test_zero_context_and_lookup_images_skip_those_sections(tmp_path, test_split):
@@ -49,9 +53,11 @@ def test_zero_context_and_lookup_images_skip_those_sections(tmp_path, test_split
 
     out = tmp_path / "probe"
     assert main(["--model", str(tiny.ensure_default_model()), "--data", str(test_split), "--probe-images", "2",
-                 "--context-images", "0", "--lookup-images", "0", "--limit", "4", "--out", str(out)]) == 0
+                 "--context-images", "0", "--lookup-images", "0", "--word-images", "0", "--limit", "4",
+                 "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
-    assert "context" not in report and "lookup" not in report and report["questions"] == 4
+    assert "context" not in report and "lookup" not in report and "question_words" not in report
+    assert report["questions"] == 4
     text = out.with_suffix(".md").read_text()
     assert "## LM attention" in text and "## Context" not in text and "## Lookup" not in text
 
@@ -83,3 +89,18 @@ def test_refuses_images_the_generator_did_not_make(tmp_path, test_split):
         Image.new("RGB", image.size, "white").save(path)
     with pytest.raises(SystemExit, match=first["image"].split("/")[-1]):
         main(["--model", "unused", "--data", str(data / "test"), "--out", str(tmp_path / "x")])
+
+
+def test_question_word_influence_is_zero_for_the_same_question_and_not_for_a_read_word(monkeypatch):
+    """A pair of identical questions changes nothing (exactly 0); a pair that differs in a word the model reads
+    (the bundled model reads the shape word of "What color is the circle?") changes the answer's state."""
+    import benchmarks.binding_probe as probe
+    from benchmarks.heldout import load
+    from vllm_tokcomp.tiny import llava as tiny
+
+    model, enc = load(tiny.ensure_trained_model(), None, "cpu")
+    monkeypatch.setattr(probe, "WORD_SWAPS", (("colour", "Is there a red circle?", "Is there a red circle?"),
+                                              ("shape", "What color is the circle?", "What color is the square?")))
+    words = probe.question_word_influence(model, enc, 2)
+    assert words["colour_word_by_layer"] == [0.0] * len(words["colour_word_by_layer"])
+    assert min(words["shape_word_by_layer"]) > 0.1
