@@ -249,7 +249,7 @@ def question_word_influence(model, enc, images: int) -> dict:  # noqa: ANN001
             state_a, state_b = answer_state(model, enc, pixel_values, a), answer_state(model, enc, pixel_values, b)
             changes[word].append((state_a - state_b).norm(dim=-1) / state_a.norm(dim=-1).clamp_min(1e-12))
     return {"images": images, "pairs": [list(pair) for pair in WORD_SWAPS],
-            **{f"{word}_word_by_layer": np.round(torch.stack(rows).mean(0)[1:].numpy(), 3).tolist()
+            **{f"{word}_word_by_layer": np.round(torch.stack(rows).mean(0)[1:].double().numpy(), 3).tolist()
                for word, rows in changes.items()}}
 
 
