@@ -245,9 +245,11 @@ def question_word_influence(model, enc, images: int) -> dict:  # noqa: ANN001
     changes: dict[str, list] = defaultdict(list)
     for index in range(images):
         pixel_values = pixels(render_scene(make_scene(scene_rng(0, "val", WORDS_FIRST_SCENE + index))))[None]
+        # a question may be in two pairs ("Is there a red circle?"): one forward each
+        states = {question: answer_state(model, enc, pixel_values, question)
+                  for question in {q for _, a, b in WORD_SWAPS for q in (a, b)}}
         for word, a, b in WORD_SWAPS:
-            state_a, state_b = answer_state(model, enc, pixel_values, a), answer_state(model, enc, pixel_values, b)
-            changes[word].append((state_a - state_b).norm(dim=-1) / state_a.norm(dim=-1).clamp_min(1e-12))
+            changes[word].append((states[a] - states[b]).norm(dim=-1) / states[a].norm(dim=-1).clamp_min(1e-12))
     return {"images": images, "pairs": [list(pair) for pair in WORD_SWAPS],
             **{f"{word}_word_by_layer": np.round(torch.stack(rows).mean(0)[1:].double().numpy(), 3).tolist()
                for word, rows in changes.items()}}
@@ -428,10 +430,9 @@ def markdown(report: dict) -> str:
                      f"{' '.join(f'{v:.2f}' for v in row['heads_mean_by_layer'])} |")
     lines += ["", f"Wrong shape answers: {wrong['n']}; the most attended object is another one in "
               f"{wrong['most_attended_is_another_object']}, and the answer is that object's shape in "
-              f"{wrong['answer_is_that_objects_shape']}.", "",
-              ]
+              f"{wrong['answer_is_that_objects_shape']}."]
     if "context" in report:
-        lines += ["## Context: training conversations, turns 2-16, multi-turn vs isolated", "",
+        lines += ["", "## Context: training conversations, turns 2-16, multi-turn vs isolated", "",
                   f"{report['context']['images']} validation scenes (first turns agree: "
                   f"{report['context']['first_turn_same']}).",
                   "", "| type | n | multi-turn | isolated |", "|---|---:|---:|---:|"]

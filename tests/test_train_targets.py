@@ -21,6 +21,18 @@ def _two_layer_model():
     return model
 
 
+def _eager_attentions(model, batch):
+    """transformers' own eager attention weights of every LM layer for ``batch``, under its mask (a packed batch's
+    boolean ``[B, 1, T, T]`` mask made additive: eager attention adds a 4-D mask) and positions: the independent
+    reference for the look terms."""
+    model.model.language_model.config._attn_implementation = "eager"
+    mask = batch["attention_mask"]
+    if mask.dim() == 4:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    return model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=mask,
+                       position_ids=batch.get("position_ids"), output_attentions=True).attentions
+
+
 def _plain(objects, digit=None, digit_xy=None):
     params = {"c1": (90, 90, 90), "c2": (90, 90, 90), "dir": 0, "period": 8, "noise_seed": 0}
     return Scene("plain", objects, digit, digit_xy, params)
@@ -184,10 +196,7 @@ def test_look_loss_equals_the_attention_transformers_computes(type_weights):
     with torch.no_grad():
         plain, _ = qa_loss(model, batch)
         supervised, _ = qa_loss(model, batch, look_weight=1.0)
-        config = model.model.language_model.config
-        config._attn_implementation = "eager"
-        attentions = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                                 attention_mask=batch["attention_mask"], output_attentions=True).attentions
+        attentions = _eager_attentions(model, batch)
     terms = torch.stack([-torch.log(layer[row, 0, query, cols].sum().clamp_min(1e-6))
                          for layer in attentions[1:] for row, query, cols, _ in batch["looks"]])
     weights = torch.tensor([weight for _ in attentions[1:] for *_, weight in batch["looks"]])
@@ -607,11 +616,7 @@ def test_look_loss_under_packed_questions_equals_eager_attention_with_that_mask(
     with torch.no_grad():
         plain, _ = qa_loss(model, batch)
         supervised, _ = qa_loss(model, batch, look_weight=1.0)
-        model.model.language_model.config._attn_implementation = "eager"
-        additive = torch.zeros(batch["attention_mask"].shape).masked_fill(~batch["attention_mask"], float("-inf"))
-        attentions = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                                 attention_mask=additive, position_ids=batch["position_ids"],
-                                 output_attentions=True).attentions
+        attentions = _eager_attentions(model, batch)
     expected = torch.stack([-torch.log(layer[row, 0, query, cols].sum().clamp_min(1e-6))
                             for layer in attentions[1:] for row, query, cols, _ in batch["looks"]]).mean()
     assert torch.allclose(supervised - plain, expected, rtol=1e-4, atol=1e-5)
@@ -656,13 +661,7 @@ def test_question_look_loss_equals_first_layer_attention_transformers_computes(i
     with torch.no_grad():
         plain, _ = qa_loss(model, batch)
         supervised, _ = qa_loss(model, batch, question_look_weight=2.0)
-        model.model.language_model.config._attn_implementation = "eager"
-        mask = batch["attention_mask"]
-        if isolated:
-            mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-        first_layer = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                                  attention_mask=mask, position_ids=batch.get("position_ids"),
-                                  output_attentions=True).attentions[0]
+        first_layer = _eager_attentions(model, batch)[0]
     expected = torch.stack([-torch.log(first_layer[row, QUESTION_LOOK_HEAD, query, cols].sum())
                             for row, query, cols, _ in batch["question_looks"]]).mean()
     assert torch.allclose(supervised - plain, 2.0 * expected, rtol=1e-4, atol=1e-5)

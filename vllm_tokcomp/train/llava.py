@@ -627,13 +627,12 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
         patch_targets.append(patch_labels(scene))
         if placeholders:
             continue
-        for answer_start, weight in zip(starts, qa_weights, strict=True):
-            words = enc.attribute_positions(ids, answer_start)
-            if words and weight > 0:
-                question_looks.append((row, answer_start, words, weight))
         first_image = ids.index(tiny.IMAGE_TOKEN_ID)
         owners = patch_owners(scene)
         for qa, answer_start, weight in zip(qas, starts, qa_weights, strict=True):
+            words = enc.attribute_positions(ids, answer_start)
+            if words and weight > 0:
+                question_looks.append((row, answer_start, words, weight))
             targets = question_targets(scene, qa["question"], near_misses)
             if targets and weight > 0:
                 patches = np.flatnonzero(np.isin(owners, targets))
@@ -699,6 +698,9 @@ def qa_forward(model: nn.Module, batch: dict) -> tuple[object, list[tuple[int, i
                        position_ids=batch.get("position_ids")), looks
 
 
+QUESTION_LOOK_HEAD = 3  # the first layer's head that already reads the shape word at the answer (bundled model)
+
+
 def qa_loss(
     model: nn.Module, batch: dict, heads: ClipHeads | None = None, dense_weight: float = 0.0,
     look_weight: float = 0.0, position_weight: float = 0.0, metrics: dict | None = None,
@@ -758,17 +760,14 @@ def qa_loss(
         loss = loss + position_weight * position
         if metrics is not None:
             metrics.update(accuracy)
+    mask = batch["attention_mask"]
+    allowed = mask[:, 0] if mask.dim() == 4 else None  # packed single-turn questions; causal otherwise
     if attention_inputs and looks:
-        mask = batch["attention_mask"]
-        loss = loss + look_weight * look_loss(attention_inputs, looks, mask[:, 0] if mask.dim() == 4 else None)
+        loss = loss + look_weight * look_loss(attention_inputs, looks, allowed)
     if first_layer_inputs:
-        mask = batch["attention_mask"]
-        loss = loss + question_look_weight * look_loss(first_layer_inputs, question_looks,
-                                                       mask[:, 0] if mask.dim() == 4 else None, QUESTION_LOOK_HEAD)
+        loss = loss + question_look_weight * look_loss(first_layer_inputs, question_looks, allowed,
+                                                       QUESTION_LOOK_HEAD)
     return loss, (logits.argmax(-1) == target[sel])
-
-
-QUESTION_LOOK_HEAD = 3  # the first layer's head that already reads the shape word at the answer (bundled model)
 
 
 def look_loss(
