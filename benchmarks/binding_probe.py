@@ -1,9 +1,9 @@
 """Where do the trained tiny LLaVA's wrong answers come from: the tower, finding the object, or earlier turns?
 
 ``python benchmarks/binding_probe.py [--model DIR] [--data DIR] [--probe-images 120] [--context-images 100]
-[--lookup-images 240] [--word-images 20] [--out PATH]``
+[--lookup-images 240] [--word-images 20] [--form-images 120] [--out PATH]``
 
-Five measurements on a model folder (default: the bundled trained tiny LLaVA), through transformers (fp32, eager
+Six measurements on a model folder (default: the bundled trained tiny LLaVA), through transformers (fp32, eager
 attention), on the generator's test split (``--data``, default the accuracy harness's; each scene is rebuilt from
 the split's seed and checked against the image file):
 
@@ -20,6 +20,11 @@ the split's seed and checked against the image file):
   both ways; a gap means later answers lean on earlier turns, which single-turn serving does not have.
 * **question words**: does the state at the answer change at all when only the colour word (or only the shape
   word) of the question changes (``--word-images`` validation scenes)? A word that changes nothing is never read.
+* **question forms**: the same object asked about by its colour ("What shape is the red object?") and by its shape
+  ("What color is the circle?"), every form about every object it can name unambiguously on ``--form-images``
+  validation scenes with two or more objects: per form, the share answered right and head 0's attention on the named
+  objects at the answer (mean over the LM layers from the second on). Finding an object by its colour at the level
+  of uniform attention over the objects means the LM guesses which object is meant.
 * **lookup**: could attention find an object by its colour, or by its shape, at all? For each colour (shape), the
   one query vector that puts the most attention on that colour's (shape's) objects, fitted by gradient ascent on
   half of ``--lookup-images`` validation scenes with two or more objects, scored on the other half: in the tower's
@@ -220,6 +225,65 @@ WORD_SWAPS = (
 )
 
 
+# the scenes of accuracy_training_v13.json's per-form table (which used a 30-pixel margin and layers 2-7)
+FORMS_FIRST_SCENE = WORDS_FIRST_SCENE
+
+
+def question_forms(scene) -> list[tuple[str, str, str, list[int]]]:  # noqa: ANN001 - synth Scene
+    """(form, question, answer, the named objects' indices) for every form about every object of ``scene`` that it
+    names unambiguously: by colour (shape and position of the only object of that colour, count of a colour) and by
+    shape (colour and position of the only object of that shape, count of a shape). Left / right only as the
+    generator asks it: the object at least ``POSITION_MARGIN`` from the centre line."""
+    from vllm_tokcomp.data.synth import CENTER, POSITION_MARGIN, _unique
+
+    objects = scene.objects
+    forms = []
+    for obj in _unique(objects, lambda o: o.color):
+        k = objects.index(obj)
+        forms.append(("shape, by colour", f"What shape is the {obj.color} object?", obj.shape, [k]))
+        if abs(obj.x - CENTER) >= POSITION_MARGIN:
+            forms.append(("position, by colour", f"Is the {obj.color} object on the left or the right?",
+                          "left" if obj.x < CENTER else "right", [k]))
+    for obj in _unique(objects, lambda o: o.shape):
+        k = objects.index(obj)
+        forms.append(("colour, by shape", f"What color is the {obj.shape}?", obj.color, [k]))
+        if abs(obj.x - CENTER) >= POSITION_MARGIN:
+            forms.append(("position, by shape", f"Is the {obj.shape} on the left or the right?",
+                          "left" if obj.x < CENTER else "right", [k]))
+    for colour in sorted({o.color for o in objects}):
+        named = [k for k, o in enumerate(objects) if o.color == colour]
+        forms.append(("count, by colour", f"How many {colour} objects are there?", str(len(named)), named))
+    for shape in sorted({o.shape for o in objects}):
+        named = [k for k, o in enumerate(objects) if o.shape == shape]
+        forms.append(("count, by shape", f"How many {shape}s are there?", str(len(named)), named))
+    return forms
+
+
+def question_form_attention(model, enc, images: int) -> dict:  # noqa: ANN001
+    """Per form of :func:`question_forms` on the first ``images`` validation scenes from :data:`FORMS_FIRST_SCENE`
+    that have two or more objects: n, share right (single-turn, teacher-forced greedy exact match) and head 0's
+    attention mass on the named objects at the answer's first prediction, mean over the LM layers from the second on
+    (those ``train.llava --look-weight`` supervises)."""
+    from vllm_tokcomp.data.generate import scene_rng
+    from vllm_tokcomp.data.synth import make_scene, render_scene
+    from vllm_tokcomp.train.llava import pixels
+
+    tally: dict[str, list] = defaultdict(lambda: [0, 0, 0.0])  # form -> [n, right, head 0 mass]
+    for index in range(images):
+        scene = make_scene(scene_rng(0, "val", FORMS_FIRST_SCENE + index))
+        if len(scene.objects) < 2:
+            continue
+        pixel_values = pixels(render_scene(scene))[None]
+        for form, question, answer, named in question_forms(scene):
+            seen = answer_with_attention(model, enc, scene, pixel_values, {"question": question, "answer": answer})
+            row = tally[form]
+            row[0] += 1
+            row[1] += seen["correct"]
+            row[2] += float(seen["per_object"][named, 1:, 0].sum(0).mean())
+    return {"images": images, "forms": {form: {"n": n, "right": round(right / n, 3), "head0_mass": round(mass / n, 3)}
+                                        for form, (n, right, mass) in sorted(tally.items())}}
+
+
 def answer_state(model, enc, pixel_values, question: str):  # noqa: ANN001, ANN201 - torch [layers + 1, D]
     """The LM's hidden states (its input and every layer's output) at a single-turn question's answer position."""
     import torch
@@ -348,7 +412,7 @@ def lookup(model, enc, images: int) -> dict:  # noqa: ANN001
 
 
 def run(model_dir: str, data: Path, probe_images: int, context_images: int, limit: int | None = None,
-        lookup_images: int = 240, word_images: int = 20) -> dict:
+        lookup_images: int = 240, word_images: int = 20, form_images: int = 120) -> dict:
     import numpy as np
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -405,6 +469,7 @@ def run(model_dir: str, data: Path, probe_images: int, context_images: int, limi
         **({"context": context_gap(model, enc, context_images)} if context_images else {}),
         **({"lookup": lookup(model, enc, lookup_images)} if lookup_images else {}),
         **({"question_words": question_word_influence(model, enc, word_images)} if word_images else {}),
+        **({"question_forms": question_form_attention(model, enc, form_images)} if form_images else {}),
     }
 
 
@@ -458,6 +523,15 @@ def markdown(report: dict) -> str:
                   "at all).", "", "| word changed | after layer 1, 2, ... |", "|---|---|"]
         for word in ("colour", "shape"):
             lines.append(f"| {word} | {' '.join(f'{v:.3f}' for v in words[f'{word}_word_by_layer'])} |")
+    if "question_forms" in report:
+        forms = report["question_forms"]
+        lines += ["", "## Question forms: finding an object by its colour vs by its shape", "",
+                  f"Every form about every object it names unambiguously, on the first {forms['images']} validation "
+                  "scenes (those with two or more objects); single-turn, teacher-forced. Head 0's attention on the "
+                  "named objects at the answer, mean over the LM layers from the second on.", "",
+                  "| form | n | right | head 0 on the named objects |", "|---|---:|---:|---:|"]
+        for form, row in forms["forms"].items():
+            lines.append(f"| {form} | {row['n']} | {row['right']:.3f} | {row['head0_mass']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -473,12 +547,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lookup-images", type=int, default=240, help="validation scenes for the lookup fit (0: skip)")
     parser.add_argument("--word-images", type=int, default=20,
                         help="validation scenes for the question-word influence (0: skip)")
+    parser.add_argument("--form-images", type=int, default=120,
+                        help="validation scenes for the per-question-form attention (0: skip)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     data = args.data or default_dataset()
     report = run(model_or_default(args.model), data, args.probe_images, args.context_images, args.limit,
-                 args.lookup_images, args.word_images)
+                 args.lookup_images, args.word_images, args.form_images)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["command"] = "python benchmarks/binding_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ def test_script_writes_its_report_for_a_model_folder(tmp_path, test_split):
     out = tmp_path / "probe"
     model = tiny.ensure_default_model()
     assert main(["--model", str(model), "--data", str(test_split), "--probe-images", "3",
-                 "--context-images", "3", "--lookup-images", "12", "--word-images", "2", "--out", str(out)]) == 0
+                 "--context-images", "3", "--lookup-images", "12", "--word-images", "2", "--form-images", "6",
+                 "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["questions"] == 12 and report["layers"] == len(report["attention"][next(iter(report["attention"]))]
                                                                    ["head0_by_layer"])
@@ -46,6 +47,11 @@ def test_script_writes_its_report_for_a_model_folder(tmp_path, test_split):
     assert words["images"] == 2 and len(words["colour_word_by_layer"]) == report["layers"]
     assert all(v >= 0 for v in words["colour_word_by_layer"] + words["shape_word_by_layer"])
     assert "## Question words" in out.with_suffix(".md").read_text()
+    forms = report["question_forms"]["forms"]
+    assert {"shape, by colour", "colour, by shape", "count, by colour", "count, by shape"} <= set(forms)
+    for row in forms.values():
+        assert row["n"] > 0 and 0.0 <= row["right"] <= 1.0 and 0.0 <= row["head0_mass"] <= 1.0 + 1e-6
+    assert "## Question forms" in out.with_suffix(".md").read_text()
 
 
 def test_zero_context_and_lookup_images_skip_those_sections(tmp_path, test_split):
@@ -53,10 +59,11 @@ def test_zero_context_and_lookup_images_skip_those_sections(tmp_path, test_split
 
     out = tmp_path / "probe"
     assert main(["--model", str(tiny.ensure_default_model()), "--data", str(test_split), "--probe-images", "2",
-                 "--context-images", "0", "--lookup-images", "0", "--word-images", "0", "--limit", "4",
+                 "--context-images", "0", "--lookup-images", "0", "--word-images", "0", "--form-images", "0",
+                 "--limit", "4",
                  "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
-    assert "context" not in report and "lookup" not in report and "question_words" not in report
+    assert not {"context", "lookup", "question_words", "question_forms"} & set(report)
     assert report["questions"] == 4
     text = out.with_suffix(".md").read_text()
     assert "## LM attention" in text and "## Context" not in text and "## Lookup" not in text
@@ -104,3 +111,39 @@ def test_question_word_influence_is_zero_for_the_same_question_and_not_for_a_rea
     words = probe.question_word_influence(model, enc, 2)
     assert words["colour_word_by_layer"] == [0.0] * len(words["colour_word_by_layer"])
     assert min(words["shape_word_by_layer"]) > 0.1
+
+
+def test_question_forms_name_each_object_only_where_the_name_is_unambiguous():
+    """Two red objects (a circle left, a square right of the centre) and a blue circle near the centre line: "the red
+    object" names nothing, "the circle" names nothing, the blue object is too near the centre for left / right."""
+    from benchmarks.binding_probe import question_forms
+    from vllm_tokcomp.data.synth import Obj, Scene
+
+    scene = Scene("plain", [Obj("circle", "red", "small", 40, 100), Obj("square", "red", "small", 300, 100),
+                            Obj("circle", "blue", "small", 170, 250)])
+    assert sorted(question_forms(scene)) == sorted([
+        ("shape, by colour", "What shape is the blue object?", "circle", [2]),
+        ("colour, by shape", "What color is the square?", "red", [1]),
+        ("position, by shape", "Is the square on the left or the right?", "right", [1]),
+        ("count, by colour", "How many blue objects are there?", "1", [2]),
+        ("count, by colour", "How many red objects are there?", "2", [0, 1]),
+        ("count, by shape", "How many circles are there?", "2", [0, 2]),
+        ("count, by shape", "How many squares are there?", "1", [1]),
+    ])
+
+
+def test_the_bundled_model_finds_objects_by_shape_and_not_by_colour():
+    """The finding the question-form section exists to track (accuracy_training_v13.json): head 0 of the bundled
+    model puts most of its attention on an object named by its shape, and about what uniform attention over the
+    objects would give (under a half) on one named by its colour."""
+    from benchmarks.binding_probe import question_form_attention
+    from benchmarks.heldout import load
+    from vllm_tokcomp.tiny import llava as tiny
+
+    model, enc = load(tiny.ensure_trained_model(), None, "cpu")
+    model.config._attn_implementation = model.model.language_model.config._attn_implementation = "eager"
+    forms = question_form_attention(model, enc, 5)["forms"]  # 5 scenes: 0.94 by shape, 0.37 by colour
+    by_shape = [row["head0_mass"] for form, row in forms.items() if form.endswith("by shape")]
+    by_colour = [row["head0_mass"] for form, row in forms.items() if form.endswith("by colour")]
+    assert len(by_shape) == len(by_colour) == 3
+    assert sum(by_shape) / 3 > 0.8 and sum(by_colour) / 3 < 0.5
