@@ -238,24 +238,22 @@ def question_forms(scene) -> list[tuple[str, str, str, list[int]]]:  # noqa: ANN
 
     objects = scene.objects
     forms = []
-    for obj in _unique(objects, lambda o: o.color):
-        k = objects.index(obj)
-        forms.append(("shape, by colour", f"What shape is the {obj.color} object?", obj.shape, [k]))
-        if abs(obj.x - CENTER) >= POSITION_MARGIN:
-            forms.append(("position, by colour", f"Is the {obj.color} object on the left or the right?",
-                          "left" if obj.x < CENTER else "right", [k]))
-    for obj in _unique(objects, lambda o: o.shape):
-        k = objects.index(obj)
-        forms.append(("colour, by shape", f"What color is the {obj.shape}?", obj.color, [k]))
-        if abs(obj.x - CENTER) >= POSITION_MARGIN:
-            forms.append(("position, by shape", f"Is the {obj.shape} on the left or the right?",
-                          "left" if obj.x < CENTER else "right", [k]))
-    for colour in sorted({o.color for o in objects}):
-        named = [k for k, o in enumerate(objects) if o.color == colour]
-        forms.append(("count, by colour", f"How many {colour} objects are there?", str(len(named)), named))
-    for shape in sorted({o.shape for o in objects}):
-        named = [k for k, o in enumerate(objects) if o.shape == shape]
-        forms.append(("count, by shape", f"How many {shape}s are there?", str(len(named)), named))
+    # (named by, its attribute, its name, the attribute asked, the form's label, the question, the count question)
+    namings = (
+        ("by colour", "color", "{} object", "shape", "shape", "What shape is the {}?",
+         "How many {} objects are there?"),
+        ("by shape", "shape", "{}", "color", "colour", "What color is the {}?", "How many {}s are there?"),
+    )
+    for by, attribute, noun, asked, label, question, count_question in namings:
+        for obj in _unique(objects, lambda o, attribute=attribute: getattr(o, attribute)):
+            k, name = objects.index(obj), noun.format(getattr(obj, attribute))
+            forms.append((f"{label}, {by}", question.format(name), getattr(obj, asked), [k]))
+            if abs(obj.x - CENTER) >= POSITION_MARGIN:
+                forms.append((f"position, {by}", f"Is the {name} on the left or the right?",
+                              "left" if obj.x < CENTER else "right", [k]))
+        for value in sorted({getattr(o, attribute) for o in objects}):
+            named = [k for k, o in enumerate(objects) if getattr(o, attribute) == value]
+            forms.append((f"count, {by}", count_question.format(value), str(len(named)), named))
     return forms
 
 
