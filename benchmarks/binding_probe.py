@@ -409,19 +409,29 @@ def lookup(model, enc, images: int) -> dict:  # noqa: ANN001
     return result
 
 
+def load_eager(model_dir: str):  # noqa: ANN201 - (transformers LLaVA, QAEncoder)
+    """The model folder through transformers' loader in fp32 with eager attention (SDPA returns no attention weights,
+    which every attention measurement here reads) and its question encoder."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from vllm_tokcomp.train.llava import QAEncoder
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    return model, QAEncoder(Path(model_dir) / "tokenizer.json")
+
+
 def run(model_dir: str, data: Path, probe_images: int, context_images: int, limit: int | None = None,
         lookup_images: int = 240, word_images: int = 20, form_images: int = 120) -> dict:
     import numpy as np
     import torch
-    from transformers import LlavaForConditionalGeneration
 
-    from vllm_tokcomp.train.llava import QAEncoder, question_targets
+    from vllm_tokcomp.train.llava import question_targets
 
     records = load_dataset(data, limit)
     scenes = test_scenes(data, records)  # before the model: data it cannot use fails at once
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
-                                                          attn_implementation="eager").eval()
-    enc = QAEncoder(Path(model_dir) / "tokenizer.json")
+    model, enc = load_eager(model_dir)
     classify = shape_classifier(model, probe_images)
     votes = {image: object_shape_votes(model, classify, scene, pixel_values)
              for image, (scene, pixel_values) in scenes.items()}

@@ -136,12 +136,10 @@ def test_the_bundled_model_finds_objects_by_shape_and_not_by_colour():
     """The finding the question-form section exists to track (accuracy_training_v13.json): head 0 of the bundled
     model puts most of its attention on an object named by its shape, and about what uniform attention over the
     objects would give (under a half) on one named by its colour."""
-    from benchmarks.binding_probe import question_form_attention
-    from benchmarks.heldout import load
+    from benchmarks.binding_probe import load_eager, question_form_attention
     from vllm_tokcomp.tiny import llava as tiny
 
-    model, enc = load(tiny.ensure_trained_model(), None, "cpu")
-    model.config._attn_implementation = model.model.language_model.config._attn_implementation = "eager"
+    model, enc = load_eager(str(tiny.ensure_trained_model()))
     forms = question_form_attention(model, enc, 5)["forms"]  # 5 scenes: 0.94 by shape, 0.37 by colour
     by_shape = [row["head0_mass"] for form, row in forms.items() if form.endswith("by shape")]
     by_colour = [row["head0_mass"] for form, row in forms.items() if form.endswith("by colour")]
