@@ -21,7 +21,7 @@ seconds=${1:?usage: gpu_train_arms.sh SECONDS NAME=FLAGS [NAME=FLAGS ...]}
 shift
 [ $# -ge 1 ] || { echo "give at least one arm, e.g. 'control='" >&2; exit 2; }
 DEV=${DEV:-cuda}; WORKERS=${WORKERS:-7}; PY=${PY:-python3}; OUT=${OUT:-/tmp/out}
-INIT=${INIT:-train-checkpoints/tiny_llava_gpu_pos_qa3645.pt}
+INIT=${INIT:-train-checkpoints/tiny_llava_qlook_digit3_qa1494.pt}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

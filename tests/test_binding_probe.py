@@ -132,16 +132,18 @@ def test_question_forms_name_each_object_only_where_the_name_is_unambiguous():
     ])
 
 
-def test_the_bundled_model_finds_objects_by_shape_and_not_by_colour():
-    """The finding the question-form section exists to track (accuracy_training_v13.json): head 0 of the bundled
-    model puts most of its attention on an object named by its shape, and about what uniform attention over the
-    objects would give (under a half) on one named by its colour."""
+def test_the_bundled_model_finds_objects_by_shape_and_by_colour():
+    """The finding the question-form section exists to track. The weights bundled before session 18 found an object
+    named by its shape (head 0: 0.94 of its attention on it) but not one named by its colour (0.37, about uniform over
+    the objects; accuracy_training_v13.json), and answered shape-by-colour questions at 0.71. Training that weighted
+    the question-to-object look (accuracy_training_v14.json, v15.json) made head 0 find both; a model that loses
+    either binding again fails here."""
     from benchmarks.binding_probe import load_eager, question_form_attention
     from vllm_tokcomp.tiny import llava as tiny
 
     model, enc = load_eager(str(tiny.ensure_trained_model()))
-    forms = question_form_attention(model, enc, 5)["forms"]  # 5 scenes: 0.94 by shape, 0.37 by colour
+    forms = question_form_attention(model, enc, 5)["forms"]  # 5 scenes: 0.97-0.995 by shape, 0.97-0.999 by colour
     by_shape = [row["head0_mass"] for form, row in forms.items() if form.endswith("by shape")]
     by_colour = [row["head0_mass"] for form, row in forms.items() if form.endswith("by colour")]
     assert len(by_shape) == len(by_colour) == 3
-    assert sum(by_shape) / 3 > 0.8 and sum(by_colour) / 3 < 0.5
+    assert min(by_shape) > 0.8 and min(by_colour) > 0.8
