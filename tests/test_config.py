@@ -3,6 +3,7 @@
 import pytest
 
 from vllm_tokcomp.config import (
+    DEFAULT_METHOD,
     CompressionSpec,
     ConfigError,
     parse_engine_config,
@@ -33,7 +34,11 @@ def test_engine_spec_and_default_budget():
         ({"tokcomp_method": "uniform", "tokcomp_budget": 1.5}, "mm_processor_kwargs.tokcomp_budget"),
         ({"tokcomp_method": "uniform", "tokcomp_budget": "64"}, "mm_processor_kwargs.tokcomp_budget"),
         ({"tokcomp_method": "uniform", "tokcomp_budget": True}, "mm_processor_kwargs.tokcomp_budget"),
-        ({"tokcomp_budget": 64}, "mm_processor_kwargs.tokcomp_method"),
+        ({"tokcomp_options": {"window": 2}}, "mm_processor_kwargs.tokcomp_method"),
+        ({"tokcomp_method": "uniform", "tokcomp_budget": 2**20 + 1}, "mm_processor_kwargs.tokcomp_budget"),
+        ({"tokcomp_method": "uniform", "tokcomp_budget": 10**1100}, "mm_processor_kwargs.tokcomp_budget"),
+        ({"tokcomp_method": "none", "tokcomp_options": {"garbage": 1}}, "mm_processor_kwargs.tokcomp_options"),
+        ({"tokcomp_method": "random", "tokcomp_options": {"seed": 2**64}}, "mm_processor_kwargs.tokcomp_options"),
         ({"tokcomp_method": "uniform", "tokcomp_rate": 0.5}, "mm_processor_kwargs.tokcomp_rate"),
         ({"tokcomp_method": "uniform", "tokcomp_ratio": 0}, "mm_processor_kwargs.tokcomp_ratio"),
         ({"tokcomp_method": "uniform", "tokcomp_ratio": 1.5}, "mm_processor_kwargs.tokcomp_ratio"),
@@ -41,7 +46,6 @@ def test_engine_spec_and_default_budget():
         ({"tokcomp_method": "uniform", "tokcomp_ratio": float("nan")}, "mm_processor_kwargs.tokcomp_ratio"),
         ({"tokcomp_method": "uniform", "tokcomp_ratio": True}, "mm_processor_kwargs.tokcomp_ratio"),
         ({"tokcomp_method": "uniform", "tokcomp_ratio": 0.5, "tokcomp_budget": 8}, "mm_processor_kwargs.tokcomp_ratio"),
-        ({"tokcomp_ratio": 0.5}, "mm_processor_kwargs.tokcomp_method"),
     ],
 )
 def test_bad_engine_config_names_the_field(kwargs, field):
@@ -61,9 +65,19 @@ def test_request_overrides_engine():
     assert resolve_request({}, {"tokcomp_method": "uniform", "tokcomp_budget": 8}) == CompressionSpec("uniform", 8)
 
 
-def test_request_budget_without_any_method_is_rejected():
+def test_a_budget_without_a_method_compresses_with_the_default_method():
+    assert DEFAULT_METHOD in servable_methods()
+    assert parse_engine_config({"tokcomp_budget": 32}) == CompressionSpec(DEFAULT_METHOD, 32)
+    assert parse_engine_config({"tokcomp_ratio": 0.5}) == CompressionSpec(DEFAULT_METHOD, None, ratio=0.5)
+    assert resolve_request({}, {"tokcomp_budget": 8}) == CompressionSpec(DEFAULT_METHOD, 8)
+    # `tokcomp serve` without --method configures "none": a request's budget still asks for compression ...
+    assert resolve_request({"tokcomp_method": "none"}, {"tokcomp_ratio": 0.25}) == CompressionSpec(
+        DEFAULT_METHOD, None, ratio=0.25)
+    # ... unless it says "none" itself, and a server's own method is kept.
+    assert resolve_request({"tokcomp_method": "none"}, {"tokcomp_method": "none", "tokcomp_budget": 8}) is None
+    assert resolve_request({"tokcomp_method": "pool"}, {"tokcomp_budget": 8}) == CompressionSpec("pool", 8)
     with pytest.raises(ConfigError, match="tokcomp_method"):
-        resolve_request({}, {"tokcomp_budget": 8})
+        resolve_request({}, {"tokcomp_options": {"seed": 3}})
 
 
 @pytest.mark.parametrize("budget", [0, -1, 2.5, "8", None, [8]])

@@ -12,6 +12,8 @@ from pathlib import Path
 from .config import (
     BUDGET_KEY,
     CONNECTORS_KEY,
+    DEFAULT_METHOD,
+    LIMITS_KEY,
     METHOD_KEY,
     OFF,
     RATIO_KEY,
@@ -46,8 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("usage: tokcomp serve [MODEL] --method NAME [--budget N | --ratio R] [--connector STEM ...] "
-              "[vllm serve args...]")
+        print("usage: tokcomp serve [MODEL] [--method NAME] [--budget N | --ratio R] [--connector STEM ...]")
+        print("                     [--allowed-methods A,B] [--budget-range LOW:HIGH] [--ratio-range LOW:HIGH]")
+        print("                     [--no-client-off] [vllm serve args...]")
+        print(f"       (--budget/--ratio without --method: {DEFAULT_METHOD}; the range flags bound what clients "
+              "may choose)")
         print(f"       (MODEL: a model folder or name, or {' / '.join(BUNDLED_MODELS)} for a bundled tiny model; "
               "default tiny-llava)")
         print("       tokcomp info")
@@ -71,6 +76,10 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
     parser.add_argument("--budget", type=int, default=None)
     parser.add_argument("--ratio", type=float, default=None)
     parser.add_argument("--connector", action="append", default=None)
+    parser.add_argument("--allowed-methods", dest="allowed_methods", default=None)
+    parser.add_argument("--budget-range", dest="budget_range", default=None)
+    parser.add_argument("--ratio-range", dest="ratio_range", default=None)
+    parser.add_argument("--no-client-off", dest="client_off", action="store_false", default=None)
     parser.add_argument("--mm-processor-kwargs", dest="mm_processor_kwargs", default=None)
     argv = list(argv)
     # Like `vllm serve`, the model is the first argument when it is not a flag.
@@ -85,17 +94,24 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
             raise ConfigError("--mm-processor-kwargs", f"is not valid JSON: {error}") from None
         if not isinstance(mm_kwargs, dict):
             raise ConfigError("--mm-processor-kwargs", "must be a JSON object")
-    mm_kwargs.setdefault(METHOD_KEY, OFF)
     if known.method is not None:
         mm_kwargs[METHOD_KEY] = known.method
     if known.budget is not None:
         mm_kwargs[BUDGET_KEY] = known.budget
     if known.ratio is not None:
         mm_kwargs[RATIO_KEY] = known.ratio
+    if not any(key in mm_kwargs for key in (METHOD_KEY, BUDGET_KEY, RATIO_KEY)):
+        mm_kwargs[METHOD_KEY] = OFF  # the plugin on, compression off until a request opts in
     if known.connector:
         # Absolute, so that the engine (whatever its working directory) reads the same files.
         mm_kwargs[CONNECTORS_KEY] = [str(Path(stem).expanduser().resolve()) for stem in known.connector]
-    parse_engine_config(mm_kwargs)  # fail here, naming the field, rather than deep inside vLLM
+    limits = _limits_from_flags(known)
+    if limits:
+        mm_kwargs[LIMITS_KEY] = {**dict(mm_kwargs.get(LIMITS_KEY) or {}), **limits}
+    spec = parse_engine_config(mm_kwargs)  # fail here, naming the field, rather than deep inside vLLM
+    if spec is not None and METHOD_KEY not in mm_kwargs:
+        print(f"tokcomp serve: no --method given, compressing with {spec.method} (the default method)",
+              file=sys.stderr)
 
     if model is None or model in BUNDLED_MODELS:
         model = str(bundled_model_dir(model or "tiny-llava", build=True))
@@ -116,6 +132,26 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
     if "VLLM_PLUGINS" in env and PLUGIN_NAME not in plugins:
         env["VLLM_PLUGINS"] = ",".join([*plugins, PLUGIN_NAME])
     return command, env
+
+
+def _limits_from_flags(known: argparse.Namespace) -> dict[str, object]:
+    """``tokcomp_limits`` from ``--allowed-methods a,b``, ``--budget-range LOW:HIGH``, ``--ratio-range LOW:HIGH``
+    and ``--no-client-off`` (checked with the rest by :func:`parse_engine_config`)."""
+    limits: dict[str, object] = {}
+    if known.allowed_methods is not None:
+        limits["methods"] = [name.strip() for name in known.allowed_methods.split(",") if name.strip()]
+    for flag, name, number in (("--budget-range", "budget", int), ("--ratio-range", "ratio", float)):
+        text = getattr(known, f"{name}_range")
+        if text is None:
+            continue
+        try:
+            low, high = (number(part) for part in text.split(":"))
+        except ValueError:
+            raise ConfigError(flag, f"must be LOW:HIGH ({number.__name__}s), got {text!r}") from None
+        limits[name] = [low, high]
+    if known.client_off is False:
+        limits["allow_off"] = False
+    return limits
 
 
 def _needs_cpu_kv_default(passthrough: Sequence[str], env: Mapping[str, str]) -> bool:

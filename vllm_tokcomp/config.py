@@ -13,7 +13,14 @@ dynamic-resolution models); one level (engine or request) gives one of the two, 
 choice replaces the engine's.
 
 ``tokcomp_method: "none"`` switches compression off. No ``tokcomp_*`` key at
-engine level means the plugin is inert unless a request opts in.
+engine level means the plugin is inert unless a request opts in. A budget or ratio given without a
+method (at either level, with no method configured above it) compresses with :data:`DEFAULT_METHOD`.
+
+Every value has a type and finite bounds (:data:`MAX_BUDGET`, ratios in (0, 1], each method's knobs
+as declared in :mod:`vllm_tokcomp.methods.knobs`), and a resolved spec has one canonical form
+(:func:`canonical_spec`): what vLLM hashes for its caches, so two different settings never share an
+entry and equal settings always do. The server owner may bound what clients choose with
+``tokcomp_limits`` (:class:`Limits`).
 
 Trained connectors (:mod:`vllm_tokcomp.connectors`) are listed engine-wide only
 (``"tokcomp_connectors": [STEM, ...]``); a request then picks one as ``tokcomp_method`` (its
@@ -24,6 +31,7 @@ No vLLM import here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +40,7 @@ from typing import Any
 from .connectors import Connector, counts_of, is_connector_method, read_catalog
 from .errors import ConfigError
 from .methods import available_methods, get_method, method_class
+from .methods.knobs import quote
 
 METHOD_KEY = "tokcomp_method"
 BUDGET_KEY = "tokcomp_budget"
@@ -39,17 +48,27 @@ OPTIONS_KEY = "tokcomp_options"
 RATIO_KEY = "tokcomp_ratio"
 PLUGIN_KEYS = (METHOD_KEY, BUDGET_KEY, RATIO_KEY, OPTIONS_KEY)
 CONNECTORS_KEY = "tokcomp_connectors"  # engine-wide only: the trained connector files the server loads
-ENGINE_KEYS = (*PLUGIN_KEYS, CONNECTORS_KEY)
+LIMITS_KEY = "tokcomp_limits"  # engine-wide only: what clients may choose
+ENGINE_KEYS = (*PLUGIN_KEYS, CONNECTORS_KEY, LIMITS_KEY)
 OFF = "none"
 AUTO = "auto"  # per-image budget estimated from the pixels (MustDrop-style spatial redundancy)
 DEFAULT_BUDGET = 64
+# The method a budget or ratio given without a method compresses with: the one that keeps the most accuracy
+# across budgets and model families in the project's accuracy tables (README), and needs no signal a family
+# might lack (served on LLaVA and Qwen2-VL / Qwen2.5-VL alike).
+DEFAULT_METHOD = "divprune"
+# Largest token count a budget may name: larger than any image or clip a served model takes, small enough that
+# every count stays an ordinary integer everywhere it travels.
+MAX_BUDGET = 1 << 20
 
 # Signals the vLLM integration hands to methods: the vision tower's CLS attention and keys,
 # the prompt's text embedded by the LM, and text->vision attention from an LM probe.
 INTEGRATION_SIGNALS = frozenset({"cls_attention", "keys", "text_embeds", "text_attention"})
-# Internal key: the prompt's text token ids, injected by the processor for text-guided methods
-# (so they are part of vLLM's multimodal hash). Never accepted from a request.
+# Internal keys, set by the processor and never accepted from a request: the prompt's text token ids for
+# text-guided methods, and the resolved spec in canonical form. Both are part of vLLM's multimodal hash.
 QUERY_KEY = "tokcomp_query"
+CANONICAL_KEY = "tokcomp_resolved"
+INTERNAL_KEYS = (QUERY_KEY, CANONICAL_KEY)
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,19 @@ class CompressionSpec:
         if self.ratio is None:
             return self
         return dataclasses.replace(self, budget=ratio_count(self.ratio, num_tokens), ratio=None)
+
+
+def canonical_spec(spec: CompressionSpec | None) -> str:
+    """One string per distinct setting (``"null"`` for off): sorted keys, canonical knob values, no spaces.
+
+    vLLM hashes numbers by their bytes without their type (``1`` and ``5e-324`` hash alike) and mappings in
+    insertion order, so the processor puts this string, not the client's values, into the multimodal hash."""
+    return json.dumps(None if spec is None else spec.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def spec_from_canonical(text: str) -> CompressionSpec | None:
+    data = json.loads(text)
+    return None if data is None else CompressionSpec.from_dict(data)
 
 
 def ratio_count(ratio: float, num_tokens: int) -> int:
@@ -126,7 +158,7 @@ def engine_connectors(engine_kwargs: Mapping[str, object] | None) -> dict[tuple[
 
 def _check_method(value: object, field: str, connectors: Mapping[tuple[str, int], Connector]) -> str:
     if not isinstance(value, str):
-        raise ConfigError(field, f"must be a method name (string), got {type(value).__name__} {value!r}")
+        raise ConfigError(field, f"must be a method name (string), got {type(value).__name__} {quote(value)}")
     if value == OFF:
         return value
     if is_connector_method(value):
@@ -136,30 +168,30 @@ def _check_method(value: object, field: str, connectors: Mapping[tuple[str, int]
         return value
     if value not in available_methods():
         served = [OFF, *servable_methods(), *sorted({method for method, _ in connectors})]
-        raise ConfigError(field, f"unknown method {value!r}; available: {', '.join(served)}")
+        raise ConfigError(field, f"unknown method {quote(value)}; available: {', '.join(served)}")
     reason = _unservable_reason(value)
     if reason:
         raise ConfigError(field, f"method {value!r} cannot be served: {reason}")
     return value
 
 
-def _check_budget(value: object, field: str) -> int | str:
-    if value == AUTO:
+def _check_budget(value: object, field: str, *, allow_auto: bool = True) -> int | str:
+    if value == AUTO and allow_auto:
         return AUTO
+    words = f"an integer token count in [1, {MAX_BUDGET}]" + (f" or {AUTO!r}" if allow_auto else "")
     if isinstance(value, bool) or not isinstance(value, int):
-        kind = type(value).__name__
-        raise ConfigError(field, f"must be a positive integer token count or {AUTO!r}, got {kind} {value!r}")
-    if value < 1:
-        raise ConfigError(field, f"must be a positive integer token count, got {value}")
+        raise ConfigError(field, f"must be {words}, got {type(value).__name__} {quote(value)}")
+    if not 1 <= value <= MAX_BUDGET:
+        raise ConfigError(field, f"must be {words}, got {quote(value)}")
     return value
 
 
 def _check_ratio(value: object, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(field, f"must be a number in (0, 1], the share of each item's tokens to keep, got {value!r}")
-    if not 0 < value <= 1:
-        raise ConfigError(field, f"must be in (0, 1] (the share of each item's tokens to keep), got {value}")
-    return float(value)
+    finite = isinstance(value, float) and math.isfinite(value) or isinstance(value, int) and not isinstance(value, bool)
+    if not finite or not 0 < value <= 1:
+        raise ConfigError(field, f"must be a number in (0, 1], the share of each item's tokens to keep, got "
+                                 f"{type(value).__name__} {quote(value)}")
+    return float(value) + 0.0
 
 
 def _check_amount(kwargs: Mapping[str, object], where: str) -> tuple[int | str | None, float | None] | None:
@@ -176,26 +208,119 @@ def _check_amount(kwargs: Mapping[str, object], where: str) -> tuple[int | str |
 
 
 def _check_options(method: str, value: object, field: str) -> tuple[tuple[str, Any], ...]:
-    """Knobs for ``method``, validated by instantiating it (unknown knob or bad value: error naming it)."""
+    """``method``'s knobs that differ from their defaults, canonical and sorted (unknown knob or bad value: error
+    naming it): leaving a knob out and giving its default are the same setting."""
     if value is None:
-        return ()
+        value = {}
     if not isinstance(value, Mapping):
-        raise ConfigError(field, f"must be an object of {method!r} knobs, got {type(value).__name__} {value!r}")
+        raise ConfigError(field, f"must be an object of {method!r} knobs, got {type(value).__name__} {quote(value)}")
+    if not all(isinstance(key, str) for key in value):
+        raise ConfigError(field, "knob names must be strings")
     try:
-        get_method(method, **value)
+        instance = get_method(method, **value)
     except (ValueError, TypeError) as error:
         raise ConfigError(field, str(error)) from None
-    return tuple(sorted(value.items()))
+    defaults = type(instance)().knobs()
+    return tuple(sorted((name, v) for name, v in instance.knobs().items() if v != defaults[name]))
+
+
+def _check_no_options(method: str, value: object, field: str) -> None:
+    if value is not None and value != {}:
+        raise ConfigError(field, f"{method!r} takes no options, got {type(value).__name__} {quote(value)}")
 
 
 def _check_keys(kwargs: Mapping[str, object], where: str, known: tuple[str, ...] = PLUGIN_KEYS) -> None:
-    if CONNECTORS_KEY in kwargs and CONNECTORS_KEY not in known:
-        raise ConfigError(f"{where}.{CONNECTORS_KEY}", "is set by the server (engine-wide), not by requests")
+    for engine_only in (CONNECTORS_KEY, LIMITS_KEY):
+        if engine_only in kwargs and engine_only not in known:
+            raise ConfigError(f"{where}.{engine_only}", "is set by the server (engine-wide), not by requests")
     unknown = sorted(set(plugin_keys_in(kwargs)) - set(known))
     if unknown:
-        raise ConfigError(
-            f"{where}.{unknown[0]}", f"unknown tokcomp setting; known: {', '.join(known)}"
-        )
+        raise ConfigError(f"{where}.{quote(unknown[0])[1:-1]}", f"unknown tokcomp setting; known: {', '.join(known)}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What clients may choose (engine-wide ``tokcomp_limits``); ``None`` leaves that choice open.
+
+    ``methods``: the methods a request may name; ``budget`` / ``ratio``: inclusive ranges for the counts and
+    shares a request gives (``auto`` is a count only the server may choose when a budget range is set);
+    ``allow_off``: whether a request may switch compression off with ``none``. The server's own settings must
+    lie within them."""
+
+    methods: tuple[str, ...] | None = None
+    budget: tuple[int, int] | None = None
+    ratio: tuple[float, float] | None = None
+    allow_off: bool = True
+
+    FIELDS = ("methods", "budget", "ratio", "allow_off")
+    NAME = f"mm_processor_kwargs.{LIMITS_KEY}"
+
+    @classmethod
+    def parse(cls, value: object, connectors: Mapping[tuple[str, int], Connector]) -> Limits:
+        if value is None:
+            return cls()
+        if not isinstance(value, Mapping):
+            raise ConfigError(cls.NAME, f"must be an object with any of {', '.join(cls.FIELDS)}, got {quote(value)}")
+        unknown = sorted(str(key) for key in value if key not in cls.FIELDS)
+        if unknown:
+            raise ConfigError(f"{cls.NAME}.{quote(unknown[0])[1:-1]}", f"unknown limit; known: {', '.join(cls.FIELDS)}")
+        methods = value.get("methods")
+        if methods is not None:
+            if isinstance(methods, str) or not isinstance(methods, list | tuple) or not methods:
+                raise ConfigError(f"{cls.NAME}.methods",
+                                  f"must be a non-empty list of method names, got {quote(methods)}")
+            for index, name in enumerate(methods):
+                field = f"{cls.NAME}.methods[{index}]"
+                if _check_method(name, field, connectors) == OFF:
+                    raise ConfigError(field, "'none' is not a method; use allow_off to let clients switch off")
+            methods = tuple(sorted(set(methods)))
+        budget = cls._range(value, "budget", lambda v, f: _check_budget(v, f, allow_auto=False))
+        ratio = cls._range(value, "ratio", _check_ratio)
+        allow_off = value.get("allow_off", True)
+        if not isinstance(allow_off, bool):
+            raise ConfigError(f"{cls.NAME}.allow_off", f"must be true or false, got {quote(allow_off)}")
+        return cls(methods, budget, ratio, allow_off)
+
+    @classmethod
+    def _range(cls, value: Mapping, name: str, check) -> tuple | None:  # noqa: ANN001
+        bounds = value.get(name)
+        if bounds is None:
+            return None
+        field = f"{cls.NAME}.{name}"
+        if isinstance(bounds, str) or not isinstance(bounds, list | tuple) or len(bounds) != 2:
+            raise ConfigError(field, f"must be a [low, high] pair, got {quote(bounds)}")
+        low, high = (check(bound, f"{field}[{index}]") for index, bound in enumerate(bounds))
+        if low > high:
+            raise ConfigError(field, f"low {low} is above high {high}")
+        return low, high
+
+    def check_method(self, method: str, field: str) -> None:
+        if method == OFF:
+            if not self.allow_off:
+                raise ConfigError(field, f"this server does not let requests switch compression off "
+                                         f"({LIMITS_KEY}.allow_off is false)")
+        elif self.methods is not None and method not in self.methods:
+            raise ConfigError(field, f"method {method!r} is not allowed on this server; {LIMITS_KEY}.methods: "
+                                     f"{', '.join(self.methods)}")
+
+    def check_amount(self, amount: tuple[int | str | None, float | None], where: str) -> None:
+        budget, ratio = amount
+        if budget is not None and self.budget is not None:
+            low, high = self.budget
+            if budget == AUTO or not low <= budget <= high:
+                raise ConfigError(f"{where}.{BUDGET_KEY}", f"{budget!r} is outside this server's limit "
+                                                           f"{LIMITS_KEY}.budget [{low}, {high}]")
+        if ratio is not None and self.ratio is not None:
+            low, high = self.ratio
+            if not low <= ratio <= high:
+                raise ConfigError(f"{where}.{RATIO_KEY}", f"{ratio!r} is outside this server's limit "
+                                                          f"{LIMITS_KEY}.ratio [{low}, {high}]")
+
+
+def engine_limits(engine_kwargs: Mapping[str, object] | None) -> Limits:
+    """The client limits the server sets (``tokcomp_limits``), checked; no limits if none."""
+    engine_kwargs = engine_kwargs or {}
+    return Limits.parse(engine_kwargs.get(LIMITS_KEY), engine_connectors(engine_kwargs))
 
 
 def _connector_spec(
@@ -204,8 +329,7 @@ def _connector_spec(
 ) -> CompressionSpec:
     """A connector's spec: its count is one of the listed connectors' (the only one when none is given)."""
     counts = counts_of(connectors, method)
-    if options:
-        raise ConfigError(f"{where}.{OPTIONS_KEY}", f"trained connector {method!r} takes no options, got {options!r}")
+    _check_no_options(f"trained connector {method}", options, f"{where}.{OPTIONS_KEY}")
     budget, ratio = amount if amount is not None else (None, None)
     if ratio is not None:
         raise ConfigError(f"{where}.{RATIO_KEY}", f"trained connector {method!r} has fixed counts: give "
@@ -214,26 +338,55 @@ def _connector_spec(
         budget = counts[0]
     if budget not in counts:
         raise ConfigError(f"{where}.{BUDGET_KEY}", f"trained connector {method!r} is loaded for "
-                                                   f"{', '.join(map(str, counts))} tokens, got {budget!r}")
+                                                   f"{', '.join(map(str, counts))} tokens, got {quote(budget)}")
     return CompressionSpec(method=method, budget=budget)
 
 
+def _engine_method(kwargs: Mapping[str, object]) -> object | None:
+    """The engine's method as given, :data:`DEFAULT_METHOD` when only a budget or ratio is given, else None."""
+    if METHOD_KEY in kwargs:
+        return kwargs[METHOD_KEY]
+    if BUDGET_KEY in kwargs or RATIO_KEY in kwargs:
+        return DEFAULT_METHOD
+    return None
+
+
 def parse_engine_config(mm_processor_kwargs: Mapping[str, object] | None) -> CompressionSpec | None:
-    """Engine-wide spec from ``--mm-processor-kwargs``; ``None`` means no compression by default."""
+    """Engine-wide spec from ``--mm-processor-kwargs``; ``None`` means no compression by default.
+
+    Checks every engine-wide value, the client limits included, and that the server's own settings lie within
+    those limits."""
     where = "mm_processor_kwargs"
     kwargs = plugin_keys_in(mm_processor_kwargs)
     _check_keys(kwargs, where, ENGINE_KEYS)
     connectors = engine_connectors(kwargs)
-    if not set(kwargs) - {CONNECTORS_KEY}:
-        return None  # nothing, or connectors that requests may opt into
-    if METHOD_KEY not in kwargs:
+    limits = Limits.parse(kwargs.get(LIMITS_KEY), connectors)
+    spec = _parse_engine_spec(kwargs, connectors, where)
+    method = OFF if spec is None else spec.method
+    try:
+        limits.check_method(method, f"{where}.{METHOD_KEY}")
+        if spec is not None:
+            limits.check_amount((spec.budget, spec.ratio), where)
+    except ConfigError as error:
+        raise ConfigError(error.field, f"the server's own setting is outside {LIMITS_KEY}: "
+                                       f"{str(error).split(': ', 1)[1]}") from None
+    return spec
+
+
+def _parse_engine_spec(kwargs: Mapping[str, object], connectors: Mapping[tuple[str, int], Connector],
+                       where: str) -> CompressionSpec | None:
+    if not set(kwargs) - {CONNECTORS_KEY, LIMITS_KEY}:
+        return None  # nothing, or connectors / limits for requests that opt in
+    method = _engine_method(kwargs)
+    if method is None:
         given = next(k for k in PLUGIN_KEYS if k in kwargs)
         raise ConfigError(f"{where}.{METHOD_KEY}", f"is required when {given} is set")
-    method = _check_method(kwargs[METHOD_KEY], f"{where}.{METHOD_KEY}", connectors)
+    method = _check_method(method, f"{where}.{METHOD_KEY}", connectors)
     if is_connector_method(method):
         return _connector_spec(method, _check_amount(kwargs, where), kwargs.get(OPTIONS_KEY), connectors, where)
     budget, ratio = _check_amount(kwargs, where) or (DEFAULT_BUDGET, None)
     if method == OFF:
+        _check_no_options(OFF, kwargs.get(OPTIONS_KEY), f"{where}.{OPTIONS_KEY}")
         return None
     options = _check_options(method, kwargs.get(OPTIONS_KEY), f"{where}.{OPTIONS_KEY}")
     return CompressionSpec(method=method, budget=budget, options=options, ratio=ratio)
@@ -247,24 +400,33 @@ def is_engine_configured(mm_processor_kwargs: Mapping[str, object] | None) -> bo
 def resolve_request(
     engine_kwargs: Mapping[str, object] | None, request_kwargs: Mapping[str, object] | None
 ) -> CompressionSpec | None:
-    """The spec for one request: request values override the engine's, ``none`` switches off."""
+    """The spec for one request: request values override the engine's, ``none`` switches off; every value the
+    request gives is checked against its type, bounds and the server's :class:`Limits`."""
     where = "mm_processor_kwargs"
     request = plugin_keys_in(request_kwargs)
     _check_keys(request, where)
     engine_keys = plugin_keys_in(engine_kwargs)
-    engine_method = engine_keys.get(METHOD_KEY)
     connectors = engine_connectors(engine_keys)
-    method = request.get(METHOD_KEY, engine_method)
+    limits = Limits.parse(engine_keys.get(LIMITS_KEY), connectors)
+    engine_method = _engine_method(engine_keys)
+    request_amount = _check_amount(request, where)
+    if request_amount is not None:
+        limits.check_amount(request_amount, where)
     if METHOD_KEY in request:
-        method = _check_method(method, f"{where}.{METHOD_KEY}", connectors)
+        method = _check_method(request[METHOD_KEY], f"{where}.{METHOD_KEY}", connectors)
+        limits.check_method(method, f"{where}.{METHOD_KEY}")
+    elif request_amount is not None and engine_method in (None, OFF):
+        method = DEFAULT_METHOD  # a request that gives a budget asks for compression
+        limits.check_method(method, f"{where}.{METHOD_KEY}")
+    else:
+        method = engine_method
     if isinstance(method, str) and is_connector_method(method):
         # The engine's count belongs to the engine's method; another method's 64 is no connector's count.
-        amount = _check_amount(request, where) or (_check_amount(engine_keys, where) if method == engine_method
-                                                    else None)
+        amount = request_amount or (_check_amount(engine_keys, where) if method == engine_method else None)
         return _connector_spec(method, amount, request.get(OPTIONS_KEY), connectors, where)
     # A request's count or share replaces the engine's (which were validated at startup: checking them again
     # cannot fail, it only turns them into the same (budget, ratio) pair).
-    budget, ratio = _check_amount(request, where) or _check_amount(engine_keys, where) or (DEFAULT_BUDGET, None)
+    budget, ratio = request_amount or _check_amount(engine_keys, where) or (DEFAULT_BUDGET, None)
     if method is None:
         if request:
             given = ", ".join(sorted(request))
@@ -273,6 +435,7 @@ def resolve_request(
             )
         return None
     if method == OFF:
+        _check_no_options(OFF, request.get(OPTIONS_KEY), f"{where}.{OPTIONS_KEY}")
         return None
     # Engine knobs belong to the engine's method; a request that picks another method starts from defaults.
     options = dict(engine_keys.get(OPTIONS_KEY) or {}) if method == engine_method else {}

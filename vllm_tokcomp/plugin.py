@@ -1,8 +1,9 @@
 """vLLM general-plugin entry point (``vllm.general_plugins`` -> ``tokcomp``).
 
 vLLM calls :func:`register` in every process it starts. It must be cheap,
-idempotent, and never raise: it only registers lazily imported model classes
-by ``"module:Class"`` string. Whether anything is compressed is decided by the
+idempotent, and never raise: it registers lazily imported model classes by
+``"module:Class"`` string, and has the renderer check a text-only request's
+``tokcomp_*`` values as an image request's are checked. Whether anything is compressed is decided by the
 configuration, so an installed but unconfigured plugin changes nothing.
 """
 
@@ -31,6 +32,10 @@ def register() -> None:
 
         for architecture, target in SUPPORTED_ARCHITECTURES.items():
             ModelRegistry.register_model(architecture, target)
+        from .integration.requests import check_text_only
+        from .integration.vllm_api import check_text_only_requests
+
+        check_text_only_requests(check_text_only)
         _registered = True
     except Exception:  # never take vLLM down for users who did not ask for compression
         logger.exception("tokcomp: plugin registration failed; serving without compression")

@@ -28,7 +28,6 @@ import torch
 from ..config import (
     AUTO,
     CONNECTORS_KEY,
-    QUERY_KEY,
     CompressionSpec,
     ConfigError,
     engine_connectors,
@@ -46,7 +45,7 @@ from .clip_signals import capture_feature_layer_signals
 from .debug_log import log_selection
 from .lm_probe import text_to_vision_attention
 from .mustdrop_tower import encode_with_window_merge, supports_tower_merge
-from .requests import check_request
+from .requests import canonical_kwargs, check_request, processed_spec
 from .text_signals import with_text_fallback
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
@@ -89,8 +88,13 @@ class CompressedLlavaInfo(LlavaProcessingInfo):
             _log_effective_config_once(self.engine_spec, None if self.supported else vision_type)
 
     def spec_for_request(self, request_kwargs: Mapping[str, object]) -> CompressionSpec | None:
-        request_kwargs = {k: v for k, v in request_kwargs.items() if k != QUERY_KEY}
+        """The spec of a client's kwargs (``ConfigError`` naming a bad field)."""
         spec = resolve_request(self.engine_kwargs, request_kwargs)
+        return spec if self.supported else None
+
+    def processed_spec(self, kwargs: Mapping[str, object]) -> CompressionSpec | None:
+        """The spec of the kwargs :meth:`CompressedLlavaProcessor.apply` handed to vLLM."""
+        spec = processed_spec(kwargs, self.engine_kwargs)
         return spec if self.supported else None
 
 
@@ -102,9 +106,11 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
         spec = check_request(
             request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
         )
+        request_kwargs = canonical_kwargs(request_kwargs, spec, engine_configured=self.info.engine_configured)
         if spec is not None and method_reads_text(spec.method):
             excluded = {self.info.get_hf_config().image_token_index, *self.info.get_tokenizer().all_special_ids}
             request_kwargs = settings.with_query(request_kwargs, list(inputs.prompt), excluded)
+        if request_kwargs is not inputs.hf_processor_mm_kwargs:
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
         return super().apply(inputs, timing_ctx)
 
@@ -112,7 +118,7 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
         pixel_values = processed_data.get("pixel_values")
         if pixel_values is not None:
-            spec = self.info.spec_for_request(hf_processor_mm_kwargs)
+            spec = self.info.processed_spec(hf_processor_mm_kwargs)
             count = len(pixel_values)
             processed_data[settings.FIELD] = torch.stack([self._resolve_budget(spec, image) for image in pixel_values])
             processed_data[settings.QUERY_FIELD] = settings.query_rows(hf_processor_mm_kwargs, count)

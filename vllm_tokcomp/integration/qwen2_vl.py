@@ -52,7 +52,6 @@ from ..config import (
     BUDGET_KEY,
     CONNECTORS_KEY,
     METHOD_KEY,
-    QUERY_KEY,
     RATIO_KEY,
     CompressionSpec,
     ConfigError,
@@ -65,7 +64,7 @@ from ..connectors import is_connector_method
 from ..methods import TokenAssignment, VisualTokens, get_method
 from . import settings
 from .debug_log import POSITIONS_LOG_ENV, append_record, log_selection
-from .requests import check_request
+from .requests import canonical_kwargs, check_request, processed_spec
 from .text_signals import with_text_fallback
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
@@ -255,8 +254,12 @@ class _InfoMixin:
         return _check_servable(spec, METHOD_FIELD)
 
     def spec_for_request(self, request_kwargs: Mapping[str, object]) -> CompressionSpec | None:
-        request_kwargs = {k: v for k, v in request_kwargs.items() if k != QUERY_KEY}
+        """The spec of a client's kwargs (``ConfigError`` naming a bad field)."""
         return self._check(resolve_request(self.engine_kwargs, request_kwargs))
+
+    def processed_spec(self, kwargs: Mapping[str, object]) -> CompressionSpec | None:
+        """The spec of the kwargs :meth:`_ProcessorMixin.apply` handed to vLLM."""
+        return self._check(processed_spec(kwargs, self.engine_kwargs))
 
 
 class CompressedQwen2VLInfo(_InfoMixin, Qwen2VLProcessingInfo):
@@ -298,12 +301,14 @@ class _ProcessorMixin:
         spec = check_request(
             request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
         )
+        request_kwargs = canonical_kwargs(request_kwargs, spec, engine_configured=self.info.engine_configured)
         if spec is not None and spec.method in ENCODER_DECIDED_METHODS:
             config = self.info.get_hf_config()
             tokenizer = self.info.get_tokenizer()
             excluded = {config.image_token_id, config.video_token_id, *tokenizer.all_special_ids}
             prompt = user_turn_ids(list(inputs.prompt), tokenizer)
             request_kwargs = settings.with_query(request_kwargs, prompt, excluded)
+        if request_kwargs is not inputs.hf_processor_mm_kwargs:
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
         return super().apply(inputs, timing_ctx)
 
@@ -311,7 +316,7 @@ class _ProcessorMixin:
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
         vision_config = self.info.get_hf_config().vision_config
         merge, patch_size = vision_config.spatial_merge_size, vision_config.patch_size
-        spec = self.info.spec_for_request(hf_processor_mm_kwargs)
+        spec = self.info.processed_spec(hf_processor_mm_kwargs)
         for modality, pixels_key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
             grid_thw = processed_data.get(f"{modality}_grid_thw")
             if grid_thw is None or processed_data.get(pixels_key) is None:

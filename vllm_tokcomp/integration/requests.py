@@ -1,10 +1,24 @@
-"""Checking a request's ``mm_processor_kwargs`` once, the same way for every model family."""
+"""Checking a request's ``mm_processor_kwargs`` once, the same way for every model family, and handing the
+result on in canonical form."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from ..config import PLUGIN_KEYS, QUERY_KEY, CompressionSpec, ConfigError, plugin_keys_in
+from ..config import (
+    CANONICAL_KEY,
+    INTERNAL_KEYS,
+    PLUGIN_KEYS,
+    QUERY_KEY,
+    CompressionSpec,
+    ConfigError,
+    canonical_spec,
+    plugin_keys_in,
+    resolve_request,
+    spec_from_canonical,
+    without_plugin_keys,
+)
+from ..methods.knobs import quote
 from .vllm_api import RequestSettingError
 
 
@@ -21,19 +35,49 @@ def check_request(
     argument (e.g. inflate image sizes).
     """
     if engine_configured:
-        foreign = sorted(k for k in request_kwargs if k not in plugin_keys_in(request_kwargs))
+        foreign = sorted(str(k) for k in request_kwargs if k not in plugin_keys_in(request_kwargs))
         if foreign:
+            field = f"mm_processor_kwargs.{quote(foreign[0])[1:-1]}"
             raise RequestSettingError(
-                f"mm_processor_kwargs.{foreign[0]} is not accepted by this server; "
-                f"only {', '.join(PLUGIN_KEYS)} may be set per request",
-                parameter=f"mm_processor_kwargs.{foreign[0]}",
+                f"{field} is not accepted by this server; only {', '.join(PLUGIN_KEYS)} may be set per request",
+                parameter=field,
             )
-    if QUERY_KEY in request_kwargs:
-        raise RequestSettingError(
-            f"mm_processor_kwargs.{QUERY_KEY} is set by the server, not by requests",
-            parameter=f"mm_processor_kwargs.{QUERY_KEY}",
-        )
+    for key in INTERNAL_KEYS:
+        if key in request_kwargs:
+            raise RequestSettingError(
+                f"mm_processor_kwargs.{key} is set by the server, not by requests",
+                parameter=f"mm_processor_kwargs.{key}",
+            )
     try:
         return resolve(request_kwargs)
     except ConfigError as error:
         raise RequestSettingError(str(error), parameter=error.field) from None
+
+
+def canonical_kwargs(
+    request_kwargs: Mapping[str, object], spec: CompressionSpec | None, *, engine_configured: bool
+) -> Mapping[str, object]:
+    """The request's kwargs with its ``tokcomp_*`` values replaced by the resolved spec in canonical form
+    (:data:`CANONICAL_KEY`), the form vLLM hashes: a request that names no setting on a server that does not
+    compress is left as it is."""
+    if not engine_configured and not plugin_keys_in(request_kwargs):
+        return request_kwargs
+    return {**without_plugin_keys(request_kwargs), CANONICAL_KEY: canonical_spec(spec)}
+
+
+def processed_spec(
+    kwargs: Mapping[str, object], engine_kwargs: Mapping[str, object]
+) -> CompressionSpec | None:
+    """The spec of kwargs the processor has seen: the canonical one it put there, else (kwargs that reached the
+    processor without passing :func:`canonical_kwargs`) resolved from the ``tokcomp_*`` values."""
+    if CANONICAL_KEY in kwargs:
+        return spec_from_canonical(str(kwargs[CANONICAL_KEY]))
+    return resolve_request(engine_kwargs, {k: v for k, v in kwargs.items() if k != QUERY_KEY})
+
+
+def check_text_only(mm_processor: object, request_kwargs: Mapping[str, object]) -> None:
+    """A text-only request's ``mm_processor_kwargs`` checked as an image request's would be (HTTP 400 naming the
+    field), on models this plugin serves; other processors are left alone."""
+    info = getattr(mm_processor, "info", None)
+    if callable(getattr(info, "spec_for_request", None)):
+        check_request(request_kwargs, engine_configured=info.engine_configured, resolve=info.spec_for_request)

@@ -65,6 +65,7 @@ __all__ = [
     "context_hiding_keys",
     "RECOMPUTE_FLAG",
     "enable_runner_position_recompute",
+    "check_text_only_requests",
     "engine_mm_processor_kwargs",
     "in_tree_llava_info",
     "in_tree_llava_processor",
@@ -147,3 +148,41 @@ def enable_runner_position_recompute() -> None:
         self.__dict__[_STORED_FLAG] = bool(value)
 
     setattr(GPUModelRunner, _RUNNER_FLAG, property(get, set_))
+
+
+_TEXT_ONLY_PATCHED = "_tokcomp_checks_text_only"
+
+
+def check_text_only_requests(check: Callable[[Any, Mapping[str, object]], None]) -> None:
+    """Run ``check(mm_processor, mm_processor_kwargs)`` on every prompt that carries ``mm_processor_kwargs`` but
+    no multimodal data, before vLLM renders it.
+
+    vLLM 0.32 hands per-request ``mm_processor_kwargs`` to the multimodal processor only when the prompt has
+    multimodal data (``BaseRenderer._process_tokens`` / ``_process_tokens_async`` in ``vllm/renderers/base.py``
+    call ``_process_multimodal`` under ``if multi_modal_data := ...``); for a text-only prompt they are dropped
+    unread, so a bad value would get a 200. No public hook sees them, so both methods are wrapped here (an
+    exception raised by ``check`` becomes the request's error: HTTP 400 for ``VLLMValidationError``). Applied at
+    plugin registration, idempotent; ``tests/test_vllm_api.py`` sends a text-only request through the wrapped
+    renderer and fails if vLLM moves these methods."""
+    from vllm.renderers.base import BaseRenderer
+
+    if getattr(BaseRenderer, _TEXT_ONLY_PATCHED, False):
+        return
+    sync_process, async_process = BaseRenderer._process_tokens, BaseRenderer._process_tokens_async
+
+    def check_prompt(renderer, prompt) -> None:  # noqa: ANN001
+        kwargs = prompt.get("mm_processor_kwargs") if isinstance(prompt, Mapping) else None
+        if kwargs and not prompt.get("multi_modal_data") and renderer.mm_processor is not None:
+            check(renderer.mm_processor, kwargs)
+
+    def process_tokens(self, prompt, *args, **kwargs):  # noqa: ANN001, ANN202
+        check_prompt(self, prompt)
+        return sync_process(self, prompt, *args, **kwargs)
+
+    async def process_tokens_async(self, prompt, *args, **kwargs):  # noqa: ANN001, ANN202
+        check_prompt(self, prompt)
+        return await async_process(self, prompt, *args, **kwargs)
+
+    BaseRenderer._process_tokens = process_tokens
+    BaseRenderer._process_tokens_async = process_tokens_async
+    setattr(BaseRenderer, _TEXT_ONLY_PATCHED, True)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ._common import assignment_from_labels, similarity_metric
 from .base import Compressor, TokenAssignment, VisualTokens
+from .knobs import knob
 from .registry import register
 
 ORDERS = ("raster", "time")
@@ -97,17 +98,13 @@ class AdjacentMerge(Compressor):
     member. Outputs are in raster order.
     """
 
-    order: str = "raster"
+    order: str = knob("raster", choices=ORDERS)
 
     name = "adjacent"
     paper = "sequential neighbour merging (cf. Chat-UniVi arXiv:2311.08046, TESTA arXiv:2310.19060)"
     family = "similarity"
     uses_keys = True  # cosine of keys when given, else of features (see docs/methods.md)
     merges = True
-
-    def validate(self) -> None:
-        if self.order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
 
     def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:
         device = tokens.features.device

@@ -19,6 +19,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .knobs import canonical_knobs
+
 DROPPED = -1
 
 
@@ -202,7 +204,9 @@ class Compressor:
     """Base of every method. Subclasses are frozen dataclasses whose fields are the method's knobs.
 
     A subclass implements :meth:`select` (decide); this base applies the
-    decision to the features once, the same way for all methods. Capability
+    decision to the features once, the same way for all methods. Every field
+    is declared with :func:`~vllm_tokcomp.methods.knobs.knob` (type and finite
+    bounds), so any value reaching a method has been checked and made canonical. Capability
     flags are class attributes so the registry and the vLLM integration can ask
     what a method needs before calling it.
     """
@@ -221,10 +225,12 @@ class Compressor:
     adaptive: ClassVar[bool] = False  # offers compress_adaptive() with a content-dependent count
 
     def __post_init__(self) -> None:
+        canonical_knobs(self)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field when a knob is out of range."""
+        """Raise ``ValueError`` naming the field for a combination of knobs that is invalid (each knob's type and
+        range are declared with :func:`~vllm_tokcomp.methods.knobs.knob` and checked before this runs)."""
 
     def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:
         """Decide which output slot every token goes to; exactly ``budget`` outputs (budget < N)."""

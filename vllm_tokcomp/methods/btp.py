@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ._common import first_argmax, unit_rows
 from .base import Compressor, TokenAssignment, VisualTokens
+from .knobs import knob
 from .registry import register
 
 
@@ -54,18 +55,13 @@ class BalancedTokenPruning(Compressor):
     max-min feature diversity (its early-stage, global objective). The default 0.5 weighs both.
     """
 
-    balance: float = 0.5
+    balance: float = knob(0.5, low=0.0, high=1.0)
 
     name = "btp"
     paper = "Balanced Token Pruning, Li et al., arXiv:2505.22038 (single-stage adaptation)"
     family = "attention"
     needs_cls_attention = True
     prunes = True
-
-    def validate(self) -> None:
-        value = self.balance
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"balance must be a number in [0, 1], got {value!r}")
 
     def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:
         kept = balanced_selection(tokens.cls_attention, tokens.features, budget, float(self.balance))

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ._common import assignment_from_labels, stable_argsort_desc, unit_rows
 from .base import CompressionResult, Compressor, TokenAssignment, VisualTokens
+from .knobs import knob
 from .registry import register
 
 
@@ -32,11 +33,9 @@ def mustdrop_key_set(cls_attention: Tensor, ratio: float = 0.08) -> Tensor:
     return torch.sort(order[:k]).values
 
 
-def _check_unit_interval(owner: object, *names: str) -> None:
-    for name in names:
-        value = getattr(owner, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+# Largest stage-1 window side: a window wider than the token grid acts as the whole grid, so larger
+# values would only differ in how far a client could push the index arithmetic.
+MAX_WINDOW = 64
 
 
 def window_ids(grid: tuple[int, ...], window: int, device: torch.device | None = None) -> Tensor:
@@ -85,9 +84,9 @@ class MustDropStage1(Compressor):
     to its top-``budget`` by [CLS] attention.
     """
 
-    threshold: float = 0.8
-    window: int = 3
-    key_ratio: float = 0.08
+    threshold: float = knob(0.8, low=-1.0, high=1.0)
+    window: int = knob(3, low=1, high=MAX_WINDOW)
+    key_ratio: float = knob(0.08, low=0.0, high=1.0)
 
     name = "mustdrop_s1"
     paper = "MustDrop stage 1 (local spatial merging + key set), Liu et al., arXiv:2411.10803"
@@ -96,17 +95,6 @@ class MustDropStage1(Compressor):
     merges = True
     prunes = True  # only in the fixed-budget form, when merging cannot reach the budget
     adaptive = True
-
-    def validate(self) -> None:
-        if (
-            isinstance(self.threshold, bool)
-            or not isinstance(self.threshold, (int, float))
-            or not (-1.0 <= self.threshold <= 1.0)
-        ):
-            raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {self.threshold!r}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be a positive integer, got {self.window!r}")
-        _check_unit_interval(self, "key_ratio")
 
     # -- shared pieces -------------------------------------------------------------------------
 
@@ -195,9 +183,9 @@ class MustDropStage2(Compressor):
     survivor set, so the fixed form keeps the adaptive survivors first.
     """
 
-    global_threshold: float = 0.001
-    individual_threshold: float = 0.01
-    key_ratio: float = 0.08
+    global_threshold: float = knob(0.001, low=0.0, high=1.0)
+    individual_threshold: float = knob(0.01, low=0.0, high=1.0)
+    key_ratio: float = knob(0.08, low=0.0, high=1.0)
 
     name = "mustdrop_s2"
     paper = "MustDrop stage 2 (dual-attention filtering), Liu et al., arXiv:2411.10803"
@@ -206,9 +194,6 @@ class MustDropStage2(Compressor):
     needs_text_attention = True
     prunes = True
     adaptive = True
-
-    def validate(self) -> None:
-        _check_unit_interval(self, "global_threshold", "individual_threshold", "key_ratio")
 
     def survival_score(self, tokens: VisualTokens) -> Tensor:
         """``max(g / (global_threshold * sum g), m / individual_threshold)``: survivors score ``>= 1``."""

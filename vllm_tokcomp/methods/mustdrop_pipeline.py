@@ -10,7 +10,9 @@ import torch
 
 from ._common import assignment_from_labels, stable_argsort_desc
 from .base import Compressor, TokenAssignment, VisualTokens
-from .mustdrop import MustDropStage1, MustDropStage2, _check_unit_interval, mustdrop_key_set
+from .knobs import knob
+from .mustdrop import MAX_WINDOW, MustDropStage1, MustDropStage2, mustdrop_key_set
+from .redundancy import ESTIMATORS
 from .registry import register
 
 
@@ -33,14 +35,15 @@ class MustDrop(Compressor):
     ``stage2=False``, the non-key tokens are ranked by their mean [CLS] attention instead.
     """
 
-    threshold: float = 0.8
-    window: int = 3
-    key_ratio: float = 0.08
-    global_threshold: float = 0.001
-    individual_threshold: float = 0.01
-    stage1: bool = True
-    stage2: bool = True
-    auto_estimator: str = "cosine"  # how tokcomp_budget "auto" estimates stage-1 savings from pixels (redundancy.py)
+    threshold: float = knob(0.8, low=-1.0, high=1.0)
+    window: int = knob(3, low=1, high=MAX_WINDOW)
+    key_ratio: float = knob(0.08, low=0.0, high=1.0)
+    global_threshold: float = knob(0.001, low=0.0, high=1.0)
+    individual_threshold: float = knob(0.01, low=0.0, high=1.0)
+    stage1: bool = knob(True)
+    stage2: bool = knob(True)
+    # how tokcomp_budget "auto" estimates stage-1 savings from pixels (redundancy.py)
+    auto_estimator: str = knob("cosine", choices=ESTIMATORS)
 
     name = "mustdrop"
     paper = "MustDrop (multi-stage vision token dropping), Liu et al., arXiv:2411.10803"
@@ -49,17 +52,6 @@ class MustDrop(Compressor):
     uses_text_attention: ClassVar[bool] = True  # used when given
     prunes = True
     merges = True
-
-    def validate(self) -> None:
-        MustDropStage1(threshold=self.threshold, window=self.window, key_ratio=self.key_ratio)
-        _check_unit_interval(self, "global_threshold", "individual_threshold")
-        for name in ("stage1", "stage2"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        from .redundancy import ESTIMATORS
-
-        if self.auto_estimator not in ESTIMATORS:
-            raise ValueError(f"auto_estimator must be one of {', '.join(ESTIMATORS)}, got {self.auto_estimator!r}")
 
     def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:
         n = tokens.num_tokens

@@ -32,8 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import DROPPED, CompressionResult, Compressor, TokenAssignment, VisualTokens
+from .knobs import knob
 from .registry import register
 from .uniform import uniform_indices
+
+# A cell grid may stretch the image's aspect by at most this factor (beyond it no grid differs).
+MAX_ASPECT_CHANGE = 1024.0
 
 
 @dataclass(frozen=True)
@@ -121,15 +125,11 @@ def pool_assignment(grid: tuple[int, ...], plan: PoolPlan, device: torch.device 
 
 @dataclass(frozen=True)
 class _GridResize(Compressor):
-    max_aspect_change: float = 1.5
+    max_aspect_change: float = knob(1.5, low=1.0, high=MAX_ASPECT_CHANGE)
 
     family = "transformation"
     merges = True
     prunes = True  # only when trimming a grid that has more cells than the budget
-
-    def validate(self) -> None:
-        if not (isinstance(self.max_aspect_change, (int, float)) and self.max_aspect_change >= 1.0):
-            raise ValueError(f"max_aspect_change must be a number >= 1, got {self.max_aspect_change!r}")
 
     def plan(self, grid: tuple[int, ...], budget: int) -> PoolPlan:
         return pool_plan(grid, budget, self.max_aspect_change)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ._common import assignment_from_labels, first_argmax, similarity_metric, stable_argsort_desc, unit_rows
 from .base import CompressionResult, Compressor, TokenAssignment, VisualTokens
+from .knobs import knob
 from .registry import register
 from .uniform import uniform_indices
 
@@ -63,7 +64,7 @@ class PruMerge(Compressor):
     tokens, which may overlap; here each pruned token goes to exactly one kept token.
     """
 
-    iqr_factor: float = 1.5
+    iqr_factor: float = knob(1.5, low=0.0, high=100.0)
 
     name = "prumerge"
     paper = "LLaVA-PruMerge, Shang et al., arXiv:2403.15388"
@@ -72,11 +73,6 @@ class PruMerge(Compressor):
     needs_cls_attention = True
     merges = True
     adaptive = True
-
-    def validate(self) -> None:
-        value = self.iqr_factor
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"iqr_factor must be a number >= 0, got {value!r}")
 
     def merge_weights(self, tokens: VisualTokens) -> Tensor:
         attention = tokens.cls_attention.to(torch.float32).clamp_min(0) + 1e-12
@@ -122,16 +118,10 @@ class PruMergePlus(PruMerge):
     the rest of the budget evenly spaced over the remaining tokens.
     """
 
-    uniform_multiple: float = 3.0
+    uniform_multiple: float = knob(3.0, low=0.0, high=100.0)
 
     name = "prumerge_plus"
     paper = "LLaVA-PruMerge+ (outliers + spatially uniform sampling), Shang et al., arXiv:2403.15388"
-
-    def validate(self) -> None:
-        super().validate()
-        value = self.uniform_multiple
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"uniform_multiple must be a number >= 0, got {value!r}")
 
     def kept_adaptive(self, tokens: VisualTokens) -> Tensor:
         outliers = iqr_outliers(tokens.cls_attention, self.iqr_factor)

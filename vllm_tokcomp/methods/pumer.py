@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ._common import similarity_metric, stable_argsort_desc
 from .base import Compressor, TokenAssignment, VisualTokens
+from .knobs import knob
 from .registry import register
 from .tome import tome_rounds
 
@@ -41,7 +42,7 @@ class PuMer(Compressor):
     bipartite soft matching on keys (features when no keys), size-weighted, as in ``tome``.
     """
 
-    prune_share: float = 0.5
+    prune_share: float = knob(0.5, low=0.0, high=1.0)
 
     name = "pumer"
     paper = "PuMer, Cao et al., ACL 2023, arXiv:2305.17530"
@@ -50,11 +51,6 @@ class PuMer(Compressor):
     needs_text = True
     prunes = True
     merges = True
-
-    def validate(self) -> None:
-        value = self.prune_share
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"prune_share must be a number in [0, 1], got {value!r}")
 
     def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:
         n = tokens.num_tokens

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Compressor, TokenAssignment, VisualTokens
+from .knobs import MAX_SEED, knob
 from .registry import register
 
 
@@ -18,16 +19,12 @@ class RandomDrop(Compressor):
     The draw depends only on ``seed`` and N, so it is deterministic and the same alone or batched.
     """
 
-    seed: int = 0
+    seed: int = knob(0, low=0, high=MAX_SEED)
 
     name = "random"
     paper = "baseline (random pruning, e.g. UniPruneBench arXiv:2511.02650)"
     family = "baseline"
     prunes = True
-
-    def validate(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
     def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:
         generator = torch.Generator().manual_seed(self.seed)

@@ -7,6 +7,7 @@ import re
 from typing import Any, TypeVar
 
 from .base import Compressor
+from .knobs import knob_specs, quote
 
 _NAME = re.compile(r"^[a-z][a-z0-9_+]*$")
 _REGISTRY: dict[str, type[Compressor]] = {}
@@ -23,6 +24,7 @@ def register(cls: C) -> C:
         raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls.__qualname__} must be a dataclass (its fields are the method's knobs)")
+    knob_specs(cls)  # every knob declares its type and bounds
     _REGISTRY[name] = cls
     return cls
 
@@ -44,10 +46,10 @@ def get_method(name: str, **knobs: Any) -> Compressor:
     """Instantiate a method by name; unknown knobs raise ``ValueError`` naming them."""
     cls = method_class(name)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(knobs) - fields)
+    unknown = sorted((quote(k) for k in set(knobs) - fields), key=len)
     if unknown:
         raise ValueError(
-            f"method {name!r} has no knob(s) {', '.join(unknown)}; its knobs: {', '.join(sorted(fields)) or 'none'}"
+            f"method {name!r} has no knob(s) {', '.join(unknown[:3])}; its knobs: {', '.join(sorted(fields)) or 'none'}"
         )
     return cls(**knobs)
 
@@ -71,6 +73,7 @@ def describe(name: str) -> dict[str, Any]:
         "knobs": {
             f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(cls)
         },
+        "knob_ranges": {name: spec.describe() for name, spec in knob_specs(cls).items()},
     }
 
 

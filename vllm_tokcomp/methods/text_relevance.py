@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ._common import cosine_matrix
 from .base import ScorePruner, VisualTokens
+from .knobs import knob
 from .registry import register
 
 REDUCTIONS = ("max", "mean")
@@ -23,16 +24,12 @@ class TextRelevance(ScorePruner):
     SparseVLM arXiv:2410.04417 and the relevance scoring of query-based pruners).
     """
 
-    reduce: str = "max"
+    reduce: str = knob("max", choices=REDUCTIONS)
 
     name = "text_relevance"
     paper = "query-based training-free selection by text relevance (cf. SparseVLM, arXiv:2410.04417)"
     family = "query"
     needs_text = True
-
-    def validate(self) -> None:
-        if self.reduce not in REDUCTIONS:
-            raise ValueError(f"reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
 
     def score(self, tokens: VisualTokens) -> Tensor:
         similarity = cosine_matrix(tokens.features, tokens.text_embeds.to(tokens.features.device))

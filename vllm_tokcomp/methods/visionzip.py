@@ -12,6 +12,7 @@ import torch
 
 from ._common import assignment_from_labels, first_argmax, similarity_metric, stable_argsort_desc, unit_rows
 from .base import DROPPED, Compressor, TokenAssignment, VisualTokens
+from .knobs import knob
 from .registry import register
 from .uniform import uniform_indices
 
@@ -29,7 +30,7 @@ class VisionZip(Compressor):
     Default ratio 54/64 is the paper's 54 dominant + 10 contextual split.
     """
 
-    dominant_ratio: float = 54 / 64
+    dominant_ratio: float = knob(54 / 64, low=0.0, high=1.0)
 
     name = "visionzip"
     paper = "VisionZip, Yang et al., arXiv:2412.04467"
@@ -38,11 +39,6 @@ class VisionZip(Compressor):
     needs_cls_attention = True
     prunes = True  # only when no contextual slot is left
     merges = True
-
-    def validate(self) -> None:
-        value = self.dominant_ratio
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"dominant_ratio must be a number in [0, 1], got {value!r}")
 
     def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:
         n = tokens.num_tokens
