@@ -145,3 +145,71 @@ def test_request_count_and_share_replace_each_other():
     with pytest.raises(ConfigError) as error:
         resolve_request(by_count, {"tokcomp_ratio": 2})
     assert error.value.field == "mm_processor_kwargs.tokcomp_ratio"
+
+
+LIMITED = {"tokcomp_method": "tome", "tokcomp_budget": 64,
+           "tokcomp_limits": {"methods": ["tome", "pool"], "budget": [16, 128], "ratio": [0.1, 0.5],
+                              "allow_off": False}}
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "field", "limit"),
+    [
+        ({"tokcomp_method": "cls_topk"}, "mm_processor_kwargs.tokcomp_method", "tokcomp_limits.methods"),
+        ({"tokcomp_method": "none"}, "mm_processor_kwargs.tokcomp_method", "tokcomp_limits.allow_off"),
+        ({"tokcomp_budget": 8}, "mm_processor_kwargs.tokcomp_budget", "tokcomp_limits.budget"),
+        ({"tokcomp_budget": 129}, "mm_processor_kwargs.tokcomp_budget", "tokcomp_limits.budget"),
+        ({"tokcomp_budget": "auto"}, "mm_processor_kwargs.tokcomp_budget", "tokcomp_limits.budget"),
+        ({"tokcomp_ratio": 0.75}, "mm_processor_kwargs.tokcomp_ratio", "tokcomp_limits.ratio"),
+    ],
+)
+def test_a_request_outside_the_servers_limits_is_refused_naming_the_limit(request_kwargs, field, limit):
+    with pytest.raises(ConfigError) as error:
+        resolve_request(LIMITED, request_kwargs)
+    assert error.value.field == field
+    assert limit in str(error.value)
+
+
+def test_requests_inside_the_limits_pass():
+    assert resolve_request(LIMITED, {}) == CompressionSpec("tome", 64)
+    assert resolve_request(LIMITED, {"tokcomp_method": "pool", "tokcomp_budget": 16}) == CompressionSpec("pool", 16)
+    assert resolve_request(LIMITED, {"tokcomp_ratio": 0.5}) == CompressionSpec("tome", None, ratio=0.5)
+
+
+@pytest.mark.parametrize(
+    ("limits", "field"),
+    [
+        ({"methods": ["tome"]}, "mm_processor_kwargs.tokcomp_method"),  # the server's own method is not allowed
+        ({"budget": [8, 32]}, "mm_processor_kwargs.tokcomp_budget"),  # nor its own budget
+        ({"methods": []}, "mm_processor_kwargs.tokcomp_limits.methods"),
+        ({"methods": ["pool", "bogus"]}, "mm_processor_kwargs.tokcomp_limits.methods[1]"),
+        ({"methods": ["none"]}, "mm_processor_kwargs.tokcomp_limits.methods[0]"),
+        ({"budget": [64, 16]}, "mm_processor_kwargs.tokcomp_limits.budget"),
+        ({"budget": [1, "auto"]}, "mm_processor_kwargs.tokcomp_limits.budget[1]"),
+        ({"ratio": [0, 1]}, "mm_processor_kwargs.tokcomp_limits.ratio[0]"),
+        ({"allow_off": "no"}, "mm_processor_kwargs.tokcomp_limits.allow_off"),
+        ({"max_budget": 3}, "mm_processor_kwargs.tokcomp_limits.max_budget"),
+        ([1, 2], "mm_processor_kwargs.tokcomp_limits"),
+    ],
+)
+def test_bad_limits_fail_at_startup_naming_the_field(limits, field):
+    with pytest.raises(ConfigError) as error:
+        parse_engine_config({"tokcomp_method": "pool", "tokcomp_budget": 64, "tokcomp_limits": limits})
+    assert error.value.field == field
+
+
+def test_limits_are_engine_wide_only_and_off_by_default_needs_allow_off():
+    with pytest.raises(ConfigError) as error:
+        resolve_request({"tokcomp_method": "tome"}, {"tokcomp_limits": {"allow_off": True}})
+    assert error.value.field == "mm_processor_kwargs.tokcomp_limits"
+    with pytest.raises(ConfigError, match="allow_off"):
+        parse_engine_config({"tokcomp_method": "none", "tokcomp_limits": {"allow_off": False}})
+
+
+def test_error_messages_quote_a_short_prefix_of_the_value():
+    for request in ({"tokcomp_method": "x" * 100_000}, {"tokcomp_method": "mustdrop",
+                                                         "tokcomp_options": {"auto_estimator": "y" * 100_000}},
+                    {"tokcomp_method": "tome", "tokcomp_options": {"z" * 100_000: 1}}, {"tokcomp_budget": 10**1000}):
+        with pytest.raises(ConfigError) as error:
+            resolve_request({}, request)
+        assert len(str(error.value)) < 400

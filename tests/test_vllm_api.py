@@ -171,3 +171,34 @@ def test_runner_position_recompute_flag_is_on_for_models_that_ask_and_unchanged_
         runner.model = Plain()
         runner.is_multimodal_pruning_enabled = True  # vLLM's own EVS switched it on
         assert runner.is_multimodal_pruning_enabled is True
+
+
+def test_text_only_requests_are_checked_by_the_renderer():
+    """vLLM 0.32 drops a text-only prompt's mm_processor_kwargs unread in BaseRenderer._process_tokens(_async);
+    the plugin's wrapper checks them there. A stand-in processor (the real one needs a model; the served path is
+    in tests/e2e/test_request_fuzz.py) carries the same info a CompressedLlavaInfo does."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vllm.renderers.base import BaseRenderer
+
+    from vllm_tokcomp.config import resolve_request
+    from vllm_tokcomp.integration.requests import check_text_only
+    from vllm_tokcomp.integration.vllm_api import RequestSettingError, check_text_only_requests
+
+    check_text_only_requests(check_text_only)
+    check_text_only_requests(check_text_only)  # idempotent
+    engine = {"tokcomp_method": "tome"}
+    info = SimpleNamespace(engine_configured=True, spec_for_request=lambda kwargs: resolve_request(engine, kwargs))
+    renderer = SimpleNamespace(mm_processor=SimpleNamespace(info=info))
+    good = {"prompt_token_ids": [1, 2, 3], "mm_processor_kwargs": {"tokcomp_budget": 8}}
+    bad = {"prompt_token_ids": [1, 2, 3], "mm_processor_kwargs": {"tokcomp_budget": 0}}
+    assert BaseRenderer._process_tokens(renderer, good)["prompt_token_ids"] == [1, 2, 3]
+    assert asyncio.run(BaseRenderer._process_tokens_async(renderer, good))["prompt_token_ids"] == [1, 2, 3]
+    with pytest.raises(RequestSettingError, match="tokcomp_budget"):
+        BaseRenderer._process_tokens(renderer, bad)
+    with pytest.raises(RequestSettingError, match="tokcomp_budget"):
+        asyncio.run(BaseRenderer._process_tokens_async(renderer, bad))
+    # A processor that is not ours (a model this plugin does not serve) is left alone.
+    other = SimpleNamespace(mm_processor=SimpleNamespace(info=object()))
+    assert BaseRenderer._process_tokens(other, bad)["prompt_token_ids"] == [1, 2, 3]
