@@ -49,6 +49,24 @@ def test_serve_without_method_is_plugin_on_compression_off(monkeypatch):
     assert _mm_kwargs(command) == {"tokcomp_method": "none"}
 
 
+def test_serve_with_a_budget_but_no_method_uses_the_default_method(monkeypatch, capsys):
+    from vllm_tokcomp.config import DEFAULT_METHOD, parse_engine_config
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    command, _ = build_serve_command(["/m", "--budget", "64"])
+    assert _mm_kwargs(command) == {"tokcomp_budget": 64}
+    assert parse_engine_config(_mm_kwargs(command)).method == DEFAULT_METHOD
+    assert f"compressing with {DEFAULT_METHOD} (the default method)" in capsys.readouterr().err
+
+
+def test_serve_limit_flags_become_tokcomp_limits(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    command, _ = build_serve_command(["/m", "--method", "tome", "--allowed-methods", "tome, pool",
+                                      "--budget-range", "16:256", "--ratio-range", "0.1:0.5", "--no-client-off"])
+    assert _mm_kwargs(command)["tokcomp_limits"] == {"methods": ["tome", "pool"], "budget": [16, 256],
+                                                     "ratio": [0.1, 0.5], "allow_off": False}
+
+
 def test_serve_adds_plugin_to_an_allow_list(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
@@ -61,7 +79,18 @@ def test_serve_adds_plugin_to_an_allow_list(monkeypatch):
     [(["/m", "--method", "nope"], "tokcomp_method"), (["/m", "--method", "tome", "--budget", "0"], "tokcomp_budget"),
      (["/m", "--mm-processor-kwargs", "{bad json"], "--mm-processor-kwargs"),
      (["/m", "--method", "pool", "--ratio", "1.5"], "tokcomp_ratio"),
-     (["/m", "--method", "pool", "--ratio", "0.5", "--budget", "8"], "tokcomp_ratio")],
+     (["/m", "--method", "pool", "--ratio", "0.5", "--budget", "8"], "tokcomp_ratio"),
+     # engine-wide values get the request bounds, named, before vLLM starts
+     (["/m", "--method", "random", "--mm-processor-kwargs", '{"tokcomp_options": {"seed": 18446744073709551616}}'],
+      "mm_processor_kwargs.tokcomp_options"),
+     (["/m", "--method", "mustdrop", "--mm-processor-kwargs", '{"tokcomp_options": {"window": 1e30}}'],
+      "mm_processor_kwargs.tokcomp_options"),
+     (["/m", "--method", "tome", "--budget", "1" + "0" * 1100], "mm_processor_kwargs.tokcomp_budget"),
+     (["/m", "--mm-processor-kwargs", '{"tokcomp_ratio": 1e309}'], "mm_processor_kwargs.tokcomp_ratio"),
+     (["/m", "--method", "tome", "--allowed-methods", "pool"], "mm_processor_kwargs.tokcomp_method"),
+     (["/m", "--method", "tome", "--budget-range", "16"], "--budget-range"),
+     (["/m", "--method", "tome", "--budget-range", "128:16"], "mm_processor_kwargs.tokcomp_limits.budget"),
+     (["/m", "--no-client-off"], "allow_off")],
 )
 def test_bad_config_names_the_field(args, field):
     with pytest.raises(ConfigError, match=field):

@@ -1,0 +1,65 @@
+"""Compressed requests preempted under a tiny KV cache answer exactly as they do unpreempted.
+
+The real ``tokcomp serve`` with a KV cache of a few blocks: sixteen concurrent requests (mixed methods, budgets,
+compression off) that each fit alone but not together, so vLLM preempts and recomputes them, re-encoding or
+re-reading their images; each must get its own count and the same greedy tokens as when it ran alone.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from vllm_tokcomp.launch import ServerProcess
+
+from .test_request_fuzz import MODEL, image_url
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 128
+# One block is vLLM's null block: 896 tokens, one uncompressed request (~635 + output) fits, four compressed do not
+BLOCKS = 8
+OUTPUT_TOKENS = 128  # every request grows by a block while decoding: with all blocks taken, vLLM preempts
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava_dir, vllm_env, tmp_path_factory):
+    log = tmp_path_factory.mktemp("preemption-server") / "server.log"
+    args = ["--method", "tome", "--budget", "64", "--max-model-len", str(BLOCK * (BLOCKS - 1)),
+            "--served-model-name", MODEL, "--max-num-seqs", "16", "--block-size", str(BLOCK),
+            "--num-gpu-blocks-override", str(BLOCKS)]
+    with ServerProcess(args, env=vllm_env, log_path=log) as running:
+        yield running
+
+
+def _ask(client: openai.OpenAI, mm_kwargs: dict, seed: int) -> tuple:
+    content = [{"type": "image_url", "image_url": {"url": image_url(seed)}},
+               {"type": "text", "text": "What colour is the circle?"}]
+    response = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=OUTPUT_TOKENS, temperature=0.0,
+        extra_body={"mm_processor_kwargs": mm_kwargs, "ignore_eos": True})
+    return response.usage.prompt_tokens, response.usage.completion_tokens, response.choices[0].message.content
+
+
+def _preemptions(server: ServerProcess) -> float:
+    found = re.findall(r"^vllm:num_preemptions_total\{[^}]*\} ([0-9.e+]+)$", server.get("/metrics"), re.M)
+    return sum(float(value) for value in found)
+
+
+def test_preempted_requests_answer_as_when_they_ran_alone(server):
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=600)
+    settings = [{}, {"tokcomp_budget": 16}, {"tokcomp_method": "mustdrop", "tokcomp_budget": 32},
+                {"tokcomp_method": "pool", "tokcomp_ratio": 0.1}, {"tokcomp_method": "divprune", "tokcomp_budget": 48},
+                {"tokcomp_method": "none"}, {"tokcomp_method": "text_relevance", "tokcomp_budget": 24},
+                {"tokcomp_method": "cls_topk", "tokcomp_budget": 100}]
+    requests = [(settings[index % len(settings)], index % 5) for index in range(16)]
+    alone = [_ask(client, mm_kwargs, seed) for mm_kwargs, seed in requests]
+    assert _preemptions(server) == 0
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        together = list(pool.map(lambda request: _ask(client, *request), requests))
+    assert _preemptions(server) > 0, "the KV cache was meant to be too small for all of them at once"
+    assert together == alone
+    assert all(completion == OUTPUT_TOKENS for _, completion, _ in together)
