@@ -213,3 +213,24 @@ def test_error_messages_quote_a_short_prefix_of_the_value():
         with pytest.raises(ConfigError) as error:
             resolve_request({}, request)
         assert len(str(error.value)) < 400
+
+
+def test_startup_line_says_the_default_method_and_the_limits():
+    from vllm_tokcomp.config import effective_config
+
+    kwargs = {"tokcomp_budget": 32, "tokcomp_limits": {"budget": [16, 64], "allow_off": False}}
+    line = effective_config(parse_engine_config(kwargs), kwargs)
+    assert line == (f"compressing images with method={DEFAULT_METHOD} (the default method: no tokcomp_method given) "
+                    "budget=32; clients limited to budget [16, 64]; no opt-out")
+
+
+def test_readme_knob_table_is_the_declared_one():
+    """The README's knob table is generated from the declarations (``python -c 'from vllm_tokcomp.methods.registry
+    import knob_table; print(knob_table())'``), so it cannot drift from what the server accepts."""
+    from pathlib import Path
+
+    from vllm_tokcomp.methods.registry import knob_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = readme.index("<!-- knobs:start -->"), readme.index("<!-- knobs:end -->")
+    assert readme[start:end].split("\n", 1)[1].strip() == knob_table()

@@ -392,6 +392,25 @@ def _parse_engine_spec(kwargs: Mapping[str, object], connectors: Mapping[tuple[s
     return CompressionSpec(method=method, budget=budget, options=options, ratio=ratio)
 
 
+def effective_config(spec: CompressionSpec | None, engine_kwargs: Mapping[str, object] | None) -> str:
+    """The startup line's words for a parsed engine config: what is compressed, and what clients may change."""
+    keys = plugin_keys_in(engine_kwargs)
+    if spec is None:
+        text = "compression off by default; requests may opt in with tokcomp_method or tokcomp_budget"
+    else:
+        amount = f"ratio={spec.ratio}" if spec.ratio is not None else f"budget={spec.budget}"
+        default = " (the default method: no tokcomp_method given)" if METHOD_KEY not in keys else ""
+        text = f"compressing images with method={spec.method}{default} {amount}"
+    limits = engine_limits(keys)
+    if limits != Limits():
+        bounds = [f"methods {', '.join(limits.methods)}" if limits.methods else "",
+                  f"budget {list(limits.budget)}" if limits.budget else "",
+                  f"ratio {list(limits.ratio)}" if limits.ratio else "",
+                  "" if limits.allow_off else "no opt-out"]
+        text += "; clients limited to " + "; ".join(bound for bound in bounds if bound)
+    return text
+
+
 def is_engine_configured(mm_processor_kwargs: Mapping[str, object] | None) -> bool:
     """True when the server owner put any tokcomp key in ``--mm-processor-kwargs`` (even ``none``)."""
     return bool(plugin_keys_in(mm_processor_kwargs))

@@ -30,6 +30,7 @@ from ..config import (
     CONNECTORS_KEY,
     CompressionSpec,
     ConfigError,
+    effective_config,
     engine_connectors,
     is_engine_configured,
     method_reads_text,
@@ -85,7 +86,7 @@ class CompressedLlavaInfo(LlavaProcessingInfo):
         vision_type = self.get_hf_config().vision_config.model_type
         self.supported = vision_type == "clip_vision_model"
         if self.engine_configured:
-            _log_effective_config_once(self.engine_spec, None if self.supported else vision_type)
+            _log_effective_config_once(self.engine_spec, self.engine_kwargs, None if self.supported else vision_type)
 
     def spec_for_request(self, request_kwargs: Mapping[str, object]) -> CompressionSpec | None:
         """The spec of a client's kwargs (``ConfigError`` naming a bad field)."""
@@ -323,7 +324,8 @@ def _uses_vision_signals(method: str) -> bool:
 _logged = False
 
 
-def _log_effective_config_once(spec: CompressionSpec | None, unsupported_tower: str | None) -> None:
+def _log_effective_config_once(spec: CompressionSpec | None, engine_kwargs: Mapping[str, object],
+                               unsupported_tower: str | None) -> None:
     global _logged
     if _logged:
         return
@@ -333,8 +335,5 @@ def _log_effective_config_once(spec: CompressionSpec | None, unsupported_tower: 
             "tokcomp: vision tower %r is not supported (CLIP only); images pass through uncompressed",
             unsupported_tower,
         )
-    elif spec is None:
-        logger.warning("tokcomp: compression off by default; requests may opt in with tokcomp_method")
     else:
-        amount = f"ratio={spec.ratio}" if spec.ratio is not None else f"budget={spec.budget}"
-        logger.warning("tokcomp: compressing images with method=%s %s", spec.method, amount)
+        logger.warning("tokcomp: %s", effective_config(spec, engine_kwargs))

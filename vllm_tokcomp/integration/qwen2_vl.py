@@ -55,6 +55,7 @@ from ..config import (
     RATIO_KEY,
     CompressionSpec,
     ConfigError,
+    effective_config,
     is_engine_configured,
     parse_engine_config,
     resolve_request,
@@ -241,7 +242,7 @@ class _InfoMixin:
             raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
         self.engine_configured = is_engine_configured(self.engine_kwargs)
         if self.engine_configured:
-            _log_effective_config_once(self.engine_spec)
+            _log_effective_config_once(self.engine_spec, self.engine_kwargs)
 
     def _check(self, spec: CompressionSpec | None) -> CompressionSpec | None:
         if spec is not None and self.evs_rate > 0:
@@ -597,14 +598,9 @@ def _log_positions(input_tokens, items, positions: np.ndarray, delta: int) -> No
 _logged = False
 
 
-def _log_effective_config_once(spec: CompressionSpec | None) -> None:
+def _log_effective_config_once(spec: CompressionSpec | None, engine_kwargs: Mapping[str, object]) -> None:
     global _logged
     if _logged:
         return
     _logged = True
-    if spec is None:
-        logger.warning("tokcomp: compression off by default; requests may opt in with tokcomp_method")
-    else:
-        amount = f"ratio={spec.ratio}" if spec.ratio is not None else f"budget={spec.budget}"
-        logger.warning("tokcomp: compressing Qwen-VL images with method=%s %s", spec.method, amount)
-
+    logger.warning("tokcomp: %s", effective_config(spec, engine_kwargs))

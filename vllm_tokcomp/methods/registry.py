@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any, TypeVar
 
@@ -79,3 +80,15 @@ def describe(name: str) -> dict[str, Any]:
 
 def _load_builtin_methods() -> None:
     from . import builtin  # noqa: F401 - importing registers the built-in methods
+
+
+def knob_table() -> str:
+    """Every method's knobs with their defaults and accepted values, as a markdown table (the README's)."""
+    rows = ["| method | knob | default | accepted |", "|---|---|---|---|"]
+    for name in available_methods():
+        cls = method_class(name)
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for knob_name, spec in knob_specs(cls).items():
+            default = json.dumps(defaults[knob_name])
+            rows.append(f"| `{name}` | `{knob_name}` | `{default}` | {spec.describe()} |")
+    return "\n".join(rows)
