@@ -35,7 +35,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .connectors import Connector, counts_of, is_connector_method, read_catalog
 from .errors import ConfigError
@@ -187,8 +187,8 @@ def _check_budget(value: object, field: str, *, allow_auto: bool = True) -> int 
 
 
 def _check_ratio(value: object, field: str) -> float:
-    finite = isinstance(value, float) and math.isfinite(value) or isinstance(value, int) and not isinstance(value, bool)
-    if not finite or not 0 < value <= 1:
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not is_number or not (isinstance(value, int) or math.isfinite(value)) or not 0 < value <= 1:
         raise ConfigError(field, f"must be a number in (0, 1], the share of each item's tokens to keep, got "
                                  f"{type(value).__name__} {quote(value)}")
     return float(value) + 0.0
@@ -252,8 +252,8 @@ class Limits:
     ratio: tuple[float, float] | None = None
     allow_off: bool = True
 
-    FIELDS = ("methods", "budget", "ratio", "allow_off")
-    NAME = f"mm_processor_kwargs.{LIMITS_KEY}"
+    FIELDS: ClassVar[tuple[str, ...]] = ("methods", "budget", "ratio", "allow_off")
+    NAME: ClassVar[str] = f"mm_processor_kwargs.{LIMITS_KEY}"
 
     @classmethod
     def parse(cls, value: object, connectors: Mapping[tuple[str, int], Connector]) -> Limits:

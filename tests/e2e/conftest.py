@@ -33,6 +33,12 @@ def qwen25_dir() -> Path:
     return ensure_default_model("qwen2_5_vl")
 
 
+@pytest.fixture(scope="module")
+def selection_log(tmp_path_factory) -> Path:
+    """A module's selection debug log (``TOKCOMP_SELECTION_LOG``): which tokens each compressed item kept."""
+    return tmp_path_factory.mktemp("selection") / "selection.jsonl"
+
+
 @pytest.fixture(scope="session")
 def vllm_env(tmp_path_factory) -> dict[str, str]:
     """Environment for real vLLM processes on this machine: offline, small KV cache, private caches."""

@@ -105,11 +105,6 @@ def expected_image_tokens(mm_kwargs: dict) -> int:
 
 
 @pytest.fixture(scope="module")
-def selection_log(tmp_path_factory):
-    return tmp_path_factory.mktemp("fuzz-selection") / "selection.jsonl"
-
-
-@pytest.fixture(scope="module")
 def server(tiny_llava_dir, vllm_env, tmp_path_factory, selection_log):
     log = tmp_path_factory.mktemp("fuzz-server") / "server.log"
     args = ["--method", "tome", "--budget", str(SERVER_BUDGET), "--max-model-len", "2048",

@@ -40,11 +40,6 @@ def messages(seed: int = 1, question: str = "What colour is the circle?") -> lis
 
 
 @pytest.fixture(scope="module")
-def selection_log(tmp_path_factory):
-    return tmp_path_factory.mktemp("selection") / "selection.jsonl"
-
-
-@pytest.fixture(scope="module")
 def server(tiny_llava_dir, vllm_env, tmp_path_factory, selection_log):
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = ["--method", "tome", "--budget", str(DEFAULT_BUDGET), "--max-model-len", "2048"]
