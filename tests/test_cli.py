@@ -59,12 +59,13 @@ def test_serve_with_a_budget_but_no_method_uses_the_default_method(monkeypatch, 
     assert f"compressing with {DEFAULT_METHOD} (the default method)" in capsys.readouterr().err
 
 
-def test_serve_limit_flags_become_tokcomp_limits(monkeypatch):
+def test_serve_limit_flags_become_the_client_limit_keys(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     command, _ = build_serve_command(["/m", "--method", "tome", "--allowed-methods", "tome, pool",
                                       "--budget-range", "16:256", "--ratio-range", "0.1:0.5", "--no-client-off"])
-    assert _mm_kwargs(command)["tokcomp_limits"] == {"methods": ["tome", "pool"], "budget": [16, 256],
-                                                     "ratio": [0.1, 0.5], "allow_off": False}
+    assert _mm_kwargs(command) == {"tokcomp_method": "tome", "tokcomp_allowed_methods": ["tome", "pool"],
+                                   "tokcomp_budget_range": [16, 256], "tokcomp_ratio_range": [0.1, 0.5],
+                                   "tokcomp_allow_off": False}
 
 
 def test_serve_adds_plugin_to_an_allow_list(monkeypatch):
@@ -89,7 +90,7 @@ def test_serve_adds_plugin_to_an_allow_list(monkeypatch):
      (["/m", "--mm-processor-kwargs", '{"tokcomp_ratio": 1e309}'], "mm_processor_kwargs.tokcomp_ratio"),
      (["/m", "--method", "tome", "--allowed-methods", "pool"], "mm_processor_kwargs.tokcomp_method"),
      (["/m", "--method", "tome", "--budget-range", "16"], "--budget-range"),
-     (["/m", "--method", "tome", "--budget-range", "128:16"], "mm_processor_kwargs.tokcomp_limits.budget"),
+     (["/m", "--method", "tome", "--budget-range", "128:16"], "mm_processor_kwargs.tokcomp_budget_range"),
      (["/m", "--no-client-off"], "allow_off")],
 )
 def test_bad_config_names_the_field(args, field):

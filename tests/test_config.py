@@ -147,20 +147,19 @@ def test_request_count_and_share_replace_each_other():
     assert error.value.field == "mm_processor_kwargs.tokcomp_ratio"
 
 
-LIMITED = {"tokcomp_method": "tome", "tokcomp_budget": 64,
-           "tokcomp_limits": {"methods": ["tome", "pool"], "budget": [16, 128], "ratio": [0.1, 0.5],
-                              "allow_off": False}}
+LIMITED = {"tokcomp_method": "tome", "tokcomp_budget": 64, "tokcomp_allowed_methods": ["tome", "pool"],
+           "tokcomp_budget_range": [16, 128], "tokcomp_ratio_range": [0.1, 0.5], "tokcomp_allow_off": False}
 
 
 @pytest.mark.parametrize(
     ("request_kwargs", "field", "limit"),
     [
-        ({"tokcomp_method": "cls_topk"}, "mm_processor_kwargs.tokcomp_method", "tokcomp_limits.methods"),
-        ({"tokcomp_method": "none"}, "mm_processor_kwargs.tokcomp_method", "tokcomp_limits.allow_off"),
-        ({"tokcomp_budget": 8}, "mm_processor_kwargs.tokcomp_budget", "tokcomp_limits.budget"),
-        ({"tokcomp_budget": 129}, "mm_processor_kwargs.tokcomp_budget", "tokcomp_limits.budget"),
-        ({"tokcomp_budget": "auto"}, "mm_processor_kwargs.tokcomp_budget", "tokcomp_limits.budget"),
-        ({"tokcomp_ratio": 0.75}, "mm_processor_kwargs.tokcomp_ratio", "tokcomp_limits.ratio"),
+        ({"tokcomp_method": "cls_topk"}, "mm_processor_kwargs.tokcomp_method", "tokcomp_allowed_methods"),
+        ({"tokcomp_method": "none"}, "mm_processor_kwargs.tokcomp_method", "tokcomp_allow_off"),
+        ({"tokcomp_budget": 8}, "mm_processor_kwargs.tokcomp_budget", "tokcomp_budget_range"),
+        ({"tokcomp_budget": 129}, "mm_processor_kwargs.tokcomp_budget", "tokcomp_budget_range"),
+        ({"tokcomp_budget": "auto"}, "mm_processor_kwargs.tokcomp_budget", "tokcomp_budget_range"),
+        ({"tokcomp_ratio": 0.75}, "mm_processor_kwargs.tokcomp_ratio", "tokcomp_ratio_range"),
     ],
 )
 def test_a_request_outside_the_servers_limits_is_refused_naming_the_limit(request_kwargs, field, limit):
@@ -179,31 +178,32 @@ def test_requests_inside_the_limits_pass():
 @pytest.mark.parametrize(
     ("limits", "field"),
     [
-        ({"methods": ["tome"]}, "mm_processor_kwargs.tokcomp_method"),  # the server's own method is not allowed
-        ({"budget": [8, 32]}, "mm_processor_kwargs.tokcomp_budget"),  # nor its own budget
-        ({"methods": []}, "mm_processor_kwargs.tokcomp_limits.methods"),
-        ({"methods": ["pool", "bogus"]}, "mm_processor_kwargs.tokcomp_limits.methods[1]"),
-        ({"methods": ["none"]}, "mm_processor_kwargs.tokcomp_limits.methods[0]"),
-        ({"budget": [64, 16]}, "mm_processor_kwargs.tokcomp_limits.budget"),
-        ({"budget": [1, "auto"]}, "mm_processor_kwargs.tokcomp_limits.budget[1]"),
-        ({"ratio": [0, 1]}, "mm_processor_kwargs.tokcomp_limits.ratio[0]"),
-        ({"allow_off": "no"}, "mm_processor_kwargs.tokcomp_limits.allow_off"),
-        ({"max_budget": 3}, "mm_processor_kwargs.tokcomp_limits.max_budget"),
-        ([1, 2], "mm_processor_kwargs.tokcomp_limits"),
+        ({"tokcomp_allowed_methods": ["tome"]}, "mm_processor_kwargs.tokcomp_method"),  # not the server's own method
+        ({"tokcomp_budget_range": [8, 32]}, "mm_processor_kwargs.tokcomp_budget"),  # nor its own budget
+        ({"tokcomp_allowed_methods": []}, "mm_processor_kwargs.tokcomp_allowed_methods"),
+        ({"tokcomp_allowed_methods": "pool"}, "mm_processor_kwargs.tokcomp_allowed_methods"),
+        ({"tokcomp_allowed_methods": ["pool", "bogus"]}, "mm_processor_kwargs.tokcomp_allowed_methods[1]"),
+        ({"tokcomp_allowed_methods": ["none"]}, "mm_processor_kwargs.tokcomp_allowed_methods[0]"),
+        ({"tokcomp_budget_range": [64, 16]}, "mm_processor_kwargs.tokcomp_budget_range"),
+        ({"tokcomp_budget_range": [1, "auto"]}, "mm_processor_kwargs.tokcomp_budget_range[1]"),
+        ({"tokcomp_budget_range": {"low": 1}}, "mm_processor_kwargs.tokcomp_budget_range"),
+        ({"tokcomp_ratio_range": [0, 1]}, "mm_processor_kwargs.tokcomp_ratio_range[0]"),
+        ({"tokcomp_allow_off": "no"}, "mm_processor_kwargs.tokcomp_allow_off"),
+        ({"tokcomp_max_budget": 3}, "mm_processor_kwargs.tokcomp_max_budget"),
     ],
 )
 def test_bad_limits_fail_at_startup_naming_the_field(limits, field):
     with pytest.raises(ConfigError) as error:
-        parse_engine_config({"tokcomp_method": "pool", "tokcomp_budget": 64, "tokcomp_limits": limits})
+        parse_engine_config({"tokcomp_method": "pool", "tokcomp_budget": 64, **limits})
     assert error.value.field == field
 
 
 def test_limits_are_engine_wide_only_and_off_by_default_needs_allow_off():
     with pytest.raises(ConfigError) as error:
-        resolve_request({"tokcomp_method": "tome"}, {"tokcomp_limits": {"allow_off": True}})
-    assert error.value.field == "mm_processor_kwargs.tokcomp_limits"
+        resolve_request({"tokcomp_method": "tome"}, {"tokcomp_allow_off": True})
+    assert error.value.field == "mm_processor_kwargs.tokcomp_allow_off"
     with pytest.raises(ConfigError, match="allow_off"):
-        parse_engine_config({"tokcomp_method": "none", "tokcomp_limits": {"allow_off": False}})
+        parse_engine_config({"tokcomp_method": "none", "tokcomp_allow_off": False})
 
 
 def test_error_messages_quote_a_short_prefix_of_the_value():
@@ -218,7 +218,7 @@ def test_error_messages_quote_a_short_prefix_of_the_value():
 def test_startup_line_says_the_default_method_and_the_limits():
     from vllm_tokcomp.config import effective_config
 
-    kwargs = {"tokcomp_budget": 32, "tokcomp_limits": {"budget": [16, 64], "allow_off": False}}
+    kwargs = {"tokcomp_budget": 32, "tokcomp_budget_range": [16, 64], "tokcomp_allow_off": False}
     line = effective_config(parse_engine_config(kwargs), kwargs)
     assert line == (f"compressing images with method={DEFAULT_METHOD} (the default method: no tokcomp_method given) "
                     "budget=32; clients limited to budget [16, 64]; no opt-out")

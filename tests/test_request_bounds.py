@@ -17,11 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_tokcomp.config import (
+    ALLOW_OFF_KEY,
+    ALLOWED_METHODS_KEY,
     AUTO,
     BUDGET_KEY,
     CANONICAL_KEY,
     DEFAULT_METHOD,
-    LIMITS_KEY,
+    ENGINE_ONLY_KEYS,
     MAX_BUDGET,
     METHOD_KEY,
     OPTIONS_KEY,
@@ -65,10 +67,12 @@ request_kwargs = st.fixed_dictionaries({}, optional={
     RATIO_KEY: st.one_of(st.floats(0, 1), json_values),
     OPTIONS_KEY: st.one_of(options, json_values),
     "tokcomp_\u00e9": json_values,
-    LIMITS_KEY: json_values,
+    ALLOWED_METHODS_KEY: json_values,  # engine-only: refused from a request
+    ALLOW_OFF_KEY: json_values,
 })
 ENGINES = [{}, {METHOD_KEY: "none"}, {METHOD_KEY: "tome", BUDGET_KEY: 64}, {METHOD_KEY: "mustdrop", RATIO_KEY: 0.25},
-           {METHOD_KEY: "pool", LIMITS_KEY: {"methods": ["pool", "tome"], "budget": [16, 128], "allow_off": False}}]
+           {METHOD_KEY: "pool", "tokcomp_allowed_methods": ["pool", "tome"], "tokcomp_budget_range": [16, 128],
+            "tokcomp_allow_off": False}]
 
 
 def _grid_tokens(grid: tuple[int, ...], seed: int) -> VisualTokens:
@@ -106,7 +110,7 @@ def test_any_request_is_refused_naming_its_field_or_runs_to_the_promised_count(e
         spec = resolve_request(engine, request)
     except ConfigError as error:
         assert error.field.startswith("mm_processor_kwargs.")
-        assert error.field.split(".")[1].split("[")[0] in (*PLUGIN_KEYS, LIMITS_KEY, "tokcomp_\u00e9")
+        assert error.field.split(".")[1].split("[")[0] in (*PLUGIN_KEYS, *ENGINE_ONLY_KEYS, "tokcomp_\u00e9")
         assert len(str(error)) < 600, "an error quotes at most a short prefix of the value"
         return
     if spec is None:

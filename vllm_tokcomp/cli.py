@@ -10,13 +10,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .config import (
+    ALLOW_OFF_KEY,
+    ALLOWED_METHODS_KEY,
     BUDGET_KEY,
+    BUDGET_RANGE_KEY,
     CONNECTORS_KEY,
     DEFAULT_METHOD,
-    LIMITS_KEY,
     METHOD_KEY,
     OFF,
     RATIO_KEY,
+    RATIO_RANGE_KEY,
     ConfigError,
     parse_engine_config,
     servable_methods,
@@ -105,9 +108,7 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
     if known.connector:
         # Absolute, so that the engine (whatever its working directory) reads the same files.
         mm_kwargs[CONNECTORS_KEY] = [str(Path(stem).expanduser().resolve()) for stem in known.connector]
-    limits = _limits_from_flags(known)
-    if limits:
-        mm_kwargs[LIMITS_KEY] = {**dict(mm_kwargs.get(LIMITS_KEY) or {}), **limits}
+    mm_kwargs.update(_limits_from_flags(known))
     spec = parse_engine_config(mm_kwargs)  # fail here, naming the field, rather than deep inside vLLM
     if spec is not None and METHOD_KEY not in mm_kwargs:
         print(f"tokcomp serve: no --method given, compressing with {spec.method} (the default method)",
@@ -135,22 +136,22 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
 
 
 def _limits_from_flags(known: argparse.Namespace) -> dict[str, object]:
-    """``tokcomp_limits`` from ``--allowed-methods a,b``, ``--budget-range LOW:HIGH``, ``--ratio-range LOW:HIGH``
+    """The client-limit keys from ``--allowed-methods a,b``, ``--budget-range LOW:HIGH``, ``--ratio-range LOW:HIGH``
     and ``--no-client-off`` (checked with the rest by :func:`parse_engine_config`)."""
     limits: dict[str, object] = {}
     if known.allowed_methods is not None:
-        limits["methods"] = [name.strip() for name in known.allowed_methods.split(",") if name.strip()]
-    for flag, name, number in (("--budget-range", "budget", int), ("--ratio-range", "ratio", float)):
-        text = getattr(known, f"{name}_range")
+        limits[ALLOWED_METHODS_KEY] = [name.strip() for name in known.allowed_methods.split(",") if name.strip()]
+    for flag, text, key, number in (("--budget-range", known.budget_range, BUDGET_RANGE_KEY, int),
+                                    ("--ratio-range", known.ratio_range, RATIO_RANGE_KEY, float)):
         if text is None:
             continue
         try:
             low, high = (number(part) for part in text.split(":"))
         except ValueError:
             raise ConfigError(flag, f"must be LOW:HIGH ({number.__name__}s), got {text!r}") from None
-        limits[name] = [low, high]
+        limits[key] = [low, high]
     if known.client_off is False:
-        limits["allow_off"] = False
+        limits[ALLOW_OFF_KEY] = False
     return limits
 
 

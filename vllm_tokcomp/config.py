@@ -19,8 +19,9 @@ method (at either level, with no method configured above it) compresses with :da
 Every value has a type and finite bounds (:data:`MAX_BUDGET`, ratios in (0, 1], each method's knobs
 as declared in :mod:`vllm_tokcomp.methods.knobs`), and a resolved spec has one canonical form
 (:func:`canonical_spec`): what vLLM hashes for its caches, so two different settings never share an
-entry and equal settings always do. The server owner may bound what clients choose with
-``tokcomp_limits`` (:class:`Limits`).
+entry and equal settings always do. The server owner may bound what clients choose with the engine-wide
+``tokcomp_allowed_methods``, ``tokcomp_budget_range``, ``tokcomp_ratio_range`` and ``tokcomp_allow_off``
+(:class:`Limits`).
 
 Trained connectors (:mod:`vllm_tokcomp.connectors`) are listed engine-wide only
 (``"tokcomp_connectors": [STEM, ...]``); a request then picks one as ``tokcomp_method`` (its
@@ -35,7 +36,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from .connectors import Connector, counts_of, is_connector_method, read_catalog
 from .errors import ConfigError
@@ -48,8 +49,15 @@ OPTIONS_KEY = "tokcomp_options"
 RATIO_KEY = "tokcomp_ratio"
 PLUGIN_KEYS = (METHOD_KEY, BUDGET_KEY, RATIO_KEY, OPTIONS_KEY)
 CONNECTORS_KEY = "tokcomp_connectors"  # engine-wide only: the trained connector files the server loads
-LIMITS_KEY = "tokcomp_limits"  # engine-wide only: what clients may choose
-ENGINE_KEYS = (*PLUGIN_KEYS, CONNECTORS_KEY, LIMITS_KEY)
+# Engine-wide only: what clients may choose. Flat keys with flat values: vLLM 0.32 also hands the engine's
+# mm_processor_kwargs to HF's processor factory through an lru_cache, which cannot hash a list inside a mapping.
+ALLOWED_METHODS_KEY = "tokcomp_allowed_methods"
+BUDGET_RANGE_KEY = "tokcomp_budget_range"
+RATIO_RANGE_KEY = "tokcomp_ratio_range"
+ALLOW_OFF_KEY = "tokcomp_allow_off"
+LIMIT_KEYS = (ALLOWED_METHODS_KEY, BUDGET_RANGE_KEY, RATIO_RANGE_KEY, ALLOW_OFF_KEY)
+ENGINE_ONLY_KEYS = (CONNECTORS_KEY, *LIMIT_KEYS)
+ENGINE_KEYS = (*PLUGIN_KEYS, *ENGINE_ONLY_KEYS)
 OFF = "none"
 AUTO = "auto"  # per-image budget estimated from the pixels (MustDrop-style spatial redundancy)
 DEFAULT_BUDGET = 64
@@ -230,7 +238,7 @@ def _check_no_options(method: str, value: object, field: str) -> None:
 
 
 def _check_keys(kwargs: Mapping[str, object], where: str, known: tuple[str, ...] = PLUGIN_KEYS) -> None:
-    for engine_only in (CONNECTORS_KEY, LIMITS_KEY):
+    for engine_only in ENGINE_ONLY_KEYS:
         if engine_only in kwargs and engine_only not in known:
             raise ConfigError(f"{where}.{engine_only}", "is set by the server (engine-wide), not by requests")
     unknown = sorted(set(plugin_keys_in(kwargs)) - set(known))
@@ -240,53 +248,45 @@ def _check_keys(kwargs: Mapping[str, object], where: str, known: tuple[str, ...]
 
 @dataclass(frozen=True)
 class Limits:
-    """What clients may choose (engine-wide ``tokcomp_limits``); ``None`` leaves that choice open.
+    """What clients may choose (engine-wide); ``None`` leaves that choice open.
 
-    ``methods``: the methods a request may name; ``budget`` / ``ratio``: inclusive ranges for the counts and
-    shares a request gives (``auto`` is a count only the server may choose when a budget range is set);
-    ``allow_off``: whether a request may switch compression off with ``none``. The server's own settings must
-    lie within them."""
+    ``methods`` (``tokcomp_allowed_methods``): the methods a request may name; ``budget`` / ``ratio``
+    (``tokcomp_budget_range`` / ``tokcomp_ratio_range``): inclusive ranges for the counts and shares a request gives
+    (``auto`` is a count only the server may choose when a budget range is set); ``allow_off``
+    (``tokcomp_allow_off``): whether a request may switch compression off with ``none``. The server's own settings
+    must lie within them."""
 
     methods: tuple[str, ...] | None = None
     budget: tuple[int, int] | None = None
     ratio: tuple[float, float] | None = None
     allow_off: bool = True
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("methods", "budget", "ratio", "allow_off")
-    NAME: ClassVar[str] = f"mm_processor_kwargs.{LIMITS_KEY}"
-
     @classmethod
-    def parse(cls, value: object, connectors: Mapping[tuple[str, int], Connector]) -> Limits:
-        if value is None:
-            return cls()
-        if not isinstance(value, Mapping):
-            raise ConfigError(cls.NAME, f"must be an object with any of {', '.join(cls.FIELDS)}, got {quote(value)}")
-        unknown = sorted(str(key) for key in value if key not in cls.FIELDS)
-        if unknown:
-            raise ConfigError(f"{cls.NAME}.{quote(unknown[0])[1:-1]}", f"unknown limit; known: {', '.join(cls.FIELDS)}")
-        methods = value.get("methods")
+    def parse(cls, engine_kwargs: Mapping[str, object], connectors: Mapping[tuple[str, int], Connector]) -> Limits:
+        where = "mm_processor_kwargs"
+        methods = engine_kwargs.get(ALLOWED_METHODS_KEY)
         if methods is not None:
+            field = f"{where}.{ALLOWED_METHODS_KEY}"
             if isinstance(methods, str) or not isinstance(methods, list | tuple) or not methods:
-                raise ConfigError(f"{cls.NAME}.methods",
-                                  f"must be a non-empty list of method names, got {quote(methods)}")
+                raise ConfigError(field, f"must be a non-empty list of method names, got {quote(methods)}")
             for index, name in enumerate(methods):
-                field = f"{cls.NAME}.methods[{index}]"
-                if _check_method(name, field, connectors) == OFF:
-                    raise ConfigError(field, "'none' is not a method; use allow_off to let clients switch off")
+                if _check_method(name, f"{field}[{index}]", connectors) == OFF:
+                    raise ConfigError(f"{field}[{index}]", f"'none' is not a method; {ALLOW_OFF_KEY} decides whether "
+                                                           "clients may switch compression off")
             methods = tuple(sorted(set(methods)))
-        budget = cls._range(value, "budget", lambda v, f: _check_budget(v, f, allow_auto=False))
-        ratio = cls._range(value, "ratio", _check_ratio)
-        allow_off = value.get("allow_off", True)
+        budget = cls._range(engine_kwargs, f"{where}.{BUDGET_RANGE_KEY}",
+                            lambda v, f: _check_budget(v, f, allow_auto=False))
+        ratio = cls._range(engine_kwargs, f"{where}.{RATIO_RANGE_KEY}", _check_ratio)
+        allow_off = engine_kwargs.get(ALLOW_OFF_KEY, True)
         if not isinstance(allow_off, bool):
-            raise ConfigError(f"{cls.NAME}.allow_off", f"must be true or false, got {quote(allow_off)}")
+            raise ConfigError(f"{where}.{ALLOW_OFF_KEY}", f"must be true or false, got {quote(allow_off)}")
         return cls(methods, budget, ratio, allow_off)
 
-    @classmethod
-    def _range(cls, value: Mapping, name: str, check) -> tuple | None:  # noqa: ANN001
-        bounds = value.get(name)
+    @staticmethod
+    def _range(engine_kwargs: Mapping[str, object], field: str, check) -> tuple | None:  # noqa: ANN001
+        bounds = engine_kwargs.get(field.rsplit(".", 1)[1])
         if bounds is None:
             return None
-        field = f"{cls.NAME}.{name}"
         if isinstance(bounds, str) or not isinstance(bounds, list | tuple) or len(bounds) != 2:
             raise ConfigError(field, f"must be a [low, high] pair, got {quote(bounds)}")
         low, high = (check(bound, f"{field}[{index}]") for index, bound in enumerate(bounds))
@@ -298,9 +298,9 @@ class Limits:
         if method == OFF:
             if not self.allow_off:
                 raise ConfigError(field, f"this server does not let requests switch compression off "
-                                         f"({LIMITS_KEY}.allow_off is false)")
+                                         f"({ALLOW_OFF_KEY} is false)")
         elif self.methods is not None and method not in self.methods:
-            raise ConfigError(field, f"method {method!r} is not allowed on this server; {LIMITS_KEY}.methods: "
+            raise ConfigError(field, f"method {method!r} is not allowed on this server; {ALLOWED_METHODS_KEY}: "
                                      f"{', '.join(self.methods)}")
 
     def check_amount(self, amount: tuple[int | str | None, float | None], where: str) -> None:
@@ -309,18 +309,18 @@ class Limits:
             low, high = self.budget
             if budget == AUTO or not low <= budget <= high:
                 raise ConfigError(f"{where}.{BUDGET_KEY}", f"{budget!r} is outside this server's limit "
-                                                           f"{LIMITS_KEY}.budget [{low}, {high}]")
+                                                           f"{BUDGET_RANGE_KEY} [{low}, {high}]")
         if ratio is not None and self.ratio is not None:
             low, high = self.ratio
             if not low <= ratio <= high:
                 raise ConfigError(f"{where}.{RATIO_KEY}", f"{ratio!r} is outside this server's limit "
-                                                          f"{LIMITS_KEY}.ratio [{low}, {high}]")
+                                                          f"{RATIO_RANGE_KEY} [{low}, {high}]")
 
 
 def engine_limits(engine_kwargs: Mapping[str, object] | None) -> Limits:
-    """The client limits the server sets (``tokcomp_limits``), checked; no limits if none."""
-    engine_kwargs = engine_kwargs or {}
-    return Limits.parse(engine_kwargs.get(LIMITS_KEY), engine_connectors(engine_kwargs))
+    """The client limits the server sets, checked; no limits if none."""
+    engine_kwargs = plugin_keys_in(engine_kwargs)
+    return Limits.parse(engine_kwargs, engine_connectors(engine_kwargs))
 
 
 def _connector_spec(
@@ -360,7 +360,7 @@ def parse_engine_config(mm_processor_kwargs: Mapping[str, object] | None) -> Com
     kwargs = plugin_keys_in(mm_processor_kwargs)
     _check_keys(kwargs, where, ENGINE_KEYS)
     connectors = engine_connectors(kwargs)
-    limits = Limits.parse(kwargs.get(LIMITS_KEY), connectors)
+    limits = Limits.parse(kwargs, connectors)
     spec = _parse_engine_spec(kwargs, connectors, where)
     method = OFF if spec is None else spec.method
     try:
@@ -368,14 +368,14 @@ def parse_engine_config(mm_processor_kwargs: Mapping[str, object] | None) -> Com
         if spec is not None:
             limits.check_amount((spec.budget, spec.ratio), where)
     except ConfigError as error:
-        raise ConfigError(error.field, f"the server's own setting is outside {LIMITS_KEY}: "
+        raise ConfigError(error.field, "the server's own setting is outside its client limits: "
                                        f"{str(error).split(': ', 1)[1]}") from None
     return spec
 
 
 def _parse_engine_spec(kwargs: Mapping[str, object], connectors: Mapping[tuple[str, int], Connector],
                        where: str) -> CompressionSpec | None:
-    if not set(kwargs) - {CONNECTORS_KEY, LIMITS_KEY}:
+    if not set(kwargs) - set(ENGINE_ONLY_KEYS):
         return None  # nothing, or connectors / limits for requests that opt in
     method = _engine_method(kwargs)
     if method is None:
@@ -426,7 +426,7 @@ def resolve_request(
     _check_keys(request, where)
     engine_keys = plugin_keys_in(engine_kwargs)
     connectors = engine_connectors(engine_keys)
-    limits = Limits.parse(engine_keys.get(LIMITS_KEY), connectors)
+    limits = Limits.parse(engine_keys, connectors)
     engine_method = _engine_method(engine_keys)
     request_amount = _check_amount(request, where)
     if request_amount is not None:

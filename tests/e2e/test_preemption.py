@@ -1,8 +1,9 @@
-"""Compressed requests preempted under a tiny KV cache answer exactly as they do unpreempted.
+"""Compressed requests preempted under a tiny KV cache answer exactly as they do unpreempted; client limits.
 
 The real ``tokcomp serve`` with a KV cache of a few blocks: sixteen concurrent requests (mixed methods, budgets,
 compression off) that each fit alone but not together, so vLLM preempts and recomputes them, re-encoding or
-re-reading their images; each must get its own count and the same greedy tokens as when it ran alone.
+re-reading their images; each must get its own count and the same greedy tokens as when it ran alone. The same
+server bounds what clients may choose (the client-limit flags), and a request outside them is a 400 naming them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.slow
 BLOCK = 128
 # One block is vLLM's null block: 896 tokens, one uncompressed request (~635 + output) fits, four compressed do not
 BLOCKS = 8
+ALLOWED = ("tome", "mustdrop", "pool", "divprune", "text_relevance", "cls_topk")
 OUTPUT_TOKENS = 128  # every request grows by a block while decoding: with all blocks taken, vLLM preempts
 
 
@@ -30,7 +32,8 @@ def server(tiny_llava_dir, vllm_env, tmp_path_factory):
     log = tmp_path_factory.mktemp("preemption-server") / "server.log"
     args = ["--method", "tome", "--budget", "64", "--max-model-len", str(BLOCK * (BLOCKS - 1)),
             "--served-model-name", MODEL, "--max-num-seqs", "16", "--block-size", str(BLOCK),
-            "--num-gpu-blocks-override", str(BLOCKS)]
+            "--num-gpu-blocks-override", str(BLOCKS), "--allowed-methods", ",".join(ALLOWED),
+            "--budget-range", "16:256", "--ratio-range", "0.05:0.5"]
     with ServerProcess(args, env=vllm_env, log_path=log) as running:
         yield running
 
@@ -63,3 +66,26 @@ def test_preempted_requests_answer_as_when_they_ran_alone(server):
     assert _preemptions(server) > 0, "the KV cache was meant to be too small for all of them at once"
     assert together == alone
     assert all(completion == OUTPUT_TOKENS for _, completion, _ in together)
+
+
+def test_startup_line_names_the_client_limits(server):
+    assert ("tokcomp: compressing images with method=tome budget=64; clients limited to methods "
+            f"{', '.join(sorted(ALLOWED))}; budget [16, 256]; ratio [0.05, 0.5]") in server.log_text()
+
+
+@pytest.mark.parametrize(
+    ("mm_kwargs", "field", "limit"),
+    [
+        ({"tokcomp_method": "uniform"}, "tokcomp_method", "tokcomp_allowed_methods"),
+        ({"tokcomp_budget": 8}, "tokcomp_budget", "tokcomp_budget_range"),
+        ({"tokcomp_method": "pool", "tokcomp_budget": 300}, "tokcomp_budget", "tokcomp_budget_range"),
+        ({"tokcomp_ratio": 0.75}, "tokcomp_ratio", "tokcomp_ratio_range"),
+        ({"tokcomp_method": "mustdrop", "tokcomp_budget": "auto"}, "tokcomp_budget", "tokcomp_budget_range"),
+    ],
+)
+def test_requests_outside_the_client_limits_are_400_naming_the_limit(server, mm_kwargs, field, limit):
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=600)
+    with pytest.raises(openai.BadRequestError) as error:
+        _ask(client, mm_kwargs, seed=1)
+    assert f"mm_processor_kwargs.{field}" in str(error.value) and limit in str(error.value)
+    assert server.is_healthy()
