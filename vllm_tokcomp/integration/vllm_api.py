@@ -65,6 +65,7 @@ __all__ = [
     "context_hiding_keys",
     "RECOMPUTE_FLAG",
     "enable_runner_position_recompute",
+    "enable_v2_runner_position_recompute",
     "check_text_only_requests",
     "engine_mm_processor_kwargs",
     "in_tree_llava_info",
@@ -148,6 +149,41 @@ def enable_runner_position_recompute() -> None:
         self.__dict__[_STORED_FLAG] = bool(value)
 
     setattr(GPUModelRunner, _RUNNER_FLAG, property(get, set_))
+
+
+
+_V2_PATCHED = "_tokcomp_creates_pruner"
+
+
+def enable_v2_runner_position_recompute() -> None:
+    """The same request to Model Runner V2 (the default runner of CUDA vLLM 0.32 with Triton): give models whose
+    class sets :data:`RECOMPUTE_FLAG` a ``MultiModalPruner``.
+
+    V2's ``DefaultModelState.__init__`` (``vllm/v1/worker/gpu/model_states/default.py``) builds the pruner, which
+    splits the appended position columns off each request's media embeddings and calls
+    ``model.recompute_mrope_positions`` (``MultiModalPruner.recompute``), only through ``maybe_create_mm_pruner``,
+    which returns one only when vLLM's own video pruning is on. ``default.py`` imported that function by name, so
+    the name there is wrapped: vLLM's pruner when vLLM makes one, else ours for a model that asks and has M-RoPE
+    state. Called with the V1 patch from the model's ``__init__``, which V2 runs before building the model state;
+    idempotent; ``tests/test_vllm_api.py`` fails if the gate or the pruner moves."""
+    from vllm.v1.worker.gpu.model_states import default, mm_pruning
+
+    if getattr(default.maybe_create_mm_pruner, _V2_PATCHED, False):
+        return
+    original = default.maybe_create_mm_pruner
+
+    def maybe_create_mm_pruner(model_config, model, rope_state, encoder_cache):  # noqa: ANN001, ANN202
+        pruner = original(model_config, model, rope_state, encoder_cache)
+        if pruner is not None or rope_state is None or encoder_cache is None:
+            return pruner
+        unwrap = getattr(model, "unwrap", None)  # CUDA-graph wrappers hold the model
+        inner = unwrap() if callable(unwrap) else model
+        if not getattr(type(inner), RECOMPUTE_FLAG, False):
+            return None
+        return mm_pruning.MultiModalPruner(model, rope_state, encoder_cache, model_config.get_inputs_embeds_size())
+
+    setattr(maybe_create_mm_pruner, _V2_PATCHED, True)
+    default.maybe_create_mm_pruner = maybe_create_mm_pruner
 
 
 _TEXT_ONLY_PATCHED = "_tokcomp_checks_text_only"
