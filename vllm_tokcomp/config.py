@@ -274,17 +274,16 @@ class Limits:
                     raise ConfigError(f"{field}[{index}]", f"'none' is not a method; {ALLOW_OFF_KEY} decides whether "
                                                            "clients may switch compression off")
             methods = tuple(sorted(set(methods)))
-        budget = cls._range(engine_kwargs, f"{where}.{BUDGET_RANGE_KEY}",
+        budget = cls._range(engine_kwargs.get(BUDGET_RANGE_KEY), f"{where}.{BUDGET_RANGE_KEY}",
                             lambda v, f: _check_budget(v, f, allow_auto=False))
-        ratio = cls._range(engine_kwargs, f"{where}.{RATIO_RANGE_KEY}", _check_ratio)
+        ratio = cls._range(engine_kwargs.get(RATIO_RANGE_KEY), f"{where}.{RATIO_RANGE_KEY}", _check_ratio)
         allow_off = engine_kwargs.get(ALLOW_OFF_KEY, True)
         if not isinstance(allow_off, bool):
             raise ConfigError(f"{where}.{ALLOW_OFF_KEY}", f"must be true or false, got {quote(allow_off)}")
         return cls(methods, budget, ratio, allow_off)
 
     @staticmethod
-    def _range(engine_kwargs: Mapping[str, object], field: str, check) -> tuple | None:  # noqa: ANN001
-        bounds = engine_kwargs.get(field.rsplit(".", 1)[1])
+    def _range(bounds: object, field: str, check) -> tuple | None:  # noqa: ANN001
         if bounds is None:
             return None
         if isinstance(bounds, str) or not isinstance(bounds, list | tuple) or len(bounds) != 2:

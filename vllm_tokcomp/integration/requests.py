@@ -9,7 +9,6 @@ from ..config import (
     CANONICAL_KEY,
     INTERNAL_KEYS,
     PLUGIN_KEYS,
-    QUERY_KEY,
     CompressionSpec,
     ConfigError,
     canonical_spec,
@@ -69,10 +68,11 @@ def processed_spec(
     kwargs: Mapping[str, object], engine_kwargs: Mapping[str, object]
 ) -> CompressionSpec | None:
     """The spec of kwargs the processor has seen: the canonical one it put there, else (kwargs that reached the
-    processor without passing :func:`canonical_kwargs`) resolved from the ``tokcomp_*`` values."""
+    processor without passing :func:`canonical_kwargs`, which never carry the internal keys) resolved from the
+    ``tokcomp_*`` values."""
     if CANONICAL_KEY in kwargs:
         return spec_from_canonical(str(kwargs[CANONICAL_KEY]))
-    return resolve_request(engine_kwargs, {k: v for k, v in kwargs.items() if k != QUERY_KEY})
+    return resolve_request(engine_kwargs, kwargs)
 
 
 def check_text_only(mm_processor: object, request_kwargs: Mapping[str, object]) -> None:

@@ -151,7 +151,6 @@ def enable_runner_position_recompute() -> None:
     setattr(GPUModelRunner, _RUNNER_FLAG, property(get, set_))
 
 
-
 _V2_PATCHED = "_tokcomp_creates_pruner"
 
 
