@@ -8,7 +8,7 @@ features and after the projector: which half of the image a patch is in (left/ri
 A probe is fitted on three quarters of the images and scored on the rest, over all patches and over the
 patches on an object or the digit box (the ones questions are about). Chance is 0.5 and 1/24.
 
-This is the measurement behind ``train.llava --position-weight``: the session-6 model's LM answered "left" to
+This is the measurement behind ``train.llava --position-weight``: a model trained without it answered "left" to
 every "left or right?" test question, and its object patches told left from right at 0.61.
 
 Writes ``OUT.json`` and ``OUT.md`` (default ``benchmarks/results/position-probe``).

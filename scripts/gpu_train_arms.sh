@@ -3,7 +3,7 @@
 # model and every arm on the whole test split (transformers, greedy, uncompressed) and on 600 fresh validation
 # scenes (benchmarks/heldout.py: 3027 single-turn questions, standard error ~0.7 points, where the test split's 500
 # questions cannot tell two arms 2 points apart), all in one call: the shape of
-# the issue-5 runs (benchmarks/results/accuracy_training_v9.json), kept here so a lent GPU's minutes go to training.
+# the training runs (benchmarks/results/accuracy_training_v9.json), kept here so a lent GPU's minutes go to training.
 #
 #   bash scripts/gpu_train_arms.sh SECONDS 'a=' 'b=--isolated-questions' 'c=--isolated-questions --look-weight 1'
 #

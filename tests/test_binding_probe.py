@@ -133,9 +133,10 @@ def test_question_forms_name_each_object_only_where_the_name_is_unambiguous():
 
 
 def test_the_bundled_model_finds_objects_by_shape_and_by_colour():
-    """The finding the question-form section exists to track. The weights bundled before session 18 found an object
-    named by its shape (head 0: 0.94 of its attention on it) but not one named by its colour (0.37, about uniform over
-    the objects; accuracy_training_v13.json), and answered shape-by-colour questions at 0.71. Training that weighted
+    """The finding the question-form section exists to track. The previous weights (tiny_llava_gpu_pos_qa3645.pt)
+    found an object named by its shape (head 0: 0.94 of its attention on it) but not one named by its colour (0.37,
+    about uniform over the objects; accuracy_training_v13.json), and answered shape-by-colour questions at 0.71.
+    Training that weighted
     the question-to-object look (accuracy_training_v14.json, v15.json) made head 0 find both; a model that loses
     either binding again fails here."""
     from benchmarks.binding_probe import load_eager, question_form_attention

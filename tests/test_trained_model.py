@@ -108,7 +108,7 @@ def test_transformers_answers_from_the_vocabulary(model_dir: Path, handful: list
 def test_transformers_answers_well_above_the_priors(model_dir: Path, family: str, tmp_path: Path) -> None:
     # The model must look at the image: answering every question with its type's most common answer scores about
     # 0.37-0.40 on this task (benchmarks/results/accuracy.md, "chance"). Of these 60 (the first 30 test images of
-    # seed 0) the bundled LLaVA answers 48, the bundled Qwen2-VL 39 (session 8) and Qwen2.5-VL 38 (session 9); 33 of 60
+    # seed 0) the bundled LLaVA answers 48, the bundled Qwen2-VL 39 and Qwen2.5-VL 38; 33 of 60
     # is more than two standard deviations above the priors' 0.4.
     from vllm_tokcomp.data.generate import main as generate
 
