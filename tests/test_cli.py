@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from vllm_tokcomp.cli import build_serve_command
+from vllm_tokcomp.cli import THREAD_BIND_ENV, build_serve_command, cpu_thread_binding, parallel_sizes
 from vllm_tokcomp.config import ConfigError
 
 
@@ -73,6 +73,46 @@ def test_serve_adds_plugin_to_an_allow_list(monkeypatch):
     monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
     _, env = build_serve_command(["/m"])
     assert env["VLLM_PLUGINS"] == "lora_filesystem_resolver,tokcomp"
+
+
+@pytest.mark.parametrize(
+    ("args", "sizes"),
+    [([], (1, 1, 1)), (["-tp", "2"], (2, 1, 1)), (["--tensor-parallel-size=4", "-pp", "2"], (4, 2, 1)),
+     (["--data-parallel-size", "2", "--max-model-len", "512"], (1, 1, 2)), (["-tp", "two"], (1, 1, 1)),
+     (["-tp"], (1, 1, 1))],
+)
+def test_parallel_sizes_read_vllm_flags(args, sizes):
+    assert tuple(parallel_sizes(args).values()) == sizes
+
+
+@pytest.mark.parametrize(
+    ("workers", "cpus", "binding"),
+    [(1, [0, 1], None), (2, [0, 1], "0|1"), (2, list(range(16)), "0-7|8-15"), (3, list(range(8)), "0-2|3-5|6-7"),
+     (2, [3, 1, 0, 2], "0-1|2-3"), (2, [0, 2, 4, 6], "0,2|4,6"), (4, [0, 1], None)],
+)
+def test_cpu_thread_binding_splits_the_allowed_cpus(workers, cpus, binding):
+    assert cpu_thread_binding(workers, cpus) == binding
+
+
+def test_serve_binds_threads_for_several_cpu_workers_unless_the_user_did(monkeypatch):
+    """vLLM-CPU's ``auto`` binding needs one NUMA node per worker; ``tokcomp serve`` writes the list instead."""
+    pytest.importorskip("vllm")
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the binding is for the CPU build of vLLM")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.delenv(THREAD_BIND_ENV, raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1})
+    _, env = build_serve_command(["/m", "-tp", "2"])
+    assert env[THREAD_BIND_ENV] == "0|1"
+    _, env = build_serve_command(["/m"])
+    assert THREAD_BIND_ENV not in env
+    monkeypatch.setenv(THREAD_BIND_ENV, "1|0")
+    _, env = build_serve_command(["/m", "-tp", "2"])
+    assert env[THREAD_BIND_ENV] == "1|0"
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from vllm_tokcomp.integration.clip_signals import cls_signals_from_qkv
+from vllm_tokcomp.integration.clip_signals import cls_signals_from_qk
 
 
 def test_matches_transformers_eager_attention_of_the_feature_layer():
@@ -20,8 +20,8 @@ def test_matches_transformers_eager_attention_of_the_feature_layer():
         layer = model.encoder.layers[1]
         normed = layer.layer_norm1(out.hidden_states[1])
         attn = layer.self_attn
-        qkv = torch.cat([attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)], dim=-1)
-    signals = cls_signals_from_qkv(qkv, num_heads=4, head_dim=16, num_patch_tokens=16)
+        q, k = attn.q_proj(normed), attn.k_proj(normed)
+    signals = cls_signals_from_qk(q, k, num_heads=4, head_dim=16, num_patch_tokens=16)
     expected = out.attentions[1][:, :, 0, 1:].mean(dim=1)
     for index, signal in enumerate(signals):
         torch.testing.assert_close(signal.cls_attention, expected[index], rtol=1e-4, atol=1e-6)

@@ -64,6 +64,7 @@ def _vllm_shaped(model: LlamaModel, config: LlamaConfig) -> nn.Module:
         attn.rotary_emb = _Rotary(model.rotary_emb, heads, kv_heads, dim)
         attn.q_size, attn.kv_size = heads * dim, kv_heads * dim
         attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scaling = heads, kv_heads, dim, dim**-0.5
+        attn.total_num_heads = heads  # one rank holds every head
         layer.self_attn = attn
         layers.append(layer)
     wrapper = nn.Module()

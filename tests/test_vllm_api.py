@@ -46,6 +46,8 @@ def test_clip_attention_layout():
     assert "self.qkv_proj(hidden_states)" in source and "chunk(3, dim=-1)" in source
     init = inspect.getsource(CLIPAttention.__init__)
     assert "self.num_heads_per_partition" in init and "self.head_dim" in init
+    # Under tensor parallelism clip_signals gathers q and k when the tower's heads are sharded (tp_size > 1).
+    assert "self.tp_size" in init and "self.num_heads = config.num_attention_heads" in init
     assert "self.self_attn" in inspect.getsource(CLIPEncoderLayer.__init__)
 
 
@@ -82,7 +84,8 @@ def test_llama_layout_used_by_the_lm_probe():
     from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
     init = inspect.getsource(LlamaAttention.__init__)
-    for attribute in ("self.q_size", "self.kv_size", "self.num_heads", "self.num_kv_heads", "self.scaling"):
+    for attribute in ("self.q_size", "self.kv_size", "self.num_heads", "self.total_num_heads", "self.num_kv_heads",
+                      "self.scaling"):
         assert attribute in init, attribute
     assert "self.head_dim" in init
     forward = inspect.getsource(LlamaAttention.forward)
@@ -238,3 +241,15 @@ def test_v2_runner_builds_a_pruner_for_models_that_ask_and_only_for_them():
     assert isinstance(pruner, mm_pruning.MultiModalPruner) and pruner.inputs_embeds_size == 32
     assert default.maybe_create_mm_pruner(pruning_off, object(), rope, cache) is None
     assert default.maybe_create_mm_pruner(pruning_off, Asks(), None, cache) is None  # no M-RoPE state
+
+
+def test_tensor_parallel_collectives_used_by_the_signals():
+    """vllm_api.gather_head_shards / sum_head_shards: vLLM's TP all-gather joins shards along ``dim`` in rank
+    order, and both return their input unchanged on a single rank (no communication)."""
+    from vllm.distributed import communication_op
+    from vllm.distributed.parallel_state import GroupCoordinator
+
+    assert list(inspect.signature(communication_op.tensor_model_parallel_all_gather).parameters) == ["input_", "dim"]
+    assert "get_tp_group().all_reduce(input_)" in inspect.getsource(communication_op.tensor_model_parallel_all_reduce)
+    assert "if self.world_size == 1" in inspect.getsource(GroupCoordinator.all_reduce)
+    assert "if world_size == 1" in inspect.getsource(GroupCoordinator.all_gather)

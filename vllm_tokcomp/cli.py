@@ -129,6 +129,10 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
         # processes hold part of it; a fixed KV space is what the CPU docs recommend.
         env["VLLM_CPU_KVCACHE_SPACE"] = DEFAULT_CPU_KV_GIB
         print(f"tokcomp serve: CPU build, using VLLM_CPU_KVCACHE_SPACE={DEFAULT_CPU_KV_GIB} (GiB)", file=sys.stderr)
+    binding = _cpu_thread_binding(passthrough, env)
+    if binding is not None:
+        env[THREAD_BIND_ENV] = binding
+        print(f"tokcomp serve: CPU build with several workers, using {THREAD_BIND_ENV}={binding}", file=sys.stderr)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p and p != "none"]
     if "VLLM_PLUGINS" in env and PLUGIN_NAME not in plugins:
         env["VLLM_PLUGINS"] = ",".join([*plugins, PLUGIN_NAME])
@@ -160,6 +164,62 @@ def _needs_cpu_kv_default(passthrough: Sequence[str], env: Mapping[str, str]) ->
         arg.split("=")[0] in ("--kv-cache-memory-bytes", "--gpu-memory-utilization") for arg in passthrough
     ):
         return False
+    return _is_cpu_build()
+
+
+THREAD_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+_PARALLEL_FLAGS = {"--tensor-parallel-size": "tp", "-tp": "tp", "--pipeline-parallel-size": "pp", "-pp": "pp",
+                   "--data-parallel-size": "dp", "-dp": "dp"}
+
+
+def parallel_sizes(passthrough: Sequence[str]) -> dict[str, int]:
+    """``{"tp", "pp", "dp"}`` from vLLM's flags in ``passthrough`` (``--flag N``, ``--flag=N``; default 1). A value
+    that is not an integer is left for vLLM to reject (counted as 1 here)."""
+    sizes = {"tp": 1, "pp": 1, "dp": 1}
+    args = list(passthrough)
+    for index, arg in enumerate(args):
+        flag, equals, value = arg.partition("=")
+        if flag not in _PARALLEL_FLAGS:
+            continue
+        if not equals:
+            value = args[index + 1] if index + 1 < len(args) else ""
+        try:
+            sizes[_PARALLEL_FLAGS[flag]] = max(1, int(value))
+        except ValueError:
+            pass
+    return sizes
+
+
+def cpu_thread_binding(workers: int, cpus: Sequence[int]) -> str | None:
+    """vLLM-CPU's ``VLLM_CPU_OMP_THREADS_BIND`` for ``workers`` local workers: the allowed CPUs in order, split
+    into that many contiguous groups (``"0|1"``, ``"0-7|8-15"``); ``None`` when one worker (vLLM's ``auto`` binds
+    it) or fewer CPUs than workers (vLLM then says what is wrong).
+
+    vLLM's ``auto`` gives each worker one NUMA node, so on a one-node machine anything above one worker fails with
+    "Not enough allowed NUMA nodes to bind threads"; a hand-written list is what vLLM's CPU docs prescribe."""
+    cpus = sorted(cpus)
+    if workers <= 1 or len(cpus) < workers:
+        return None
+    share, extra = divmod(len(cpus), workers)
+    groups, start = [], 0
+    for worker in range(workers):
+        size = share + (1 if worker < extra else 0)
+        group = cpus[start:start + size]
+        start += size
+        contiguous = group[-1] - group[0] == len(group) - 1
+        groups.append((f"{group[0]}-{group[-1]}" if len(group) > 1 else str(group[0])) if contiguous
+                      else ",".join(map(str, group)))
+    return "|".join(groups)
+
+
+def _cpu_thread_binding(passthrough: Sequence[str], env: Mapping[str, str]) -> str | None:
+    if env.get(THREAD_BIND_ENV) or not _is_cpu_build():
+        return None
+    sizes = parallel_sizes(passthrough)
+    return cpu_thread_binding(sizes["tp"] * sizes["pp"] * sizes["dp"], sorted(os.sched_getaffinity(0)))
+
+
+def _is_cpu_build() -> bool:
     import importlib.metadata as metadata
 
     try:

@@ -24,6 +24,9 @@ def main() -> None:
         mm_processor_kwargs=job.get("engine_mm_kwargs"),
         scheduler_cls="vllm_tokcomp.integration.kv_probe.BlockRecordingScheduler",
         limit_mm_per_prompt={"image": 2},
+        tensor_parallel_size=job.get("tensor_parallel_size", 1),
+        pipeline_parallel_size=job.get("pipeline_parallel_size", 1),
+        dtype=job.get("dtype", "auto"),
     )
     params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0)
     results = []

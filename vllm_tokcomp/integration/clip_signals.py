@@ -9,7 +9,10 @@ runs (a forward hook that lives only for the duration of one call) and compute
 ``softmax(q_cls K^T / sqrt(d))`` per head: O(N) extra work.
 
 Checked against vLLM 0.32.0 ``CLIPAttention`` (fused ``qkv_proj`` whose output
-is ``[q | k | v]`` for this rank's heads).
+is ``[q | k | v]`` for this rank's heads; ``tp_size`` is 1 when the tower runs
+data-parallel). Under tensor parallelism each rank gathers every rank's q and k
+before deciding, so all ranks see the signals a single GPU would, and select
+the same tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from .vllm_api import gather_head_shards
 
 
 @dataclass(frozen=True)
@@ -42,9 +47,10 @@ def capture_feature_layer_signals(vision_tower: nn.Module, num_patch_tokens: int
 
     def hook(_module: nn.Module, _inputs: tuple, output: tuple) -> None:
         qkv = output[0] if isinstance(output, tuple) else output
-        captured.extend(
-            cls_signals_from_qkv(qkv, attention.num_heads_per_partition, attention.head_dim, num_patch_tokens)
-        )
+        q, k, _v = qkv.chunk(3, dim=-1)
+        if attention.tp_size > 1:
+            q, k = gather_head_shards(q), gather_head_shards(k)
+        captured.extend(cls_signals_from_qk(q, k, attention.num_heads, attention.head_dim, num_patch_tokens))
 
     handle = attention.qkv_proj.register_forward_hook(hook)
     try:
@@ -53,10 +59,12 @@ def capture_feature_layer_signals(vision_tower: nn.Module, num_patch_tokens: int
         handle.remove()
 
 
-def cls_signals_from_qkv(qkv: Tensor, num_heads: int, head_dim: int, num_patch_tokens: int) -> list[VisionSignals]:
-    """From fused ``[B, 1 + N, 3 * H * d]`` QKV (CLS first): per image CLS→patch attention and patch keys."""
-    batch, seq, _ = qkv.shape
-    q, k, _v = qkv.float().chunk(3, dim=-1)
+def cls_signals_from_qk(q: Tensor, k: Tensor, num_heads: int, head_dim: int,
+                        num_patch_tokens: int) -> list[VisionSignals]:
+    """From queries and keys ``[B, 1 + N, H * d]`` of all heads (CLS first): per image CLS→patch attention and
+    patch keys."""
+    batch, seq, _ = q.shape
+    q, k = q.float(), k.float()
     q_cls = q[:, 0].reshape(batch, num_heads, head_dim)
     k_heads = k.reshape(batch, seq, num_heads, head_dim)
     logits = torch.einsum("bhd,bshd->bhs", q_cls, k_heads) * head_dim**-0.5

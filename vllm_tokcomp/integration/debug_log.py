@@ -22,6 +22,9 @@ def append_record(env_var: str, record: dict) -> None:
 
 
 def log_selection(spec: CompressionSpec, grid: tuple[int, ...], anchors: torch.Tensor) -> None:
-    """With ``$TOKCOMP_SELECTION_LOG`` set, which tokens a compressed item kept (its anchors, in output order)."""
+    """With ``$TOKCOMP_SELECTION_LOG`` set, which tokens a compressed item kept (its anchors, in output order),
+    and the worker's global rank (``None`` outside a distributed group): with tensor or pipeline parallelism
+    every rank that embeds the item writes its own record."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else None
     append_record(SELECTION_LOG_ENV, {"method": spec.method, "budget": spec.budget, "grid": list(grid),
-                                      "anchors": anchors.tolist()})
+                                      "anchors": anchors.tolist(), "rank": rank})

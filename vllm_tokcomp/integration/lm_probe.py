@@ -10,8 +10,10 @@ count was fixed at processing time.
 
 Checked against vLLM 0.32.0 Llama-family decoder layers (``input_layernorm``
 with fused residual, ``self_attn.qkv_proj/rotary_emb/o_proj`` with
-``q_size/kv_size/num_heads/num_kv_heads/head_dim/scaling``, ``mlp``); with
-tensor parallelism each rank would see its own heads only (not supported).
+``q_size/kv_size/num_heads/total_num_heads/num_kv_heads/head_dim/scaling``,
+``mlp``). Under tensor parallelism the layers below the probe are exact (vLLM's
+row-parallel ``o_proj`` and ``mlp`` all-reduce), and the probe layer's per-rank
+head sums are all-reduced, so every rank reads the single-GPU average.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .vllm_api import sum_head_shards
 
 DEFAULT_PROBE_LAYER = 2  # MustDrop's first pruning layer
 
@@ -51,7 +55,10 @@ def text_to_vision_attention(
         attention = layer.self_attn
         q, k, v = _rotated_qkv(attention, positions, normed)
         if index == probe_layer:
-            return _text_rows(q, k, attention.scaling, n)
+            rows = _text_rows(q, k, attention.scaling, n)
+            if attention.num_heads != attention.total_num_heads:
+                rows = sum_head_shards(rows)
+            return rows / attention.total_num_heads
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=attention.scaling
         ).transpose(0, 1)
@@ -74,7 +81,7 @@ def _rotated_qkv(attention: nn.Module, positions: Tensor, normed: Tensor) -> tup
 
 
 def _text_rows(q: Tensor, k: Tensor, scale: float, num_vision: int) -> Tensor:
-    """Causal softmax rows of the text queries, restricted to the visual keys, averaged over heads."""
+    """Causal softmax rows of the text queries, restricted to the visual keys, summed over this rank's heads."""
     q_text = q[num_vision:].float()  # [T, heads, d]
     logits = torch.einsum("thd,shd->hts", q_text, k.float()) * scale  # [heads, T, S]
     t = q_text.shape[0]
@@ -82,4 +89,4 @@ def _text_rows(q: Tensor, k: Tensor, scale: float, num_vision: int) -> Tensor:
     query_pos = torch.arange(num_vision, num_vision + t, device=q.device)[:, None]
     causal = torch.arange(seq, device=q.device)[None, :] <= query_pos
     logits = logits.masked_fill(~causal, float("-inf"))
-    return logits.softmax(dim=-1)[:, :, :num_vision].mean(dim=0)  # [T, N]
+    return logits.softmax(dim=-1)[:, :, :num_vision].sum(dim=0)  # [T, N]

@@ -12,7 +12,9 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from torch import Tensor
 from vllm.config import VllmConfig
+from vllm.distributed import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
 from vllm.exceptions import VLLMValidationError
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
@@ -68,6 +70,8 @@ __all__ = [
     "enable_v2_runner_position_recompute",
     "check_text_only_requests",
     "engine_mm_processor_kwargs",
+    "gather_head_shards",
+    "sum_head_shards",
     "in_tree_llava_info",
     "in_tree_llava_processor",
 ]
@@ -76,6 +80,19 @@ __all__ = [
 # module-private factories; we keep using them for configs we do not compress.
 in_tree_llava_info = _build_llava_or_pixtral_hf_info
 in_tree_llava_processor = _build_llava_or_pixtral_hf_processor
+
+
+def gather_head_shards(tensor: Tensor) -> Tensor:
+    """This rank's attention-head slice (last dimension) joined with every other tensor-parallel rank's, in rank
+    order: the tensor a single GPU would have computed. vLLM shards a tower's or LM's heads over the TP group
+    (``QKVParallelLinear``); a selection decided on one rank's heads would differ from rank to rank."""
+    return tensor_model_parallel_all_gather(tensor.contiguous(), dim=-1)
+
+
+def sum_head_shards(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over the tensor-parallel group: per-rank sums over local heads become the sum over
+    all heads."""
+    return tensor_model_parallel_all_reduce(tensor.contiguous())
 
 
 class RequestSettingError(VLLMValidationError, ValueError):

