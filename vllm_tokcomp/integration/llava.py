@@ -28,6 +28,7 @@ import torch
 from ..config import (
     AUTO,
     CONNECTORS_KEY,
+    METHOD_KEY,
     CompressionSpec,
     ConfigError,
     effective_config,
@@ -46,6 +47,7 @@ from .clip_signals import capture_feature_layer_signals
 from .debug_log import log_selection
 from .lm_probe import text_to_vision_attention
 from .mustdrop_tower import encode_with_window_merge, supports_tower_merge
+from .parallel import PipelineLimit, llava_pipeline_limit
 from .requests import canonical_kwargs, check_request, processed_spec
 from .text_signals import with_text_fallback
 from .vllm_api import (
@@ -75,6 +77,7 @@ class CompressedLlavaInfo(LlavaProcessingInfo):
     def __init__(self, ctx) -> None:  # noqa: ANN001 - vLLM's InputProcessingContext
         super().__init__(context_hiding_keys(ctx, without_plugin_keys))
         self.engine_kwargs = dict(engine_mm_processor_kwargs(ctx))
+        self.tokcomp_pipeline = PipelineLimit()
         try:
             self.engine_spec = parse_engine_config(self.engine_kwargs)
             _check_connectors_trained_for(self.engine_kwargs, ctx.model_config.model)
@@ -88,9 +91,19 @@ class CompressedLlavaInfo(LlavaProcessingInfo):
         if self.engine_configured:
             _log_effective_config_once(self.engine_spec, self.engine_kwargs, None if self.supported else vision_type)
 
+    def limit_to_pipeline(self, stages: int) -> None:
+        """Refuse what cannot run on ``stages`` pipeline stages (integration/parallel.py): the engine's own method
+        stops the server, a request's gets HTTP 400."""
+        self.tokcomp_pipeline = llava_pipeline_limit(self.get_hf_config().text_config.num_hidden_layers, stages)
+        try:
+            self.tokcomp_pipeline.check(self.engine_spec, f"mm_processor_kwargs.{METHOD_KEY}")
+        except ConfigError as error:
+            raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
+
     def spec_for_request(self, request_kwargs: Mapping[str, object]) -> CompressionSpec | None:
         """The spec of a client's kwargs (``ConfigError`` naming a bad field)."""
         spec = resolve_request(self.engine_kwargs, request_kwargs)
+        self.tokcomp_pipeline.check(spec, f"mm_processor_kwargs.{METHOD_KEY}")
         return spec if self.supported else None
 
     def processed_spec(self, kwargs: Mapping[str, object]) -> CompressionSpec | None:

@@ -65,6 +65,7 @@ from ..connectors import is_connector_method
 from ..methods import TokenAssignment, VisualTokens, get_method
 from . import settings
 from .debug_log import POSITIONS_LOG_ENV, append_record, log_selection
+from .parallel import PipelineLimit, qwen_pipeline_limit
 from .requests import canonical_kwargs, check_request, processed_spec
 from .text_signals import with_text_fallback
 from .vllm_api import (
@@ -233,6 +234,7 @@ class _InfoMixin:
         super().__init__(context_hiding_keys(ctx, without_plugin_keys))
         self.engine_kwargs = dict(engine_mm_processor_kwargs(ctx))
         self.evs_rate = _evs_rate(ctx)
+        self.tokcomp_pipeline = PipelineLimit()
         try:
             self.engine_spec = self._check(parse_engine_config(self.engine_kwargs))
             if CONNECTORS_KEY in self.engine_kwargs:
@@ -253,7 +255,17 @@ class _InfoMixin:
                 f"tokcomp compression cannot be combined with vLLM's video_pruning_rate={self.evs_rate} (EVS); "
                 "unset one of them",
             )
+        self.tokcomp_pipeline.check(spec, METHOD_FIELD)
         return _check_servable(spec, METHOD_FIELD)
+
+    def limit_to_pipeline(self, stages: int) -> None:
+        """Refuse what cannot run on ``stages`` pipeline stages (integration/parallel.py): the engine's own method
+        stops the server, a request's gets HTTP 400."""
+        self.tokcomp_pipeline = qwen_pipeline_limit(ENCODER_DECIDED_METHODS, stages)
+        try:
+            self._check(self.engine_spec)
+        except ConfigError as error:
+            raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
 
     def spec_for_request(self, request_kwargs: Mapping[str, object]) -> CompressionSpec | None:
         """The spec of a client's kwargs (``ConfigError`` naming a bad field)."""

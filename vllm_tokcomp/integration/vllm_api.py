@@ -9,12 +9,14 @@ alternative exists) are wrapped in a function each, with the reason.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor
 from vllm.config import VllmConfig
 from vllm.distributed import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
+from vllm.distributed.utils import get_pp_indices
 from vllm.exceptions import VLLMValidationError
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
@@ -70,7 +72,9 @@ __all__ = [
     "enable_v2_runner_position_recompute",
     "check_text_only_requests",
     "engine_mm_processor_kwargs",
+    "first_stage_layers",
     "gather_head_shards",
+    "tell_processors_engine_config",
     "sum_head_shards",
     "in_tree_llava_info",
     "in_tree_llava_processor",
@@ -93,6 +97,12 @@ def sum_head_shards(tensor: Tensor) -> Tensor:
     """The sum of ``tensor`` over the tensor-parallel group: per-rank sums over local heads become the sum over
     all heads."""
     return tensor_model_parallel_all_reduce(tensor.contiguous())
+
+
+def first_stage_layers(num_layers: int, stages: int) -> int:
+    """How many decoder layers vLLM puts on the first of ``stages`` pipeline stages (``get_pp_indices``, which
+    honours ``VLLM_PP_LAYER_PARTITION``)."""
+    return get_pp_indices(num_layers, 0, stages)[1]
 
 
 class RequestSettingError(VLLMValidationError, ValueError):
@@ -240,3 +250,32 @@ def check_text_only_requests(check: Callable[[Any, Mapping[str, object]], None])
     BaseRenderer._process_tokens = process_tokens
     BaseRenderer._process_tokens_async = process_tokens_async
     setattr(BaseRenderer, _TEXT_ONLY_PATCHED, True)
+
+
+_RENDERER_PATCHED = "_tokcomp_tells_processor"
+
+
+def tell_processors_engine_config(tell: Callable[[Any, VllmConfig], None]) -> None:
+    """Call ``tell(mm_processor, vllm_config)`` once vLLM has built a renderer's multimodal processor.
+
+    vLLM 0.32 builds the frontend's processor from the model config alone
+    (``BaseRenderer.__init__`` in ``vllm/renderers/base.py`` calls ``MULTIMODAL_REGISTRY.create_processor(
+    config.model_config, ...)``), so settings outside it, such as the pipeline-parallel size, never reach the
+    processor; no public hook hands them over, so ``__init__`` is wrapped here. An exception raised by ``tell``
+    stops the renderer, and so the server, at startup. Applied at plugin registration, idempotent;
+    ``tests/test_vllm_api.py`` fails if vLLM moves the processor or the config."""
+    from vllm.renderers.base import BaseRenderer
+
+    if getattr(BaseRenderer, _RENDERER_PATCHED, False):
+        return
+    original = BaseRenderer.__init__
+
+    @functools.wraps(original)
+    def __init__(self, config, *args, **kwargs):  # noqa: ANN001, ANN202, N807
+        original(self, config, *args, **kwargs)
+        processor = getattr(self, "mm_processor", None)
+        if processor is not None:
+            tell(processor, config)
+
+    BaseRenderer.__init__ = __init__
+    setattr(BaseRenderer, _RENDERER_PATCHED, True)
