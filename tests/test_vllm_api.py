@@ -272,3 +272,25 @@ def test_pipeline_layer_split_used_by_the_frontend_check():
     assert first_stage_layers(32, 2) == 16
     assert first_stage_layers(2, 2) == 1
     assert first_stage_layers(5, 2) == 3  # vLLM gives the remainder to the stages before the last
+
+
+def test_encoder_cudagraphs_are_off_for_the_compressed_qwen_models():
+    """vllm_api.without_encoder_cudagraphs: both runners build the encoder CUDA-graph manager (which replays the
+    tower instead of calling embed_multimodal) only when ``supports_encoder_cudagraph(model)``; it is true for
+    vLLM's Qwen classes and false for ours."""
+    from vllm.model_executor.models.interfaces import supports_encoder_cudagraph
+    from vllm.v1.worker.gpu.model_states import interface
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_tokcomp.integration.qwen2_vl import CompressedQwen2_5_VL, CompressedQwen2VL
+    from vllm_tokcomp.integration.vllm_api import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    assert supports_encoder_cudagraph(Qwen2VLForConditionalGeneration)
+    assert supports_encoder_cudagraph(Qwen2_5_VLForConditionalGeneration)
+    assert not supports_encoder_cudagraph(CompressedQwen2VL)
+    assert not supports_encoder_cudagraph(CompressedQwen2_5_VL)
+    assert "if not supports_encoder_cudagraph(raw_model):" in inspect.getsource(
+        GPUModelRunner._create_encoder_cudagraph_manager)
+    assert "and supports_encoder_cudagraph(model)" in inspect.getsource(interface)
+    runner = inspect.getsource(GPUModelRunner._execute_mm_encoder)
+    assert "self.encoder_cudagraph_manager.execute(" in runner and "model.embed_multimodal(" in runner

@@ -27,6 +27,7 @@ def main() -> None:
         tensor_parallel_size=job.get("tensor_parallel_size", 1),
         pipeline_parallel_size=job.get("pipeline_parallel_size", 1),
         dtype=job.get("dtype", "auto"),
+        **job.get("engine_args", {}),  # e.g. chunked prefill's batch size, speculative decoding
     )
     params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0)
     results = []

@@ -83,7 +83,9 @@ from .vllm_api import (
     context_hiding_keys,
     enable_runner_position_recompute,
     enable_v2_runner_position_recompute,
+    encoder_cudagraphs_requested,
     engine_mm_processor_kwargs,
+    without_encoder_cudagraphs,
 )
 
 logger = logging.getLogger("vllm_tokcomp")
@@ -440,6 +442,9 @@ class _ModelMixin:
         enable_runner_position_recompute()
         enable_v2_runner_position_recompute()
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if encoder_cudagraphs_requested(vllm_config):
+            logger.warning("tokcomp: %s's vision encoder runs without CUDA graphs (compilation_config."
+                           "cudagraph_mm_encoder): replaying them would skip compression", type(self).__name__)
 
     def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings
         rows = {modality: kwargs.pop(field, None) for modality, field in MODALITY_FIELDS.items()}
@@ -592,6 +597,7 @@ def _split_assignments(rows: object, grids: torch.Tensor, merge: int) -> list[to
 @MULTIMODAL_REGISTRY.register_processor(
     CompressedQwen2VLProcessor, info=CompressedQwen2VLInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
 )
+@without_encoder_cudagraphs
 class CompressedQwen2VL(_ModelMixin, Qwen2VLForConditionalGeneration):
     """``Qwen2VLForConditionalGeneration`` whose image embeddings are compressed per image."""
 
@@ -599,6 +605,7 @@ class CompressedQwen2VL(_ModelMixin, Qwen2VLForConditionalGeneration):
 @MULTIMODAL_REGISTRY.register_processor(
     CompressedQwen2_5_VLProcessor, info=CompressedQwen2_5_VLInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
+@without_encoder_cudagraphs
 class CompressedQwen2_5_VL(_ModelMixin, Qwen2_5_VLForConditionalGeneration):
     """``Qwen2_5_VLForConditionalGeneration`` whose image embeddings are compressed per image."""
 

@@ -72,7 +72,9 @@ __all__ = [
     "enable_v2_runner_position_recompute",
     "check_text_only_requests",
     "engine_mm_processor_kwargs",
+    "encoder_cudagraphs_requested",
     "first_stage_layers",
+    "without_encoder_cudagraphs",
     "gather_head_shards",
     "tell_processors_engine_config",
     "sum_head_shards",
@@ -97,6 +99,26 @@ def sum_head_shards(tensor: Tensor) -> Tensor:
     """The sum of ``tensor`` over the tensor-parallel group: per-rank sums over local heads become the sum over
     all heads."""
     return tensor_model_parallel_all_reduce(tensor.contiguous())
+
+
+def without_encoder_cudagraphs(cls: type) -> type:
+    """Class decorator: the model's encoder always runs through ``embed_multimodal``, never vLLM's encoder CUDA
+    graphs.
+
+    With ``compilation_config.cudagraph_mm_encoder`` (CUDA only), vLLM 0.32's runners replay the vision tower
+    through the model's ``SupportsEncoderCudaGraph`` methods (``EncoderCudaGraphManager.execute``, in
+    ``GPUModelRunner._execute_mm_encoder`` and in V2's model state) instead of calling ``embed_multimodal``: the
+    compression there would be skipped and the uncompressed rows would not fit the compressed placeholders. Both
+    runners build the manager only when ``supports_encoder_cudagraph(model)``, an ``isinstance`` check against a
+    runtime-checkable Protocol, and such a check is false for a class that sets one of the Protocol's methods to
+    ``None`` (Python's documented way to block a Protocol method). ``tests/test_vllm_api.py`` fails if vLLM
+    changes the gate."""
+    cls.get_encoder_cudagraph_config = None
+    return cls
+
+
+def encoder_cudagraphs_requested(vllm_config: VllmConfig) -> bool:
+    return bool(getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False))
 
 
 def first_stage_layers(num_layers: int, stages: int) -> int:
