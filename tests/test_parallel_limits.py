@@ -3,12 +3,8 @@
 import pytest
 
 from vllm_tokcomp.config import CompressionSpec, ConfigError
-from vllm_tokcomp.integration.parallel import (
-    PipelineLimit,
-    limit_processor_to_pipeline,
-    llava_pipeline_limit,
-    qwen_pipeline_limit,
-)
+from vllm_tokcomp.integration.frontend import configure_serving_processor
+from vllm_tokcomp.integration.parallel import PipelineLimit, llava_pipeline_limit, qwen_pipeline_limit
 from vllm_tokcomp.integration.qwen2_vl import ENCODER_DECIDED_METHODS, SERVED_METHODS
 from vllm_tokcomp.methods import available_methods
 
@@ -45,10 +41,14 @@ def test_refusal_names_the_field_and_the_setting(method):
     limit.check(None, "f")  # compression off
 
 
-def test_processors_of_other_models_are_left_alone():
+def test_serving_processor_gets_the_pipeline_size_and_the_metrics():
     class Config:
         class parallel_config:  # noqa: N801 - shaped like vLLM's
             pipeline_parallel_size = 2
+
+        class model_config:  # noqa: N801
+            served_model_name = "tiny"
+            model = "/models/tiny"
 
     class Info:
         stages = None
@@ -59,6 +59,9 @@ def test_processors_of_other_models_are_left_alone():
     class Ours:
         info = Info()
 
-    limit_processor_to_pipeline(Ours(), Config())
-    assert Ours.info.stages == 2
-    limit_processor_to_pipeline(object(), Config())  # a processor without our info: nothing happens, no error
+    ours = Ours()
+    configure_serving_processor(ours, Config())
+    assert Ours.info.stages == 2 and ours.tokcomp_metrics.model == "tiny"
+    other = type("Other", (), {})()
+    configure_serving_processor(other, Config())  # another model's processor: nothing happens, no error
+    assert not hasattr(other, "tokcomp_metrics")

@@ -32,12 +32,12 @@ def register() -> None:
 
         for architecture, target in SUPPORTED_ARCHITECTURES.items():
             ModelRegistry.register_model(architecture, target)
-        from .integration.parallel import limit_processor_to_pipeline
+        from .integration.frontend import configure_serving_processor
         from .integration.requests import check_text_only
         from .integration.vllm_api import check_text_only_requests, tell_processors_engine_config
 
         check_text_only_requests(check_text_only)
-        tell_processors_engine_config(limit_processor_to_pipeline)
+        tell_processors_engine_config(configure_serving_processor)
         _registered = True
     except Exception:  # never take vLLM down for users who did not ask for compression
         logger.exception("tokcomp: plugin registration failed; serving without compression")

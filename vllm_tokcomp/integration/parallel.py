@@ -72,9 +72,3 @@ def qwen_pipeline_limit(encoder_decided: frozenset[str], stages: int) -> Pipelin
               "which vLLM does on the first pipeline stage only")
     return PipelineLimit(stages, {name: reason for name in sorted(encoder_decided)})
 
-
-def limit_processor_to_pipeline(processor: object, vllm_config: object) -> None:
-    """Hand the pipeline-parallel size to a processor of ours (``limit_to_pipeline``); others are left alone."""
-    limit = getattr(getattr(processor, "info", None), "limit_to_pipeline", None)
-    if callable(limit):
-        limit(vllm_config.parallel_config.pipeline_parallel_size)

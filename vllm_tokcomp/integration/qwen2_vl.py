@@ -52,6 +52,7 @@ from ..config import (
     BUDGET_KEY,
     CONNECTORS_KEY,
     METHOD_KEY,
+    OFF,
     RATIO_KEY,
     CompressionSpec,
     ConfigError,
@@ -324,9 +325,29 @@ class _ProcessorMixin:
             excluded = {config.image_token_id, config.video_token_id, *tokenizer.all_special_ids}
             prompt = user_turn_ids(list(inputs.prompt), tokenizer)
             request_kwargs = settings.with_query(request_kwargs, prompt, excluded)
+        opted_out = inputs.hf_processor_mm_kwargs and inputs.hf_processor_mm_kwargs.get(METHOD_KEY) == OFF
         if request_kwargs is not inputs.hf_processor_mm_kwargs:
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
-        return super().apply(inputs, timing_ctx)
+        result = super().apply(inputs, timing_ctx)
+        metrics = getattr(self, "tokcomp_metrics", None)  # only on the processor vLLM serves with (frontend.py)
+        if metrics is not None:
+            if opted_out:
+                metrics.record_opt_out()
+            metrics.record_items(self._compressed_items(result))
+        return result
+
+    def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs
+        """``(method, tokens without compression, tokens served)`` per compressed image or video."""
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        items = []
+        for modality, field_name in MODALITY_FIELDS.items():
+            for item in result["mm_kwargs"].get(modality, []):
+                field = None if item is None else item.get(field_name)
+                spec = None if field is None else settings.decode(field.data)
+                if spec is not None:
+                    full = _merged_tokens(item[f"{modality}_grid_thw"].data, merge)
+                    items.append((spec.method, full, settings.kept_tokens(spec, full)))
+        return items
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)

@@ -1,0 +1,80 @@
+"""tokcomp series on vLLM's own ``/metrics``, counted where each image's token count is decided.
+
+The frontend's multimodal processor fixes every image's placeholder count before the request reaches an engine, so
+it records there, in the API-server process, into ``prometheus_client``'s registry that vLLM's ``/metrics`` serves.
+With several API servers vLLM switches ``prometheus_client`` to its multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``)
+before they start, and these series, created lazily, aggregate across them like vLLM's own; data-parallel engines
+do not matter (the frontend decides). Only the processor vLLM builds for serving records (the one its renderer
+holds, see :func:`enable_for`), not the copies vLLM builds to profile memory with dummy images.
+
+Series, labelled by ``model`` (the served model name) and ``method``:
+
+- ``tokcomp_images_total``: images (and videos) compressed;
+- ``tokcomp_image_tokens_before_total`` / ``tokcomp_image_tokens_after_total``: their LM tokens without and with
+  compression, so ``rate(before) - rate(after)`` is tokens saved per second;
+- ``tokcomp_image_kept_fraction``: per image, after / before (histogram);
+- ``tokcomp_requests_opted_out_total`` (``model`` only): requests that asked for ``tokcomp_method: "none"``.
+
+No series exists until the first image is compressed or a request opts out: a server that never compresses shows
+none. Compression time is spent in the engine's workers, not here; vLLM's own encoder timing covers it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+KEPT_FRACTION_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
+
+
+class FrontendMetrics:
+    """The counters one serving processor records into; the Prometheus objects are shared by the process."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def record_items(self, items: Iterable[tuple[str, int, int]]) -> None:
+        """Each compressed item as ``(method, tokens before, tokens after)``."""
+        series = None
+        for method, before, after in items:
+            series = series or _series()
+            series.images.labels(self.model, method).inc()
+            series.before.labels(self.model, method).inc(before)
+            series.after.labels(self.model, method).inc(after)
+            series.kept.labels(self.model, method).observe(after / before if before else 1.0)
+
+    def record_opt_out(self) -> None:
+        _series().opted_out.labels(self.model).inc()
+
+
+class _Series:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        labels = ("model", "method")
+        self.images = Counter("tokcomp_images", "Images and videos compressed by vllm-tokcomp.", labels)
+        self.before = Counter("tokcomp_image_tokens_before", "LM tokens of the compressed items without compression.",
+                              labels)
+        self.after = Counter("tokcomp_image_tokens_after", "LM tokens of the compressed items as served.", labels)
+        self.kept = Histogram("tokcomp_image_kept_fraction", "Per compressed item, tokens served / tokens without "
+                              "compression.", labels, buckets=KEPT_FRACTION_BUCKETS)
+        self.opted_out = Counter("tokcomp_requests_opted_out", "Requests that set tokcomp_method to none.",
+                                 ("model",))
+
+
+_lock = threading.Lock()
+_created: _Series | None = None
+
+
+def _series() -> _Series:
+    """The process's series, created on first use (so a server that never compresses exports none)."""
+    global _created
+    with _lock:
+        if _created is None:
+            _created = _Series()
+        return _created
+
+
+def enable_for(processor: object, model: str) -> None:
+    """Make ``processor`` (one of ours, the one vLLM serves with) record into the series."""
+    processor.tokcomp_metrics = FrontendMetrics(model)
