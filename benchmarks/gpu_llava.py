@@ -46,15 +46,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info, timestamp  # noqa: E402
+from vllm_tokcomp.hf_signals import GRID, encode, encode_with_stage1, probe_text_attention  # noqa: E402
 from vllm_tokcomp.methods import VisualTokens, get_method  # noqa: E402
-from vllm_tokcomp.methods._common import assignment_from_labels  # noqa: E402
 from vllm_tokcomp.methods.mustdrop import MustDropStage1  # noqa: E402
 
 SCHEMA_VERSION = 1
-GRID = (24, 24)  # 336 px / 14 px patches, in both geometries, so the budgets mean the same
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PROBE_LAYER = 2  # MustDrop's first pruning layer, as the served LM probe
 
 
 @dataclass(frozen=True)
@@ -120,97 +118,6 @@ def synthetic_images(count: int, seed: int, device: torch.device, dtype: torch.d
     return ((images - mean) / std).to(device=device, dtype=dtype)
 
 
-def vision_transformer(tower: nn.Module) -> nn.Module:
-    """The module holding ``embeddings``, ``pre_layrnorm`` and ``encoder`` (transformers 5.19 flattened
-    ``CLIPVisionModel.vision_model`` into the model itself; earlier releases keep it)."""
-    return getattr(tower, "vision_model", tower)
-
-
-def _layer(layer: nn.Module, hidden: Tensor) -> Tensor:
-    out = layer(hidden, None)  # transformers 5: (hidden_states, attention_mask); a ViT has no mask
-    return out[0] if isinstance(out, tuple) else out
-
-
-@contextmanager
-def capture_cls_signals(tower: nn.Module):
-    """While active, the feature layer's [CLS]→patch attention (head-averaged) and patch keys, per image."""
-    attention = vision_transformer(tower).encoder.layers[-1].self_attn
-    store: dict[str, Tensor] = {}
-    hooks = [attention.q_proj.register_forward_hook(lambda _m, _i, out: store.__setitem__("q", out)),
-             attention.k_proj.register_forward_hook(lambda _m, _i, out: store.__setitem__("k", out))]
-    signals: list[tuple[Tensor, Tensor]] = []
-    try:
-        yield signals, store
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def cls_signals(store: dict[str, Tensor], heads: int) -> list[tuple[Tensor, Tensor]]:
-    q, k = store["q"].float(), store["k"].float()
-    batch, seq, width = q.shape
-    head_dim = width // heads
-    logits = torch.einsum("bhd,bshd->bhs", q[:, 0].reshape(batch, heads, head_dim),
-                          k.reshape(batch, seq, heads, head_dim)) * head_dim**-0.5
-    attention = logits.softmax(-1).mean(1)
-    return [(attention[i, 1:], k[i, 1:]) for i in range(batch)]
-
-
-def encode(tower: nn.Module, projector: nn.Module, images: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """Projected patch features ``[B, 576, D]`` and per image ([CLS] attention, keys) of the feature layer."""
-    with capture_cls_signals(tower) as (_signals, store):
-        hidden = tower(pixel_values=images).last_hidden_state  # the last built layer = LLaVA's layer -2
-    return projector(hidden[:, 1:]), cls_signals(store, tower.config.num_attention_heads)
-
-
-def encode_with_stage1(tower: nn.Module, projector: nn.Module, image: Tensor, budget: int, stage1: MustDropStage1
-                       ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """One image with MustDrop's stage-1 window merge after layer 0 (never below ``budget``): (projected features of
-    the surviving tokens, their patch counts, ([CLS] attention, keys) over them)."""
-    model = vision_transformer(tower)
-    layers = model.encoder.layers
-    hidden = _layer(layers[0], model.pre_layrnorm(model.embeddings(image[None])))
-    patches = hidden[0, 1:]
-    n = patches.shape[0]
-    tokens = VisualTokens(patches, GRID, cls_attention=torch.zeros(n, device=patches.device))
-    assignment = assignment_from_labels(stage1._merge_labels(tokens, budget))
-    sizes = assignment.sum(torch.ones(n, device=patches.device))
-    merged = assignment.merge(patches, sizes.new_ones(n))
-    hidden = torch.cat([hidden[0, :1], merged.to(hidden.dtype)], dim=0)[None]
-    with capture_cls_signals(tower) as (_signals, store):
-        for layer in layers[1:]:
-            hidden = _layer(layer, hidden)
-    return projector(hidden[0, 1:]), sizes, cls_signals(store, tower.config.num_attention_heads)[0]
-
-
-def probe_text_attention(lm: nn.Module, vision: Tensor, text: Tensor, probe_layer: int = PROBE_LAYER) -> Tensor:
-    """``[T, N]`` head-averaged attention of the text tokens to the visual tokens at ``probe_layer``, from the LM's
-    own first layers over ``[vision; text]`` (causal), as the served LM probe computes it."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    model = lm.model
-    hidden = torch.cat([vision, text.to(vision.dtype)])[None]
-    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    cos, sin = model.rotary_emb(hidden, positions)
-    n = vision.shape[0]
-    for index, layer in enumerate(model.layers[: probe_layer + 1]):
-        attention = layer.self_attn
-        normed = layer.input_layernorm(hidden)
-        shape = (1, hidden.shape[1], -1, attention.head_dim)
-        q = attention.q_proj(normed).view(shape).transpose(1, 2)
-        k = attention.k_proj(normed).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if index == min(probe_layer, len(model.layers) - 1):
-            logits = (q[0, :, n:].float() @ k[0].float().transpose(1, 2)) * attention.scaling  # [H, T, S]
-            causal = torch.ones(logits.shape[1:], dtype=torch.bool, device=logits.device).tril(n)
-            return logits.masked_fill(~causal, float("-inf")).softmax(-1)[:, :, :n].mean(0)
-        v = attention.v_proj(normed).view(shape).transpose(1, 2)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(1, hidden.shape[1], -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    raise AssertionError("unreachable")
-
-
 def kv_bytes_per_token(lm: nn.Module) -> int:
     config = lm.config
     head_dim = config.hidden_size // config.num_attention_heads
@@ -256,10 +163,11 @@ def image_tokens(lm: nn.Module, tower, projector, arm: dict, images: Tensor, tex
         outputs = []
         for image in images:
             with clock.time(timings["encoder"]):
-                features, sizes, signals = encode_with_stage1(tower, projector, image, budget, stage1)
+                merged = encode_with_stage1(tower, projector, image, budget, stage1)
+            features, sizes, signals = merged.features, merged.sizes, merged.signals
             timings["stage1_tokens"].append(features.shape[0])
             with clock.time(timings["probe"]):
-                attention = probe_text_attention(lm, features, text)
+                attention = probe_text_attention(lm.model, features, text)
             with clock.time(timings["method"]):
                 outputs.append(compress(method, budget, features, signals, text, attention, sizes))
         return torch.stack(outputs)

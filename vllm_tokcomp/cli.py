@@ -59,13 +59,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"       (MODEL: a model folder or name, or {' / '.join(BUNDLED_MODELS)} for a bundled tiny model; "
               "default tiny-llava)")
         print("       tokcomp info")
+        print("       tokcomp show IMAGE --method M --budget B [--question TEXT] [--model DIR] -o OUT.png")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "serve":
         return serve(rest)
     if command == "info":
         return info()
-    print(f"tokcomp: unknown command {command!r} (expected serve or info)", file=sys.stderr)
+    if command == "show":
+        from .show import main as show
+
+        return show(rest)
+    print(f"tokcomp: unknown command {command!r} (expected serve, info or show)", file=sys.stderr)
     return 2
 
 
