@@ -294,3 +294,17 @@ def test_encoder_cudagraphs_are_off_for_the_compressed_qwen_models():
     assert "and supports_encoder_cudagraph(model)" in inspect.getsource(interface)
     runner = inspect.getsource(GPUModelRunner._execute_mm_encoder)
     assert "self.encoder_cudagraph_manager.execute(" in runner and "model.embed_multimodal(" in runner
+
+
+def test_chat_rendering_used_by_the_preview_endpoint():
+    """vllm_api.render_chat_for_preview: the chat handler's model check, then the renderer's render_chat with the
+    switch that keeps a render out of the multimodal cache mirror (as the tokenize endpoint uses it)."""
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.serve.tokenize import serving as tokenize_serving
+    from vllm.renderers.online_renderer import OnlineRenderer
+
+    assert "skip_mm_cache" in inspect.signature(OnlineRenderer.render_chat).parameters
+    assert inspect.iscoroutinefunction(OpenAIServingChat._check_model)
+    render = inspect.getsource(OpenAIServingChat.render_chat_request)
+    assert "await self._check_model(request)" in render and "self.online_renderer.render_chat(request)" in render
+    assert "skip_mm_cache=True" in inspect.getsource(tokenize_serving)

@@ -89,6 +89,7 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
     parser.add_argument("--ratio-range", dest="ratio_range", default=None)
     parser.add_argument("--no-client-off", dest="client_off", action="store_false", default=None)
     parser.add_argument("--mm-processor-kwargs", dest="mm_processor_kwargs", default=None)
+    parser.add_argument("--preview", action="store_true", help="serve POST /tokcomp/preview")
     argv = list(argv)
     # Like `vllm serve`, the model is the first argument when it is not a flag.
     model = argv.pop(0) if argv and not argv[0].startswith("-") else None
@@ -139,9 +140,21 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
         env[THREAD_BIND_ENV] = binding
         print(f"tokcomp serve: CPU build with several workers, using {THREAD_BIND_ENV}={binding}", file=sys.stderr)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p and p != "none"]
-    if "VLLM_PLUGINS" in env and PLUGIN_NAME not in plugins:
+    if "VLLM_PLUGINS" not in env and known.preview:
+        # vLLM loads endpoint plugins only from an allow-list; listing every installed plugin keeps the others on.
+        plugins = installed_vllm_plugins()
+        env["VLLM_PLUGINS"] = ",".join(sorted({*plugins, PLUGIN_NAME}))
+    elif "VLLM_PLUGINS" in env and PLUGIN_NAME not in plugins:
         env["VLLM_PLUGINS"] = ",".join([*plugins, PLUGIN_NAME])
     return command, env
+
+
+def installed_vllm_plugins() -> list[str]:
+    """The names of every installed entry point in a ``vllm.*`` group (general, platform, stat logger, ...)."""
+    import importlib.metadata as metadata
+
+    return sorted({entry.name for dist in metadata.distributions() for entry in dist.entry_points
+                   if entry.group.startswith("vllm.")})
 
 
 def _limits_from_flags(known: argparse.Namespace) -> dict[str, object]:

@@ -72,11 +72,13 @@ MAX_BUDGET = 1 << 20
 # Signals the vLLM integration hands to methods: the vision tower's CLS attention and keys,
 # the prompt's text embedded by the LM, and text->vision attention from an LM probe.
 INTEGRATION_SIGNALS = frozenset({"cls_attention", "keys", "text_embeds", "text_attention"})
-# Internal keys, set by the processor and never accepted from a request: the prompt's text token ids for
-# text-guided methods, and the resolved spec in canonical form. Both are part of vLLM's multimodal hash.
+# Internal keys, set by the server and never accepted from a request: the prompt's text token ids for
+# text-guided methods, and the resolved spec in canonical form (both part of vLLM's multimodal hash), and the mark
+# of the preview endpoint's own rendering (integration/preview.py).
 QUERY_KEY = "tokcomp_query"
 CANONICAL_KEY = "tokcomp_resolved"
-INTERNAL_KEYS = (QUERY_KEY, CANONICAL_KEY)
+PREVIEW_KEY = "tokcomp_preview"
+INTERNAL_KEYS = (QUERY_KEY, CANONICAL_KEY, PREVIEW_KEY)
 
 
 @dataclass(frozen=True)

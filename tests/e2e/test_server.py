@@ -43,7 +43,7 @@ def messages(seed: int = 1, question: str = "What colour is the circle?") -> lis
 def server(tiny_llava_dir, vllm_env, tmp_path_factory, selection_log):
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = ["--method", "tome", "--budget", str(DEFAULT_BUDGET), "--max-model-len", "2048"]
-    args += ["--served-model-name", "tiny-llava", "--max-num-seqs", "8"]
+    args += ["--served-model-name", "tiny-llava", "--max-num-seqs", "8", "--preview"]
     env = {**vllm_env, "TOKCOMP_SELECTION_LOG": str(selection_log)}
     with ServerProcess(args, env=env, log_path=log) as running:
         yield running
@@ -207,3 +207,65 @@ def test_other_text_guided_methods_are_served(client, text_tokens, method):
 def test_request_cannot_inject_the_internal_query(client):
     with pytest.raises(openai.BadRequestError, match="tokcomp_query"):
         ask(client, {"tokcomp_query": "1,2,3"})
+
+
+def preview(server, mm_kwargs=None, seed=1, question="What colour is the circle?") -> tuple[int, dict]:
+    """``POST /tokcomp/preview`` with a chat body; (HTTP status, JSON answer)."""
+    import urllib.error
+    import urllib.request
+
+    body = {"model": "tiny-llava", "messages": messages(seed, question)}
+    if mm_kwargs is not None:
+        body["mm_processor_kwargs"] = mm_kwargs
+    request = urllib.request.Request(f"{server.base_url}/tokcomp/preview", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize(("mm_kwargs", "after"), [(None, DEFAULT_BUDGET),
+                                                  ({"tokcomp_method": "cls_topk", "tokcomp_budget": 24}, 24),
+                                                  ({"tokcomp_method": "pool", "tokcomp_ratio": 0.25}, 144),
+                                                  ({"tokcomp_method": "none"}, FULL)])
+def test_preview_counts_what_the_chat_request_then_uses(server, client, mm_kwargs, after):
+    status, answer = preview(server, mm_kwargs, seed=2, question="Is there a square?")
+    assert status == 200, answer
+    reply = ask(client, mm_kwargs, seed=2, question="Is there a square?")
+    assert answer["prompt_tokens"] == reply.usage.prompt_tokens
+    [item] = answer["items"]
+    assert (item["modality"], item["tokens_before"], item["tokens_after"]) == ("image", FULL, after)
+
+
+def test_preview_gives_the_groups_known_before_the_encoder(server):
+    """Content-blind methods: the patch -> token map, equal to the method's own; encoder-decided ones: null."""
+    import torch
+
+    from vllm_tokcomp.methods import VisualTokens, get_method
+
+    status, answer = preview(server, {"tokcomp_method": "uniform", "tokcomp_budget": 48})
+    assert status == 200, answer
+    expected = get_method("uniform")(VisualTokens(torch.zeros(FULL, 2), (24, 24)), 48).assignment.destination
+    assert answer["items"][0]["groups"] == expected.tolist() and answer["items"][0]["decided"] == "frontend"
+    status, answer = preview(server, {"tokcomp_method": "tome", "tokcomp_budget": 48})
+    assert answer["items"][0]["groups"] is None and answer["items"][0]["decided"] is None
+
+
+@pytest.mark.parametrize(("mm_kwargs", "field"), [({"tokcomp_budget": 0}, "mm_processor_kwargs.tokcomp_budget"),
+                                                  ({"tokcomp_method": "nope"}, "mm_processor_kwargs.tokcomp_method"),
+                                                  ({"tokcomp_preview": "x"}, "mm_processor_kwargs.tokcomp_preview")])
+def test_preview_refuses_bad_settings_like_the_chat_endpoint(server, client, mm_kwargs, field):
+    status, answer = preview(server, mm_kwargs)
+    assert status == 400 and field in json.dumps(answer), answer
+    with pytest.raises(openai.BadRequestError, match=field):
+        ask(client, mm_kwargs)
+
+
+def test_previews_are_not_counted_in_the_metrics(server):
+    before = [line for line in server.get("/metrics").splitlines() if line.startswith("tokcomp_")]
+    for _ in range(2):
+        assert preview(server, {"tokcomp_method": "cls_topk", "tokcomp_budget": 24})[0] == 200
+    after = [line for line in server.get("/metrics").splitlines() if line.startswith("tokcomp_")]
+    assert after == before and after, "the chat requests before were counted; the previews add nothing"

@@ -49,6 +49,7 @@ from .debug_log import log_selection
 from .lm_probe import text_to_vision_attention
 from .mustdrop_tower import encode_with_window_merge, supports_tower_merge
 from .parallel import PipelineLimit, llava_pipeline_limit
+from .preview import llava_item, uncompressed_item, without_preview_mark
 from .requests import canonical_kwargs, check_request, processed_spec
 from .text_signals import with_text_fallback
 from .vllm_api import (
@@ -117,7 +118,8 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
     info: CompressedLlavaInfo
 
     def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
-        request_kwargs = inputs.hf_processor_mm_kwargs or {}
+        request_kwargs, previewing = without_preview_mark(inputs.hf_processor_mm_kwargs)
+        request_kwargs = request_kwargs or {}
         spec = check_request(
             request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
         )
@@ -130,11 +132,26 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
         result = super().apply(inputs, timing_ctx)
         metrics = getattr(self, "tokcomp_metrics", None)  # only on the processor vLLM serves with (frontend.py)
-        if metrics is not None:
+        if metrics is not None and not previewing:
             if opted_out:
                 metrics.record_opt_out()
             metrics.record_items(self._compressed_items(result))
         return result
+
+    def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's multimodal engine input
+        """Each image's entry of ``POST /tokcomp/preview`` (integration/preview.py)."""
+        vision = self.info.get_hf_config().vision_config
+        side = vision.image_size // vision.patch_size
+        entries = []
+        placeholders = engine_input.get("mm_placeholders", {}).get("image", [])
+        for index, item in enumerate(engine_input["mm_kwargs"].get("image", [])):
+            field = None if item is None else item.get(settings.FIELD)
+            spec = None if field is None else settings.decode(field.data)
+            if spec is None:
+                entries.append(uncompressed_item("image", placeholders[index].get_num_embeds()))
+            else:
+                entries.append(llava_item(spec, side * side, (side, side)))
+        return entries
 
     def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs
         """``(method, tokens without compression, tokens served)`` per compressed image of a processed request."""

@@ -67,6 +67,7 @@ from ..methods import TokenAssignment, VisualTokens, get_method
 from . import settings
 from .debug_log import POSITIONS_LOG_ENV, append_record, log_selection
 from .parallel import PipelineLimit, qwen_pipeline_limit
+from .preview import qwen_item, uncompressed_item, without_preview_mark
 from .requests import canonical_kwargs, check_request, processed_spec
 from .text_signals import with_text_fallback
 from .vllm_api import (
@@ -314,7 +315,8 @@ class _ProcessorMixin:
     info: _InfoMixin
 
     def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
-        request_kwargs = inputs.hf_processor_mm_kwargs or {}
+        request_kwargs, previewing = without_preview_mark(inputs.hf_processor_mm_kwargs)
+        request_kwargs = request_kwargs or {}
         spec = check_request(
             request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
         )
@@ -330,11 +332,31 @@ class _ProcessorMixin:
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
         result = super().apply(inputs, timing_ctx)
         metrics = getattr(self, "tokcomp_metrics", None)  # only on the processor vLLM serves with (frontend.py)
-        if metrics is not None:
+        if metrics is not None and not previewing:
             if opted_out:
                 metrics.record_opt_out()
             metrics.record_items(self._compressed_items(result))
         return result
+
+    def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's multimodal engine input
+        """Each image's or video's entry of ``POST /tokcomp/preview`` (integration/preview.py)."""
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        entries = []
+        for modality, field_name in MODALITY_FIELDS.items():
+            placeholders = engine_input.get("mm_placeholders", {}).get(modality, [])
+            for index, item in enumerate(engine_input["mm_kwargs"].get(modality, [])):
+                field = None if item is None else item.get(field_name)
+                spec = None if field is None else settings.decode(field.data)
+                if spec is None:
+                    entries.append(uncompressed_item(modality, placeholders[index].get_num_embeds()))
+                    continue
+                t, h, w = (int(v) for v in item[f"{modality}_grid_thw"].data.tolist())
+                grid = (t, h // merge, w // merge)
+                full = t * grid[1] * grid[2]
+                row = item.get(settings.ASSIGNMENT_FIELDS[modality])
+                decided = row is not None and spec.method in PIXEL_DECIDED_METHODS
+                entries.append(qwen_item(modality, spec, full, grid, row.data if decided else None))
+        return entries
 
     def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs
         """``(method, tokens without compression, tokens served)`` per compressed image or video."""

@@ -18,6 +18,7 @@ from ..config import (
     without_plugin_keys,
 )
 from ..methods.knobs import quote
+from .preview import without_preview_mark
 from .vllm_api import RequestSettingError
 
 
@@ -80,4 +81,5 @@ def check_text_only(mm_processor: object, request_kwargs: Mapping[str, object]) 
     field), on models this plugin serves; other processors are left alone."""
     info = getattr(mm_processor, "info", None)
     if callable(getattr(info, "spec_for_request", None)):
+        request_kwargs, _ = without_preview_mark(request_kwargs)
         check_request(request_kwargs, engine_configured=info.engine_configured, resolve=info.spec_for_request)

@@ -74,6 +74,7 @@ __all__ = [
     "engine_mm_processor_kwargs",
     "encoder_cudagraphs_requested",
     "first_stage_layers",
+    "render_chat_for_preview",
     "without_encoder_cudagraphs",
     "gather_head_shards",
     "tell_processors_engine_config",
@@ -301,3 +302,18 @@ def tell_processors_engine_config(tell: Callable[[Any, VllmConfig], None]) -> No
 
     BaseRenderer.__init__ = __init__
     setattr(BaseRenderer, _RENDERER_PATCHED, True)
+
+
+async def render_chat_for_preview(handler: Any, request: Any) -> Any:
+    """A chat request rendered as the chat endpoint renders it, leaving vLLM's multimodal cache mirror alone.
+
+    vLLM 0.32's frontend keeps a processor cache that mirrors what the engine holds; a render that never reaches
+    the engine must not enter it (the next real request would then send its images without data, and the engine
+    fail it: "P0/P1 cache drift"). The tokenize endpoint renders with ``skip_mm_cache=True`` for that reason; so
+    does this, after the chat handler's model check (``OpenAIServingChat._check_model``, the first step of its
+    ``render_chat_request``). Returns ``(conversation, engine inputs)`` or vLLM's ``ErrorResponse``;
+    ``tests/test_vllm_api.py`` fails if vLLM moves either."""
+    error = await handler._check_model(request)
+    if error is not None:
+        return error
+    return await handler.online_renderer.render_chat(request, skip_mm_cache=True)

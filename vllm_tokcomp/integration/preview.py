@@ -1,0 +1,127 @@
+"""``POST /tokcomp/preview``: what a chat request's images would cost, without generating.
+
+An endpoint plugin (vLLM's ``vllm.endpoint_plugins`` group, loaded only when ``VLLM_PLUGINS`` names ``tokcomp``;
+``tokcomp serve --preview`` sets it). The body is a chat completion request; it is rendered exactly as the chat
+endpoint renders it (the chat handler's model check and vLLM's ``OnlineRenderer.render_chat``: the same validation,
+chat template and multimodal processor, so a bad setting is the same HTTP 400 naming the field), outside vLLM's
+multimodal cache mirror, and nothing is sent to an engine.
+
+The answer: the prompt's token count (the ``prompt_tokens`` the chat request would report) and per image or video
+its tokens without and with compression, the method, and which patches each token stands for where that is known
+before the encoder runs: on Qwen2-VL for the fixed-layout and pixel-decided methods (decided by the processor), on
+LLaVA for the content-blind methods (``uniform``, ``random``, ``pool``, ``bilinear``). For the methods that decide on
+the encoder's output the selection is made in the engine, and ``groups`` is ``null`` (``tokcomp show`` draws those
+from the model offline). Previews are not counted in the metrics.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route handler's annotations as objects.
+
+import secrets
+from collections.abc import Mapping
+
+import torch
+
+from ..config import PREVIEW_KEY
+from ..connectors import is_connector_method
+from ..methods import VisualTokens, get_method, method_class
+from . import settings
+
+ROUTE = "/tokcomp/preview"
+# Marks the kwargs of a preview's own rendering; a client cannot guess it (requests carrying the key are refused).
+PREVIEW_TOKEN = secrets.token_hex(16)
+
+
+def without_preview_mark(kwargs: Mapping[str, object] | None) -> tuple[Mapping[str, object] | None, bool]:
+    """``(kwargs without the preview's own mark, whether it was there)``; a client's ``tokcomp_preview`` (which
+    cannot carry this process's token) stays, and the request check refuses it as an internal key."""
+    if not kwargs or kwargs.get(PREVIEW_KEY) != PREVIEW_TOKEN:
+        return kwargs, False
+    return {key: value for key, value in kwargs.items() if key != PREVIEW_KEY}, True
+
+
+def content_blind(method: str) -> bool:
+    """Methods whose selection depends on the grid and budget (and their knobs) only."""
+    if is_connector_method(method):
+        return False
+    cls = method_class(method)
+    return cls.family in ("baseline", "transformation") and not (cls.needs_cls_attention or cls.needs_keys
+                                                                  or cls.needs_text or cls.needs_text_attention)
+
+
+def llava_item(spec, full: int, grid: tuple[int, int]) -> dict:  # noqa: ANN001 - a CompressionSpec
+    """A LLaVA image's preview entry (``groups`` computed for content-blind methods)."""
+    return _entry("image", spec, full, grid, None)
+
+
+def qwen_item(modality: str, spec, full: int, grid: tuple[int, int, int],  # noqa: ANN001 - a CompressionSpec
+              decided_row: torch.Tensor | None) -> dict:
+    """A Qwen2-VL item's preview entry: ``decided_row`` is the processor's assignment row of a pixel-decided method
+    (``None`` for the others: content-blind ones are computed here, encoder-decided ones stay ``null``)."""
+    groups = None if decided_row is None else settings.decode_assignment(decided_row)[0].tolist()
+    return _entry(modality, spec, full, grid, groups)
+
+
+def _entry(modality: str, spec, before: int, grid: tuple[int, ...], groups: list[int] | None) -> dict:  # noqa: ANN001
+    after = settings.kept_tokens(spec, before)
+    if groups is None and content_blind(spec.method) and after < before:
+        tokens = VisualTokens(torch.zeros(before, 1), grid)
+        groups = get_method(spec.method, **dict(spec.options))(tokens, after).assignment.destination.tolist()
+    if groups is None and after >= before:
+        groups = list(range(before))  # the budget covers the item: nothing is compressed
+    return {"modality": modality, "method": spec.method, "budget": spec.budget, "ratio": spec.ratio,
+            "tokens_before": before, "tokens_after": after, "decided": None if groups is None else "frontend",
+            # per input token (a merged 2 x 2 patch on Qwen) its output token, -1 when dropped; null: the selection
+            # is made in the engine, on the encoder's output
+            "groups": groups}
+
+
+def uncompressed_item(modality: str, tokens: int) -> dict:
+    return {"modality": modality, "method": None, "budget": None, "ratio": None, "tokens_before": tokens,
+            "tokens_after": tokens, "decided": None, "groups": None}
+
+
+class PreviewEndpoint:
+    """The ``vllm.endpoint_plugins`` entry point (vLLM's ``EndpointPlugin`` protocol)."""
+
+    name = "tokcomp"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app) -> None:  # noqa: ANN001 - a FastAPI app
+        from fastapi import APIRouter, Request
+        from fastapi.responses import JSONResponse
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        from .vllm_api import render_chat_for_preview
+
+        router = APIRouter()
+
+        @router.post(ROUTE)
+        async def preview(request: ChatCompletionRequest, raw_request: Request) -> JSONResponse:
+            handler = getattr(raw_request.app.state, "openai_serving_chat", None)
+            if handler is None:
+                return JSONResponse({"error": {"message": "this server has no chat endpoint", "code": 501}}, 501)
+            kwargs = dict(request.mm_processor_kwargs or {})
+            if PREVIEW_KEY in kwargs:
+                field = f"mm_processor_kwargs.{PREVIEW_KEY}"
+                return JSONResponse({"error": {"message": f"{field} is set by the server, not by requests",
+                                               "type": "BadRequestError", "param": field, "code": 400}}, 400)
+            request.mm_processor_kwargs = {**kwargs, PREVIEW_KEY: PREVIEW_TOKEN}
+            result = await render_chat_for_preview(handler, request)
+            if isinstance(result, ErrorResponse):
+                return JSONResponse(result.model_dump(), status_code=result.error.code)
+            _conversation, engine_inputs = result
+            engine_input = engine_inputs[0]
+            processor = handler.online_renderer.renderer.mm_processor if _has_processor(handler) else None
+            items = processor.preview_items(engine_input) if hasattr(processor, "preview_items") else []
+            return JSONResponse({"prompt_tokens": len(engine_input["prompt_token_ids"]), "items": items})
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client, state, args) -> None:  # noqa: ANN001
+        return None
+
+
+def _has_processor(handler) -> bool:  # noqa: ANN001
+    renderer = getattr(getattr(handler, "online_renderer", None), "renderer", None)
+    return getattr(renderer, "mm_processor", None) is not None
