@@ -75,6 +75,22 @@ def test_serve_adds_plugin_to_an_allow_list(monkeypatch):
     assert env["VLLM_PLUGINS"] == "lora_filesystem_resolver,tokcomp"
 
 
+def test_serve_preview_allow_lists_the_endpoint_without_dropping_other_plugins(monkeypatch):
+    """vLLM loads endpoint plugins only when VLLM_PLUGINS names them; an unset VLLM_PLUGINS loads every general
+    plugin, so --preview lists all installed ones."""
+    from vllm_tokcomp.cli import installed_vllm_plugins
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    _, env = build_serve_command(["/m", "--preview"])
+    assert set(env["VLLM_PLUGINS"].split(",")) == {*installed_vllm_plugins(), "tokcomp"}
+    _, env = build_serve_command(["/m"])
+    assert "VLLM_PLUGINS" not in env
+    monkeypatch.setenv("VLLM_PLUGINS", "other")
+    _, env = build_serve_command(["/m", "--preview"])
+    assert env["VLLM_PLUGINS"] == "other,tokcomp"
+
+
 @pytest.mark.parametrize(
     ("args", "sizes"),
     [([], (1, 1, 1)), (["-tp", "2"], (2, 1, 1)), (["--tensor-parallel-size=4", "-pp", "2"], (4, 2, 1)),

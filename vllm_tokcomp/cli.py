@@ -51,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("usage: tokcomp serve [MODEL] [--method NAME] [--budget N | --ratio R] [--connector STEM ...]")
+        print("usage: tokcomp serve [MODEL] [--method NAME] [--budget N | --ratio R] [--connector STEM ...]"
+              " [--preview]")
         print("                     [--allowed-methods A,B] [--budget-range LOW:HIGH] [--ratio-range LOW:HIGH]")
         print("                     [--no-client-off] [vllm serve args...]")
         print(f"       (--budget/--ratio without --method: {DEFAULT_METHOD}; the range flags bound what clients "
