@@ -29,7 +29,6 @@ from ..config import (
     AUTO,
     CONNECTORS_KEY,
     METHOD_KEY,
-    OFF,
     CompressionSpec,
     ConfigError,
     effective_config,
@@ -47,6 +46,7 @@ from . import settings
 from .clip_signals import capture_feature_layer_signals
 from .debug_log import log_selection
 from .lm_probe import text_to_vision_attention
+from .metrics import record_processed
 from .mustdrop_tower import encode_with_window_merge, supports_tower_merge
 from .parallel import PipelineLimit, llava_pipeline_limit
 from .preview import llava_item, uncompressed_item, without_preview_mark
@@ -118,8 +118,8 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
     info: CompressedLlavaInfo
 
     def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
-        request_kwargs, previewing = without_preview_mark(inputs.hf_processor_mm_kwargs)
-        request_kwargs = request_kwargs or {}
+        client_kwargs, previewing = without_preview_mark(inputs.hf_processor_mm_kwargs)
+        request_kwargs = client_kwargs or {}
         spec = check_request(
             request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
         )
@@ -127,15 +127,11 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
         if spec is not None and method_reads_text(spec.method):
             excluded = {self.info.get_hf_config().image_token_index, *self.info.get_tokenizer().all_special_ids}
             request_kwargs = settings.with_query(request_kwargs, list(inputs.prompt), excluded)
-        opted_out = inputs.hf_processor_mm_kwargs and inputs.hf_processor_mm_kwargs.get(METHOD_KEY) == OFF
         if request_kwargs is not inputs.hf_processor_mm_kwargs:
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
         result = super().apply(inputs, timing_ctx)
-        metrics = getattr(self, "tokcomp_metrics", None)  # only on the processor vLLM serves with (frontend.py)
-        if metrics is not None and not previewing:
-            if opted_out:
-                metrics.record_opt_out()
-            metrics.record_items(self._compressed_items(result))
+        if not previewing:
+            record_processed(self, client_kwargs, result)
         return result
 
     def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's multimodal engine input

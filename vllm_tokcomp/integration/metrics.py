@@ -22,7 +22,9 @@ none. Compression time is spent in the engine's workers, not here; vLLM's own en
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+
+from ..config import METHOD_KEY, OFF
 
 KEPT_FRACTION_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
 
@@ -73,6 +75,17 @@ def _series() -> _Series:
         if _created is None:
             _created = _Series()
         return _created
+
+
+def record_processed(processor: object, client_kwargs: Mapping[str, object] | None, result: object) -> None:
+    """After a request's processing: its compressed items (``processor._compressed_items(result)``) and whether
+    the client opted out, counted when ``processor`` is the one vLLM serves with (a no-op for every other one)."""
+    metrics = getattr(processor, "tokcomp_metrics", None)
+    if metrics is None:
+        return
+    if client_kwargs and client_kwargs.get(METHOD_KEY) == OFF:
+        metrics.record_opt_out()
+    metrics.record_items(processor._compressed_items(result))
 
 
 def enable_for(processor: object, model: str) -> None:

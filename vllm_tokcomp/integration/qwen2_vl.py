@@ -52,7 +52,6 @@ from ..config import (
     BUDGET_KEY,
     CONNECTORS_KEY,
     METHOD_KEY,
-    OFF,
     RATIO_KEY,
     CompressionSpec,
     ConfigError,
@@ -66,6 +65,7 @@ from ..connectors import is_connector_method
 from ..methods import TokenAssignment, VisualTokens, get_method
 from . import settings
 from .debug_log import POSITIONS_LOG_ENV, append_record, log_selection
+from .metrics import record_processed
 from .parallel import PipelineLimit, qwen_pipeline_limit
 from .preview import qwen_item, uncompressed_item, without_preview_mark
 from .requests import canonical_kwargs, check_request, processed_spec
@@ -315,8 +315,8 @@ class _ProcessorMixin:
     info: _InfoMixin
 
     def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
-        request_kwargs, previewing = without_preview_mark(inputs.hf_processor_mm_kwargs)
-        request_kwargs = request_kwargs or {}
+        client_kwargs, previewing = without_preview_mark(inputs.hf_processor_mm_kwargs)
+        request_kwargs = client_kwargs or {}
         spec = check_request(
             request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
         )
@@ -327,15 +327,11 @@ class _ProcessorMixin:
             excluded = {config.image_token_id, config.video_token_id, *tokenizer.all_special_ids}
             prompt = user_turn_ids(list(inputs.prompt), tokenizer)
             request_kwargs = settings.with_query(request_kwargs, prompt, excluded)
-        opted_out = inputs.hf_processor_mm_kwargs and inputs.hf_processor_mm_kwargs.get(METHOD_KEY) == OFF
         if request_kwargs is not inputs.hf_processor_mm_kwargs:
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
         result = super().apply(inputs, timing_ctx)
-        metrics = getattr(self, "tokcomp_metrics", None)  # only on the processor vLLM serves with (frontend.py)
-        if metrics is not None and not previewing:
-            if opted_out:
-                metrics.record_opt_out()
-            metrics.record_items(self._compressed_items(result))
+        if not previewing:
+            record_processed(self, client_kwargs, result)
         return result
 
     def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's multimodal engine input
