@@ -64,7 +64,7 @@ class LlavaViewer:
     @torch.inference_mode()
     def select(self, image: Image.Image, method: str, budget: int, question: str) -> Selection:
         pixels = self.processor.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
-        seen = _to_image(pixels[0], self.processor.image_processor)
+        seen = to_image(pixels[0], self.processor.image_processor)
         tower, projector = self.model.model.vision_tower, self.model.model.multi_modal_projector
         decoder = self.model.model.language_model
         text = decoder.embed_tokens(self._query_ids(question)) if method_reads_text(method) else None
@@ -96,7 +96,8 @@ class LlavaViewer:
         return torch.tensor(query_ids(ids, excluded), dtype=torch.long)
 
 
-def _to_image(pixels: torch.Tensor, image_processor: object) -> Image.Image:
+def to_image(pixels: torch.Tensor, image_processor: object) -> Image.Image:
+    """A CLIP-normalised ``[3, H, W]`` tensor back to the RGB image the model sees."""
     mean = torch.tensor(image_processor.image_mean)[:, None, None]
     std = torch.tensor(image_processor.image_std)[:, None, None]
     rgb = ((pixels.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
@@ -111,9 +112,13 @@ def token_colour(slot: int) -> tuple[int, int, int]:
 
 def draw(selection: Selection) -> Image.Image:
     """The image with every patch tinted by its token's colour, token borders drawn, dropped patches dimmed."""
-    image = selection.image.convert("RGB")
-    rows, cols = selection.grid
-    destination = selection.assignment.destination.tolist()
+    return draw_groups(selection.image, selection.grid, selection.assignment.destination.tolist())
+
+
+def draw_groups(image: Image.Image, grid: tuple[int, int], destination: list[int]) -> Image.Image:
+    """``image`` cut into ``grid`` patches, patch ``i`` drawn for output token ``destination[i]`` (-1: dropped)."""
+    image = image.convert("RGB")
+    rows, cols = grid
     width, height = image.size
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
     out = pixels.clone()

@@ -209,7 +209,7 @@ def test_request_cannot_inject_the_internal_query(client):
         ask(client, {"tokcomp_query": "1,2,3"})
 
 
-def preview(server, mm_kwargs=None, seed=1, question="What colour is the circle?") -> tuple[int, dict]:
+def preview(server, mm_kwargs=None, seed=1, question="What colour is the circle?", query="") -> tuple[int, dict]:
     """``POST /tokcomp/preview`` with a chat body; (HTTP status, JSON answer)."""
     import urllib.error
     import urllib.request
@@ -217,7 +217,7 @@ def preview(server, mm_kwargs=None, seed=1, question="What colour is the circle?
     body = {"model": "tiny-llava", "messages": messages(seed, question)}
     if mm_kwargs is not None:
         body["mm_processor_kwargs"] = mm_kwargs
-    request = urllib.request.Request(f"{server.base_url}/tokcomp/preview", data=json.dumps(body).encode(),
+    request = urllib.request.Request(f"{server.base_url}/tokcomp/preview{query}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -251,6 +251,25 @@ def test_preview_gives_the_groups_known_before_the_encoder(server):
     assert answer["items"][0]["groups"] == expected.tolist() and answer["items"][0]["decided"] == "frontend"
     status, answer = preview(server, {"tokcomp_method": "tome", "tokcomp_budget": 48})
     assert answer["items"][0]["groups"] is None and answer["items"][0]["decided"] is None
+
+
+def test_preview_draws_the_known_groups_on_request(server):
+    """``?png=true``: the groups drawn over the image (dropped patches at a quarter of their brightness)."""
+    import numpy as np
+    from PIL import Image
+
+    status, answer = preview(server, {"tokcomp_method": "uniform", "tokcomp_budget": 48}, query="?png=true")
+    assert status == 200, answer
+    item = answer["items"][0]
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["png"]))).convert("RGB"), dtype=np.float32)
+    original = np.asarray(make_image(1).convert("RGB"), dtype=np.float32)  # 336 px: the processor keeps it
+    assert picture.shape == original.shape == (336, 336, 3)
+    centres = [(r * 14 + 7, c * 14 + 7) for r in range(24) for c in range(24)]
+    for index, group in enumerate(item["groups"]):
+        row, col = centres[index]
+        dimmed = np.abs(picture[row, col] - 0.25 * original[row, col]).max() <= 3
+        assert dimmed == (group < 0), index
+    assert "png" not in preview(server, {"tokcomp_method": "uniform", "tokcomp_budget": 48})[1]["items"][0]
 
 
 @pytest.mark.parametrize(("mm_kwargs", "field"), [({"tokcomp_budget": 0}, "mm_processor_kwargs.tokcomp_budget"),

@@ -42,6 +42,7 @@ from ..config import (
 from ..connectors import ConnectorModules, check_trained_for, is_connector_method
 from ..methods import VisualTokens, get_method, method_class
 from ..methods.redundancy import adaptive_budget
+from ..show import to_image
 from . import settings
 from .clip_signals import capture_feature_layer_signals
 from .debug_log import log_selection
@@ -49,7 +50,7 @@ from .lm_probe import text_to_vision_attention
 from .metrics import record_processed
 from .mustdrop_tower import encode_with_window_merge, supports_tower_merge
 from .parallel import PipelineLimit, llava_pipeline_limit
-from .preview import llava_item, uncompressed_item, without_preview_mark
+from .preview import llava_item, png_of_groups, uncompressed_item, without_preview_mark
 from .requests import canonical_kwargs, check_request, processed_spec
 from .text_signals import with_text_fallback
 from .vllm_api import (
@@ -134,8 +135,9 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
             record_processed(self, client_kwargs, result)
         return result
 
-    def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's multimodal engine input
-        """Each image's entry of ``POST /tokcomp/preview`` (integration/preview.py)."""
+    def preview_items(self, engine_input, png: bool = False) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
+        """Each image's entry of ``POST /tokcomp/preview`` (integration/preview.py); with ``png``, the known groups
+        drawn over the image the model sees."""
         vision = self.info.get_hf_config().vision_config
         side = vision.image_size // vision.patch_size
         entries = []
@@ -145,8 +147,13 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
             spec = None if field is None else settings.decode(field.data)
             if spec is None:
                 entries.append(uncompressed_item("image", placeholders[index].get_num_embeds()))
-            else:
-                entries.append(llava_item(spec, side * side, (side, side)))
+                continue
+            entry = llava_item(spec, side * side, (side, side))
+            pixels = item.get("pixel_values")
+            if png and entry["groups"] is not None and pixels is not None:
+                image = to_image(pixels.data, self.info.get_hf_processor().image_processor)
+                entry["png"] = png_of_groups(image, (side, side), entry["groups"])
+            entries.append(entry)
         return entries
 
     def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs

@@ -9,9 +9,10 @@ multimodal cache mirror, and nothing is sent to an engine.
 The answer: the prompt's token count (the ``prompt_tokens`` the chat request would report) and per image or video
 its tokens without and with compression, the method, and which patches each token stands for where that is known
 before the encoder runs: on Qwen2-VL for the fixed-layout and pixel-decided methods (decided by the processor), on
-LLaVA for the content-blind methods (``uniform``, ``random``, ``pool``, ``bilinear``). For the methods that decide on
-the encoder's output the selection is made in the engine, and ``groups`` is ``null`` (``tokcomp show`` draws those
-from the model offline). Previews are not counted in the metrics.
+LLaVA for the content-blind methods (``uniform``, ``random``, ``pool``, ``bilinear``); with ``?png=true`` those
+LLaVA groups come drawn over the image as ``tokcomp show`` draws them. For the methods that decide on the encoder's
+output the selection is made in the engine, and ``groups`` is ``null`` (``tokcomp show`` draws those from the model
+offline). Previews are not counted in the metrics.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route handler's annotations as objects.
@@ -75,6 +76,18 @@ def _entry(modality: str, spec, before: int, grid: tuple[int, ...], groups: list
             "groups": groups}
 
 
+def png_of_groups(image, grid: tuple[int, int], groups: list[int]) -> str:  # noqa: ANN001 - a PIL image
+    """The ``tokcomp show`` drawing of ``groups`` over ``image``, as a base64 PNG."""
+    import base64
+    import io
+
+    from ..show import draw_groups
+
+    buffer = io.BytesIO()
+    draw_groups(image, grid, groups).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def uncompressed_item(modality: str, tokens: int) -> dict:
     return {"modality": modality, "method": None, "budget": None, "ratio": None, "tokens_before": tokens,
             "tokens_after": tokens, "decided": None, "groups": None}
@@ -97,7 +110,7 @@ class PreviewEndpoint:
         router = APIRouter()
 
         @router.post(ROUTE)
-        async def preview(request: ChatCompletionRequest, raw_request: Request) -> JSONResponse:
+        async def preview(request: ChatCompletionRequest, raw_request: Request, png: bool = False) -> JSONResponse:
             handler = getattr(raw_request.app.state, "openai_serving_chat", None)
             if handler is None:
                 return JSONResponse({"error": {"message": "this server has no chat endpoint", "code": 501}}, 501)
@@ -113,7 +126,7 @@ class PreviewEndpoint:
             _conversation, engine_inputs = result
             engine_input = engine_inputs[0]
             processor = handler.online_renderer.renderer.mm_processor if _has_processor(handler) else None
-            items = processor.preview_items(engine_input) if hasattr(processor, "preview_items") else []
+            items = processor.preview_items(engine_input, png=png) if hasattr(processor, "preview_items") else []
             return JSONResponse({"prompt_tokens": len(engine_input["prompt_token_ids"]), "items": items})
 
         app.include_router(router)

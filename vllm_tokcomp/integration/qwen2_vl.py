@@ -334,8 +334,9 @@ class _ProcessorMixin:
             record_processed(self, client_kwargs, result)
         return result
 
-    def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's multimodal engine input
-        """Each image's or video's entry of ``POST /tokcomp/preview`` (integration/preview.py)."""
+    def preview_items(self, engine_input, png: bool = False) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
+        """Each image's or video's entry of ``POST /tokcomp/preview`` (integration/preview.py); no drawing (``png``
+        is for LLaVA: Qwen's processor hands over flattened patches, not an image)."""
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
         entries = []
         for modality, field_name in MODALITY_FIELDS.items():
