@@ -136,8 +136,7 @@ def method_reads_text(method: str) -> bool:
     """Whether the method uses the prompt's text (embeddings or text->vision attention)."""
     if is_connector_method(method):
         return False
-    cls = method_class(method)
-    return cls.needs_text or cls.needs_text_attention or getattr(cls, "uses_text_attention", False)
+    return method_class(method).reads_text()
 
 
 def without_plugin_keys(kwargs: Mapping[str, object]) -> dict[str, object]:

@@ -68,8 +68,7 @@ class LlavaViewer:
         tower, projector = self.model.model.vision_tower, self.model.model.multi_modal_projector
         decoder = self.model.model.language_model
         text = decoder.embed_tokens(self._query_ids(question)) if method_reads_text(method) else None
-        cls = method_class(method)
-        probe = cls.needs_text_attention or getattr(cls, "uses_text_attention", False)
+        probe = method_class(method).reads_lm_probe()
         if method == "mustdrop" and get_method(method).stage1:
             merged = encode_with_stage1(tower, projector, pixels[0], budget, MustDropStage1(key_ratio=0.0), self.grid)
             tokens = VisualTokens(

@@ -276,7 +276,7 @@ class CompressedLlava(LlavaForConditionalGeneration):
         text = language_model.embed_input_ids(ids.to(features.device))
         signals = {"text_embeds": text}
         cls = method_class(method)
-        if cls.needs_text_attention or getattr(cls, "uses_text_attention", False):
+        if cls.reads_lm_probe():
             signals["text_attention"] = text_to_vision_attention(language_model, features, text)
         return signals
 
@@ -366,12 +366,9 @@ class CompressedLlava(LlavaForConditionalGeneration):
 
 
 def _uses_vision_signals(method: str) -> bool:
-    """Content-blind methods (uniform, pooling) and trained connectors skip the capture; all others may use keys
-    or CLS attention."""
-    if is_connector_method(method):
-        return False
-    cls = method_class(method)
-    return cls.family not in ("baseline", "transformation") or cls.needs_cls_attention or cls.needs_keys
+    """Whether the feature layer's [CLS] attention and keys are captured for ``method`` (trained connectors read
+    neither)."""
+    return not is_connector_method(method) and method_class(method).reads_tower_signals()
 
 
 _logged = False

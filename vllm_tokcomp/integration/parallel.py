@@ -47,8 +47,7 @@ class PipelineLimit:
 
 def reads_lm_probe(method: str) -> bool:
     """Whether the LLaVA model runs the LM probe for ``method`` (the same test as ``CompressedLlava``)."""
-    cls = method_class(method)
-    return cls.needs_text_attention or getattr(cls, "uses_text_attention", False)
+    return method_class(method).reads_lm_probe()
 
 
 def llava_pipeline_limit(num_layers: int, stages: int) -> PipelineLimit:

@@ -42,11 +42,7 @@ def without_preview_mark(kwargs: Mapping[str, object] | None) -> tuple[Mapping[s
 
 def content_blind(method: str) -> bool:
     """Methods whose selection depends on the grid and budget (and their knobs) only."""
-    if is_connector_method(method):
-        return False
-    cls = method_class(method)
-    return cls.family in ("baseline", "transformation") and not (cls.needs_cls_attention or cls.needs_keys
-                                                                  or cls.needs_text or cls.needs_text_attention)
+    return not is_connector_method(method) and not method_class(method).selects_by_content
 
 
 def llava_item(spec, full: int, grid: tuple[int, int]) -> dict:  # noqa: ANN001 - a CompressionSpec

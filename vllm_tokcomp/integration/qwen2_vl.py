@@ -21,11 +21,11 @@ Overrides (vLLM 0.32.0, ``model_executor/models/qwen2_vl.py``):
     next text starts at ``item_start + max(t, h, w extent)`` of the *full* grid.
 
   This needs each image's anchors before the encoder runs: the **fixed-layout** methods
-  (``FIXED_LAYOUT_METHODS``: uniform, random, pool, bilinear) have them from the grid and the budget, the
-  **pixel-decided** ones (``PIXEL_DECIDED_METHODS``: tome, divprune, adjacent, evs) run their ``select`` in
+  (:func:`qwen_route` ``"layout"``: uniform, random, pool, bilinear) have them from the grid and the budget, the
+  **pixel-decided** ones (``"pixels"``: tome, divprune, adjacent, evs) run their ``select`` in
   the processor on each merged token's pixels and send the assignment with the item
   (``settings.ASSIGNMENT_FIELDS``); the model applies that assignment to the encoder output.
-* ``CompressedQwen2VL.recompute_mrope_positions``: the **text-guided** methods (``ENCODER_DECIDED_METHODS``:
+* ``CompressedQwen2VL.recompute_mrope_positions``: the **text-guided** methods (``"encoder"``:
   text_relevance, pumer) choose in ``embed_multimodal`` from the embeddings and the prompt's text,
   after the positions above were computed (provisionally for their placeholders). Each kept row carries its
   anchor's (t, h, w) in ``POSITION_CHANNELS`` extra columns, and the runner's EVS hook, which vLLM 0.32 calls
@@ -62,7 +62,7 @@ from ..config import (
     without_plugin_keys,
 )
 from ..connectors import is_connector_method
-from ..methods import TokenAssignment, VisualTokens, get_method
+from ..methods import TokenAssignment, VisualTokens, available_methods, get_method, method_class
 from . import settings
 from .debug_log import POSITIONS_LOG_ENV, append_record, log_selection
 from .metrics import record_processed
@@ -92,17 +92,44 @@ from .vllm_api import (
 
 logger = logging.getLogger("vllm_tokcomp")
 
-# Methods whose kept anchors depend only on the grid and the budget (and their knobs), not on content.
-FIXED_LAYOUT_METHODS = frozenset({"uniform", "random", "pool", "bilinear"})
-# Content-dependent methods that need nothing but token features: here they decide at processing time, on
-# each merged token's pixels, so the positions are known before the encoder runs; the model then merges
-# the encoder's embeddings by that same assignment.
-PIXEL_DECIDED_METHODS = frozenset({"tome", "divprune", "adjacent", "evs"})
-# Methods guided by the prompt's text, decided in embed_multimodal on the encoder's embeddings:
-# their kept tokens' positions are known only then, so the model hands them to the runner's recompute hook
-# (``recompute_mrope_positions``) inside the embeddings, as ``POSITION_CHANNELS`` extra columns.
-ENCODER_DECIDED_METHODS = frozenset({"text_relevance", "pumer"})
-SERVED_METHODS = FIXED_LAYOUT_METHODS | PIXEL_DECIDED_METHODS | ENCODER_DECIDED_METHODS
+LAYOUT, PIXELS, ENCODER = "layout", "pixels", "encoder"
+
+
+def qwen_route(method: str) -> str | None:
+    """How Qwen2-VL serves ``method``, read from its declared capabilities (so a newly registered method is
+    routed too):
+
+    - ``"layout"``: the selection ignores content (``selects_by_content = False``); anchors come from the grid
+      and the budget;
+    - ``"pixels"``: it reads nothing but token features; it decides at processing time on each merged token's
+      pixels, so positions are known before the encoder runs, and the model merges the encoder's embeddings by
+      that same assignment;
+    - ``"encoder"``: it reads the prompt's text; it decides in ``embed_multimodal`` on the encoder's embeddings,
+      and the kept tokens' positions reach the runner's recompute hook (``recompute_mrope_positions``) inside the
+      embeddings, as ``POSITION_CHANNELS`` extra columns;
+    - ``None``: it needs [CLS] attention, keys or the LM probe's attention, which Qwen's tower and this
+      integration do not provide (trained connectors: LLaVA only)."""
+    if is_connector_method(method) or method not in available_methods():
+        return None
+    cls = method_class(method)
+    if cls.needs_cls_attention or cls.needs_keys or cls.needs_text_attention:
+        return None
+    if not cls.selects_by_content:
+        return LAYOUT
+    return ENCODER if cls.reads_text() else PIXELS
+
+
+def qwen_methods(route: str | None = None) -> frozenset[str]:
+    """The registered methods Qwen2-VL serves (on ``route`` only, when given)."""
+    routes = {method: qwen_route(method) for method in available_methods()}
+    return frozenset(m for m, r in routes.items() if r is not None and (route is None or r == route))
+
+
+# The built-in methods per route, as registered at import (for docs, tests and benchmarks).
+FIXED_LAYOUT_METHODS = qwen_methods(LAYOUT)
+PIXEL_DECIDED_METHODS = qwen_methods(PIXELS)
+ENCODER_DECIDED_METHODS = qwen_methods(ENCODER)
+SERVED_METHODS = qwen_methods()
 POSITION_CHANNELS = 6  # (t, h, w), each as (value // 128, value % 128): exact even in bf16 (8-bit mantissa)
 POSITION_BASE = 128
 METHOD_FIELD = f"mm_processor_kwargs.{METHOD_KEY}"
@@ -121,11 +148,11 @@ def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec
         )
     if spec is not None and is_connector_method(spec.method):
         raise ConfigError(field, f"{spec.method!r} is a trained connector, served on LLaVA only")
-    if spec is not None and spec.method not in SERVED_METHODS:
+    if spec is not None and qwen_route(spec.method) is None:
         raise ConfigError(
             field,
-            f"method {spec.method!r} needs the vision tower's [CLS] attention; Qwen2-VL's tower has no [CLS] "
-            "token, so the served methods are: " + ", ".join(sorted(SERVED_METHODS)),
+            f"method {spec.method!r} needs the vision tower's [CLS] attention, keys or the LM probe; Qwen2-VL's "
+            "tower has no [CLS] token, so the served methods are: " + ", ".join(sorted(qwen_methods())),
         )
     return spec
 
@@ -159,7 +186,7 @@ def pixel_assignment(
     the model normalises them), and these are what is used."""
     n = int(np.prod(grid))
     kept = settings.kept_tokens(spec, n)
-    if spec is None or spec.method not in PIXEL_DECIDED_METHODS or kept >= n:
+    if spec is None or qwen_route(spec.method) != PIXELS or kept >= n:
         index = torch.arange(n)
         return settings.encode_assignment(index, index)
     pool = DESCRIPTOR_POOL if patch_size % DESCRIPTOR_POOL == 0 else patch_size
@@ -175,9 +202,9 @@ def item_anchors(spec: CompressionSpec | None, grid: tuple[int, ...], assignment
     pixel-decided methods (its assignment row), else a function of the grid and the budget. For an
     encoder-decided method they are not known yet: the first ``kept`` raster indices stand in until the
     runner's recompute hook writes the real ones (:func:`encode_positions`)."""
-    if spec is not None and spec.method in PIXEL_DECIDED_METHODS and assignment_row is not None:
+    if spec is not None and qwen_route(spec.method) == PIXELS and assignment_row is not None:
         return settings.decode_assignment(assignment_row)[1]
-    if spec is not None and spec.method in ENCODER_DECIDED_METHODS:
+    if spec is not None and qwen_route(spec.method) == ENCODER:
         return torch.arange(settings.kept_tokens(spec, int(np.prod(grid))))
     return kept_anchors(spec, grid)
 
@@ -265,7 +292,7 @@ class _InfoMixin:
     def limit_to_pipeline(self, stages: int) -> None:
         """Refuse what cannot run on ``stages`` pipeline stages (integration/parallel.py): the engine's own method
         stops the server, a request's gets HTTP 400."""
-        self.tokcomp_pipeline = qwen_pipeline_limit(ENCODER_DECIDED_METHODS, stages)
+        self.tokcomp_pipeline = qwen_pipeline_limit(qwen_methods(ENCODER), stages)
         try:
             self._check(self.engine_spec)
         except ConfigError as error:
@@ -321,7 +348,7 @@ class _ProcessorMixin:
             request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
         )
         request_kwargs = canonical_kwargs(request_kwargs, spec, engine_configured=self.info.engine_configured)
-        if spec is not None and spec.method in ENCODER_DECIDED_METHODS:
+        if spec is not None and qwen_route(spec.method) == ENCODER:
             config = self.info.get_hf_config()
             tokenizer = self.info.get_tokenizer()
             excluded = {config.image_token_id, config.video_token_id, *tokenizer.all_special_ids}
@@ -351,7 +378,7 @@ class _ProcessorMixin:
                 grid = (t, h // merge, w // merge)
                 full = t * grid[1] * grid[2]
                 row = item.get(settings.ASSIGNMENT_FIELDS[modality])
-                decided = row is not None and spec.method in PIXEL_DECIDED_METHODS
+                decided = row is not None and qwen_route(spec.method) == PIXELS
                 entries.append(qwen_item(modality, spec, full, grid, row.data if decided else None))
         return entries
 
@@ -447,9 +474,9 @@ def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, i
     method = get_method(spec.method, **dict(spec.options))
     expected = settings.kept_tokens(spec, item.shape[0])
     tokens = VisualTokens(features=item, grid=grid)
-    if spec.method in ENCODER_DECIDED_METHODS:
+    if qwen_route(spec.method) == ENCODER:
         result = method(with_text_fallback(spec.method, dataclasses.replace(tokens, text_embeds=text_embeds)), expected)
-    elif spec.method in PIXEL_DECIDED_METHODS and expected < item.shape[0]:
+    elif qwen_route(spec.method) == PIXELS and expected < item.shape[0]:
         if assignment_row is None:
             raise RuntimeError("tokcomp: no processing-time assignment for a pixel-decided method")
         destination, anchors = settings.decode_assignment(assignment_row.cpu())
@@ -460,7 +487,7 @@ def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, i
     # vLLM silently truncates extra rows; a mismatch must fail here instead.
     if result.features.shape[0] != expected:
         raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
-    if spec.method in ENCODER_DECIDED_METHODS:  # positions follow this selection (recompute_mrope_positions)
+    if qwen_route(spec.method) == ENCODER:  # positions follow this selection (recompute_mrope_positions)
         kept = result.assignment.anchor.cpu()
         log_selection(spec, grid, kept)
         relative, _ = item_positions(grid, kept, t_factor)
@@ -510,7 +537,7 @@ class _ModelMixin:
                 if spec is not None:
                     t, h, w = (int(v) for v in grids[index].tolist())
                     text = None
-                    if spec.method in ENCODER_DECIDED_METHODS and queries[modality] is not None:
+                    if qwen_route(spec.method) == ENCODER and queries[modality] is not None:
                         text = self._text_embeds(
                             settings.decode_query(torch.as_tensor(queries[modality][index])), out[start + index]
                         )

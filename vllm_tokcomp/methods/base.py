@@ -218,6 +218,11 @@ class Compressor:
     needs_keys: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
     needs_text_attention: ClassVar[bool] = False
+    # Signals read when given, not required: keys (else the features) and the LM's text->vision attention.
+    uses_keys: ClassVar[bool] = False
+    uses_text_attention: ClassVar[bool] = False
+    # False: which tokens go where depends on the grid, the budget and the knobs only, never on the content.
+    selects_by_content: ClassVar[bool] = True
     prunes: ClassVar[bool] = False
     merges: ClassVar[bool] = False
     order_preserving: ClassVar[bool] = True
@@ -239,6 +244,21 @@ class Compressor:
     def merge_weights(self, tokens: VisualTokens) -> Tensor:
         """Weights for averaging tokens that share a slot; size-weighted by default."""
         return tokens.token_sizes()
+
+    @classmethod
+    def reads_text(cls) -> bool:
+        """Whether the prompt's text (its embeddings or the LM's text->vision attention) can change the result."""
+        return cls.needs_text or cls.needs_text_attention or cls.uses_text_attention
+
+    @classmethod
+    def reads_lm_probe(cls) -> bool:
+        """Whether the LM's text->vision attention (the integration's LM probe) is read, required or when given."""
+        return cls.needs_text_attention or cls.uses_text_attention
+
+    @classmethod
+    def reads_tower_signals(cls) -> bool:
+        """Whether the vision tower's [CLS] attention or keys are read, required or when given."""
+        return cls.needs_cls_attention or cls.needs_keys or cls.uses_keys
 
     @classmethod
     def required_signals(cls) -> list[str]:

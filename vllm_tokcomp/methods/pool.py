@@ -128,6 +128,7 @@ class _GridResize(Compressor):
     max_aspect_change: float = knob(1.5, low=1.0, high=MAX_ASPECT_CHANGE)
 
     family = "transformation"
+    selects_by_content = False
     merges = True
     prunes = True  # only when trimming a grid that has more cells than the budget
 

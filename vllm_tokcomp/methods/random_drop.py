@@ -24,6 +24,7 @@ class RandomDrop(Compressor):
     name = "random"
     paper = "baseline (random pruning, e.g. UniPruneBench arXiv:2511.02650)"
     family = "baseline"
+    selects_by_content = False
     prunes = True
 
     def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:

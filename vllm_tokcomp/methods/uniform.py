@@ -23,6 +23,7 @@ class UniformSampling(Compressor):
     name = "uniform"
     paper = "baseline (spatially uniform sampling, as used by PruMerge+ and most pruning studies)"
     family = "baseline"
+    selects_by_content = False
     prunes = True
 
     def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:
