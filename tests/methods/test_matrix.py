@@ -60,6 +60,7 @@ BAD_KNOBS: dict[str, list[tuple[dict, str]]] = {
     "pumer": [({"prune_share": 1.5}, "prune_share")],
     "btp": [({"balance": -0.1}, "balance")],
     "visionzip": [({"dominant_ratio": 1.5}, "dominant_ratio")],
+    "vispruner": [({"important_ratio": 1.5}, "important_ratio"), ({"step": 0}, "step")],
     "random": [({"seed": "x"}, "seed")],
     "text_relevance": [({"reduce": "median"}, "reduce")],
 }
