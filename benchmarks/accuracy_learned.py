@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy import (  # noqa: E402
+from benchmarks.accuracy_positions import greedy  # noqa: E402
+from vllm_tokcomp.bench.accuracy import (  # noqa: E402
     default_dataset,
     llava_prompt,
     load_dataset,
@@ -34,7 +35,6 @@ from benchmarks.accuracy import (  # noqa: E402
     score,
     write_report,
 )
-from benchmarks.accuracy_positions import greedy  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "accuracy-learned"
 BUNDLED_CONNECTORS = REPO / "train-checkpoints" / "connectors"

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy import (  # noqa: E402
+from vllm_tokcomp.bench.accuracy import (  # noqa: E402
     default_dataset,
     llava_prompt,
     load_dataset,

@@ -49,9 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy import default_dataset, load_dataset, model_or_default  # noqa: E402
-from benchmarks.common import output_file  # noqa: E402
 from benchmarks.position_probe import FIRST_SCENE, fit_linear  # noqa: E402
+from vllm_tokcomp.bench.accuracy import default_dataset, load_dataset, model_or_default  # noqa: E402
+from vllm_tokcomp.bench.common import output_file  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "binding-probe"
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy import model_or_default, write_report  # noqa: E402
+from vllm_tokcomp.bench.accuracy import model_or_default, write_report  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "heldout"
 FIRST_SCENE = 20000  # validation scenes the training runs never score (their --eval-images take the first few hundred)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common  # noqa: E402
+from vllm_tokcomp.bench import common  # noqa: E402
 from vllm_tokcomp.data.generate import scene_rng  # noqa: E402
 from vllm_tokcomp.data.synth import make_scene, render_scene  # noqa: E402
 from vllm_tokcomp.methods import VisualTokens  # noqa: E402

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy import model_or_default  # noqa: E402
-from benchmarks.common import output_file  # noqa: E402
+from vllm_tokcomp.bench.accuracy import model_or_default  # noqa: E402
+from vllm_tokcomp.bench.common import output_file  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "position-probe"
 GRID = 24

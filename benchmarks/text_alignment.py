@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import output_file  # noqa: E402
+from vllm_tokcomp.bench.common import output_file  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 OBJECT_SHARE = 0.1  # a token is an object's when more than this share of its pixels belong to one

@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import accuracy  # noqa: E402
+from vllm_tokcomp.bench import accuracy  # noqa: E402
 
 RECORDS = [
     {"question": "q1", "answer": "red", "type": "color"},

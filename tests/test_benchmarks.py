@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, report
-from benchmarks.models import SHAPES, flops
-from benchmarks.throughput import analyse, plan_rounds
+from vllm_tokcomp.bench import common, report
+from vllm_tokcomp.bench.models import SHAPES, flops
+from vllm_tokcomp.bench.throughput import analyse, plan_rounds
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("tome", "mustdrop[stage2=false]")  # a method variant with knobs, as issue 6 measures
@@ -220,7 +220,7 @@ def test_memory_bound_goal_uses_max_running_from_the_engine():
 
 
 def test_serving_rows_slo_and_mixed_stream():
-    from benchmarks.serving import default_slo, level_row, mixed_summary
+    from vllm_tokcomp.bench.serving import default_slo, level_row, mixed_summary
 
     def rec(start, ttft, tpot, budget=None, prompt=100, out=4):
         end = start + ttft + tpot * (out - 1)
@@ -249,7 +249,7 @@ def test_serving_rows_slo_and_mixed_stream():
     qwen = [rec(0, 0.1, 0.01, budget=2048, prompt=1064), rec(0, 0.1, 0.01, budget=114, prompt=154)]
     assert mixed_summary(qwen, [], 40, "pool", "c=2", full=1024)["prompt_tokens_exact"]
     assert not mixed_summary(qwen, [], 40, "pool", "c=2")["prompt_tokens_exact"]  # LLaVA's 576 would cap it
-    from benchmarks.serving import default_mixed_budgets
+    from vllm_tokcomp.bench.serving import default_mixed_budgets
 
     assert default_mixed_budgets(576) == [576, 192, 64, 32] and default_mixed_budgets(1024) == [1024, 341, 114, 57]
 
@@ -263,7 +263,7 @@ def test_model_shapes_have_llava_proportions():
 
 
 def test_written_7b_config_has_the_llava_15_7b_architecture():
-    from benchmarks.models import resolve_model
+    from vllm_tokcomp.bench.models import resolve_model
 
     path, load_format, info = resolve_model("llava-1.5-7b")
     assert load_format == "dummy"
@@ -312,7 +312,7 @@ def test_mustdrop_auto_compares_both_counts_on_real_images(tmp_path):
 
 
 def test_models_know_their_image_tokens_and_prompt():
-    from benchmarks import models
+    from vllm_tokcomp.bench import models
 
     llava, _, llava_info = models.resolve_model("tiny")
     qwen, _, qwen_info = models.resolve_model("tiny-qwen2-vl")
@@ -327,7 +327,7 @@ def test_models_know_their_image_tokens_and_prompt():
 def test_qwen_presets_have_qwen2_5_vl_7b_architecture_and_proportions():
     from transformers import AutoConfig, AutoProcessor
 
-    from benchmarks.models import QWEN_SHAPES, qwen_flops, resolve_model
+    from vllm_tokcomp.bench.models import QWEN_SHAPES, qwen_flops, resolve_model
 
     path, load_format, info = resolve_model("qwen2.5-vl-7b")
     config = AutoConfig.from_pretrained(path)  # transformers reads it as a Qwen2.5-VL config

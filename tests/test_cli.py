@@ -160,3 +160,24 @@ def test_info_lists_versions_methods_architectures_and_model():
     for expected in ("vllm ", "torch ", "LlavaForConditionalGeneration", "tome", "cls_topk",
                      "bundled model tiny-llava:", "bundled model tiny-qwen2-vl:", "bundled model tiny-qwen2.5-vl:"):
         assert expected in text
+
+
+@pytest.mark.parametrize("name", ["throughput", "memory-bound", "serve", "accuracy", "method-cost", "gpu"])
+def test_bench_commands_are_reachable_from_the_installed_cli(name):
+    done = subprocess.run([sys.executable, "-m", "vllm_tokcomp.cli", "bench", name, "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout and "--out" in done.stdout
+
+
+def test_bench_smoke_run_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "gpu-tiny.json"
+    done = subprocess.run([sys.executable, "-m", "vllm_tokcomp.cli", "bench", "gpu", "--geometry", "tiny",
+                           "--requests", "2", "--methods", "pool", "--budgets", "32", "--prefill-repeats", "1",
+                           "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [arm["name"] for arm in json.loads(out.read_text())["arms"]] == ["plain", "pool@32"]
+    assert out.with_suffix(".md").is_file()
+    bad = subprocess.run([sys.executable, "-m", "vllm_tokcomp.cli", "bench", "nope"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "expected one of throughput" in bad.stderr

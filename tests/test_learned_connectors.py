@@ -199,7 +199,7 @@ def test_bundled_connectors_load_for_the_bundled_model() -> None:
 def test_committed_results_come_from_the_bundled_connectors() -> None:
     """The first questions of benchmarks/results/accuracy-learned.json, re-run from the bundled files."""
     from benchmarks import accuracy_learned
-    from benchmarks.accuracy import default_dataset, load_dataset
+    from vllm_tokcomp.bench.accuracy import default_dataset, load_dataset
     from vllm_tokcomp.tiny.llava import ensure_trained_model
 
     committed = json.loads(accuracy_learned.DEFAULT_OUT.with_suffix(".json").read_text())

@@ -140,7 +140,8 @@ def test_vllm_serves_connectors_as_the_transformers_reference_computes_them(tmp_
     """The harness through real vLLM (engine listing two bundled connectors, each request picking one) against
     ``accuracy_learned``'s transformers path (the library module applied to the projector's outputs, fp32)."""
     sys.path.insert(0, str(REPO))
-    from benchmarks import accuracy, accuracy_learned
+    from benchmarks import accuracy_learned
+    from vllm_tokcomp.bench import accuracy
     from vllm_tokcomp.data.spec import normalize_answer
 
     data = accuracy.default_dataset()

@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "default tiny-llava)")
         print("       tokcomp info")
         print("       tokcomp show IMAGE --method M --budget B [--question TEXT] [--model DIR] -o OUT.png")
+        print(f"       tokcomp bench {{{','.join(BENCHMARKS)}}} [--help | options]")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "serve":
@@ -71,8 +72,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .show import main as show
 
         return show(rest)
-    print(f"tokcomp: unknown command {command!r} (expected serve, info or show)", file=sys.stderr)
+    if command == "bench":
+        return bench(rest)
+    print(f"tokcomp: unknown command {command!r} (expected serve, info, show or bench)", file=sys.stderr)
     return 2
+
+
+# ``tokcomp bench NAME``: the module of vllm_tokcomp.bench that runs it (each writes JSON + markdown + a plot).
+BENCHMARKS = {
+    "throughput": "throughput",  # offline requests/s, plain vLLM vs every method x budget, one interleaved run
+    "memory-bound": "memory_bound",  # a small fixed KV cache: concurrent requests and throughput per arm
+    "serve": "serving",  # the OpenAI server under load: TTFT, latency, throughput per arm
+    "accuracy": "accuracy",  # answer accuracy vs visual tokens on the synthetic VQA task
+    "method-cost": "method_cost",  # each method's cost per image next to a CLIP-L forward
+    "gpu": "gpu_llava",  # LLaVA-1.5-7B geometry on a GPU, torch + transformers only
+}
+
+
+def bench(argv: Sequence[str]) -> int:
+    """``tokcomp bench NAME [options]``: one of the product benchmarks, its options passed through."""
+    if not argv or argv[0] not in BENCHMARKS:
+        given = repr(argv[0]) if argv else "nothing"
+        print(f"tokcomp bench: expected one of {', '.join(BENCHMARKS)}, got {given}", file=sys.stderr)
+        return 2
+    import importlib
+    import runpy
+
+    name = f"vllm_tokcomp.bench.{BENCHMARKS[argv[0]]}"
+    importlib.import_module("vllm_tokcomp.bench")
+    saved = sys.argv
+    sys.argv = [f"tokcomp bench {argv[0]}", *argv[1:]]
+    try:
+        runpy.run_module(name, run_name="__main__", alter_sys=True)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
 
 
 def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:

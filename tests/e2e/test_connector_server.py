@@ -20,7 +20,7 @@ def test_questions() -> list[dict]:
     import sys
 
     sys.path.insert(0, str(REPO))
-    from benchmarks.accuracy import default_dataset, load_dataset
+    from vllm_tokcomp.bench.accuracy import default_dataset, load_dataset
 
     return load_dataset(default_dataset(), 4)
 

@@ -17,8 +17,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benchmarks" / "results"
+ROOT = Path(__file__).resolve().parents[2]  # the checkout, for an editable install
+# The committed results in a checkout; elsewhere (an installed package) a folder in the working directory.
+RESULTS_DIR = ROOT / "benchmarks" / "results" if (ROOT / "benchmarks").is_dir() else Path.cwd() / "tokcomp-results"
 FULL_IMAGE_TOKENS = 576  # LLaVA-1.5: 24 x 24 patches at 336 px / patch 14 (all model presets here)
 DEFAULT_BUDGETS = (576, 192, 128, 64, 32)
 DEFAULT_METHODS = ("tome", "uniform")
@@ -41,10 +42,10 @@ PLAIN = "plain"  # plain vLLM, the plugin filtered out of the process (VLLM_PLUG
 OFF = "off"  # plugin installed and loaded, no tokcomp setting: compression off
 SCHEMA_VERSION = 1
 PROGRESS_PREFIX = "TOKCOMP_BENCH "  # engine_worker -> throughput.py progress lines on stdout
-STEP_LOG_ENV = "TOKCOMP_BENCH_STEP_LOG"  # benchmarks.probes writes one JSON line per engine step here
-SCHEDULER_CLS = "benchmarks.probes.BenchScheduler"
-ASYNC_SCHEDULER_CLS = "benchmarks.probes.BenchAsyncScheduler"
-WORKER_EXTENSION_CLS = "benchmarks.probes.EncoderTimer"
+STEP_LOG_ENV = "TOKCOMP_BENCH_STEP_LOG"  # vllm_tokcomp.bench.probes writes one JSON line per engine step here
+SCHEDULER_CLS = "vllm_tokcomp.bench.probes.BenchScheduler"
+ASYNC_SCHEDULER_CLS = "vllm_tokcomp.bench.probes.BenchAsyncScheduler"
+WORKER_EXTENSION_CLS = "vllm_tokcomp.bench.probes.EncoderTimer"
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "cyan"]
 
 

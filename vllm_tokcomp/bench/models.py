@@ -324,7 +324,7 @@ def full_image_tokens(path: Path, image_size: int = IMAGE_SIZE) -> int:
 def image_prompt(path: Path, question: str) -> str:
     """The single-image prompt for ``question``: LLaVA-1.5's (vicuna_v1), or the model's own chat template."""
     if not is_qwen_vl(path):
-        from benchmarks.common import llava_prompt
+        from vllm_tokcomp.bench.common import llava_prompt
 
         return llava_prompt(question)
     from transformers import AutoProcessor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.common import FULL_IMAGE_TOKENS, OFF, PLAIN, amdahl_speedup
+from vllm_tokcomp.bench.common import FULL_IMAGE_TOKENS, OFF, PLAIN, amdahl_speedup
 
 
 def _plt():  # noqa: ANN202

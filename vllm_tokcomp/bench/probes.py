@@ -31,7 +31,7 @@ from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
-from benchmarks.common import STEP_LOG_ENV
+from vllm_tokcomp.bench.common import STEP_LOG_ENV
 from vllm_tokcomp.integration.kv_probe import BlockRecordingScheduler
 
 

@@ -6,7 +6,7 @@ vLLM). Input: a JSON job file (argv[1]); output: a JSON result file (``job["out"
 ``llm.generate`` call over all its requests at once (like ``vllm bench throughput``), timed
 from the call to its return, so it includes input processing. Per batch the result holds the
 RequestOutput metrics, the KV-block records of its requests (``kv_probe``), the engine steps
-it ran (``benchmarks.probes``) and the encoder / compression time spent in it.
+it ran (``vllm_tokcomp.bench.probes``) and the encoder / compression time spent in it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import (
+from vllm_tokcomp.bench.common import (
     ASYNC_SCHEDULER_CLS,
     PROGRESS_PREFIX,
     SCHEDULER_CLS,
