@@ -219,7 +219,7 @@ def _needs_cpu_kv_default(passthrough: Sequence[str], env: Mapping[str, str]) ->
         arg.split("=")[0] in ("--kv-cache-memory-bytes", "--gpu-memory-utilization") for arg in passthrough
     ):
         return False
-    return _is_cpu_build()
+    return is_cpu_build()
 
 
 THREAD_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
@@ -268,13 +268,13 @@ def cpu_thread_binding(workers: int, cpus: Sequence[int]) -> str | None:
 
 
 def _cpu_thread_binding(passthrough: Sequence[str], env: Mapping[str, str]) -> str | None:
-    if env.get(THREAD_BIND_ENV) or not _is_cpu_build():
+    if env.get(THREAD_BIND_ENV) or not is_cpu_build():
         return None
     sizes = parallel_sizes(passthrough)
     return cpu_thread_binding(sizes["tp"] * sizes["pp"] * sizes["dp"], sorted(os.sched_getaffinity(0)))
 
 
-def _is_cpu_build() -> bool:
+def is_cpu_build() -> bool:
     import importlib.metadata as metadata
 
     try:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .methods import TokenAssignment, VisualTokens
-from .methods._common import assignment_from_labels
+from .integration.clip_signals import VisionSignals, cls_signals_from_qk
+from .methods import TokenAssignment
 from .methods.mustdrop import MustDropStage1
 
 GRID = (24, 24)  # LLaVA-1.5: 336 px / 14 px patches
@@ -48,19 +48,15 @@ def capture_cls_signals(tower: nn.Module):
             hook.remove()
 
 
-def cls_signals(store: dict[str, Tensor], heads: int) -> list[tuple[Tensor, Tensor]]:
-    """Per image ``([CLS]→patch attention [N] averaged over heads, patch keys [N, D])`` from captured q and k."""
-    q, k = store["q"].float(), store["k"].float()
-    batch, seq, width = q.shape
-    head_dim = width // heads
-    logits = torch.einsum("bhd,bshd->bhs", q[:, 0].reshape(batch, heads, head_dim),
-                          k.reshape(batch, seq, heads, head_dim)) * head_dim**-0.5
-    attention = logits.softmax(-1).mean(1)
-    return [(attention[i, 1:], k[i, 1:]) for i in range(batch)]
+def cls_signals(store: dict[str, Tensor], heads: int) -> list[VisionSignals]:
+    """Per image the [CLS]→patch attention and patch keys from the q and k :func:`capture_cls_signals` captured
+    (the served path's own computation, ``clip_signals.cls_signals_from_qk``)."""
+    q, k = store["q"], store["k"]
+    return cls_signals_from_qk(q, k, heads, q.shape[-1] // heads, q.shape[1] - 1)
 
 
-def encode(tower: nn.Module, projector: nn.Module, images: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """Projected patch features ``[B, 576, D]`` and per image ([CLS] attention, keys) of the feature layer, for a
+def encode(tower: nn.Module, projector: nn.Module, images: Tensor) -> tuple[Tensor, list[VisionSignals]]:
+    """Projected patch features ``[B, 576, D]`` and per image [CLS] attention and keys of the feature layer, for a
     tower built up to its feature layer (as vLLM builds LLaVA's: the last layer is the feature layer)."""
     with capture_cls_signals(tower) as store:
         hidden = tower(pixel_values=images).last_hidden_state
@@ -71,7 +67,7 @@ def encode(tower: nn.Module, projector: nn.Module, images: Tensor) -> tuple[Tens
 class TowerMerge:
     features: Tensor  # [M, D] projected features of the tokens that survived the stage-1 merge
     sizes: Tensor  # [M] patches per token
-    signals: tuple[Tensor, Tensor]  # ([CLS] attention [M], keys [M, Dv]) of the feature layer over them
+    signals: VisionSignals  # [CLS] attention and keys of the feature layer over them
     assignment: TokenAssignment  # the image's patches -> the M tokens
 
 
@@ -83,12 +79,7 @@ def encode_with_stage1(tower: nn.Module, projector: nn.Module, image: Tensor, bu
     layers = model.encoder.layers
     dtype = next(tower.parameters()).dtype
     hidden = _layer(layers[0], model.pre_layrnorm(model.embeddings(image[None].to(dtype))))
-    patches = hidden[0, 1:]
-    n = patches.shape[0]
-    tokens = VisualTokens(patches, grid, cls_attention=torch.zeros(n, device=patches.device))
-    assignment = assignment_from_labels(stage1._merge_labels(tokens, budget))
-    sizes = assignment.sum(torch.ones(n, device=patches.device))
-    merged = assignment.merge(patches, sizes.new_ones(n))
+    assignment, sizes, merged = stage1.merge_in_tower(hidden[0, 1:], grid, budget)
     hidden = torch.cat([hidden[0, :1], merged.to(hidden.dtype)], dim=0)[None]
     with capture_cls_signals(tower) as store:
         for layer in layers[1:]:

@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 
 from vllm_tokcomp.bench.common import RESULTS_DIR, machine_info, timestamp  # noqa: E402
 from vllm_tokcomp.hf_signals import GRID, encode, encode_with_stage1, probe_text_attention  # noqa: E402
+from vllm_tokcomp.integration.clip_signals import VisionSignals  # noqa: E402
 from vllm_tokcomp.methods import VisualTokens, get_method  # noqa: E402
 from vllm_tokcomp.methods.mustdrop import MustDropStage1  # noqa: E402
 
@@ -143,12 +144,11 @@ class Clock:
         into.append(time.perf_counter() - start)
 
 
-def compress(name: str, budget: int, features: Tensor, signals: tuple[Tensor, Tensor], text: Tensor,
+def compress(name: str, budget: int, features: Tensor, signals: VisionSignals, text: Tensor,
              text_attention: Tensor | None = None, sizes: Tensor | None = None) -> Tensor:
     """The library's method on one image's tokens with the signals the served LLaVA path hands it."""
-    cls_attention, keys = signals
     grid = GRID if sizes is None else (features.shape[0],)
-    tokens = VisualTokens(features=features, grid=grid, cls_attention=cls_attention, keys=keys,
+    tokens = VisualTokens(features=features, grid=grid, cls_attention=signals.cls_attention, keys=signals.keys,
                           text_embeds=text, text_attention=text_attention, sizes=sizes)
     method = get_method(name, stage1=False) if name == "mustdrop" else get_method(name)
     return method(tokens, budget).features

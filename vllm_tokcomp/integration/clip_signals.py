@@ -23,8 +23,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .vllm_api import gather_head_shards
-
 
 @dataclass(frozen=True)
 class VisionSignals:
@@ -49,6 +47,8 @@ def capture_feature_layer_signals(vision_tower: nn.Module, num_patch_tokens: int
         qkv = output[0] if isinstance(output, tuple) else output
         q, k, _v = qkv.chunk(3, dim=-1)
         if attention.tp_size > 1:
+            from .vllm_api import gather_head_shards  # here: the module stays importable without vLLM
+
             q, k = gather_head_shards(q), gather_head_shards(k)
         captured.extend(cls_signals_from_qk(q, k, attention.num_heads, attention.head_dim, num_patch_tokens))
 

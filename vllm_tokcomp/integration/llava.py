@@ -138,13 +138,11 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
     def preview_items(self, engine_input, png: bool = False) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
         """Each image's entry of ``POST /tokcomp/preview`` (integration/preview.py); with ``png``, the known groups
         drawn over the image the model sees."""
-        vision = self.info.get_hf_config().vision_config
-        side = vision.image_size // vision.patch_size
+        side = self._grid_side()
         entries = []
         placeholders = engine_input.get("mm_placeholders", {}).get("image", [])
         for index, item in enumerate(engine_input["mm_kwargs"].get("image", [])):
-            field = None if item is None else item.get(settings.FIELD)
-            spec = None if field is None else settings.decode(field.data)
+            spec = settings.item_spec(item, settings.FIELD)
             if spec is None:
                 entries.append(uncompressed_item("image", placeholders[index].get_num_embeds()))
                 continue
@@ -158,15 +156,13 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
 
     def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs
         """``(method, tokens without compression, tokens served)`` per compressed image of a processed request."""
+        full = self._grid_side() ** 2
+        specs = (settings.item_spec(item, settings.FIELD) for item in result["mm_kwargs"].get("image", []))
+        return [(spec.method, full, settings.kept_tokens(spec, full)) for spec in specs if spec is not None]
+
+    def _grid_side(self) -> int:
         vision = self.info.get_hf_config().vision_config
-        full = (vision.image_size // vision.patch_size) ** 2
-        items = []
-        for item in result["mm_kwargs"].get("image", []):
-            field = None if item is None else item.get(settings.FIELD)
-            spec = None if field is None else settings.decode(field.data)
-            if spec is not None:
-                items.append((spec.method, full, settings.kept_tokens(spec, full)))
-        return items
+        return vision.image_size // vision.patch_size
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)

@@ -23,8 +23,7 @@ import torch
 from torch import Tensor, nn
 from vllm.model_executor.models.vision import resolve_visual_encoder_outputs
 
-from ..methods import TokenAssignment, VisualTokens
-from ..methods._common import assignment_from_labels
+from ..methods import TokenAssignment
 from ..methods.mustdrop import MustDropStage1
 from .clip_signals import VisionSignals, capture_feature_layer_signals
 
@@ -57,14 +56,9 @@ def encode_with_window_merge(
     layers = model.encoder.layers
     hidden = model.pre_layrnorm(model.embeddings(pixel_values[None].to(model.dtype)))
     hidden = layers[0](hidden)
-    patches = hidden[0, 1:]
-    n = patches.shape[0]
     # The key set is unknown this early (it comes from the last layer), so nothing is protected here.
     stage1 = MustDropStage1(threshold=threshold, window=window, key_ratio=0.0)
-    tokens = VisualTokens(patches, grid, cls_attention=torch.zeros(n, device=patches.device))
-    assignment = assignment_from_labels(stage1._merge_labels(tokens, budget))
-    sizes = assignment.sum(torch.ones(n, device=patches.device))
-    merged = assignment.merge(patches, sizes.new_ones(n))
+    assignment, sizes, merged = stage1.merge_in_tower(hidden[0, 1:], grid, budget)
     hidden = torch.cat([hidden[0, :1], merged], dim=0)[None]
     rest = layers[1:]
     num_tokens = merged.shape[0]

@@ -121,7 +121,8 @@ class PreviewEndpoint:
                 return JSONResponse(result.model_dump(), status_code=result.error.code)
             _conversation, engine_inputs = result
             engine_input = engine_inputs[0]
-            processor = handler.online_renderer.renderer.mm_processor if _has_processor(handler) else None
+            renderer = getattr(getattr(handler, "online_renderer", None), "renderer", None)
+            processor = getattr(renderer, "mm_processor", None)
             items = processor.preview_items(engine_input, png=png) if hasattr(processor, "preview_items") else []
             return JSONResponse({"prompt_tokens": len(engine_input["prompt_token_ids"]), "items": items})
 
@@ -130,7 +131,3 @@ class PreviewEndpoint:
     async def init_state(self, engine_client, state, args) -> None:  # noqa: ANN001
         return None
 
-
-def _has_processor(handler) -> bool:  # noqa: ANN001
-    renderer = getattr(getattr(handler, "online_renderer", None), "renderer", None)
-    return getattr(renderer, "mm_processor", None) is not None

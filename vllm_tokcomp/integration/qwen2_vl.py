@@ -109,9 +109,12 @@ def qwen_route(method: str) -> str | None:
       embeddings, as ``POSITION_CHANNELS`` extra columns;
     - ``None``: it needs [CLS] attention, keys or the LM probe's attention, which Qwen's tower and this
       integration do not provide (trained connectors: LLaVA only)."""
-    if is_connector_method(method) or method not in available_methods():
+    if is_connector_method(method):
         return None
-    cls = method_class(method)
+    try:
+        cls = method_class(method)
+    except ValueError:  # not a registered method
+        return None
     if cls.needs_cls_attention or cls.needs_keys or cls.needs_text_attention:
         return None
     if not cls.selects_by_content:
@@ -364,36 +367,40 @@ class _ProcessorMixin:
     def preview_items(self, engine_input, png: bool = False) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
         """Each image's or video's entry of ``POST /tokcomp/preview`` (integration/preview.py); no drawing (``png``
         is for LLaVA: Qwen's processor hands over flattened patches, not an image)."""
-        merge = self.info.get_hf_config().vision_config.spatial_merge_size
         entries = []
-        for modality, field_name in MODALITY_FIELDS.items():
-            placeholders = engine_input.get("mm_placeholders", {}).get(modality, [])
-            for index, item in enumerate(engine_input["mm_kwargs"].get(modality, [])):
-                field = None if item is None else item.get(field_name)
-                spec = None if field is None else settings.decode(field.data)
-                if spec is None:
-                    entries.append(uncompressed_item(modality, placeholders[index].get_num_embeds()))
-                    continue
-                t, h, w = (int(v) for v in item[f"{modality}_grid_thw"].data.tolist())
-                grid = (t, h // merge, w // merge)
-                full = t * grid[1] * grid[2]
-                row = item.get(settings.ASSIGNMENT_FIELDS[modality])
-                decided = row is not None and qwen_route(spec.method) == PIXELS
-                entries.append(qwen_item(modality, spec, full, grid, row.data if decided else None))
+        for modality, index, item, spec, grid in self._item_specs(engine_input["mm_kwargs"]):
+            if spec is None:
+                placeholders = engine_input.get("mm_placeholders", {}).get(modality, [])
+                entries.append(uncompressed_item(modality, placeholders[index].get_num_embeds()))
+                continue
+            row = item.get(settings.ASSIGNMENT_FIELDS[modality])
+            decided = row is not None and qwen_route(spec.method) == PIXELS
+            entries.append(qwen_item(modality, spec, int(np.prod(grid)), grid, row.data if decided else None))
         return entries
 
     def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs
         """``(method, tokens without compression, tokens served)`` per compressed image or video."""
-        merge = self.info.get_hf_config().vision_config.spatial_merge_size
         items = []
-        for modality, field_name in MODALITY_FIELDS.items():
-            for item in result["mm_kwargs"].get(modality, []):
-                field = None if item is None else item.get(field_name)
-                spec = None if field is None else settings.decode(field.data)
-                if spec is not None:
-                    full = _merged_tokens(item[f"{modality}_grid_thw"].data, merge)
-                    items.append((spec.method, full, settings.kept_tokens(spec, full)))
+        for _modality, _index, _item, spec, grid in self._item_specs(result["mm_kwargs"]):
+            if spec is not None:
+                full = int(np.prod(grid))
+                items.append((spec.method, full, settings.kept_tokens(spec, full)))
         return items
+
+    def _item_specs(self, mm_kwargs) -> list[tuple]:  # noqa: ANN001 - vLLM's MultiModalKwargsItems
+        """Per processed image and video: ``(modality, index, item, settings, (t, h, w) merged-token grid)``; the
+        grid is ``None`` for an uncompressed item."""
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        out = []
+        for modality, field_name in MODALITY_FIELDS.items():
+            for index, item in enumerate(mm_kwargs.get(modality, [])):
+                spec = settings.item_spec(item, field_name)
+                grid = None
+                if spec is not None:
+                    t, h, w = (int(v) for v in item[f"{modality}_grid_thw"].data.tolist())
+                    grid = (t, h // merge, w // merge)
+                out.append((modality, index, item, spec, grid))
+        return out
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)

@@ -43,6 +43,13 @@ def decode(row: torch.Tensor) -> CompressionSpec | None:
     return CompressionSpec.from_dict(json.loads(data)) if data else None
 
 
+def item_spec(item: Mapping[str, object] | None, field: str) -> CompressionSpec | None:
+    """The settings a processed multimodal item carries under ``field`` (``None``: uncompressed, or the item's data
+    is not at hand)."""
+    element = None if item is None else item.get(field)
+    return None if element is None else decode(element.data)
+
+
 def kept_tokens(spec: CompressionSpec | None, num_tokens: int) -> int:
     """Tokens an item keeps: exactly ``min(budget, N)`` (a ratio resolved per item first), the contract
     with the placeholder count."""

@@ -126,6 +126,17 @@ class MustDropStage1(Compressor):
         distance = ((coords - centre) ** 2).sum(1)
         return int(members[int(torch.argmin(distance))])  # argmin of first occurrence on ties
 
+    def merge_in_tower(self, patches: Tensor, grid: tuple[int, ...], budget: int
+                       ) -> tuple[TokenAssignment, Tensor, Tensor]:
+        """Stage 1 where the published method runs it, inside the vision tower after its first layer: qualifying
+        windows collapse into their mean, never below ``budget`` tokens. No [CLS] weighting or key set there (both
+        come from the last layer). Returns (patches -> tokens, patches per token, the merged tokens)."""
+        n = patches.shape[0]
+        tokens = VisualTokens(patches, grid, cls_attention=torch.zeros(n, device=patches.device))
+        assignment = assignment_from_labels(self._merge_labels(tokens, budget))
+        sizes = assignment.sum(torch.ones(n, device=patches.device))
+        return assignment, sizes, assignment.merge(patches, sizes.new_ones(n))
+
     def _merge_labels(self, tokens: VisualTokens, budget: int | None) -> Tensor:
         windows, key, order, _ = self._windows(tokens)
         n = tokens.num_tokens
