@@ -73,7 +73,8 @@ class LlavaViewer:
             merged = encode_with_stage1(tower, projector, pixels[0], budget, MustDropStage1(key_ratio=0.0), self.grid)
             tokens = VisualTokens(
                 features=merged.features, grid=(merged.features.shape[0],),
-                cls_attention=merged.signals.cls_attention, keys=merged.signals.keys, sizes=merged.sizes,
+                cls_attention=merged.signals.cls_attention, keys=merged.signals.keys,
+                key_heads=merged.signals.key_heads, sizes=merged.sizes,
                 text_embeds=text,
                 text_attention=None if text is None else probe_text_attention(decoder, merged.features, text))
             result = get_method(method, stage1=False)(tokens, budget)
@@ -81,6 +82,7 @@ class LlavaViewer:
         features, signals = encode(tower, projector, pixels)
         tokens = VisualTokens(
             features=features[0], grid=self.grid, cls_attention=signals[0].cls_attention, keys=signals[0].keys,
+            key_heads=signals[0].key_heads,
             text_embeds=text,
             text_attention=None if text is None or not probe else probe_text_attention(decoder, features[0], text))
         return Selection(seen, self.grid, get_method(method)(tokens, budget).assignment)

@@ -89,3 +89,18 @@ def test_one_round_removes_at_most_half():
     result = get_method("tome")(tokens, 8)
     # a single round of r = 8 = |A| merges every A (even) token into a B (odd) token
     assert torch.equal(result.assignment.anchor, torch.arange(1, 16, 2))
+
+
+def test_keys_are_averaged_over_heads_as_the_official_code():
+    # ToMe's code compares k.mean(1) (keys averaged over heads): giving the concatenated keys with key_heads
+    # must decide exactly as giving the averaged keys, and differ from the concatenated keys read as one head.
+    g = torch.Generator().manual_seed(5)
+    n, heads, head_dim = 48, 4, 6
+    per_head = torch.randn(n, heads, head_dim, generator=g)
+    features = torch.randn(n, 16, generator=g)
+    concatenated = per_head.reshape(n, heads * head_dim)
+    with_heads = get_method("tome")(VisualTokens(features, (6, 8), keys=concatenated, key_heads=heads), 12)
+    averaged = get_method("tome")(VisualTokens(features, (6, 8), keys=per_head.mean(1)), 12)
+    as_one_head = get_method("tome")(VisualTokens(features, (6, 8), keys=concatenated), 12)
+    assert torch.equal(with_heads.assignment.destination, averaged.assignment.destination)
+    assert not torch.equal(with_heads.assignment.destination, as_one_head.assignment.destination)

@@ -26,10 +26,12 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class VisionSignals:
-    """Per image: ``cls_attention [N]`` (head-averaged, over patch tokens) and ``keys [N, D]``."""
+    """Per image: ``cls_attention [N]`` (head-averaged, over patch tokens) and ``keys [N, D]`` (``key_heads`` heads
+    concatenated)."""
 
     cls_attention: Tensor
     keys: Tensor
+    key_heads: int
 
 
 def feature_layer_attention(vision_tower: nn.Module) -> nn.Module:
@@ -71,5 +73,6 @@ def cls_signals_from_qk(q: Tensor, k: Tensor, num_heads: int, head_dim: int,
     attention = logits.softmax(dim=-1).mean(dim=1)  # over heads, softmax over CLS + patches
     patches = slice(seq - num_patch_tokens, seq)
     return [
-        VisionSignals(cls_attention=attention[i, patches], keys=k[i, patches]) for i in range(batch)
+        VisionSignals(cls_attention=attention[i, patches], keys=k[i, patches], key_heads=num_heads)
+        for i in range(batch)
     ]

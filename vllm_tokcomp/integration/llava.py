@@ -325,6 +325,7 @@ class CompressedLlava(LlavaForConditionalGeneration):
                         grid=grid,
                         cls_attention=None if signals is None else signals[position].cls_attention,
                         keys=None if signals is None else signals[position].keys,
+                        key_heads=None if signals is None else signals[position].key_heads,
                         **self._text_signals(spec.method, item, query_ids[index]),
                     )
                     method = get_method(spec.method, **dict(spec.options))
@@ -353,6 +354,7 @@ class CompressedLlava(LlavaForConditionalGeneration):
             grid=(embeds.shape[0],),
             cls_attention=tower.signals.cls_attention,
             keys=tower.signals.keys,
+            key_heads=tower.signals.key_heads,
             sizes=tower.sizes,
             **self._text_signals("mustdrop", embeds, ids),
         )

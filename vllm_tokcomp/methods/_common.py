@@ -9,10 +9,18 @@ from torch import Tensor
 from .base import DROPPED, TokenAssignment, VisualTokens
 
 
-def similarity_metric(tokens: VisualTokens, prefer_keys: bool = True) -> Tensor:
-    """The vectors a similarity-based method compares, in float32: keys when given, else features."""
-    source = tokens.keys if (prefer_keys and tokens.keys is not None) else tokens.features
-    return source.to(torch.float32)
+def similarity_metric(tokens: VisualTokens, prefer_keys: bool = True, head_mean: bool = False) -> Tensor:
+    """The vectors a similarity-based method compares, in float32: keys when given, else features.
+
+    ``head_mean``: the keys averaged over their ``key_heads`` heads (``[N, Dk / key_heads]``), the metric of ToMe's
+    and VisionZip's official code (``k.mean(1)``); when ``key_heads`` is unknown the keys are used as given.
+    """
+    if not (prefer_keys and tokens.keys is not None):
+        return tokens.features.to(torch.float32)
+    keys = tokens.keys.to(torch.float32)
+    if head_mean and tokens.key_heads:
+        keys = keys.reshape(keys.shape[0], tokens.key_heads, -1).mean(dim=1)
+    return keys
 
 
 def unit_rows(x: Tensor) -> Tensor:

@@ -33,6 +33,8 @@ class VisualTokens:
         grid: the token grid, ``(h, w)`` for an image or ``(t, h, w)`` for a video; its product is N.
         cls_attention: ``[N]`` attention from the CLS token to each patch token, averaged over heads.
         keys: ``[N, Dk]`` attention keys of the patch tokens (heads concatenated).
+        key_heads: how many heads ``keys`` concatenates (``Dk / key_heads`` each), when known; methods that
+            compare head-averaged keys as their papers do (VisionZip, ToMe) read it.
         text_embeds: ``[T, D]`` embeddings of the text query in the feature space of ``features``.
         text_attention: ``[T, N]`` attention from each text token to each visual token, head-averaged.
         sizes: ``[N]`` how many original patches each token already stands for (default: ones).
@@ -42,6 +44,7 @@ class VisualTokens:
     grid: tuple[int, ...]
     cls_attention: Tensor | None = None
     keys: Tensor | None = None
+    key_heads: int | None = None
     text_embeds: Tensor | None = None
     text_attention: Tensor | None = None
     sizes: Tensor | None = None
@@ -58,6 +61,13 @@ class VisualTokens:
                 raise ValueError(f"{name} must be [{n}], got shape {tuple(value.shape)}")
         if self.keys is not None and (self.keys.ndim != 2 or self.keys.shape[0] != n):
             raise ValueError(f"keys must be [{n}, Dk], got shape {tuple(self.keys.shape)}")
+        if self.key_heads is not None:
+            if self.keys is None:
+                raise ValueError("key_heads was given without keys")
+            if isinstance(self.key_heads, bool) or not isinstance(self.key_heads, int) or self.key_heads < 1 \
+                    or self.keys.shape[1] % self.key_heads:
+                raise ValueError(f"key_heads must be a positive divisor of the key width {self.keys.shape[1]}, "
+                                 f"got {self.key_heads!r}")
         if self.text_attention is not None and (
             self.text_attention.ndim != 2 or self.text_attention.shape[1] != n
         ):

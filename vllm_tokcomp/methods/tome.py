@@ -1,7 +1,7 @@
 """ToMe: bipartite soft matching with size-weighted averaging, applied once before the LM.
 
 Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023, arXiv:2210.09461.
-Re-derived from the paper's description (Sec. 3), not from its code.
+Re-derived from the paper's description (Sec. 3); the similarity metric is the official code's (keys averaged over heads).
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ def tome_rounds(metric: Tensor, sizes: Tensor, budget: int) -> TokenAssignment:
 class ToMe(Compressor):
     """ToMe bipartite soft matching, run for as many rounds as the budget needs.
 
-    Similarity is the cosine of the attention keys when they are given (as in the paper),
-    else of the features. Merged features are size-weighted means; a merged token takes the
+    Similarity is the cosine of the attention keys averaged over heads when they are given (the
+    official code's ``k.mean(1)``; keys as given when ``key_heads`` is unknown), else of the features.
+    Merged features are size-weighted means; a merged token takes the
     position of its B destination; outputs stay in raster/time order.
     """
 
@@ -84,4 +85,4 @@ class ToMe(Compressor):
     merges = True
 
     def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:
-        return tome_rounds(similarity_metric(tokens), tokens.token_sizes(), budget)
+        return tome_rounds(similarity_metric(tokens, head_mean=True), tokens.token_sizes(), budget)
