@@ -308,3 +308,75 @@ def test_chat_rendering_used_by_the_preview_endpoint():
     render = inspect.getsource(OpenAIServingChat.render_chat_request)
     assert "await self._check_model(request)" in render and "self.online_renderer.render_chat(request)" in render
     assert "skip_mm_cache=True" in inspect.getsource(tokenize_serving)
+
+
+def test_worker_call_reaches_the_model_through_vllms_rpc_dispatch():
+    """vllm_api.add_worker_call: ``collective_rpc("tokcomp_call", ...)`` resolves the method by name on the worker
+    wrapper, which forwards to the worker; the handler gets the runner's model."""
+    from vllm.v1.serial_utils import run_method
+    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    from vllm_tokcomp.integration.vllm_api import WORKER_CALL, add_worker_call
+
+    calls = []
+    add_worker_call(lambda model, op, args: calls.append((model, op, args)) or "answer")
+    add_worker_call(lambda *_: "second registration is ignored")
+
+    class Runner:
+        def get_model(self):
+            return "the model"
+
+    for worker_class in (Worker, CPUWorker):
+        worker = object.__new__(worker_class)
+        worker.model_runner = Runner()
+        wrapper = object.__new__(WorkerWrapperBase)
+        wrapper.worker = worker
+        assert run_method(wrapper, WORKER_CALL, ("select", 1), {}) == "answer"
+    assert calls == [("the model", "select", (1,))] * 2
+
+
+def test_engine_clients_used_to_reach_every_engines_workers():
+    """vllm_api.call_workers: AsyncLLM.collective_rpc (one engine's answer) and the MP clients'
+    call_utility_all_async (every engine's), which run the engine core's collective_rpc utility."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.engine.core_client import AsyncMPClient, DPLBAsyncMPClient
+
+    assert list(inspect.signature(AsyncLLM.collective_rpc).parameters) == ["self", "method", "timeout", "args",
+                                                                            "kwargs"]
+    assert list(inspect.signature(EngineCore.collective_rpc).parameters)[:5] == ["self", "method", "timeout",
+                                                                                  "args", "kwargs"]
+    for client in (AsyncMPClient, DPLBAsyncMPClient):
+        assert inspect.iscoroutinefunction(client.call_utility_all_async)
+
+
+def test_call_workers_takes_the_first_workers_answer_per_engine():
+    import asyncio
+
+    from vllm_tokcomp.integration.vllm_api import WORKER_CALL, call_workers
+
+    class Core:
+        async def call_utility_all_async(self, method, *args):
+            assert (method, args[0], args[2]) == ("collective_rpc", WORKER_CALL, ("timings",))
+            return [[None, ["engine 0"]], [["engine 1"], ["rank 1"]]]
+
+    class Client:
+        engine_core = Core()
+
+        async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            assert (method, args) == (WORKER_CALL, ("select", "x"))
+            return [["rank 0"], ["rank 1"]]
+
+    assert asyncio.run(call_workers(Client(), "timings", every_engine=True)) == [["engine 0"], ["engine 1"]]
+    assert asyncio.run(call_workers(Client(), "select", "x")) == [["rank 0"]]
+
+
+def test_multimodal_batching_used_by_the_preview():
+    """vllm_api.batch_one_request batches a request's items with the runner's own function."""
+    from vllm.multimodal.utils import group_and_batch_mm_kwargs
+    from vllm.v1.worker import gpu_model_runner
+
+    assert gpu_model_runner.group_and_batch_mm_kwargs is group_and_batch_mm_kwargs
+    assert {"mm_kwargs", "device"} <= set(inspect.signature(group_and_batch_mm_kwargs).parameters)

@@ -126,7 +126,8 @@ def build_serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
     parser.add_argument("--ratio-range", dest="ratio_range", default=None)
     parser.add_argument("--no-client-off", dest="client_off", action="store_false", default=None)
     parser.add_argument("--mm-processor-kwargs", dest="mm_processor_kwargs", default=None)
-    parser.add_argument("--preview", action="store_true", help="serve POST /tokcomp/preview")
+    parser.add_argument("--preview", action="store_true", help="load the endpoint plugin: POST /tokcomp/preview "
+                        "and tokcomp_compression_seconds on /metrics")
     argv = list(argv)
     # Like `vllm serve`, the model is the first argument when it is not a flag.
     model = argv.pop(0) if argv and not argv[0].startswith("-") else None

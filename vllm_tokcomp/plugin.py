@@ -34,10 +34,12 @@ def register() -> None:
             ModelRegistry.register_model(architecture, target)
         from .integration.frontend import configure_serving_processor
         from .integration.requests import check_text_only
-        from .integration.vllm_api import check_text_only_requests, tell_processors_engine_config
+        from .integration.vllm_api import add_worker_call, check_text_only_requests, tell_processors_engine_config
+        from .integration.worker_rpc import handle
 
         check_text_only_requests(check_text_only)
         tell_processors_engine_config(configure_serving_processor)
+        add_worker_call(handle)
         _registered = True
     except Exception:  # never take vLLM down for users who did not ask for compression
         logger.exception("tokcomp: plugin registration failed; serving without compression")

@@ -112,20 +112,29 @@ def _image_url(seed, width, height):
 
 
 @pytest.fixture(scope="module")
-def client(qwen_dir, vllm_env, tmp_path_factory):
+def server(qwen_dir, vllm_env, tmp_path_factory, selection_log):
     log = tmp_path_factory.mktemp("qwen-server") / "server.log"
     args = [str(qwen_dir), "--method", "pool", "--ratio", "0.25", "--max-model-len", "2048",
-            "--served-model-name", "tiny-qwen", "--limit-mm-per-prompt", '{"image": 2, "video": 0}']
-    with ServerProcess(args, env=vllm_env, log_path=log) as server:
-        yield openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+            "--served-model-name", "tiny-qwen", "--limit-mm-per-prompt", '{"image": 2, "video": 0}', "--preview"]
+    with ServerProcess(args, env={**vllm_env, "TOKCOMP_SELECTION_LOG": str(selection_log)}, log_path=log) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _messages(images):
+    content = [{"type": "image_url", "image_url": {"url": _image_url(*image)}} for image in images]
+    content.append({"type": "text", "text": "What colour is the circle?"})
+    return [{"role": "user", "content": content}]
 
 
 def _ask(client, images, mm_kwargs=None):
-    content = [{"type": "image_url", "image_url": {"url": _image_url(*image)}} for image in images]
-    content.append({"type": "text", "text": "What colour is the circle?"})
     extra = {"mm_processor_kwargs": mm_kwargs} if mm_kwargs is not None else None
-    return client.chat.completions.create(model="tiny-qwen", messages=[{"role": "user", "content": content}],
-                                          max_tokens=4, temperature=0.0, extra_body=extra)
+    return client.chat.completions.create(model="tiny-qwen", messages=_messages(images), max_tokens=4,
+                                          temperature=0.0, extra_body=extra)
 
 
 def test_openai_client_server_ratio_and_per_request_budgets(client):
@@ -198,3 +207,52 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- preview endpoint
+def _preview(server, images, mm_kwargs):
+    import urllib.request
+
+    body = {"model": "tiny-qwen", "messages": _messages(images), "mm_processor_kwargs": mm_kwargs}
+    request = urllib.request.Request(f"{server.base_url}/tokcomp/preview", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.parametrize(("method", "decided"), [("pool", "frontend"), ("tome", "frontend"),
+                                                 ("text_relevance", "engine")])
+def test_preview_counts_and_groups_match_the_chat_request(server, client, selection_log, method, decided):
+    """Two images of different grids: per image the merged-token count and a group map covering the kept count,
+    from the processor (fixed layout, pixel-decided) or the engine (text-guided); the chat request then reports
+    the same prompt size, and a text-guided one keeps what the preview said (its logged anchors head their own
+    preview groups). Fresh images for the engine-decided method, so the encoder runs for the chat request."""
+    seeds = {"pool": (3, 4), "tome": (5, 6), "text_relevance": (7, 8)}[method]
+    images = [(seeds[0], *SQUARE[1:]), (seeds[1], *WIDE[1:])]
+    kwargs = {"tokcomp_method": method, "tokcomp_budget": 12}
+    answer = _preview(server, images, kwargs)
+    items = answer["items"]
+    assert [(i["tokens_before"], i["tokens_after"], i["decided"]) for i in items] == [(144, 12, decided),
+                                                                                      (128, 12, decided)]
+    for item in items:
+        assert len(item["groups"]) == item["tokens_before"]
+        assert sorted({g for g in item["groups"] if g >= 0}) == list(range(12))
+    if method == "pool":  # fixed layout: the library's own pooling of each merged grid
+        import torch
+
+        from vllm_tokcomp.methods import VisualTokens, get_method
+
+        for item, (h, w) in zip(items, [(12, 12), (8, 16)], strict=True):
+            tokens = VisualTokens(torch.zeros(h * w, 1), (1, h, w))
+            assert item["groups"] == get_method("pool")(tokens, 12).assignment.destination.tolist()
+    before = len(_selections(selection_log))
+    assert _ask(client, images, kwargs).usage.prompt_tokens == answer["prompt_tokens"]
+    if decided == "engine":
+        records = _selections(selection_log)[before:]
+        assert len(records) == 2
+        for item, record in zip(items, records, strict=True):
+            assert [item["groups"][anchor] for anchor in record["anchors"]] == list(range(12))
+
+
+def _selections(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -240,7 +240,7 @@ def test_preview_counts_what_the_chat_request_then_uses(server, client, mm_kwarg
 
 
 def test_preview_gives_the_groups_known_before_the_encoder(server):
-    """Content-blind methods: the patch -> token map, equal to the method's own; encoder-decided ones: null."""
+    """Content-blind methods: the patch -> token map, equal to the method's own, computed in the frontend."""
     import torch
 
     from vllm_tokcomp.methods import VisualTokens, get_method
@@ -249,8 +249,48 @@ def test_preview_gives_the_groups_known_before_the_encoder(server):
     assert status == 200, answer
     expected = get_method("uniform")(VisualTokens(torch.zeros(FULL, 2), (24, 24)), 48).assignment.destination
     assert answer["items"][0]["groups"] == expected.tolist() and answer["items"][0]["decided"] == "frontend"
-    status, answer = preview(server, {"tokcomp_method": "tome", "tokcomp_budget": 48})
-    assert answer["items"][0]["groups"] is None and answer["items"][0]["decided"] is None
+
+
+@pytest.mark.parametrize(("method", "image"), [("tome", 20), ("cls_topk", 21), ("mustdrop", 22),
+                                               ("text_relevance", 23), ("divprune", 24)])
+def test_preview_gives_the_selection_the_chat_request_then_makes(server, client, selection_log, method, image):
+    """Methods that decide on the encoder's output: the engine's groups, and the chat request with the same body
+    then keeps exactly those tokens (its logged anchors each head their own preview group; for pure pruning the
+    kept set is the anchors). Fresh images, so the chat request is not served from the encoder cache."""
+    settings = {"tokcomp_method": method, "tokcomp_budget": 40}
+    question = "What colour is the big circle on the left?"
+    status, answer = preview(server, settings, seed=image, question=question)
+    assert status == 200, answer
+    [item] = answer["items"]
+    assert item["decided"] == "engine" and len(item["groups"]) == FULL
+    assert sorted({g for g in item["groups"] if g >= 0}) == list(range(40))
+    assert preview(server, settings, seed=image, question=question)[1]["items"][0]["groups"] == item["groups"]
+    before = len(_selections(selection_log))
+    reply = ask(client, settings, seed=image, question=question)
+    assert reply.usage.prompt_tokens == answer["prompt_tokens"]
+    [record] = _selections(selection_log)[before:]  # the previews logged nothing
+    assert [item["groups"][anchor] for anchor in record["anchors"]] == list(range(40))
+    if method in ("cls_topk", "divprune"):
+        assert [i for i, g in enumerate(item["groups"]) if g >= 0] == sorted(record["anchors"])
+
+
+def test_compression_time_is_on_the_metrics_per_served_item(server, client):
+    """``tokcomp_compression_seconds``: one observation per image the engine compressed (fresh images; a cached
+    one is not compressed again), none for previews."""
+
+    def count() -> float:
+        prefix = 'tokcomp_compression_seconds_count{method="adjacent",model="tiny-llava"}'
+        lines = [line for line in server.get("/metrics").splitlines() if line.startswith(prefix)]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    settings = {"tokcomp_method": "adjacent", "tokcomp_budget": 32}
+    before = count()
+    for image in (40, 41, 42):
+        ask(client, settings, seed=image)
+    assert preview(server, settings, seed=43)[0] == 200
+    assert count() == before + 3
+    ask(client, settings, seed=40)  # cached encoder output: nothing compressed
+    assert count() == before + 3
 
 
 def test_preview_draws_the_known_groups_on_request(server):

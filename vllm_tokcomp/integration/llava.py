@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -68,6 +69,7 @@ from .vllm_api import (
     in_tree_llava_info,
     in_tree_llava_processor,
 )
+from .worker_rpc import report_item
 
 logger = logging.getLogger("vllm_tokcomp")
 
@@ -135,9 +137,8 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
             record_processed(self, client_kwargs, result)
         return result
 
-    def preview_items(self, engine_input, png: bool = False) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
-        """Each image's entry of ``POST /tokcomp/preview`` (integration/preview.py); with ``png``, the known groups
-        drawn over the image the model sees."""
+    def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
+        """Each image's entry of ``POST /tokcomp/preview`` (integration/preview.py)."""
         side = self._grid_side()
         entries = []
         placeholders = engine_input.get("mm_placeholders", {}).get("image", [])
@@ -145,14 +146,18 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
             spec = settings.item_spec(item, settings.FIELD)
             if spec is None:
                 entries.append(uncompressed_item("image", placeholders[index].get_num_embeds()))
-                continue
-            entry = llava_item(spec, side * side, (side, side))
+            else:
+                entries.append(llava_item(spec, side * side, (side, side)))
+        return entries
+
+    def draw_previews(self, engine_input, entries: list[dict]) -> None:  # noqa: ANN001 - vLLM's engine input
+        """Adds ``png`` to each entry with known groups: the groups drawn over the image the model sees."""
+        side = self._grid_side()
+        for entry, item in zip(entries, engine_input["mm_kwargs"].get("image", []), strict=True):
             pixels = item.get("pixel_values")
-            if png and entry["groups"] is not None and pixels is not None:
+            if entry["groups"] is not None and entry["method"] is not None and pixels is not None:
                 image = to_image(pixels.data, self.info.get_hf_processor().image_processor)
                 entry["png"] = png_of_groups(image, (side, side), entry["groups"])
-            entries.append(entry)
-        return entries
 
     def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs
         """``(method, tokens without compression, tokens served)`` per compressed image of a processed request."""
@@ -316,6 +321,7 @@ class CompressedLlava(LlavaForConditionalGeneration):
         for position, (index, spec) in enumerate(zip(indices, specs, strict=True)):
             item = embeds[position]
             if spec is not None:
+                start = time.perf_counter()
                 if is_connector_method(spec.method):
                     connector = self.tokcomp_connectors.get(spec.method, spec.budget, item.device)
                     result = connector(VisualTokens(features=item, grid=grid))
@@ -331,7 +337,8 @@ class CompressedLlava(LlavaForConditionalGeneration):
                     method = get_method(spec.method, **dict(spec.options))
                     result = method(with_text_fallback(spec.method, tokens), spec.budget)
                 item = result.features
-                log_selection(spec, grid, result.assignment.anchor)
+                if report_item(spec, result.assignment.destination, time.perf_counter() - start):
+                    log_selection(spec, grid, result.assignment.anchor)
             outputs[index] = item
         return outputs
 
@@ -349,6 +356,7 @@ class CompressedLlava(LlavaForConditionalGeneration):
             window=method.window, feature_select_strategy=self.config.vision_feature_select_strategy,
         )
         embeds = self.multi_modal_projector(tower.features)
+        start = time.perf_counter()
         tokens = VisualTokens(
             features=embeds,
             grid=(embeds.shape[0],),
@@ -359,7 +367,9 @@ class CompressedLlava(LlavaForConditionalGeneration):
             **self._text_signals("mustdrop", embeds, ids),
         )
         result = method(tokens, spec.budget)
-        log_selection(spec, grid, tower.assignment.then(result.assignment).anchor)
+        assignment = tower.assignment.then(result.assignment)
+        if report_item(spec, assignment.destination, time.perf_counter() - start):
+            log_selection(spec, grid, assignment.anchor)
         return result.features
 
 

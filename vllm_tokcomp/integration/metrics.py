@@ -13,10 +13,14 @@ Series, labelled by ``model`` (the served model name) and ``method``:
 - ``tokcomp_image_tokens_before_total`` / ``tokcomp_image_tokens_after_total``: their LM tokens without and with
   compression, so ``rate(before) - rate(after)`` is tokens saved per second;
 - ``tokcomp_image_kept_fraction``: per image, after / before (histogram);
-- ``tokcomp_requests_opted_out_total`` (``model`` only): requests that asked for ``tokcomp_method: "none"``.
+- ``tokcomp_requests_opted_out_total`` (``model`` only): requests that asked for ``tokcomp_method: "none"``;
+- ``tokcomp_compression_seconds``: per compressed item, the seconds its worker spent from the vision encoder's output
+  to the compressed embeddings (histogram). Measured in the workers (``worker_rpc.report_item``) and pulled from
+  every engine when ``/metrics`` is scraped, by the endpoint plugin (``integration/preview.py``; loaded by
+  ``tokcomp serve --preview``): without it this series is absent.
 
 No series exists until the first image is compressed or a request opts out: a server that never compresses shows
-none. Compression time is spent in the engine's workers, not here; vLLM's own encoder timing covers it.
+none.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from ..config import METHOD_KEY, OFF
 
 KEPT_FRACTION_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class FrontendMetrics:
@@ -66,6 +71,22 @@ class _Series:
 
 _lock = threading.Lock()
 _created: _Series | None = None
+_seconds = None
+
+
+def record_compression_seconds(model: str, timings: Iterable[tuple[str, float]]) -> None:
+    """Workers' ``(method, seconds)`` per compressed item into ``tokcomp_compression_seconds`` (created on the first
+    timing)."""
+    global _seconds
+    for method, seconds in timings:
+        with _lock:
+            if _seconds is None:
+                from prometheus_client import Histogram
+
+                _seconds = Histogram("tokcomp_compression_seconds", "Per compressed item, seconds from the vision "
+                                     "encoder's output to the compressed embeddings, in the worker.",
+                                     ("model", "method"), buckets=SECONDS_BUCKETS)
+        _seconds.labels(model, method).observe(seconds)
 
 
 def _series() -> _Series:

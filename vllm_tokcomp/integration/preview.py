@@ -1,22 +1,27 @@
-"""``POST /tokcomp/preview``: what a chat request's images would cost, without generating.
+"""``POST /tokcomp/preview``: what a chat request's images would cost and keep, without generating.
 
 An endpoint plugin (vLLM's ``vllm.endpoint_plugins`` group, loaded only when ``VLLM_PLUGINS`` names ``tokcomp``;
 ``tokcomp serve --preview`` sets it). The body is a chat completion request; it is rendered exactly as the chat
 endpoint renders it (the chat handler's model check and vLLM's ``OnlineRenderer.render_chat``: the same validation,
 chat template and multimodal processor, so a bad setting is the same HTTP 400 naming the field), outside vLLM's
-multimodal cache mirror, and nothing is sent to an engine.
+multimodal cache mirror, and no request is sent to an engine.
 
 The answer: the prompt's token count (the ``prompt_tokens`` the chat request would report) and per image or video
-its tokens without and with compression, the method, and which patches each token stands for where that is known
-before the encoder runs: on Qwen2-VL for the fixed-layout and pixel-decided methods (decided by the processor), on
-LLaVA for the content-blind methods (``uniform``, ``random``, ``pool``, ``bilinear``); with ``?png=true`` those
-LLaVA groups come drawn over the image as ``tokcomp show`` draws them. For the methods that decide on the encoder's
-output the selection is made in the engine, and ``groups`` is ``null`` (``tokcomp show`` draws those from the model
-offline). Previews are not counted in the metrics.
+its tokens without and with compression, the method, and which patches each token stands for (``groups``). Where
+that is known before the encoder runs it is computed here (``decided: "frontend"``: on Qwen2-VL the fixed-layout and
+pixel-decided methods, on LLaVA the content-blind ones); for the methods that decide on the encoder's output the
+item goes through the model's own embedding path on the workers, outside the scheduler, through ``collective_rpc``
+(``decided: "engine"``; the same tower, signals and method as a chat request, one encoder pass per item). With
+``?png=true`` LLaVA's groups come drawn over the image as ``tokcomp show`` draws them. Previews are not counted in
+the metrics and leave no cache entry.
+
+The plugin also keeps ``tokcomp_compression_seconds`` current: before each ``/metrics`` scrape it drains the
+workers' compression timings (``metrics.py``).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route handler's annotations as objects.
 
+import logging
 import secrets
 from collections.abc import Mapping
 
@@ -26,6 +31,8 @@ from ..config import PREVIEW_KEY
 from ..connectors import is_connector_method
 from ..methods import VisualTokens, get_method, method_class
 from . import settings
+
+logger = logging.getLogger("vllm_tokcomp")
 
 ROUTE = "/tokcomp/preview"
 # Marks the kwargs of a preview's own rendering; a client cannot guess it (requests carrying the key are refused).
@@ -53,7 +60,7 @@ def llava_item(spec, full: int, grid: tuple[int, int]) -> dict:  # noqa: ANN001 
 def qwen_item(modality: str, spec, full: int, grid: tuple[int, int, int],  # noqa: ANN001 - a CompressionSpec
               decided_row: torch.Tensor | None) -> dict:
     """A Qwen2-VL item's preview entry: ``decided_row`` is the processor's assignment row of a pixel-decided method
-    (``None`` for the others: content-blind ones are computed here, encoder-decided ones stay ``null``)."""
+    (``None`` for the others: content-blind ones are computed here, encoder-decided ones come from the engine)."""
     groups = None if decided_row is None else settings.decode_assignment(decided_row)[0].tolist()
     return _entry(modality, spec, full, grid, groups)
 
@@ -67,8 +74,8 @@ def _entry(modality: str, spec, before: int, grid: tuple[int, ...], groups: list
         groups = list(range(before))  # the budget covers the item: nothing is compressed
     return {"modality": modality, "method": spec.method, "budget": spec.budget, "ratio": spec.ratio,
             "tokens_before": before, "tokens_after": after, "decided": None if groups is None else "frontend",
-            # per input token (a merged 2 x 2 patch on Qwen) its output token, -1 when dropped; null: the selection
-            # is made in the engine, on the encoder's output
+            # per input token (a merged 2 x 2 patch on Qwen) its output token, -1 when dropped; null until the
+            # engine's selection fills it in (fill_engine_groups)
             "groups": groups}
 
 
@@ -87,6 +94,56 @@ def png_of_groups(image, grid: tuple[int, int], groups: list[int]) -> str:  # no
 def uncompressed_item(modality: str, tokens: int) -> dict:
     return {"modality": modality, "method": None, "budget": None, "ratio": None, "tokens_before": tokens,
             "tokens_after": tokens, "decided": None, "groups": None}
+
+
+def engine_decided(entry: Mapping[str, object]) -> bool:
+    """Whether an entry's groups come from the engine: compressed, and not decided before the encoder."""
+    return entry["groups"] is None and entry["method"] is not None and entry["tokens_after"] < entry["tokens_before"]
+
+
+async def fill_engine_groups(engine_client, engine_input, entries: list[dict]) -> None:  # noqa: ANN001
+    """The groups of the items whose selection is made on the encoder's output: each such item goes through the
+    model's own embedding path on the workers (``worker_rpc.select_for_preview``: the same tower, signals and
+    method a chat request gets; not timed, not counted). An engine that cannot answer leaves ``groups`` null."""
+    from .vllm_api import batch_one_request, call_workers
+    from .worker_rpc import pack
+
+    sources = [(modality, item) for modality in ("image", "video")
+               for item in engine_input["mm_kwargs"].get(modality, [])]
+    for entry, source in zip(entries, sources, strict=False):
+        if not engine_decided(entry):
+            continue
+        try:
+            (kwargs,) = batch_one_request([source])
+            (selections,) = await call_workers(engine_client, "select", pack(kwargs))
+        except Exception:  # noqa: BLE001 - a preview never takes the server down
+            logger.exception("tokcomp: the engine could not compute a preview's selection")
+            continue
+        if selections and len(selections[0]) == entry["tokens_before"]:
+            entry["groups"], entry["decided"] = selections[0], "engine"
+
+
+async def pull_timings(state, timeout: float = 10.0) -> None:  # noqa: ANN001 - the app's state
+    """Drain every engine's compression timings into ``tokcomp_compression_seconds`` before a scrape (a slow or
+    stopped engine delays the scrape by at most ``timeout``; its timings then wait for the next one)."""
+    import asyncio
+
+    from .metrics import record_compression_seconds
+    from .vllm_api import call_workers
+
+    handler = getattr(state, "openai_serving_chat", None)
+    renderer = getattr(getattr(handler, "online_renderer", None), "renderer", None)
+    metrics = getattr(getattr(renderer, "mm_processor", None), "tokcomp_metrics", None)
+    engine_client = getattr(state, "engine_client", None)
+    if metrics is None or engine_client is None:
+        return
+    try:
+        answers = await asyncio.wait_for(call_workers(engine_client, "timings", every_engine=True), timeout)
+    except Exception:  # noqa: BLE001 - /metrics answers with what it has
+        logger.warning("tokcomp: no compression timings from the engines for this scrape", exc_info=True)
+        return
+    for timings in answers:
+        record_compression_seconds(metrics.model, timings or [])
 
 
 class PreviewEndpoint:
@@ -123,11 +180,29 @@ class PreviewEndpoint:
             engine_input = engine_inputs[0]
             renderer = getattr(getattr(handler, "online_renderer", None), "renderer", None)
             processor = getattr(renderer, "mm_processor", None)
-            items = processor.preview_items(engine_input, png=png) if hasattr(processor, "preview_items") else []
+            items = processor.preview_items(engine_input) if hasattr(processor, "preview_items") else []
+            await fill_engine_groups(raw_request.app.state.engine_client, engine_input, items)
+            if png and hasattr(processor, "draw_previews"):
+                processor.draw_previews(engine_input, items)
             return JSONResponse({"prompt_tokens": len(engine_input["prompt_token_ids"]), "items": items})
 
         app.include_router(router)
 
+        @app.middleware("http")
+        async def pull_compression_timings(request: Request, call_next):  # noqa: ANN001, ANN202
+            if request.url.path.rstrip("/") == "/metrics":
+                await pull_timings(request.app.state)
+            return await call_next(request)
+
     async def init_state(self, engine_client, state, args) -> None:  # noqa: ANN001
-        return None
+        """Drop the timings of the engines' startup (vLLM profiles memory with dummy images): only served items
+        are timed."""
+        from .vllm_api import call_workers
+
+        if engine_client is None:  # vLLM's render-only server has no engine
+            return
+        try:
+            await call_workers(engine_client, "timings", every_engine=True)
+        except Exception:  # noqa: BLE001 - an engine without the worker call still serves
+            logger.warning("tokcomp: the engines did not answer the startup timings drain", exc_info=True)
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -89,6 +90,7 @@ from .vllm_api import (
     engine_mm_processor_kwargs,
     without_encoder_cudagraphs,
 )
+from .worker_rpc import report_item
 
 logger = logging.getLogger("vllm_tokcomp")
 
@@ -364,9 +366,9 @@ class _ProcessorMixin:
             record_processed(self, client_kwargs, result)
         return result
 
-    def preview_items(self, engine_input, png: bool = False) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
-        """Each image's or video's entry of ``POST /tokcomp/preview`` (integration/preview.py); no drawing (``png``
-        is for LLaVA: Qwen's processor hands over flattened patches, not an image)."""
+    def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
+        """Each image's or video's entry of ``POST /tokcomp/preview`` (integration/preview.py); no drawing (Qwen's
+        processor hands over flattened patches, not an image)."""
         entries = []
         for modality, index, item, spec, grid in self._item_specs(engine_input["mm_kwargs"]):
             if spec is None:
@@ -478,6 +480,7 @@ def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, i
     a pixel-decided method applies the assignment the processor chose (``assignment_row``); an
     encoder-decided one selects here, with ``text_embeds``, and returns its kept tokens' item-relative
     positions in ``POSITION_CHANNELS`` extra columns for :meth:`_ModelMixin.recompute_mrope_positions`."""
+    start = time.perf_counter()
     method = get_method(spec.method, **dict(spec.options))
     expected = settings.kept_tokens(spec, item.shape[0])
     tokens = VisualTokens(features=item, grid=grid)
@@ -494,9 +497,11 @@ def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, i
     # vLLM silently truncates extra rows; a mismatch must fail here instead.
     if result.features.shape[0] != expected:
         raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
+    served = report_item(spec, result.assignment.destination, time.perf_counter() - start)
     if qwen_route(spec.method) == ENCODER:  # positions follow this selection (recompute_mrope_positions)
         kept = result.assignment.anchor.cpu()
-        log_selection(spec, grid, kept)
+        if served:
+            log_selection(spec, grid, kept)
         relative, _ = item_positions(grid, kept, t_factor)
         return torch.cat([result.features, encode_positions(relative, result.features)], dim=-1)
     if not torch.equal(result.assignment.anchor.cpu(), anchors):

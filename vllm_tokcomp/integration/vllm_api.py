@@ -67,6 +67,10 @@ __all__ = [
     "Qwen2VLProcessingInfo",
     "RequestSettingError",
     "VLLM_VERSION_CHECKED",
+    "WORKER_CALL",
+    "add_worker_call",
+    "batch_one_request",
+    "call_workers",
     "context_hiding_keys",
     "RECOMPUTE_FLAG",
     "enable_runner_position_recompute",
@@ -318,3 +322,52 @@ async def render_chat_for_preview(handler: Any, request: Any) -> Any:
     if error is not None:
         return error
     return await handler.online_renderer.render_chat(request, skip_mm_cache=True)
+
+
+WORKER_CALL = "tokcomp_call"
+
+
+def add_worker_call(handler: Callable[[Any, str, tuple], Any]) -> None:
+    """Give vLLM's workers a method ``tokcomp_call(op, *args)`` answering ``handler(model, op, args)``.
+
+    vLLM 0.32 resolves a ``collective_rpc`` method named by a string with ``getattr`` on the worker
+    (``run_method`` in ``vllm/v1/serial_utils.py``; ``WorkerWrapperBase.__getattr__`` forwards to the worker), and
+    pulls its own encoder timings that way (``get_encoder_timing_stats``). The only public way to add a worker
+    method is ``--worker-extension-cls``, which belongs to the user, so the method is set on ``WorkerBase`` (every
+    worker class, V1 and V2 runners) at plugin registration, in every process. The model is the runner's
+    ``get_model()``. Idempotent; ``tests/test_vllm_api.py`` calls it through vLLM's ``run_method`` on a worker
+    class and fails if vLLM moves either."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    if hasattr(WorkerBase, WORKER_CALL):
+        return
+
+    def tokcomp_call(self, op: str, *args: Any) -> Any:  # noqa: ANN001
+        return handler(self.model_runner.get_model(), op, args)
+
+    setattr(WorkerBase, WORKER_CALL, tokcomp_call)
+
+
+async def call_workers(engine_client: Any, op: str, *args: Any, every_engine: bool = False) -> list[Any]:
+    """``tokcomp_call(op, *args)`` on the workers; per engine, the first worker's answer.
+
+    ``AsyncLLM.collective_rpc`` answers for one engine (vLLM 0.32's data-parallel client sends utility calls to every
+    engine and returns the first engine's result, ``DPLBAsyncMPClient.call_utility_async``); with ``every_engine``
+    the engine client's ``call_utility_all_async`` (``vllm/v1/engine/core_client.py``) collects every engine's
+    answer, for what each engine's workers hold on their own (timings)."""
+    engine_core = getattr(engine_client, "engine_core", None)
+    call_all = getattr(engine_core, "call_utility_all_async", None)
+    if every_engine and call_all is not None:
+        per_engine = await call_all("collective_rpc", WORKER_CALL, None, (op, *args), None)
+    else:
+        per_engine = [await engine_client.collective_rpc(WORKER_CALL, args=(op, *args))]
+    return [next((answer for answer in workers if answer is not None), None) for workers in per_engine]
+
+
+def batch_one_request(items: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """One request's processed multimodal items (``(modality, MultiModalKwargsItem)``) batched as the model runner
+    batches them for ``embed_multimodal`` (``vllm.multimodal.utils.group_and_batch_mm_kwargs``, which the V1
+    runner calls in ``_execute_mm_encoder``), one kwargs dict per group, on the CPU."""
+    from vllm.multimodal.utils import group_and_batch_mm_kwargs
+
+    return [kwargs for _modality, _count, kwargs in group_and_batch_mm_kwargs(items, device="cpu")]

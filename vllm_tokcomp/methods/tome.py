@@ -1,7 +1,8 @@
 """ToMe: bipartite soft matching with size-weighted averaging, applied once before the LM.
 
 Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023, arXiv:2210.09461.
-Re-derived from the paper's description (Sec. 3); the similarity metric is the official code's (keys averaged over heads).
+Re-derived from the paper's description (Sec. 3); the similarity metric is the official code's (keys averaged
+over heads).
 """
 
 from __future__ import annotations
