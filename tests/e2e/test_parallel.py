@@ -165,7 +165,7 @@ def llava_data_parallel(tiny_llava_dir, vllm_env, tmp_path_factory, selection_lo
     env["TOKCOMP_SELECTION_LOG"] = str(selection_log)
     # Two API-server processes too: vLLM then keeps /metrics in prometheus_client's multiprocess mode.
     args = [str(tiny_llava_dir), "-dp", "2", "--api-server-count", "2", "--dtype", "float32", "--enforce-eager",
-            "--max-model-len", "1024", "--served-model-name", "tiny", "--seed", "0"]
+            "--max-model-len", "1024", "--served-model-name", "tiny", "--seed", "0", "--preview"]
     results = []
     with ServerProcess(args, env=env, log_path=tmp_path_factory.mktemp("dp") / "server.log") as server:
         metrics_at_start = server.get("/metrics")
@@ -205,7 +205,8 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
 
 def test_metrics_count_every_compressed_image_across_api_servers(llava_data_parallel):
     """/metrics (two API servers, two engines): no tokcomp series before a request; after, per method exactly the
-    images sent, their tokens before (576 each) and after (32, and 144 for the quarter ratio), and the opt-outs."""
+    images sent, their tokens before (576 each) and after (32, and 144 for the quarter ratio), one compression time
+    each (measured in whichever engine served it, drained by whichever API server was scraped), and the opt-outs."""
     assert _samples(llava_data_parallel["metrics_at_start"]) == {}
     samples = _samples(llava_data_parallel["metrics"])
     for method in LLAVA_METHODS:
@@ -216,6 +217,7 @@ def test_metrics_count_every_compressed_image_across_api_servers(llava_data_para
         assert samples[("tokcomp_image_kept_fraction_count", labels)] == 2, method
         assert abs(samples[("tokcomp_image_kept_fraction_sum", labels)] - (32 + 144) / 576) < 1e-9, method
         assert samples[("tokcomp_image_kept_fraction_bucket", (("le", "0.1"), *labels))] == 1  # 32 of 576
+        assert samples[("tokcomp_compression_seconds_count", labels)] == 2, method
     assert samples[("tokcomp_requests_opted_out_total", (("model", "tiny"),))] == OPTED_OUT
     methods = {dict(labels).get("method") for _name, labels in samples} - {None}
     assert methods == set(LLAVA_METHODS), "the uncompressed and opted-out requests add no method series"
