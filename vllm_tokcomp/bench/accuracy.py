@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from vllm_tokcomp.bench.common import RESULTS_DIR, output_file  # noqa: E402
+from vllm_tokcomp.bench.common import RESULTS_DIR, output_file, provenance, provenance_line  # noqa: E402
 
 FULL = 576  # the tiny LLaVA's image tokens (a Qwen model's come from its processor: full_image_tokens)
 DEFAULT_BUDGETS = (576, 192, 128, 64, 32)
@@ -236,6 +236,7 @@ def markdown(report: dict) -> str:
         f"Data: `{report['data']}`; greedy, exact match after normalisation; one vLLM engine, method and budget "
         "per request. Cells: accuracy (relative to uncompressed).",
         "",
+        *([provenance_line(report["provenance"]), ""] if report.get("provenance") else []),
         "| method | " + " | ".join(f"{b} tok" for b in budgets) + " |",
         "|---|" + "---:|" * len(budgets),
     ]
@@ -447,10 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     methods += sorted({method for method, _, _ in connector_arms})
     budgets = sorted({*budgets, *(count for _, count, _ in connector_arms)}, reverse=True)
     start = time.perf_counter()
+    measured_with = provenance(model)
 
     def write(answers: list[list[str]], lengths: list[list[int]]) -> dict:
         report = build_report(model, data, records, budgets, methods, arms, answers, time.perf_counter() - start,
                               lengths, full=full)
+        report["provenance"] = measured_with
         args.out.parent.mkdir(parents=True, exist_ok=True)
         output_file(args.out, ".json").write_text(json.dumps(report, indent=1) + "\n")
         output_file(args.out, ".md").write_text(markdown(report))

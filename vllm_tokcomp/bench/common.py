@@ -268,7 +268,7 @@ def machine_info() -> dict:
             "vllm_tokcomp": version("vllm-tokcomp"),
         },
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--", "vllm_tokcomp", "benchmarks")),
+        "git_dirty": bool(_git("status", "--porcelain", "--", "vllm_tokcomp", "benchmarks", ":!benchmarks/results")),
     }
     mem = _read_first("/proc/meminfo", "memtotal")
     if mem:
@@ -307,6 +307,41 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def weights_digest(model: str | Path) -> str | None:
+    """SHA-256 of a model folder's ``model.safetensors`` (``None`` when there is none): which weights a result is
+    of."""
+    import hashlib
+
+    weights = Path(model) / "model.safetensors"
+    if not weights.is_file():
+        return None
+    digest = hashlib.sha256()
+    with weights.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(model: str | Path | None = None) -> dict:
+    """What a result was measured with: the machine and versions, the commit, the time, the weights."""
+    return {"machine": machine_info(), "created": timestamp(),
+            "weights_sha256": None if model is None else weights_digest(model)}
+
+
+def provenance_line(record: dict | None) -> str:
+    """One markdown line naming a result's provenance (empty for a result without one)."""
+    if not record:
+        return ""
+    machine = record["machine"]
+    dirty = " (uncommitted changes)" if machine.get("git_dirty") else ""
+    weights = record.get("weights_sha256")
+    return (f"Measured {record['created']} at commit `{str(machine.get('git_commit'))[:10]}`{dirty}, "
+            f"{machine.get('cpu_model')} ({machine.get('cpus_available')} CPUs), "
+            f"{machine['versions'].get('vllm_distribution')} {machine['versions'].get('vllm')}, "
+            f"torch {machine['versions'].get('torch')}"
+            + (f", weights sha256 `{weights[:12]}`" if weights else "") + ".")
 
 
 def timestamp() -> str:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vllm_tokcomp.bench.common import RESULTS_DIR  # noqa: E402
+from vllm_tokcomp.bench.common import RESULTS_DIR, provenance  # noqa: E402
 from vllm_tokcomp.methods import VisualTokens, available_methods, get_method, method_class  # noqa: E402
 from vllm_tokcomp.methods.learned import (  # noqa: E402
     CAbstractor,
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
+        "provenance": provenance(),
         "setting": {"tokens": 576, "grid": [24, 24], "dim": 1024, "key_dim": 1024, "text_tokens": 32},
         "budget": args.budget,
         "threads": args.threads,
