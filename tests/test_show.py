@@ -74,3 +74,20 @@ def test_cli_writes_a_panel_per_method_and_refuses_bad_settings(tmp_path):
     assert Image.open(out).size == (3 * 336, 336 + 18)
     bad = subprocess.run([*command, "--method", "nope"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "tokcomp_method" in bad.stderr
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_qwen_patches_give_back_the_image(raw):
+    """Qwen2-VL's flattened patches (normalised floats, or raw uint8 as vLLM's on-device normalisation hands them
+    over) rebuild the processed image exactly, at its own size."""
+    from transformers import Qwen2VLImageProcessor
+
+    from vllm_tokcomp.show import qwen_pixels_to_image
+
+    processor = Qwen2VLImageProcessor(do_rescale=not raw, do_normalize=not raw)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 448, 3), dtype=np.uint8))
+    out = processor(images=[image], return_tensors="pt")
+    patches = out["pixel_values"].round().to(torch.uint8) if raw else out["pixel_values"]
+    back = qwen_pixels_to_image(patches, tuple(out["image_grid_thw"][0].tolist()), processor)
+    assert back.size == (448, 224)
+    assert np.abs(np.asarray(back, dtype=int) - np.asarray(image, dtype=int)).max() == 0

@@ -100,11 +100,32 @@ class LlavaViewer:
 
 
 def to_image(pixels: torch.Tensor, image_processor: object) -> Image.Image:
-    """A CLIP-normalised ``[3, H, W]`` tensor back to the RGB image the model sees."""
-    mean = torch.tensor(image_processor.image_mean)[:, None, None]
-    std = torch.tensor(image_processor.image_std)[:, None, None]
-    rgb = ((pixels.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-    return Image.fromarray(rgb.permute(1, 2, 0).numpy())
+    """A normalised ``[3, H, W]`` tensor back to the RGB image the model sees; a ``uint8`` tensor is taken as the
+    raw pixels (vLLM's ``mm_device_do_normalize``, on by default for Qwen2-VL, normalises on the device)."""
+    if pixels.dtype == torch.uint8:
+        rgb = pixels
+    else:
+        mean = torch.tensor(image_processor.image_mean)[:, None, None]
+        std = torch.tensor(image_processor.image_std)[:, None, None]
+        rgb = ((pixels.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy())
+
+
+def qwen_pixels_to_image(patches: torch.Tensor, grid_thw: tuple[int, int, int], image_processor: object,
+                         merge_size: int = 2) -> Image.Image:
+    """The first frame a Qwen2-VL image processor's flattened ``[t * h * w, C * tp * p * p]`` patches come from.
+
+    Inverts ``Qwen2VLImageProcessor``'s layout: patches ordered by merged window, then the ``merge x merge`` patches
+    inside it, each ``(C, temporal, p, p)``; then undoes the normalisation (:func:`to_image`)."""
+    t, h, w = grid_thw
+    channels = 3
+    temporal = image_processor.temporal_patch_size
+    patch = image_processor.patch_size
+    grid = patches.reshape(t, h // merge_size, w // merge_size, merge_size, merge_size, channels, temporal,
+                                   patch, patch)
+    # (t, H/m, W/m, m, m, C, tp, p, p) -> (t, tp, C, H/m, m, p, W/m, m, p)
+    frames = grid.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t, temporal, channels, h * patch, w * patch)
+    return to_image(frames[0, 0], image_processor)
 
 
 def token_colour(slot: int) -> tuple[int, int, int]:

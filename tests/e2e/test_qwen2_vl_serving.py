@@ -210,11 +210,11 @@ if __name__ == "__main__":
 
 
 # ----------------------------------------------------------------------------- preview endpoint
-def _preview(server, images, mm_kwargs):
+def _preview(server, images, mm_kwargs, query=""):
     import urllib.request
 
     body = {"model": "tiny-qwen", "messages": _messages(images), "mm_processor_kwargs": mm_kwargs}
-    request = urllib.request.Request(f"{server.base_url}/tokcomp/preview", data=json.dumps(body).encode(),
+    request = urllib.request.Request(f"{server.base_url}/tokcomp/preview{query}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=300) as response:
         return json.loads(response.read())
@@ -252,6 +252,28 @@ def test_preview_counts_and_groups_match_the_chat_request(server, client, select
         assert len(records) == 2
         for item, record in zip(items, records, strict=True):
             assert [item["groups"][anchor] for anchor in record["anchors"]] == list(range(12))
+
+
+def test_preview_draws_each_image_at_its_own_size(server):
+    """``?png=true`` on Qwen2-VL: each image rebuilt from the processor's patches at the size the model sees, one
+    28 px cell per merged token, dropped cells at a quarter of their brightness, kept ones tinted."""
+    import numpy as np
+    from PIL import Image
+
+    from .images import make_image
+
+    images = [(9, *SQUARE[1:]), (10, *WIDE[1:])]
+    answer = _preview(server, images, {"tokcomp_method": "uniform", "tokcomp_budget": 12}, query="?png=true")
+    for item, (seed, width, height) in zip(answer["items"], images, strict=True):
+        picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["png"]))).convert("RGB"), dtype=np.float32)
+        original = np.asarray(make_image(seed, size=336).resize((width, height)).convert("RGB"), dtype=np.float32)
+        assert picture.shape == original.shape == (height, width, 3)
+        columns = width // 28
+        for index, group in enumerate(item["groups"]):
+            row, col = divmod(index, columns)
+            y, x = row * 28 + 14, col * 28 + 14
+            dimmed = np.abs(picture[y, x] - 0.25 * original[y, x]).max() <= 3
+            assert dimmed == (group < 0), (seed, index)
 
 
 def _selections(path):

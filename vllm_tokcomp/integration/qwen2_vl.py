@@ -64,11 +64,12 @@ from ..config import (
 )
 from ..connectors import is_connector_method
 from ..methods import TokenAssignment, VisualTokens, available_methods, get_method, method_class
+from ..show import qwen_pixels_to_image
 from . import settings
 from .debug_log import POSITIONS_LOG_ENV, append_record, log_selection
 from .metrics import record_processed
 from .parallel import PipelineLimit, qwen_pipeline_limit
-from .preview import qwen_item, uncompressed_item, without_preview_mark
+from .preview import png_of_groups, qwen_item, uncompressed_item, without_preview_mark
 from .requests import canonical_kwargs, check_request, processed_spec
 from .text_signals import with_text_fallback
 from .vllm_api import (
@@ -367,8 +368,7 @@ class _ProcessorMixin:
         return result
 
     def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
-        """Each image's or video's entry of ``POST /tokcomp/preview`` (integration/preview.py); no drawing (Qwen's
-        processor hands over flattened patches, not an image)."""
+        """Each image's or video's entry of ``POST /tokcomp/preview`` (integration/preview.py)."""
         entries = []
         for modality, index, item, spec, grid in self._item_specs(engine_input["mm_kwargs"]):
             if spec is None:
@@ -379,6 +379,19 @@ class _ProcessorMixin:
             decided = row is not None and qwen_route(spec.method) == PIXELS
             entries.append(qwen_item(modality, spec, int(np.prod(grid)), grid, row.data if decided else None))
         return entries
+
+    def draw_previews(self, engine_input, entries: list[dict]) -> None:  # noqa: ANN001 - vLLM's engine input
+        """Adds ``png`` to each image entry with known groups: the groups drawn over the image rebuilt from the
+        processor's patches (one 28 px cell per merged token). Videos are not drawn."""
+        image_processor = self.info.get_hf_processor().image_processor
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        items = self._item_specs(engine_input["mm_kwargs"])
+        for entry, (modality, _index, item, _spec, grid) in zip(entries, items, strict=True):
+            if modality != "image" or grid is None or entry["groups"] is None:
+                continue
+            thw = tuple(int(v) for v in item["image_grid_thw"].data.tolist())
+            image = qwen_pixels_to_image(item["pixel_values"].data, thw, image_processor, merge)
+            entry["png"] = png_of_groups(image, grid[1:], entry["groups"])
 
     def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs
         """``(method, tokens without compression, tokens served)`` per compressed image or video."""
