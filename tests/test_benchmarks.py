@@ -20,7 +20,7 @@ from vllm_tokcomp.bench.models import SHAPES, flops
 from vllm_tokcomp.bench.throughput import analyse, plan_rounds
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("tome", "mustdrop[stage2=false]")  # a method variant with knobs, as issue 6 measures
+METHODS = ("tome", "mustdrop[stage2=false]")  # a method variant with knobs, as the throughput runs measure
 BUDGETS = (64, 32)
 OUTPUT_LEN = 4
 BLOCK = 32  # vLLM's CPU attention needs a multiple of 32; 16 would be the CUDA default

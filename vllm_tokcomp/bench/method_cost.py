@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vllm_tokcomp.bench.common import RESULTS_DIR, provenance  # noqa: E402
+from vllm_tokcomp.bench.common import RESULTS_DIR, provenance, provenance_line  # noqa: E402
 from vllm_tokcomp.methods import VisualTokens, available_methods, get_method, method_class  # noqa: E402
 from vllm_tokcomp.methods.learned import (  # noqa: E402
     CAbstractor,
@@ -143,8 +143,32 @@ def main(argv: list[str] | None = None) -> int:
         "methods": rows,
     }
     out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {out} and {out.with_suffix('.md').name}")
     return 0
+
+
+def markdown(report: dict) -> str:
+    """The report as a markdown table: per method its median and fastest time and its share of one encoder
+    forward."""
+    setting = report["setting"]
+    encoder = report["encoder"]
+    lines = [
+        f"# Method cost per image (N = {setting['tokens']}, D = {setting['dim']}, budget {report['budget']}, "
+        f"{report['threads']} thread(s))",
+        "",
+        provenance_line(report.get("provenance")) + f" 1-min load average {report['load_average_before_after'][0]:.2f}"
+        f" → {report['load_average_before_after'][1]:.2f}.",
+        "",
+        "| method | family | median ms | min ms | % of one encoder forward |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in report["methods"]:
+        lines.append(f"| {row['method']} | {row['family']} | {row['median_ms']:.2f} | {min(row['runs_ms']):.2f} | "
+                     f"{100 * row['fraction_of_encoder']:.2f}% |")
+    lines.append(f"| CLIP-L-sized encoder forward ({encoder['layers']} x {encoder['width']}, {encoder['tokens']} "
+                 f"tokens) | reference | {encoder['median_ms']:.1f} | {min(encoder['runs_ms']):.1f} | 100% |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
