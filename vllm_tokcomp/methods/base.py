@@ -228,8 +228,10 @@ class Compressor:
     needs_keys: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
     needs_text_attention: ClassVar[bool] = False
-    # Signals read when given, not required: keys (else the features) and the LM's text->vision attention.
+    # Signals read when given, not required: keys (else the features), the text embeddings and the LM's
+    # text->vision attention.
     uses_keys: ClassVar[bool] = False
+    uses_text: ClassVar[bool] = False
     uses_text_attention: ClassVar[bool] = False
     # False: which tokens go where depends on the grid, the budget and the knobs only, never on the content.
     selects_by_content: ClassVar[bool] = True
@@ -258,7 +260,7 @@ class Compressor:
     @classmethod
     def reads_text(cls) -> bool:
         """Whether the prompt's text (its embeddings or the LM's text->vision attention) can change the result."""
-        return cls.needs_text or cls.needs_text_attention or cls.uses_text_attention
+        return cls.needs_text or cls.uses_text or cls.needs_text_attention or cls.uses_text_attention
 
     @classmethod
     def reads_lm_probe(cls) -> bool:

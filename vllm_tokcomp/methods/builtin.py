@@ -4,6 +4,7 @@ from . import (  # noqa: F401
     adjacent,
     btp,
     cls_topk,
+    dart,
     divprune,
     evs,
     mustdrop,
