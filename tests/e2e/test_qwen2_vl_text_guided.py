@@ -1,6 +1,6 @@
 """Real vLLM, tiny Qwen2-VL and Qwen2.5-VL: text-guided methods decided on the encoder's embeddings.
 
-``text_relevance`` and ``pumer`` choose the kept tokens in ``embed_multimodal`` from the image embeddings and the
+``text_relevance``, ``pumer`` and ``dart`` choose the kept tokens in ``embed_multimodal`` from the image embeddings and the
 prompt's text embeddings, after the request's M-RoPE positions were computed. The model hands each kept token's
 (t, h, w) to vLLM's runner inside the embeddings and the runner's recompute hook (``recompute_mrope_positions``,
 switched on by ``vllm_api.enable_runner_position_recompute``; the CPU runner never calls it by itself) rewrites
@@ -28,6 +28,7 @@ CASES = [
     (1, {"tokcomp_method": "pumer", "tokcomp_budget": 40}),
     (2, {"tokcomp_method": "text_relevance", "tokcomp_ratio": 0.25}),
     (2, {"tokcomp_method": "pumer", "tokcomp_budget": 30}),
+    (1, {"tokcomp_method": "dart", "tokcomp_budget": 28}),
 ]
 REFUSED = [{"tokcomp_method": "cls_topk", "tokcomp_budget": 16}]
 
