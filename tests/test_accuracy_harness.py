@@ -44,6 +44,7 @@ def test_markdown_and_plot(tmp_path: Path) -> None:
               "baseline": base, "arms": [arm, auto], "chance": 0.5}
     text = accuracy.markdown(report)
     assert "| uniform | 1.000 (100%) | 0.750 (75%) |" in text
+    assert "| none | 1.000 (100%) | – |" in text  # the uncompressed arm, labelled as such
     assert "| uniform | 64 | 64 | 0.750 | 75% |" in text
     assert "| mustdrop | texture | 150 (120–190) | 0.750 (75%) |" in text  # the adaptive table
     assert "| mustdrop | auto[texture] | 150 | 0.750 | 75% |" in text
@@ -155,11 +156,11 @@ def test_harness_end_to_end_on_qwen(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
-    assert report["full_tokens"] == 144 and report["budgets"] == [144, 48, 32, 16, 8]  # LLaVA's fractions of 576
+    assert report["full_tokens"] == 144 and report["budgets"] == [144, 48, 32, 16, 8, 4, 2]  # LLaVA's fractions of 576
     assert [(a["method"], a["budget"]) for a in report["arms"]] == [
-        (m, b) for m in ("pool", "text_relevance") for b in (48, 32, 16, 8)]
+        (m, b) for m in ("pool", "text_relevance") for b in (48, 32, 16, 8, 4, 2)]
     assert report["baseline"]["tokens"] == 144
-    assert [a["tokens"] for a in report["arms"]] == [48, 32, 16, 8] * 2  # read back from the prompts vLLM ran
+    assert [a["tokens"] for a in report["arms"]] == [48, 32, 16, 8, 4, 2] * 2  # read back from the prompts vLLM ran
 
 
 @pytest.mark.slow

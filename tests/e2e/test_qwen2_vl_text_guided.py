@@ -1,7 +1,7 @@
 """Real vLLM, tiny Qwen2-VL and Qwen2.5-VL: text-guided methods decided on the encoder's embeddings.
 
-``text_relevance``, ``pumer`` and ``dart`` choose the kept tokens in ``embed_multimodal`` from the image embeddings and the
-prompt's text embeddings, after the request's M-RoPE positions were computed. The model hands each kept token's
+``text_relevance``, ``pumer`` and ``dart`` choose the kept tokens in ``embed_multimodal`` from the image embeddings
+and the prompt's text embeddings, after the request's M-RoPE positions were computed. The model hands each kept token's
 (t, h, w) to vLLM's runner inside the embeddings and the runner's recompute hook (``recompute_mrope_positions``,
 switched on by ``vllm_api.enable_runner_position_recompute``; the CPU runner never calls it by itself) rewrites
 the placeholders' positions. Checked here: exact prompt counts; the positions the engine ends with equal the

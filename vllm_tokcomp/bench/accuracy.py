@@ -40,8 +40,10 @@ if str(REPO) not in sys.path:
 from vllm_tokcomp.bench.common import RESULTS_DIR, output_file, provenance, provenance_line  # noqa: E402
 
 FULL = 576  # the tiny LLaVA's image tokens (a Qwen model's come from its processor: full_image_tokens)
-DEFAULT_BUDGETS = (576, 192, 128, 64, 32)
-BUDGET_FRACTIONS = (1, 1 / 3, 2 / 9, 1 / 9, 1 / 18)  # the default budgets as fractions of the full count
+DEFAULT_BUDGETS = (576, 192, 128, 64, 32, 16, 8)
+# the default budgets as fractions of the full count
+BUDGET_FRACTIONS = (1, 1 / 3, 2 / 9, 1 / 9, 1 / 18, 1 / 36, 1 / 72)
+BASELINE = "none"  # the uncompressed arm's name in every table (and in --methods)
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 DEFAULT_AUTO = "mustdrop:cosine,mustdrop:texture"
 AUTO = "auto"
@@ -237,14 +239,17 @@ def markdown(report: dict) -> str:
         "per request. Cells: accuracy (relative to uncompressed).",
         "",
         *([provenance_line(report["provenance"]), ""] if report.get("provenance") else []),
+        f"The `{BASELINE}` row is the uncompressed arm ({full} tokens per image); every method's {full}-token "
+        "cell is that same arm.",
+        "",
         "| method | " + " | ".join(f"{b} tok" for b in budgets) + " |",
         "|---|" + "---:|" * len(budgets),
     ]
     by_arm = {(a["method"], a["budget"]): a for a in report["arms"] if a["budget"] != AUTO}
-    for method in report["methods"]:
+    for method in [BASELINE, *report["methods"]]:
         cells = []
         for b in budgets:
-            arm = report["baseline"] if b >= full else by_arm.get((method, b))
+            arm = report["baseline"] if b >= full else None if method == BASELINE else by_arm.get((method, b))
             cells.append("–" if arm is None else f"{arm['accuracy']:.3f} ({arm['accuracy'] / base:.0%})"
                          if base else f"{arm['accuracy']:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -406,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model folder (default: the bundled trained tiny LLaVA), or a "
                         "bundled model's name: tiny-llava, tiny-qwen2-vl, tiny-qwen2.5-vl")
     parser.add_argument("--methods", default="all", help="comma list of servable methods, or 'all' (those the "
-                        "model's family serves)")
+                        f"model's family serves), or '{BASELINE}' for the uncompressed arm alone (always run)")
     parser.add_argument("--budgets", default=None, help="comma list of token counts per image (default "
                         f"{','.join(map(str, DEFAULT_BUDGETS))} for LLaVA: the full count x "
                         f"{', '.join(f'{f:.3g}' for f in BUDGET_FRACTIONS)})")
@@ -428,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     records = load_dataset(Path(data), args.limit)
     full = full_image_tokens(model, records)
     served = methods_for(model)
-    methods = served if args.methods == "all" else [m for m in args.methods.split(",") if m]
+    methods = served if args.methods == "all" else [m for m in args.methods.split(",") if m and m != BASELINE]
     unknown = sorted(set(methods) - set(served))
     if unknown:
         parser.error(f"not servable through vLLM on {model_type(model)}: {', '.join(unknown)}")
@@ -436,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     budgets = sorted({int(b) for b in budget_text.split(",") if b}, reverse=True)
     if full not in budgets:
         budgets.insert(0, full)
-    auto = args.auto if args.auto is not None else ("" if model_type(model) in QWEN_TYPES else DEFAULT_AUTO)
+    default_auto = "" if model_type(model) in QWEN_TYPES or args.methods == BASELINE else DEFAULT_AUTO
+    auto = args.auto if args.auto is not None else default_auto
     adaptive = parse_auto(auto)
     unknown = sorted({m for m, _, _ in adaptive} - set(served))
     if unknown:
