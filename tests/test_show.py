@@ -76,6 +76,14 @@ def test_cli_writes_a_panel_per_method_and_refuses_bad_settings(tmp_path):
     assert bad.returncode == 2 and "tokcomp_method" in bad.stderr
 
 
+def test_a_model_other_than_llava_is_refused_pointing_to_the_preview(tmp_path):
+    from vllm_tokcomp.show import LlavaViewer
+    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
+
+    with pytest.raises(ValueError, match="POST /tokcomp/preview"):
+        LlavaViewer(ensure_default_model())
+
+
 @pytest.mark.parametrize("raw", [False, True])
 def test_qwen_patches_give_back_the_image(raw):
     """Qwen2-VL's flattened patches (normalised floats, or raw uint8 as vLLM's on-device normalisation hands them

@@ -45,8 +45,13 @@ class LlavaViewer:
     """A LLaVA-1.5 model loaded with transformers, its tower cut at the feature layer as vLLM builds it."""
 
     def __init__(self, path: str | Path) -> None:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
+        model_type = AutoConfig.from_pretrained(path).model_type
+        if model_type != "llava":
+            raise ValueError(f"tokcomp show draws LLaVA-1.5 models; {path} is a {model_type!r} model: a server "
+                             "serving it draws its selections at POST /tokcomp/preview?png=true "
+                             "(docs/observability.md)")
         self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
         self.processor = AutoProcessor.from_pretrained(path)
         config = self.model.config
@@ -216,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         from .cli import bundled_model_dir
 
         args.model = bundled_model_dir("tiny-llava", build=True)
-    viewer = LlavaViewer(args.model)
+    try:
+        viewer = LlavaViewer(args.model)
+    except ValueError as error:
+        print(f"tokcomp show: {error}", file=sys.stderr)
+        return 2
     panels = []
     for method in methods:
         selection = viewer.select(image, method, args.budget, args.question)
