@@ -1,8 +1,9 @@
 """Real vLLM, tiny Qwen2-VL and Qwen2.5-VL: text-guided methods decided on the encoder's embeddings.
 
-``text_relevance``, ``pumer`` and ``dart`` choose the kept tokens in ``embed_multimodal`` from the image embeddings
-and the prompt's text embeddings, after the request's M-RoPE positions were computed. The model hands each kept token's
-(t, h, w) to vLLM's runner inside the embeddings and the runner's recompute hook (``recompute_mrope_positions``,
+``text_relevance``, ``pumer``, ``dart`` and ``cdpruner`` choose the kept tokens in ``embed_multimodal`` from the image
+embeddings and the prompt's text embeddings, after the request's M-RoPE positions were computed. The model hands each
+kept token's (t, h, w) to vLLM's runner inside the embeddings and the runner's recompute hook
+(``recompute_mrope_positions``,
 switched on by ``vllm_api.enable_runner_position_recompute``; the CPU runner never calls it by itself) rewrites
 the placeholders' positions. Checked here: exact prompt counts; the positions the engine ends with equal the
 positions written out from the grid and the kept indices (``expected_positions``), for one image, two images in
@@ -29,6 +30,7 @@ CASES = [
     (2, {"tokcomp_method": "text_relevance", "tokcomp_ratio": 0.25}),
     (2, {"tokcomp_method": "pumer", "tokcomp_budget": 30}),
     (1, {"tokcomp_method": "dart", "tokcomp_budget": 28}),
+    (2, {"tokcomp_method": "cdpruner", "tokcomp_ratio": 0.2}),
 ]
 REFUSED = [{"tokcomp_method": "cls_topk", "tokcomp_budget": 16}]
 

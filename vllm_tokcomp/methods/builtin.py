@@ -3,6 +3,7 @@
 from . import (  # noqa: F401
     adjacent,
     btp,
+    cdpruner,
     cls_topk,
     dart,
     divprune,
