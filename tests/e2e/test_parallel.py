@@ -33,6 +33,7 @@ import sys
 import openai
 import pytest
 
+from vllm_tokcomp.integration.qwen2_vl import ENCODER, qwen_methods
 from vllm_tokcomp.integration.qwen2_vl import SERVED_METHODS as QWEN_METHODS
 from vllm_tokcomp.launch import ServerProcess
 from vllm_tokcomp.methods import available_methods
@@ -135,7 +136,7 @@ def test_llava_outputs_equal_under_tensor_parallelism(llava):
 def test_qwen_text_guided_ranks_select_like_one_worker(qwen):
     # On Qwen2-VL only the methods decided on encoder outputs choose in the model (the others decide in the
     # frontend processor, once, before any worker sees the request).
-    _check_selections_agree(qwen, {"text_relevance", "pumer"})
+    _check_selections_agree(qwen, qwen_methods(ENCODER))
 
 
 def test_qwen_positions_equal_under_tensor_parallelism(qwen):

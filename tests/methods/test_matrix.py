@@ -62,7 +62,7 @@ BAD_KNOBS: dict[str, list[tuple[dict, str]]] = {
     "visionzip": [({"dominant_ratio": 1.5}, "dominant_ratio"), ({"contextual_merge": "sum"}, "contextual_merge")],
     "cdpruner": [({"negate_relevance": "yes"}, "negate_relevance")],
     "dart": [({"pivot_image_tokens": -1}, "pivot_image_tokens"), ({"pivot_text_tokens": 1000}, "pivot_text_tokens"),
-             ({"pivot_image_tokens": 0, "pivot_text_tokens": 0}, "pivot_image_tokens")],
+             ({"pivot_image_tokens": 0}, "pivot_image_tokens")],
     "vispruner": [({"important_ratio": 1.5}, "important_ratio"), ({"step": 0}, "step")],
     "random": [({"seed": "x"}, "seed")],
     "text_relevance": [({"reduce": "median"}, "reduce")],

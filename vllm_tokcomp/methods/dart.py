@@ -33,7 +33,7 @@ class DART(Compressor):
     (the LM's input embeddings). Pure pruning, raster order; ties go to the lower index.
     """
 
-    pivot_image_tokens: int = knob(4, low=0, high=MAX_PIVOTS)
+    pivot_image_tokens: int = knob(4, low=1, high=MAX_PIVOTS)  # at least one pivot, so the loop has one to follow
     pivot_text_tokens: int = knob(4, low=0, high=MAX_PIVOTS)
 
     name = "dart"
@@ -41,10 +41,6 @@ class DART(Compressor):
     family = "similarity"
     uses_text = True  # text pivots when the text embeddings are given (see docs/methods.md)
     prunes = True
-
-    def validate(self) -> None:
-        if self.pivot_image_tokens + self.pivot_text_tokens == 0:
-            raise ValueError("pivot_image_tokens and pivot_text_tokens cannot both be 0")
 
     def select(self, tokens: VisualTokens, budget: int) -> TokenAssignment:
         features = tokens.features.to(torch.float32)
@@ -56,7 +52,7 @@ class DART(Compressor):
         pivots = torch.cat([features[image_pivots], text_pivots.to(features)])
         kept = torch.zeros(n, dtype=torch.bool, device=features.device)
         kept[image_pivots] = True
-        share, extra = divmod(budget - image_pivots.numel(), max(1, pivots.shape[0]))
+        share, extra = divmod(budget - image_pivots.numel(), pivots.shape[0])
         unit = unit_rows(features)
         pivot_unit = unit_rows(pivots)
         for index in range(pivots.shape[0]):
@@ -67,8 +63,6 @@ class DART(Compressor):
             dissimilarity = -(unit[candidates] @ pivot_unit[index])
             order = torch.sort(dissimilarity, descending=True, stable=True).indices[:count]
             kept[candidates[order]] = True
-        if int(kept.sum()) < budget:  # no pivot at all (pivot_image_tokens = 0 and no text): features' order
-            kept[torch.nonzero(~kept).squeeze(1)[: budget - int(kept.sum())]] = True
         return TokenAssignment.from_kept(torch.nonzero(kept).squeeze(1), n)
 
 
