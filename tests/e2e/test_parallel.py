@@ -49,6 +49,9 @@ LLAVA_METHODS = sorted(available_methods())
 # tower's row-parallel sums add in another order), and a few different duplicates go (measured: 3-4 of 32 tokens).
 # The ranks still agree with each other exactly.
 NEAR_TIE_METHODS = frozenset({"vispruner"})
+# CDPruner's greedy DPP on Qwen2-VL's encoder output: the same, each step's largest residual among near-identical
+# flat patches (on LLaVA it keeps TP=1's tokens exactly).
+QWEN_NEAR_TIE_METHODS = frozenset({"cdpruner"})
 OPTED_OUT = 2
 QUESTIONS = [([1], "How many squares are there?", {"tokcomp_budget": 32}),
              ([2], "What colour is the circle?", {"tokcomp_ratio": 0.25})]
@@ -136,19 +139,26 @@ def test_llava_outputs_equal_under_tensor_parallelism(llava):
 def test_qwen_text_guided_ranks_select_like_one_worker(qwen):
     # On Qwen2-VL only the methods decided on encoder outputs choose in the model (the others decide in the
     # frontend processor, once, before any worker sees the request).
-    _check_selections_agree(qwen, qwen_methods(ENCODER))
+    _check_selections_agree(qwen, qwen_methods(ENCODER), QWEN_NEAR_TIE_METHODS)
 
 
 def test_qwen_positions_equal_under_tensor_parallelism(qwen):
-    """Every M-RoPE position record of TP=1 appears once per rank under TP=2 (the ranks' lines may interleave)."""
+    """Every M-RoPE position record of TP=1 appears once per rank under TP=2 (the ranks' lines may interleave), but
+    those of the near-tie methods' requests, whose positions follow their (slightly different) selections: those
+    still appear once per rank, the ranks agreeing."""
     single = collections.Counter(json.dumps(record, sort_keys=True) for record in qwen[1]["positions"])
     parallel = collections.Counter(json.dumps(record, sort_keys=True) for record in qwen[2]["positions"])
     assert single, "the positions debug log is empty"
-    assert parallel == collections.Counter({line: 2 * count for line, count in single.items()})
+    assert all(count % 2 == 0 for count in parallel.values()), "the two ranks wrote different positions"
+    halved = collections.Counter({line: count // 2 for line, count in parallel.items()})
+    near_tie_requests = sum(1 for request in _requests(sorted(QWEN_METHODS))
+                            if request.get("mm_kwargs", {}).get("tokcomp_method") in QWEN_NEAR_TIE_METHODS)
+    assert sum((single - halved).values()) <= near_tie_requests
+    assert sum(halved.values()) == sum(single.values())
 
 
 def test_qwen_outputs_equal_under_tensor_parallelism(qwen):
-    _check_outputs_agree(qwen, _requests(sorted(QWEN_METHODS)))
+    _check_outputs_agree(qwen, _requests(sorted(QWEN_METHODS)), QWEN_NEAR_TIE_METHODS)
 
 
 def _image_url(seed: int) -> str:
