@@ -15,9 +15,10 @@ Series, labelled by ``model`` (the served model name) and ``method``:
 - ``tokcomp_image_kept_fraction``: per image, after / before (histogram);
 - ``tokcomp_requests_opted_out_total`` (``model`` only): requests that asked for ``tokcomp_method: "none"``;
 - ``tokcomp_compression_seconds``: per compressed item, the seconds its worker spent from the vision encoder's output
-  to the compressed embeddings (histogram). Measured in the workers (``worker_rpc.report_item``) and pulled from
-  every engine when ``/metrics`` is scraped, by the endpoint plugin (``integration/preview.py``; loaded by
-  ``tokcomp serve --preview``): without it this series is absent.
+  to the compressed embeddings (histogram; wall time on the host, without a device synchronisation, so on a GPU it
+  counts what the work waited for, not kernels still queued). Measured in the workers (``worker_rpc.report_item``) and
+  pulled from every engine when ``/metrics`` is scraped, by the endpoint plugin (``integration/preview.py``; loaded
+  by ``tokcomp serve --preview``): without it this series is absent.
 
 No series exists until the first image is compressed or a request opts out: a server that never compresses shows
 none.
@@ -77,16 +78,26 @@ _seconds = None
 def record_compression_seconds(model: str, timings: Iterable[tuple[str, float]]) -> None:
     """Workers' ``(method, seconds)`` per compressed item into ``tokcomp_compression_seconds`` (created on the first
     timing)."""
-    global _seconds
+    timings = list(timings)
+    if not timings:
+        return
+    histogram = _seconds_histogram()
     for method, seconds in timings:
-        with _lock:
-            if _seconds is None:
-                from prometheus_client import Histogram
+        histogram.labels(model, method).observe(seconds)
 
-                _seconds = Histogram("tokcomp_compression_seconds", "Per compressed item, seconds from the vision "
-                                     "encoder's output to the compressed embeddings, in the worker.",
-                                     ("model", "method"), buckets=SECONDS_BUCKETS)
-        _seconds.labels(model, method).observe(seconds)
+
+def _seconds_histogram():  # noqa: ANN202 - a prometheus_client Histogram
+    """The process's compression-time histogram, created on first use (separate from :func:`_series`: it is fed
+    only where the endpoint plugin drains the workers)."""
+    global _seconds
+    with _lock:
+        if _seconds is None:
+            from prometheus_client import Histogram
+
+            _seconds = Histogram("tokcomp_compression_seconds", "Per compressed item, seconds from the vision "
+                                 "encoder's output to the compressed embeddings, in the worker.",
+                                 ("model", "method"), buckets=SECONDS_BUCKETS)
+        return _seconds
 
 
 def _series() -> _Series:
