@@ -96,6 +96,12 @@ def uncompressed_item(modality: str, tokens: int) -> dict:
             "tokens_after": tokens, "decided": None, "groups": None}
 
 
+def serving_processor(handler) -> object | None:  # noqa: ANN001 - vLLM's chat handler
+    """The multimodal processor the chat handler's renderer serves with (``None`` for a text-only model)."""
+    renderer = getattr(getattr(handler, "online_renderer", None), "renderer", None)
+    return getattr(renderer, "mm_processor", None)
+
+
 def engine_decided(entry: Mapping[str, object]) -> bool:
     """Whether an entry's groups come from the engine: compressed, and not decided before the encoder."""
     return entry["groups"] is None and entry["method"] is not None and entry["tokens_after"] < entry["tokens_before"]
@@ -131,9 +137,7 @@ async def pull_timings(state, timeout: float = 10.0) -> None:  # noqa: ANN001 - 
     from .metrics import record_compression_seconds
     from .vllm_api import call_workers
 
-    handler = getattr(state, "openai_serving_chat", None)
-    renderer = getattr(getattr(handler, "online_renderer", None), "renderer", None)
-    metrics = getattr(getattr(renderer, "mm_processor", None), "tokcomp_metrics", None)
+    metrics = getattr(serving_processor(getattr(state, "openai_serving_chat", None)), "tokcomp_metrics", None)
     engine_client = getattr(state, "engine_client", None)
     if metrics is None or engine_client is None:
         return
@@ -178,8 +182,7 @@ class PreviewEndpoint:
                 return JSONResponse(result.model_dump(), status_code=result.error.code)
             _conversation, engine_inputs = result
             engine_input = engine_inputs[0]
-            renderer = getattr(getattr(handler, "online_renderer", None), "renderer", None)
-            processor = getattr(renderer, "mm_processor", None)
+            processor = serving_processor(handler)
             items = processor.preview_items(engine_input) if hasattr(processor, "preview_items") else []
             await fill_engine_groups(raw_request.app.state.engine_client, engine_input, items)
             if png and hasattr(processor, "draw_previews"):
