@@ -150,15 +150,15 @@ def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec
         raise ConfigError(
             field.replace(METHOD_KEY, BUDGET_KEY),
             f"{AUTO!r} (pixel-redundancy estimate) is implemented for LLaVA's fixed 24x24 grid only; "
-            f"on Qwen2-VL give a count or {RATIO_KEY}",
+            f"on Qwen-VL models give a count or {RATIO_KEY}",
         )
     if spec is not None and is_connector_method(spec.method):
         raise ConfigError(field, f"{spec.method!r} is a trained connector, served on LLaVA only")
     if spec is not None and qwen_route(spec.method) is None:
         raise ConfigError(
             field,
-            f"method {spec.method!r} needs the vision tower's [CLS] attention, keys or the LM probe; Qwen2-VL's "
-            "tower has no [CLS] token, so the served methods are: " + ", ".join(sorted(qwen_methods())),
+            f"method {spec.method!r} needs the vision tower's [CLS] attention, keys or the LM probe; the Qwen-VL "
+            "towers have no [CLS] token, so the served methods are: " + ", ".join(sorted(qwen_methods())),
         )
     return spec
 
@@ -396,10 +396,9 @@ class _ProcessorMixin:
     def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs
         """``(method, tokens without compression, tokens served)`` per compressed image or video."""
         items = []
-        for _modality, _index, _item, spec, grid in self._item_specs(result["mm_kwargs"]):
+        for modality, _index, _item, spec, grid in self._item_specs(result["mm_kwargs"]):
             if spec is not None:
-                full = int(np.prod(grid))
-                items.append((spec.method, full, settings.kept_tokens(spec, full)))
+                items.append((spec.method, int(np.prod(grid)), self._served_tokens(modality, spec, grid)))
         return items
 
     def _item_specs(self, mm_kwargs) -> list[tuple]:  # noqa: ANN001 - vLLM's MultiModalKwargsItems
@@ -431,11 +430,32 @@ class _ProcessorMixin:
             processed_data[MODALITY_FIELDS[modality]] = torch.stack([settings.encode(s) for s in item_specs])
             patches = processed_data[pixels_key].split(grid_thw.prod(-1).tolist())
             processed_data[settings.ASSIGNMENT_FIELDS[modality]] = torch.cat([
-                pixel_assignment(s, p, (int(g[0]), int(g[1]) // merge, int(g[2]) // merge), merge, patch_size)
+                self._item_assignment(
+                    modality, s, p, (int(g[0]), int(g[1]) // merge, int(g[2]) // merge), merge, patch_size
+                )
                 for s, p, g in zip(item_specs, patches, grid_thw, strict=True)
             ])
             processed_data[settings.QUERY_FIELDS[modality]] = settings.query_rows(hf_processor_mm_kwargs, len(grid_thw))
         return processed_data
+
+    def _item_assignment(self, modality: str, spec: CompressionSpec | None, patches: torch.Tensor,
+                         grid: tuple[int, int, int], merge: int, patch_size: int) -> torch.Tensor:
+        """One item's assignment row (:func:`pixel_assignment` over the whole item)."""
+        del modality
+        return pixel_assignment(spec, patches, grid, merge, patch_size)
+
+    def _served_tokens(self, modality: str, spec: CompressionSpec, grid: tuple[int, int, int]) -> int:
+        """LM tokens a compressed item is given (its placeholder count)."""
+        del modality
+        return settings.kept_tokens(spec, int(np.prod(grid)))
+
+    def _compressed_replacement(self, modality: str, item, spec: CompressionSpec, original: PromptReplacement,  # noqa: ANN001
+                                item_idx: int) -> object:
+        """The prompt replacement of a compressed item: its placeholder token, once per served token."""
+        del item_idx
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        t, h, w = (int(v) for v in item[f"{modality}_grid_thw"].data.tolist())
+        return [original.target[0]] * self._served_tokens(modality, spec, (t, h // merge, w // merge))
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:  # noqa: ANN001
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
@@ -451,7 +471,6 @@ class _ProcessorMixin:
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptReplacement]:  # noqa: ANN001
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
-        merge = self.info.get_hf_config().vision_config.spatial_merge_size
 
         def replacement(item_idx: int, modality: str, original: PromptReplacement) -> object:
             item = out_mm_kwargs[modality][item_idx]
@@ -459,8 +478,7 @@ class _ProcessorMixin:
             spec = None if field is None else settings.decode(field.data)
             if spec is None:  # uncompressed: exactly what vLLM would insert (incl. its own EVS count)
                 return original.replacement(item_idx) if callable(original.replacement) else original.replacement
-            full = _merged_tokens(item[f"{modality}_grid_thw"].data, merge)
-            return [original.target[0]] * settings.kept_tokens(spec, full)
+            return self._compressed_replacement(modality, item, spec, original, item_idx)
 
         return [
             PromptReplacement(
@@ -488,17 +506,24 @@ _KWARG_MODALITY = {"pixel_values": "image", "image_embeds": "image", "pixel_valu
 
 def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, int, int],
                    assignment_row: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
-                   t_factor: float = 1.0) -> torch.Tensor:
+                   t_factor: float = 1.0, decision_width: int | None = None) -> torch.Tensor:
     """One image's or video's embeddings (raster order over the merged ``grid``) to its placeholder count;
     a pixel-decided method applies the assignment the processor chose (``assignment_row``); an
     encoder-decided one selects here, with ``text_embeds``, and returns its kept tokens' item-relative
-    positions in ``POSITION_CHANNELS`` extra columns for :meth:`_ModelMixin.recompute_mrope_positions`."""
+    positions in ``POSITION_CHANNELS`` extra columns for :meth:`_ModelMixin.recompute_mrope_positions`.
+    ``decision_width``: an encoder-decided method reads only the first columns (Qwen3-VL: the main features,
+    not the DeepStack levels concatenated after them); the assignment is applied to the whole rows, so every
+    level is kept or merged alike."""
     start = time.perf_counter()
     method = get_method(spec.method, **dict(spec.options))
     expected = settings.kept_tokens(spec, item.shape[0])
     tokens = VisualTokens(features=item, grid=grid)
     if qwen_route(spec.method) == ENCODER:
-        result = method(with_text_fallback(spec.method, dataclasses.replace(tokens, text_embeds=text_embeds)), expected)
+        deciding = tokens if decision_width is None else dataclasses.replace(tokens, features=item[:, :decision_width])
+        deciding = with_text_fallback(spec.method, dataclasses.replace(deciding, text_embeds=text_embeds))
+        result = method(deciding, expected)
+        if decision_width is not None:
+            result = method.apply(dataclasses.replace(deciding, features=item), result.assignment)
     elif qwen_route(spec.method) == PIXELS and expected < item.shape[0]:
         if assignment_row is None:
             raise RuntimeError("tokcomp: no processing-time assignment for a pixel-decided method")
@@ -566,14 +591,25 @@ class _ModelMixin:
                         text = self._text_embeds(
                             settings.decode_query(torch.as_tensor(queries[modality][index])), out[start + index]
                         )
-                    out[start + index] = _compress_item(
-                        out[start + index], spec, (t, h // merge, w // merge), rows_of_items[index], text,
+                    out[start + index] = self._compress(
+                        modality, out[start + index], spec, (t, h // merge, w // merge), rows_of_items[index], text,
                         self._t_factor(kwargs, modality, index),
                     )
             start += len(grids)
         if start != len(out):
             raise RuntimeError(f"tokcomp: {len(out)} multimodal embeddings for {start} items")
         return tuple(out)
+
+    def _compress(self, modality: str, embedding: torch.Tensor, spec: CompressionSpec, grid: tuple[int, int, int],
+                  assignment_row: torch.Tensor | None, text_embeds: torch.Tensor | None, t_factor: float,
+                  ) -> torch.Tensor:
+        """One item's embeddings to its placeholder count (:func:`_compress_item` over the whole item)."""
+        del modality  # images and videos alike: one selection over the item's (t, h, w) grid
+        return _compress_item(embedding, spec, grid, assignment_row, text_embeds, t_factor)
+
+    def _embedding_width(self) -> int:
+        """Columns of an item's embedding rows before any ``POSITION_CHANNELS``: the LM's hidden size."""
+        return self.config.get_text_config().hidden_size
 
     def _t_factor(self, kwargs: Mapping[str, object], modality: str, index: int) -> float:
         """Position steps per temporal patch, as vLLM's ``iter_mm_grid_thw`` computes them: for a video
@@ -604,7 +640,7 @@ class _ModelMixin:
             return super().recompute_mrope_positions(
                 input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
             )
-        hidden = self.config.get_text_config().hidden_size
+        hidden = self._embedding_width()
         if not any(mm.shape[-1] > hidden for mm in multimodal_embeddings):
             delta = int(mrope_positions.max()) + 1 - len(input_ids) if mrope_positions.numel() else 0
             return multimodal_embeddings, mrope_positions, delta
@@ -624,7 +660,7 @@ class _ModelMixin:
                 continue
             if mm.shape[-1] != hidden + POSITION_CHANNELS or indices.numel() != mm.shape[0]:
                 raise RuntimeError(f"tokcomp: {mm.shape[0]} embeddings of width {mm.shape[-1]} for "
-                                   f"{indices.numel()} placeholders (hidden size {hidden})")
+                                   f"{indices.numel()} placeholders (embedding width {hidden})")
             relative = decode_positions(mm[:, hidden:].cpu())
             start = starts[torch.searchsorted(starts, indices) - 1]  # each placeholder's <|vision_start|>
             base = positions[0, start.to(positions.device)] + 1

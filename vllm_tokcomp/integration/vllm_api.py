@@ -39,6 +39,12 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
@@ -65,6 +71,10 @@ __all__ = [
     "Qwen2VLForConditionalGeneration",
     "Qwen2VLMultiModalProcessor",
     "Qwen2VLProcessingInfo",
+    "Qwen3VLDummyInputsBuilder",
+    "Qwen3VLForConditionalGeneration",
+    "Qwen3VLMultiModalProcessor",
+    "Qwen3VLProcessingInfo",
     "RequestSettingError",
     "VLLM_VERSION_CHECKED",
     "WORKER_CALL",

@@ -1,0 +1,253 @@
+"""Deterministic builder of a tiny Qwen3-VL model in Hugging Face format (offline, seconds to build).
+
+The geometry that matters for visual-token work is the real one (transformers' ``Qwen3VLConfig``, vLLM's
+``Qwen3VLForConditionalGeneration``): patch 16 with a 2x2 spatial merge (32 px per LM token), temporal patch 2,
+learned position embeddings interpolated to each grid, **DeepStack** (the tower's features after blocks
+``DEEPSTACK_LAYERS`` are projected by their own mergers and added to the first LM layers' hidden states at the
+image tokens), interleaved M-RoPE, and videos as one ``<t seconds><|vision_start|><|video_pad|>...<|vision_end|>``
+span per temporal patch. ``min_pixels``/``max_pixels`` are small: an image becomes an 8x8 .. 16x16 grid of
+merged tokens (a 336x336 image: 10x10 = 100 LM tokens).
+
+The tokenizer, corpus, chat template and special-token ids are the tiny Qwen2-VL's
+(:mod:`vllm_tokcomp.tiny.qwen2_vl`). Weights are random bf16, one seeded generator per tensor (transformers'
+names, which vLLM's ``hf_to_vllm_mapper`` maps); special tokens' ``lm_head`` rows are zero, so greedy decoding
+runs to ``max_tokens``. Building twice with the same seed gives identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import sys
+import time
+from pathlib import Path
+
+from . import files
+from .qwen2_vl import (
+    BIAS_STD,
+    CHAT_TEMPLATE,
+    ENDOFTEXT_ID,
+    IM_END_ID,
+    IMAGE_TOKEN_ID,
+    LOGIT_STD,
+    MERGER_GAIN,
+    NORM_JITTER,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    QK_GAIN,
+    RESIDUAL_GAIN,
+    SPECIAL_TOKENS,
+    TEXT_HEAD_DIM,
+    TEXT_HEADS,
+    TEXT_HIDDEN,
+    TEXT_INTERMEDIATE,
+    TEXT_KV_HEADS,
+    TEXT_LAYERS,
+    VIDEO_TOKEN_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    VOCAB_SIZE,
+    _hf_tokenizer,
+    train_tokenizer,
+)
+
+BUILDER_VERSION = 1
+MODEL_SUBDIR = "tiny-qwen3-vl-v1"
+ARCHITECTURE = "Qwen3VLForConditionalGeneration"
+
+PATCH_SIZE = 16
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+FACTOR = PATCH_SIZE * MERGE_SIZE  # 32 px per merged token side
+MIN_PIXELS = 8 * 8 * FACTOR * FACTOR
+MAX_PIXELS = 16 * 16 * FACTOR * FACTOR
+VISION_HIDDEN = 64
+VISION_HEADS = 2
+VISION_DEPTH = 3
+VISION_INTERMEDIATE = 256
+DEEPSTACK_LAYERS = [0, 1]  # tower blocks whose outputs feed LM layers 0 and 1 (Qwen3-VL-8B: [8, 16, 24])
+POSITION_EMBEDDINGS = 256  # a 16 x 16 learned table, bilinearly interpolated to each grid
+MROPE_SECTION = [12, 10, 10]  # sums to TEXT_HEAD_DIM / 2, in Qwen3-VL's 24:20:20 proportion
+ROPE_THETA = 10000.0
+MAX_POSITION_EMBEDDINGS = 8192
+
+
+def make_config():  # noqa: ANN201 - transformers' Qwen3VLConfig (lazy import)
+    """The tiny Qwen3-VL's ``Qwen3VLConfig``."""
+    from transformers import Qwen3VLConfig
+
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": VOCAB_SIZE,
+            "hidden_size": TEXT_HIDDEN,
+            "intermediate_size": TEXT_INTERMEDIATE,
+            "num_hidden_layers": TEXT_LAYERS,
+            "num_attention_heads": TEXT_HEADS,
+            "num_key_value_heads": TEXT_KV_HEADS,
+            "head_dim": TEXT_HEAD_DIM,
+            "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+            "rms_norm_eps": 1e-6,
+            "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA, "mrope_section": MROPE_SECTION,
+                                "mrope_interleaved": True},
+            "bos_token_id": ENDOFTEXT_ID,
+            "eos_token_id": IM_END_ID,
+            "dtype": "bfloat16",
+        },
+        vision_config={
+            "depth": VISION_DEPTH,
+            "hidden_size": VISION_HIDDEN,
+            "hidden_act": "gelu_pytorch_tanh",
+            "intermediate_size": VISION_INTERMEDIATE,
+            "num_heads": VISION_HEADS,
+            "in_channels": 3,
+            "patch_size": PATCH_SIZE,
+            "spatial_merge_size": MERGE_SIZE,
+            "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+            "out_hidden_size": TEXT_HIDDEN,
+            "num_position_embeddings": POSITION_EMBEDDINGS,
+            "deepstack_visual_indexes": DEEPSTACK_LAYERS,
+        },
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+    config.architectures = [ARCHITECTURE]
+    return config
+
+
+def checkpoint_shapes() -> dict[str, tuple[int, ...]]:
+    """Every tensor name (transformers layout) and shape of the tiny model, from a meta-device instance."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(make_config())
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"tiny-qwen3-vl-v{BUILDER_VERSION}:{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _init_std(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
+    """As the tiny Qwen2-VL's init: activations near unit RMS, residual updates halved, the mergers' output layers
+    scaled up so that greedy outputs depend on the image."""
+    if name.endswith(("norm.weight", "norm1.weight", "norm2.weight")):
+        return "norm", NORM_JITTER
+    if name.endswith(".bias"):
+        return "bias", BIAS_STD
+    if name.endswith(("embed_tokens.weight", "pos_embed.weight")):
+        return "normal", 1.0 if "embed_tokens" in name else 0.1
+    if name == "lm_head.weight":
+        return "normal", LOGIT_STD / math.sqrt(shape[1])
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    gain = 1.0
+    if ".language_model." in name:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            gain = QK_GAIN
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            gain = RESIDUAL_GAIN
+    elif "merger" in name and name.endswith("linear_fc2.weight"):
+        gain = MERGER_GAIN
+    return "normal", gain / math.sqrt(fan_in)
+
+
+def random_state_dict(seed: int = 0) -> dict:
+    """Deterministic random bf16 weights, one generator per tensor seeded from ``(seed, name)``."""
+    import torch
+
+    state = {}
+    for name, shape in checkpoint_shapes().items():
+        generator = torch.Generator(device="cpu").manual_seed(_tensor_seed(seed, name))
+        kind, scale = _init_std(name, shape)
+        tensor = torch.randn(shape, generator=generator, dtype=torch.float32) * scale
+        if kind == "norm":
+            tensor += 1.0
+        if name == "lm_head.weight":
+            tensor[: len(SPECIAL_TOKENS)] = 0.0  # never emit special tokens with random weights
+        state[name] = tensor.to(torch.bfloat16).contiguous()
+    return state
+
+
+def image_processor_kwargs() -> dict:
+    """The tiny model's pixel geometry, for ``Qwen2VLImageProcessor`` / ``Qwen3VLVideoProcessor``."""
+    return {
+        "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+        "patch_size": PATCH_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "merge_size": MERGE_SIZE,
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
+    }
+
+
+def build_tiny_qwen3_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write the tiny Qwen3-VL model: config, weights, tokenizer, processors, chat template."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    state = random_state_dict(seed)
+    out = Path(out_dir)
+    files.start_build(out)
+    tokenizer = _hf_tokenizer(train_tokenizer())
+    pixels = image_processor_kwargs()
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen3VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    make_config().save_pretrained(str(out))
+    GenerationConfig(bos_token_id=ENDOFTEXT_ID, eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID).save_pretrained(
+        str(out)
+    )
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    files.write_manifest(out, {
+        "builder": "vllm_tokcomp.tiny.qwen3_vl",
+        "builder_version": BUILDER_VERSION,
+        "seed": seed,
+        "image_token_id": IMAGE_TOKEN_ID,
+        "video_token_id": VIDEO_TOKEN_ID,
+    })
+    return out
+
+
+def is_complete_model_dir(path: str | Path) -> bool:
+    """A finished build of this builder version."""
+    manifest = files.read_manifest(path) or {}
+    return (manifest.get("builder"), manifest.get("builder_version")) == ("vllm_tokcomp.tiny.qwen3_vl",
+                                                                          BUILDER_VERSION)
+
+
+def default_model_dir() -> Path:
+    """``$TOKCOMP_MODELS_DIR/tiny-qwen3-vl-v1`` (root ``~/.cache/vllm-tokcomp/models``)."""
+    return files.models_root() / MODEL_SUBDIR
+
+
+def ensure_default_model() -> Path:
+    """:func:`default_model_dir`, built first (in a temporary sibling renamed into place) if missing."""
+    target = default_model_dir()
+    return files.build_in_place(target, lambda: is_complete_model_dir(target), build_tiny_qwen3_vl)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.tiny.qwen3_vl", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", help="output directory (default: build/ensure the default model)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    path = ensure_default_model() if args.out_dir is None else build_tiny_qwen3_vl(args.out_dir, seed=args.seed)
+    print(f"{path} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
