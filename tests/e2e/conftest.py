@@ -33,6 +33,14 @@ def qwen25_dir() -> Path:
     return ensure_default_model("qwen2_5_vl")
 
 
+@pytest.fixture(scope="session")
+def qwen3_dir() -> Path:
+    """The tiny Qwen3-VL model, built once."""
+    from vllm_tokcomp.tiny.qwen3_vl import ensure_default_model
+
+    return ensure_default_model()
+
+
 @pytest.fixture(scope="module")
 def selection_log(tmp_path_factory) -> Path:
     """A module's selection debug log (``TOKCOMP_SELECTION_LOG``): which tokens each compressed item kept."""

@@ -507,14 +507,28 @@ _KWARG_MODALITY = {"pixel_values": "image", "image_embeds": "image", "pixel_valu
 def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, int, int],
                    assignment_row: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
                    t_factor: float = 1.0, decision_width: int | None = None) -> torch.Tensor:
-    """One image's or video's embeddings (raster order over the merged ``grid``) to its placeholder count;
-    a pixel-decided method applies the assignment the processor chose (``assignment_row``); an
-    encoder-decided one selects here, with ``text_embeds``, and returns its kept tokens' item-relative
-    positions in ``POSITION_CHANNELS`` extra columns for :meth:`_ModelMixin.recompute_mrope_positions`.
-    ``decision_width``: an encoder-decided method reads only the first columns (Qwen3-VL: the main features,
-    not the DeepStack levels concatenated after them); the assignment is applied to the whole rows, so every
-    level is kept or merged alike."""
+    """One image's or video's embeddings (raster order over the merged ``grid``) to its placeholder count
+    (:func:`compress_rows`), timed and reported as one item (``worker_rpc.report_item``)."""
     start = time.perf_counter()
+    features, destination, kept = compress_rows(item, spec, grid, assignment_row, text_embeds, t_factor,
+                                                decision_width)
+    served = report_item(spec, destination, time.perf_counter() - start)
+    if served and qwen_route(spec.method) == ENCODER:
+        log_selection(spec, grid, kept)
+    return features
+
+
+def compress_rows(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, int, int],
+                  assignment_row: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                  t_factor: float = 1.0, decision_width: int | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows (raster order over the merged ``grid``) to exactly the placeholder count: ``(features, destination per
+    input row, kept anchors)``. A pixel-decided method applies the assignment the processor chose
+    (``assignment_row``); an encoder-decided one selects here, with ``text_embeds``, and appends its kept tokens'
+    grid-relative positions as ``POSITION_CHANNELS`` extra columns for
+    :meth:`_ModelMixin.recompute_mrope_positions`. ``decision_width``: a method reads only the first columns
+    (Qwen3-VL: the main features, not the DeepStack levels concatenated after them); the assignment is applied to
+    the whole rows, so every level is kept or merged alike."""
     method = get_method(spec.method, **dict(spec.options))
     expected = settings.kept_tokens(spec, item.shape[0])
     tokens = VisualTokens(features=item, grid=grid)
@@ -535,16 +549,14 @@ def _compress_item(item: torch.Tensor, spec: CompressionSpec, grid: tuple[int, i
     # vLLM silently truncates extra rows; a mismatch must fail here instead.
     if result.features.shape[0] != expected:
         raise RuntimeError(f"tokcomp produced {result.features.shape[0]} rows for {expected} placeholders")
-    served = report_item(spec, result.assignment.destination, time.perf_counter() - start)
+    kept = result.assignment.anchor.cpu()
     if qwen_route(spec.method) == ENCODER:  # positions follow this selection (recompute_mrope_positions)
-        kept = result.assignment.anchor.cpu()
-        if served:
-            log_selection(spec, grid, kept)
         relative, _ = item_positions(grid, kept, t_factor)
-        return torch.cat([result.features, encode_positions(relative, result.features)], dim=-1)
-    if not torch.equal(result.assignment.anchor.cpu(), anchors):
+        features = torch.cat([result.features, encode_positions(relative, result.features)], dim=-1)
+        return features, result.assignment.destination, kept
+    if not torch.equal(kept, anchors):
         raise RuntimeError("tokcomp: the selection differs from the layout its positions were computed for")
-    return result.features
+    return result.features, result.assignment.destination, kept
 
 
 class _ModelMixin:

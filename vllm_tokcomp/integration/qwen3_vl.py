@@ -23,12 +23,15 @@ refused at startup or per request, as on Qwen2.5-VL.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import torch
 
 from ..config import CompressionSpec
 from . import settings
+from .debug_log import log_selection
+from .preview import qwen_item
 from .qwen2_vl import (
     ENCODER,
     MODALITY_FIELDS,
@@ -38,6 +41,7 @@ from .qwen2_vl import (
     _log_positions,
     _ModelMixin,
     _ProcessorMixin,
+    compress_rows,
     item_anchors,
     item_positions,
     pixel_assignment,
@@ -52,6 +56,7 @@ from .vllm_api import (
     Qwen3VLProcessingInfo,
     without_encoder_cudagraphs,
 )
+from .worker_rpc import report_item
 
 
 def frame_counts(spec: CompressionSpec | None, frames: int, per_frame: int) -> list[int]:
@@ -92,6 +97,30 @@ class CompressedQwen3VLProcessor(_ProcessorMixin, Qwen3VLMultiModalProcessor):
         return torch.cat([pixel_assignment(s, p, (1, h, w), merge, patch_size)
                           for s, p in zip(frame_specs(spec, grid), frames, strict=True)])
 
+    def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
+        """As on Qwen2-VL, with a video's count and groups put together frame by frame (output slots numbered
+        across the frames, as the model serves them)."""
+        entries = super().preview_items(engine_input)
+        for entry, (modality, _index, item, spec, grid) in zip(entries, self._item_specs(engine_input["mm_kwargs"]),
+                                                              strict=True):
+            if modality != "video" or spec is None:
+                continue
+            t, h, w = grid
+            row = item.get(settings.ASSIGNMENT_FIELDS["video"])
+            decided = row is not None and qwen_route(spec.method) == PIXELS
+            frames = [qwen_item("video", frame_spec, h * w, (1, h, w), frame_row)
+                      for frame_spec, frame_row in zip(frame_specs(spec, grid),
+                                                       _frame_rows(row.data if decided else None, t), strict=True)]
+            groups, served = [], 0
+            for frame in frames:
+                if groups is not None and frame["groups"] is not None:
+                    groups += [g + served if g >= 0 else g for g in frame["groups"]]
+                else:
+                    groups = None
+                served += frame["tokens_after"]
+            entry.update(tokens_after=served, groups=groups, decided=frames[0]["decided"] if groups else None)
+        return entries
+
     def _served_tokens(self, modality: str, spec: CompressionSpec, grid: tuple[int, int, int]) -> int:
         if modality != "video":
             return super()._served_tokens(modality, spec, grid)
@@ -129,13 +158,24 @@ class _Qwen3ModelMixin(_ModelMixin):
         del t_factor  # Qwen3-VL's frames carry time in their timestamps, not in the t position
         if modality != "video":
             return _compress_item(embedding, spec, grid, assignment_row, text_embeds, decision_width=self.visual_dim)
+        # Frame by frame, timed and reported as one item (one observation, one selection record per video).
+        start = time.perf_counter()
         t, h, w = grid
         frames = embedding.reshape(t, h * w, embedding.shape[-1])
-        return torch.cat([
-            _compress_item(rows, frame_spec, (1, h, w), row, text_embeds, decision_width=self.visual_dim)
-            for rows, frame_spec, row in zip(frames, frame_specs(spec, grid), _frame_rows(assignment_row, t),
-                                             strict=True)
-        ])
+        features, destinations, anchors, served_so_far = [], [], [], 0
+        for f, (rows, frame_spec, row) in enumerate(
+            zip(frames, frame_specs(spec, grid), _frame_rows(assignment_row, t), strict=True)
+        ):
+            frame_features, destination, kept = compress_rows(rows, frame_spec, (1, h, w), row, text_embeds,
+                                                              decision_width=self.visual_dim)
+            features.append(frame_features)
+            destinations.append(torch.where(destination >= 0, destination + served_so_far, destination))
+            anchors.append(kept + f * h * w)
+            served_so_far += frame_features.shape[0]
+        served = report_item(spec, torch.cat(destinations), time.perf_counter() - start)
+        if served and qwen_route(spec.method) == ENCODER:
+            log_selection(spec, grid, torch.cat(anchors))
+        return torch.cat(features)
 
     def get_mrope_input_positions(self, input_tokens, mm_features):  # noqa: ANN001, ANN201 - SupportsMRoPE
         features = sorted(mm_features, key=lambda f: f.mm_position.offset)
