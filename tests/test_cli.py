@@ -43,6 +43,16 @@ def test_serve_names_the_bundled_models(monkeypatch, tmp_path, name, variant):
     assert _mm_kwargs(command) == {"tokcomp_method": "pool", "tokcomp_ratio": 0.25}
 
 
+def test_serve_names_the_tiny_qwen3_vl(monkeypatch, tmp_path):
+    from vllm_tokcomp.tiny import qwen3_vl
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("TOKCOMP_MODELS_DIR", str(tmp_path))
+    command, _ = build_serve_command(["tiny-qwen3-vl", "--method", "divprune", "--ratio", "0.25"])
+    assert command[4] == str(qwen3_vl.default_model_dir())
+    assert json.loads((qwen3_vl.default_model_dir() / "config.json").read_text())["model_type"] == "qwen3_vl"
+
+
 def test_serve_without_method_is_plugin_on_compression_off(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     command, _ = build_serve_command(["/m"])
@@ -157,8 +167,9 @@ def test_bad_config_names_the_field(args, field):
 def test_info_lists_versions_methods_architectures_and_model():
     out = subprocess.run([sys.executable, "-m", "vllm_tokcomp.cli", "info"], capture_output=True, text=True, check=True)
     text = out.stdout
-    for expected in ("vllm ", "torch ", "LlavaForConditionalGeneration", "tome", "cls_topk",
-                     "bundled model tiny-llava:", "bundled model tiny-qwen2-vl:", "bundled model tiny-qwen2.5-vl:"):
+    for expected in ("vllm ", "torch ", "LlavaForConditionalGeneration", "Qwen3VLForConditionalGeneration", "tome",
+                     "cls_topk", "bundled model tiny-llava:", "bundled model tiny-qwen2-vl:",
+                     "bundled model tiny-qwen2.5-vl:", "bundled model tiny-qwen3-vl:"):
         assert expected in text
 
 

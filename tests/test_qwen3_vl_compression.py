@@ -33,7 +33,8 @@ def test_frame_counts_by_hand(spec, expected):
 
 def test_frame_specs_carry_counts_not_ratios():
     specs = frame_specs(CompressionSpec("tome", None, (("similarity", "cosine"),), ratio=0.5), (3, 4, 4))
-    assert [(s.method, s.budget, s.ratio, s.options) for s in specs] == [("tome", 8, None, (("similarity", "cosine"),))] * 3
+    expected = ("tome", 8, None, (("similarity", "cosine"),))
+    assert [(s.method, s.budget, s.ratio, s.options) for s in specs] == [expected] * 3
 
 
 def _rows(seed=0):

@@ -274,6 +274,27 @@ def test_pipeline_layer_split_used_by_the_frontend_check():
     assert first_stage_layers(5, 2) == 3  # vLLM gives the remainder to the stages before the last
 
 
+def test_qwen3_vl_layout_used_by_the_integration():
+    """integration/qwen3_vl.py: the DeepStack levels travel as columns after the main feature (one row per merged
+    token) and are split off after ``embed_multimodal``; a video is one span per temporal patch, built by
+    ``get_video_repl`` and found by its ``<|vision_start|>``; the model class reports its widths."""
+    from vllm.model_executor.models import qwen3_vl
+
+    model = qwen3_vl.Qwen3VLForConditionalGeneration
+    split = inspect.getsource(model._compute_deepstack_embeds)
+    assert "[self.visual_dim, self.multiscale_dim]" in split and "dim=-1" in split
+    assert "self._compute_deepstack_embeds(" in inspect.getsource(model.embed_input_ids)
+    init = inspect.getsource(model.__init__)
+    for attribute in ("self.visual_dim =", "self.multiscale_dim =", "self.use_deepstack ="):
+        assert attribute in init, attribute
+    assert list(inspect.signature(qwen3_vl.Qwen3VLMultiModalProcessor.get_video_repl).parameters) == [
+        "tokens_per_frame", "timestamps", "tokenizer", "vision_start_token_id", "vision_end_token_id",
+        "video_token_id", "select_token_id"]
+    assert "input_tokens.index(vision_start_token_id, offset)" in inspect.getsource(model._iter_mm_grid_hw)
+    assert list(inspect.signature(model.get_mrope_input_positions).parameters) == [
+        "self", "input_tokens", "mm_features"]
+
+
 def test_encoder_cudagraphs_are_off_for_the_compressed_qwen_models():
     """vllm_api.without_encoder_cudagraphs: both runners build the encoder CUDA-graph manager (which replays the
     tower instead of calling embed_multimodal) only when ``supports_encoder_cudagraph(model)``; it is true for
@@ -283,12 +304,19 @@ def test_encoder_cudagraphs_are_off_for_the_compressed_qwen_models():
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from vllm_tokcomp.integration.qwen2_vl import CompressedQwen2_5_VL, CompressedQwen2VL
-    from vllm_tokcomp.integration.vllm_api import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from vllm_tokcomp.integration.qwen3_vl import CompressedQwen3VL
+    from vllm_tokcomp.integration.vllm_api import (
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
+    )
 
     assert supports_encoder_cudagraph(Qwen2VLForConditionalGeneration)
     assert supports_encoder_cudagraph(Qwen2_5_VLForConditionalGeneration)
+    assert supports_encoder_cudagraph(Qwen3VLForConditionalGeneration)
     assert not supports_encoder_cudagraph(CompressedQwen2VL)
     assert not supports_encoder_cudagraph(CompressedQwen2_5_VL)
+    assert not supports_encoder_cudagraph(CompressedQwen3VL)
     assert "if not supports_encoder_cudagraph(raw_model):" in inspect.getsource(
         GPUModelRunner._create_encoder_cudagraph_manager)
     assert "and supports_encoder_cudagraph(model)" in inspect.getsource(interface)
