@@ -28,7 +28,7 @@ from .config import (
 PLUGIN_NAME = "tokcomp"
 DEFAULT_CPU_KV_GIB = "2"
 # MODEL shortcuts for the bundled tiny models (built on first use); no MODEL means tiny-llava
-BUNDLED_MODELS = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
+BUNDLED_MODELS = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3-vl-moe")
 _QWEN_VARIANTS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}
 
 
@@ -40,10 +40,11 @@ def bundled_model_dir(name: str, *, build: bool = False) -> Path:
 
         variant = _QWEN_VARIANTS[name]
         return qwen2_vl.ensure_served_model(variant) if build else qwen2_vl.served_model_dir(variant)
-    if name == "tiny-qwen3-vl":  # random weights: a yardstick for counts, positions and serving, not for answers
+    if name in ("tiny-qwen3-vl", "tiny-qwen3-vl-moe"):  # random weights: for counts, positions, serving; not answers
         from .tiny import qwen3_vl
 
-        return qwen3_vl.ensure_default_model() if build else qwen3_vl.default_model_dir()
+        variant = name.removeprefix("tiny-").replace("-", "_")
+        return qwen3_vl.ensure_default_model(variant) if build else qwen3_vl.default_model_dir(variant)
     if name != "tiny-llava":
         raise ValueError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
     from .tiny import llava

@@ -19,6 +19,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen2VLForConditionalGeneration": "vllm_tokcomp.integration.qwen2_vl:CompressedQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "vllm_tokcomp.integration.qwen2_vl:CompressedQwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "vllm_tokcomp.integration.qwen3_vl:CompressedQwen3VL",
+    "Qwen3VLMoeForConditionalGeneration": "vllm_tokcomp.integration.qwen3_vl:CompressedQwen3VLMoe",
 }
 
 _registered = False

@@ -245,6 +245,19 @@ def test_unservable_method_and_bad_budget_are_refused(plugin):
     assert "tokcomp_budget" in zero["error"]
 
 
+def test_vllms_own_video_pruning_with_tokcomp_refuses_to_start(qwen3_dir, vllm_env):
+    """vLLM's EVS on Qwen3-VL (``video_pruning_rate``) and tokcomp are not composed: the engine stops at startup,
+    naming both."""
+    from .conftest import run_process_group
+
+    job = {"model": str(qwen3_dir), "requests": BASE[:1], "llm_kwargs": {"video_pruning_rate": 0.5},
+           "engine_mm_kwargs": {"tokcomp_method": "pool", "tokcomp_budget": 16}}
+    proc = run_process_group([sys.executable, "-m", "tests.e2e.test_qwen3_vl", json.dumps(job)],
+                             {**vllm_env, "VLLM_PLUGINS": "tokcomp"}, timeout=900)
+    assert proc.returncode != 0 and "RESULT " not in proc.stdout
+    assert "cannot be combined with vLLM's video_pruning_rate" in proc.stdout + proc.stderr
+
+
 # ----------------------------------------------------------------------------- server + openai client
 @pytest.fixture(scope="module")
 def server(qwen3_dir, vllm_env, tmp_path_factory):
@@ -341,7 +354,8 @@ def main() -> None:
 
     processor = AutoProcessor.from_pretrained(job["model"])
     llm = LLM(model=job["model"], max_model_len=2048, enforce_eager=True, seed=0,
-              limit_mm_per_prompt={"image": 2, "video": 1}, **job.get("llm_kwargs", {}))
+              mm_processor_kwargs=job.get("engine_mm_kwargs"), limit_mm_per_prompt={"image": 2, "video": 1},
+              **job.get("llm_kwargs", {}))
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     results = []
     for request in job["requests"]:

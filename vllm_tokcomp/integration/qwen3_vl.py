@@ -52,6 +52,8 @@ from .vllm_api import (
     PromptReplacement,
     Qwen3VLDummyInputsBuilder,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeForConditionalGeneration,
+    Qwen3VLMoeProcessingInfo,
     Qwen3VLMultiModalProcessor,
     Qwen3VLProcessingInfo,
     without_encoder_cudagraphs,
@@ -81,6 +83,10 @@ def _frame_rows(row: torch.Tensor | None, frames: int) -> list[torch.Tensor | No
 
 
 class CompressedQwen3VLInfo(_InfoMixin, Qwen3VLProcessingInfo):
+    pass
+
+
+class CompressedQwen3VLMoeInfo(_InfoMixin, Qwen3VLMoeProcessingInfo):
     pass
 
 
@@ -241,4 +247,12 @@ class CompressedQwen3VL(_Qwen3ModelMixin, Qwen3VLForConditionalGeneration):
     per image and per frame."""
 
 
-__all__ = ["CompressedQwen3VL", "ENCODER", "frame_counts", "frame_specs"]
+@MULTIMODAL_REGISTRY.register_processor(
+    CompressedQwen3VLProcessor, info=CompressedQwen3VLMoeInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+)
+@without_encoder_cudagraphs
+class CompressedQwen3VLMoe(_Qwen3ModelMixin, Qwen3VLMoeForConditionalGeneration):
+    """``Qwen3VLMoeForConditionalGeneration`` (the same vision path, a mixture-of-experts LM), compressed alike."""
+
+
+__all__ = ["CompressedQwen3VL", "CompressedQwen3VLMoe", "ENCODER", "frame_counts", "frame_specs"]

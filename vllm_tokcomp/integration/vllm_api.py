@@ -45,6 +45,7 @@ from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLMultiModalProcessor,
     Qwen3VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
@@ -75,6 +76,8 @@ __all__ = [
     "Qwen3VLForConditionalGeneration",
     "Qwen3VLMultiModalProcessor",
     "Qwen3VLProcessingInfo",
+    "Qwen3VLMoeForConditionalGeneration",
+    "Qwen3VLMoeProcessingInfo",
     "RequestSettingError",
     "VLLM_VERSION_CHECKED",
     "WORKER_CALL",

@@ -53,8 +53,9 @@ from .qwen2_vl import (
 )
 
 BUILDER_VERSION = 1
-MODEL_SUBDIR = "tiny-qwen3-vl-v1"
-ARCHITECTURE = "Qwen3VLForConditionalGeneration"
+VARIANTS = ("qwen3_vl", "qwen3_vl_moe")
+MODEL_SUBDIRS = {"qwen3_vl": "tiny-qwen3-vl-v1", "qwen3_vl_moe": "tiny-qwen3-vl-moe-v1"}
+ARCHITECTURES = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 
 PATCH_SIZE = 16
 MERGE_SIZE = 2
@@ -71,14 +72,26 @@ POSITION_EMBEDDINGS = 256  # a 16 x 16 learned table, bilinearly interpolated to
 MROPE_SECTION = [12, 10, 10]  # sums to TEXT_HEAD_DIM / 2, in Qwen3-VL's 24:20:20 proportion
 ROPE_THETA = 10000.0
 MAX_POSITION_EMBEDDINGS = 8192
+# the MoE variant (Qwen3-VL-30B-A3B's layout): every LM layer sparse, EXPERTS experts of MOE_INTERMEDIATE, top-2
+EXPERTS, EXPERTS_PER_TOKEN, MOE_INTERMEDIATE = 4, 2, 64
 
 
-def make_config():  # noqa: ANN201 - transformers' Qwen3VLConfig (lazy import)
-    """The tiny Qwen3-VL's ``Qwen3VLConfig``."""
-    from transformers import Qwen3VLConfig
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
-    config = Qwen3VLConfig(
+
+def make_config(variant: str = "qwen3_vl"):  # noqa: ANN201 - transformers' Qwen3VLConfig (lazy import)
+    """The tiny Qwen3-VL's ``Qwen3VLConfig`` (``Qwen3VLMoeConfig`` for ``variant="qwen3_vl_moe"``: the same model
+    with every LM MLP a mixture of experts)."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    _check_variant(variant)
+    moe = {"num_experts": EXPERTS, "num_experts_per_tok": EXPERTS_PER_TOKEN, "moe_intermediate_size": MOE_INTERMEDIATE,
+           "decoder_sparse_step": 1, "norm_topk_prob": True} if variant == "qwen3_vl_moe" else {}
+    config = (Qwen3VLMoeConfig if variant == "qwen3_vl_moe" else Qwen3VLConfig)(
         text_config={
+            **moe,
             "vocab_size": VOCAB_SIZE,
             "hidden_size": TEXT_HIDDEN,
             "intermediate_size": TEXT_INTERMEDIATE,
@@ -116,22 +129,24 @@ def make_config():  # noqa: ANN201 - transformers' Qwen3VLConfig (lazy import)
         tie_word_embeddings=False,
         dtype="bfloat16",
     )
-    config.architectures = [ARCHITECTURE]
+    config.architectures = [ARCHITECTURES[variant]]
     return config
 
 
-def checkpoint_shapes() -> dict[str, tuple[int, ...]]:
+def checkpoint_shapes(variant: str = "qwen3_vl") -> dict[str, tuple[int, ...]]:
     """Every tensor name (transformers layout) and shape of the tiny model, from a meta-device instance."""
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
+    model_class = Qwen3VLMoeForConditionalGeneration if variant == "qwen3_vl_moe" else Qwen3VLForConditionalGeneration
     with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(make_config())
+        model = model_class(make_config(variant))
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _tensor_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"tiny-qwen3-vl-v{BUILDER_VERSION}:{seed}:{name}".encode()).digest()
+def _tensor_seed(seed: int, name: str, variant: str = "qwen3_vl") -> int:
+    tag = "tiny-qwen3-vl" if variant == "qwen3_vl" else f"tiny-{variant}"
+    digest = hashlib.sha256(f"{tag}-v{BUILDER_VERSION}:{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -158,19 +173,22 @@ def _init_std(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
     return "normal", gain / math.sqrt(fan_in)
 
 
-def random_state_dict(seed: int = 0) -> dict:
+def random_state_dict(seed: int = 0, variant: str = "qwen3_vl") -> dict:
     """Deterministic random bf16 weights, one generator per tensor seeded from ``(seed, name)``."""
     import torch
 
     state = {}
-    for name, shape in checkpoint_shapes().items():
-        generator = torch.Generator(device="cpu").manual_seed(_tensor_seed(seed, name))
+    for name, shape in checkpoint_shapes(variant).items():
+        generator = torch.Generator(device="cpu").manual_seed(_tensor_seed(seed, name, variant))
         kind, scale = _init_std(name, shape)
         tensor = torch.randn(shape, generator=generator, dtype=torch.float32) * scale
         if kind == "norm":
             tensor += 1.0
         if name == "lm_head.weight":
             tensor[: len(SPECIAL_TOKENS)] = 0.0  # never emit special tokens with random weights
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            # transformers holds fused experts as [experts, out, in]; checkpoints (and vLLM's loader) [experts, in, out]
+            tensor = tensor.transpose(1, 2)
         state[name] = tensor.to(torch.bfloat16).contiguous()
     return state
 
@@ -187,12 +205,13 @@ def image_processor_kwargs() -> dict:
     }
 
 
-def build_tiny_qwen3_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write the tiny Qwen3-VL model: config, weights, tokenizer, processors, chat template."""
+def build_tiny_qwen3_vl(out_dir: str | Path, *, seed: int = 0, variant: str = "qwen3_vl") -> Path:
+    """Write the tiny Qwen3-VL (or Qwen3-VL-MoE) model: config, weights, tokenizer, processors, chat template."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig, Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-    state = random_state_dict(seed)
+    _check_variant(variant)
+    state = random_state_dict(seed, variant)
     out = Path(out_dir)
     files.start_build(out)
     tokenizer = _hf_tokenizer(train_tokenizer())
@@ -205,7 +224,7 @@ def build_tiny_qwen3_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     )
     processor.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    make_config().save_pretrained(str(out))
+    make_config(variant).save_pretrained(str(out))
     GenerationConfig(bos_token_id=ENDOFTEXT_ID, eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID).save_pretrained(
         str(out)
     )
@@ -213,6 +232,7 @@ def build_tiny_qwen3_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     files.write_manifest(out, {
         "builder": "vllm_tokcomp.tiny.qwen3_vl",
         "builder_version": BUILDER_VERSION,
+        "variant": variant,
         "seed": seed,
         "image_token_id": IMAGE_TOKEN_ID,
         "video_token_id": VIDEO_TOKEN_ID,
@@ -220,31 +240,37 @@ def build_tiny_qwen3_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
-def is_complete_model_dir(path: str | Path) -> bool:
-    """A finished build of this builder version."""
+def is_complete_model_dir(path: str | Path, variant: str = "qwen3_vl") -> bool:
+    """A finished build of this builder version and variant."""
     manifest = files.read_manifest(path) or {}
-    return (manifest.get("builder"), manifest.get("builder_version")) == ("vllm_tokcomp.tiny.qwen3_vl",
-                                                                          BUILDER_VERSION)
+    found = manifest.get("builder"), manifest.get("builder_version"), manifest.get("variant")
+    return found == ("vllm_tokcomp.tiny.qwen3_vl", BUILDER_VERSION, variant)
 
 
-def default_model_dir() -> Path:
-    """``$TOKCOMP_MODELS_DIR/tiny-qwen3-vl-v1`` (root ``~/.cache/vllm-tokcomp/models``)."""
-    return files.models_root() / MODEL_SUBDIR
+def default_model_dir(variant: str = "qwen3_vl") -> Path:
+    """``$TOKCOMP_MODELS_DIR/tiny-qwen3-vl-v1`` or ``tiny-qwen3-vl-moe-v1`` (root ``~/.cache/vllm-tokcomp/models``)."""
+    _check_variant(variant)
+    return files.models_root() / MODEL_SUBDIRS[variant]
 
 
-def ensure_default_model() -> Path:
+def ensure_default_model(variant: str = "qwen3_vl") -> Path:
     """:func:`default_model_dir`, built first (in a temporary sibling renamed into place) if missing."""
-    target = default_model_dir()
-    return files.build_in_place(target, lambda: is_complete_model_dir(target), build_tiny_qwen3_vl)
+    target = default_model_dir(variant)
+    return files.build_in_place(target, lambda: is_complete_model_dir(target, variant),
+                                lambda tmp: build_tiny_qwen3_vl(tmp, variant=variant))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.tiny.qwen3_vl", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", help="output directory (default: build/ensure the default model)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", choices=VARIANTS, default="qwen3_vl")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    path = ensure_default_model() if args.out_dir is None else build_tiny_qwen3_vl(args.out_dir, seed=args.seed)
+    if args.out_dir is None:
+        path = ensure_default_model(args.variant)
+    else:
+        path = build_tiny_qwen3_vl(args.out_dir, seed=args.seed, variant=args.variant)
     print(f"{path} ({time.perf_counter() - start:.1f}s)")
     return 0
 
