@@ -64,6 +64,7 @@ BAD_KNOBS: dict[str, list[tuple[dict, str]]] = {
     "dart": [({"pivot_image_tokens": -1}, "pivot_image_tokens"), ({"pivot_text_tokens": 1000}, "pivot_text_tokens"),
              ({"pivot_image_tokens": 0}, "pivot_image_tokens")],
     "vispruner": [({"important_ratio": 1.5}, "important_ratio"), ({"step": 0}, "step")],
+    "scope": [({"alpha": -1.0}, "alpha"), ({"alpha": float("nan")}, "alpha")],
     "random": [({"seed": "x"}, "seed")],
     "text_relevance": [({"reduce": "median"}, "reduce")],
 }

@@ -14,6 +14,7 @@ from . import (  # noqa: F401
     prumerge,
     pumer,
     random_drop,
+    scope,
     text_relevance,
     tome,
     uniform,
