@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vllm_tokcomp.tiny import qwen3_vl as tiny
+from vllm_tokcomp.tiny.qwen2_vl import SPECIAL_TOKENS
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,7 +19,7 @@ def test_weights_are_deterministic_and_seeded():
     a, b = tiny.random_state_dict(0), tiny.random_state_dict(0)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["lm_head.weight"], tiny.random_state_dict(1)["lm_head.weight"])
-    assert (a["lm_head.weight"][: len(tiny.SPECIAL_TOKENS)] == 0).all()
+    assert (a["lm_head.weight"][: len(SPECIAL_TOKENS)] == 0).all()
     # one projector per DeepStack level, besides the main merger
     assert {k.split(".")[3] for k in a if ".deepstack_merger_list." in k} == {"0", "1"}
 
@@ -67,3 +68,28 @@ def test_building_twice_gives_identical_files(tmp_path):
     b = tiny.build_tiny_qwen3_vl(tmp_path / "b", seed=0)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert tiny.is_complete_model_dir(a)
+
+
+def test_moe_variant_loads_in_transformers_and_generates(tmp_path):
+    """The MoE variant's fused experts are written in the checkpoint layout ([experts, in, out]) that transformers
+    converts on load (and vLLM reads): the model loads without missing weights and answers per image."""
+    from transformers import AutoConfig, AutoProcessor, Qwen3VLMoeForConditionalGeneration
+
+    from tests.e2e.images import make_image
+
+    model_dir = tiny.build_tiny_qwen3_vl(tmp_path / "moe", variant="qwen3_vl_moe")
+    config = AutoConfig.from_pretrained(model_dir)
+    assert config.architectures == ["Qwen3VLMoeForConditionalGeneration"]
+    assert config.text_config.num_experts == tiny.EXPERTS
+    model, info = Qwen3VLMoeForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                                      output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    processor = AutoProcessor.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    outputs = set()
+    for seed in (1, 2, 3):
+        inputs = processor(text=[prompt], images=[make_image(seed)], return_tensors="pt")
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        outputs.add(tuple(generated.tolist()))
+    assert len(outputs) > 1

@@ -22,7 +22,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,17 +253,25 @@ def _init_std(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
 
 def random_state_dict(seed: int = 0, variant: str = "qwen2_vl") -> dict:
     """Deterministic random bf16 weights, one generator per tensor seeded from ``(seed, name)``."""
+    return seeded_random_state(checkpoint_shapes(variant), lambda name: _tensor_seed(seed, name, variant), _init_std)
+
+
+def seeded_random_state(shapes: Mapping[str, tuple[int, ...]], seed_of: Callable[[str], int],
+                        init_of: Callable[[str, tuple[int, ...]], tuple[str, float]]) -> dict:
+    """bf16 tensors of ``shapes``, each from its own generator (``seed_of(name)``) at the scale ``init_of(name,
+    shape)`` gives (``"norm"``: around 1); the special tokens' ``lm_head`` rows zero (random weights never emit
+    them)."""
     import torch
 
     state = {}
-    for name, shape in checkpoint_shapes(variant).items():
-        generator = torch.Generator(device="cpu").manual_seed(_tensor_seed(seed, name, variant))
-        kind, scale = _init_std(name, shape)
+    for name, shape in shapes.items():
+        generator = torch.Generator(device="cpu").manual_seed(seed_of(name))
+        kind, scale = init_of(name, shape)
         tensor = torch.randn(shape, generator=generator, dtype=torch.float32) * scale
         if kind == "norm":
             tensor += 1.0
         if name == "lm_head.weight":
-            tensor[: len(SPECIAL_TOKENS)] = 0.0  # never emit special tokens with random weights
+            tensor[: len(SPECIAL_TOKENS)] = 0.0
         state[name] = tensor.to(torch.bfloat16).contiguous()
     return state
 

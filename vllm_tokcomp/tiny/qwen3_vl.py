@@ -37,7 +37,6 @@ from .qwen2_vl import (
     OPENAI_CLIP_STD,
     QK_GAIN,
     RESIDUAL_GAIN,
-    SPECIAL_TOKENS,
     TEXT_HEAD_DIM,
     TEXT_HEADS,
     TEXT_HIDDEN,
@@ -49,6 +48,7 @@ from .qwen2_vl import (
     VISION_START_ID,
     VOCAB_SIZE,
     _hf_tokenizer,
+    seeded_random_state,
     train_tokenizer,
 )
 
@@ -74,6 +74,7 @@ ROPE_THETA = 10000.0
 MAX_POSITION_EMBEDDINGS = 8192
 # the MoE variant (Qwen3-VL-30B-A3B's layout): every LM layer sparse, EXPERTS experts of MOE_INTERMEDIATE, top-2
 EXPERTS, EXPERTS_PER_TOKEN, MOE_INTERMEDIATE = 4, 2, 64
+EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
 
 
 def _check_variant(variant: str) -> None:
@@ -161,12 +162,13 @@ def _init_std(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
         return "normal", 1.0 if "embed_tokens" in name else 0.1
     if name == "lm_head.weight":
         return "normal", LOGIT_STD / math.sqrt(shape[1])
-    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    # fused experts are [experts, out, in]; every other weight [out, in, ...]
+    fan_in = shape[-1] if name.endswith(EXPERT_TENSORS) else math.prod(shape[1:]) if len(shape) > 1 else shape[0]
     gain = 1.0
     if ".language_model." in name:
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             gain = QK_GAIN
-        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+        elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
             gain = RESIDUAL_GAIN
     elif "merger" in name and name.endswith("linear_fc2.weight"):
         gain = MERGER_GAIN
@@ -174,23 +176,11 @@ def _init_std(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
 
 
 def random_state_dict(seed: int = 0, variant: str = "qwen3_vl") -> dict:
-    """Deterministic random bf16 weights, one generator per tensor seeded from ``(seed, name)``."""
-    import torch
-
-    state = {}
-    for name, shape in checkpoint_shapes(variant).items():
-        generator = torch.Generator(device="cpu").manual_seed(_tensor_seed(seed, name, variant))
-        kind, scale = _init_std(name, shape)
-        tensor = torch.randn(shape, generator=generator, dtype=torch.float32) * scale
-        if kind == "norm":
-            tensor += 1.0
-        if name == "lm_head.weight":
-            tensor[: len(SPECIAL_TOKENS)] = 0.0  # never emit special tokens with random weights
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            # transformers holds fused experts as [experts, out, in]; checkpoints (and vLLM's loader) [experts, in, out]
-            tensor = tensor.transpose(1, 2)
-        state[name] = tensor.to(torch.bfloat16).contiguous()
-    return state
+    """Deterministic random bf16 weights, one generator per tensor seeded from ``(seed, name)``; fused experts in
+    the checkpoints' ``[experts, in, out]`` layout (transformers holds them as ``[experts, out, in]``; vLLM's loader
+    reads the checkpoint layout)."""
+    state = seeded_random_state(checkpoint_shapes(variant), lambda name: _tensor_seed(seed, name, variant), _init_std)
+    return {name: t.transpose(1, 2).contiguous() if name.endswith(EXPERT_TENSORS) else t for name, t in state.items()}
 
 
 def image_processor_kwargs() -> dict:
