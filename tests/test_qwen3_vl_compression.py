@@ -3,13 +3,15 @@ assignment the main feature decides (every level keeps or merges the same tokens
 read)."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from vllm_tokcomp.config import CompressionSpec
+from vllm_tokcomp.integration import settings
 from vllm_tokcomp.integration.qwen2_vl import POSITION_CHANNELS, _compress_item, qwen_route
-from vllm_tokcomp.integration.qwen3_vl import frame_counts, frame_specs
+from vllm_tokcomp.integration.qwen3_vl import frame_counts, frame_specs, video_preview
 from vllm_tokcomp.methods import VisualTokens, get_method
 
 GRID = (1, 6, 8)
@@ -90,3 +92,33 @@ def test_perturbing_one_levels_kept_row_shows_in_that_level_only():
     assert changed.tolist() == [i == slot for i in range(10)]
     torch.testing.assert_close(out[slot, level2], base[slot, level2] + 1.0)
     torch.testing.assert_close(out[:, : 2 * WIDTH], base[:, : 2 * WIDTH])
+
+
+def _destination(method, budget, grid, features=None):
+    n = math.prod(grid)
+    tokens = VisualTokens(torch.zeros(n, 1) if features is None else features, grid)
+    return get_method(method)(tokens, budget).assignment
+
+
+def test_video_preview_numbers_slots_across_frames():
+    """A fixed-layout method: each frame's groups are the method's on the frame's grid at that frame's count, the
+    second frame's slots after the first frame's."""
+    preview = video_preview(CompressionSpec("pool", 9), (2, 7, 7), None)
+    first, second = (_destination("pool", c, (1, 7, 7)).destination.tolist() for c in (5, 4))
+    assert preview == {"tokens_after": 9, "decided": "frontend",
+                       "groups": first + [g + 5 if g >= 0 else g for g in second]}
+
+
+def test_video_preview_of_a_pixel_decided_method_reads_each_frames_row():
+    generator = torch.Generator().manual_seed(3)
+    assignments = [_destination("tome", c, (1, 7, 7), torch.randn(49, 8, generator=generator)) for c in (5, 4)]
+    row = torch.cat([settings.encode_assignment(a.destination, a.anchor) for a in assignments])
+    preview = video_preview(CompressionSpec("tome", 9), (2, 7, 7), row)
+    first, second = (a.destination.tolist() for a in assignments)
+    assert preview == {"tokens_after": 9, "decided": "frontend",
+                       "groups": first + [g + 5 if g >= 0 else g for g in second]}
+
+
+def test_video_preview_of_an_encoder_decided_method_waits_for_the_engine():
+    assert video_preview(CompressionSpec("text_relevance", 1), (3, 4, 4), None) == {
+        "tokens_after": 3, "groups": None, "decided": None}  # one token per frame at least

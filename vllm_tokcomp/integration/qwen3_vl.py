@@ -82,6 +82,27 @@ def _frame_rows(row: torch.Tensor | None, frames: int) -> list[torch.Tensor | No
     return [None] * frames if row is None else list(torch.as_tensor(row).reshape(frames, -1))
 
 
+def video_preview(spec: CompressionSpec, grid: tuple[int, int, int], assignment_row: torch.Tensor | None) -> dict:
+    """A video's ``tokens_after``, ``groups`` and ``decided`` preview fields, frame by frame: each frame's groups
+    (``preview.qwen_item`` on its ``(1, h, w)`` grid; a pixel-decided method's from its part of the processor's
+    ``assignment_row``) with the output slots numbered across the frames as the model serves them; ``groups`` null
+    while any frame's are unknown (an encoder-decided method: the engine fills them in)."""
+    t, h, w = grid
+    decided = assignment_row is not None and qwen_route(spec.method) == PIXELS
+    rows = _frame_rows(assignment_row if decided else None, t)
+    frames = [qwen_item("video", frame_spec, h * w, (1, h, w), row)
+              for frame_spec, row in zip(frame_specs(spec, grid), rows, strict=True)]
+    groups: list[int] | None = []
+    served = 0
+    for frame in frames:
+        if groups is not None and frame["groups"] is not None:
+            groups += [g + served if g >= 0 else g for g in frame["groups"]]
+        else:
+            groups = None
+        served += frame["tokens_after"]
+    return {"tokens_after": served, "groups": groups, "decided": frames[0]["decided"] if groups is not None else None}
+
+
 class CompressedQwen3VLInfo(_InfoMixin, Qwen3VLProcessingInfo):
     pass
 
@@ -104,27 +125,13 @@ class CompressedQwen3VLProcessor(_ProcessorMixin, Qwen3VLMultiModalProcessor):
                           for s, p in zip(frame_specs(spec, grid), frames, strict=True)])
 
     def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
-        """As on Qwen2-VL, with a video's count and groups put together frame by frame (output slots numbered
-        across the frames, as the model serves them)."""
+        """As on Qwen2-VL, with a video's count and groups put together frame by frame (:func:`video_preview`)."""
         entries = super().preview_items(engine_input)
         for entry, (modality, _index, item, spec, grid) in zip(entries, self._item_specs(engine_input["mm_kwargs"]),
                                                               strict=True):
-            if modality != "video" or spec is None:
-                continue
-            t, h, w = grid
-            row = item.get(settings.ASSIGNMENT_FIELDS["video"])
-            decided = row is not None and qwen_route(spec.method) == PIXELS
-            frames = [qwen_item("video", frame_spec, h * w, (1, h, w), frame_row)
-                      for frame_spec, frame_row in zip(frame_specs(spec, grid),
-                                                       _frame_rows(row.data if decided else None, t), strict=True)]
-            groups, served = [], 0
-            for frame in frames:
-                if groups is not None and frame["groups"] is not None:
-                    groups += [g + served if g >= 0 else g for g in frame["groups"]]
-                else:
-                    groups = None
-                served += frame["tokens_after"]
-            entry.update(tokens_after=served, groups=groups, decided=frames[0]["decided"] if groups else None)
+            if modality == "video" and spec is not None:
+                row = item.get(settings.ASSIGNMENT_FIELDS["video"])
+                entry.update(video_preview(spec, grid, None if row is None else row.data))
         return entries
 
     def _served_tokens(self, modality: str, spec: CompressionSpec, grid: tuple[int, int, int]) -> int:
@@ -255,4 +262,4 @@ class CompressedQwen3VLMoe(_Qwen3ModelMixin, Qwen3VLMoeForConditionalGeneration)
     """``Qwen3VLMoeForConditionalGeneration`` (the same vision path, a mixture-of-experts LM), compressed alike."""
 
 
-__all__ = ["CompressedQwen3VL", "CompressedQwen3VLMoe", "ENCODER", "frame_counts", "frame_specs"]
+__all__ = ["CompressedQwen3VL", "CompressedQwen3VLMoe", "ENCODER", "frame_counts", "frame_specs", "video_preview"]
