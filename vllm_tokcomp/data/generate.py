@@ -22,21 +22,24 @@ from pathlib import Path
 
 import numpy as np
 
-from .spec import SPEC_VERSION
+from .spec import SPEC_VERSION, SPEC_VERSIONS
 from .synth import make_questions, make_scene, render_scene
 from .video import FRAMES, make_clip, make_video_questions, render_clip
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
+STREAM = 1  # the generator streams' first key; every spec version draws the same scenes (v2 renders them anew)
+
+
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of one image: independent of every other image and of the split sizes."""
-    return np.random.default_rng([SPEC_VERSION, seed, SPLIT_IDS.get(split, 3), index])
+    return np.random.default_rng([STREAM, seed, SPLIT_IDS.get(split, 3), index])
 
 
 def clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of one clip, independent of every image's (:func:`scene_rng`) and of every other clip's."""
-    return np.random.default_rng([SPEC_VERSION, seed, SPLIT_IDS.get(split, 3), index, 1])
+    return np.random.default_rng([STREAM, seed, SPLIT_IDS.get(split, 3), index, 1])
 
 
 def generate_video_split(out: Path, split: str, n: int, *, seed: int, questions_per_clip: int,
@@ -59,14 +62,15 @@ def generate_video_split(out: Path, split: str, n: int, *, seed: int, questions_
     return count
 
 
-def generate_split(out: Path, split: str, n: int, *, seed: int, questions_per_image: int) -> int:
+def generate_split(out: Path, split: str, n: int, *, seed: int, questions_per_image: int,
+                   spec_version: int = SPEC_VERSION) -> int:
     folder = out / split
     (folder / "images").mkdir(parents=True, exist_ok=True)
     count = 0
     with open(folder / "questions.jsonl", "w") as handle:
         for index in range(n):
             rng = scene_rng(seed, split, index)
-            scene = make_scene(rng)
+            scene = make_scene(rng, spec_version=spec_version)
             rel = f"images/{index:06d}.png"
             render_scene(scene).save(folder / rel, optimize=False, compress_level=6)
             for q_index, qa in enumerate(make_questions(scene, rng, questions_per_image)):
@@ -86,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions-per-image", type=int, default=2, help="(per clip with --videos)")
     parser.add_argument("--videos", action="store_true", help="moving-shape clips instead of images")
     parser.add_argument("--frames", type=int, default=FRAMES, help="frames per clip (even)")
+    parser.add_argument("--spec-version", type=int, choices=SPEC_VERSIONS, default=SPEC_VERSION,
+                        help="images: how scenes are drawn and worded (the same scenes in every version; "
+                             "docs/dataset.md); clips are spec v1")
     args = parser.parse_args(argv)
     if args.videos and (args.frames < 2 or args.frames % 2):
         parser.error("--frames must be an even number >= 2")
@@ -99,10 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             counts[split] = {
                 "images": n,
                 "questions": generate_split(
-                    args.out, split, n, seed=args.seed, questions_per_image=args.questions_per_image
+                    args.out, split, n, seed=args.seed, questions_per_image=args.questions_per_image,
+                    spec_version=args.spec_version,
                 ),
             }
-    spec = {"spec_version": SPEC_VERSION, "seed": args.seed, "questions_per_image": args.questions_per_image,
+    spec = {"spec_version": 1 if args.videos else args.spec_version, "seed": args.seed,
+            "questions_per_image": args.questions_per_image,
             "splits": counts}
     if args.videos:
         spec.update(kind="video", frames=args.frames)

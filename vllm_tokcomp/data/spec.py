@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-SPEC_VERSION = 1
+SPEC_VERSION = 1  # what the generator writes by default (the bundled models were trained on it)
+SPEC_VERSIONS = (1, 2)
 IMAGE_SIZE = 336
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -19,7 +20,9 @@ COLORS = {  # name -> RGB; saturated and far apart, never used for backgrounds
 SIZES = {"small": 40, "large": 72}  # bounding-box side in pixels
 BACKGROUNDS = ("plain", "gradient", "noise", "stripes")
 MAX_OBJECTS = 5
-DIGIT_BOX = 34  # white box holding one 7-segment digit (about 14 x 24 px strokes)
+DIGIT_BOX = 34  # white box holding one 7-segment digit
+DIGIT_GLYPH = (14, 24)  # the digit's width and height in pixels (spec v2 draws exactly this; v1 one pixel more)
+DIGIT_STROKE = 3  # segment thickness in pixels (v1: 4, PIL rectangles include their end pixel)
 
 QUESTION_TYPES = ("color", "shape", "count", "position", "presence", "digit")
 POSITIONS = ("left", "right", "top", "bottom")
@@ -35,6 +38,16 @@ _NUMBER_WORDS = {
 _SYNONYMS = {"grey": "gray", "violet": "purple", "cross": "cross", "plus": "cross", "box": "square"}
 
 
+def plural(shape: str, spec_version: int = 1) -> str:
+    """A shape's plural as the questions write it (v1 wrote ``crosss``, kept so that v1 data stay byte-identical)."""
+    return f"{shape}es" if spec_version >= 2 and shape.endswith("s") else f"{shape}s"
+
+
+def article(word: str, spec_version: int = 1) -> str:
+    """``a`` or, from spec v2, ``an`` before a vowel (``an orange circle``)."""
+    return "an" if spec_version >= 2 and word[:1] in "aeiou" else "a"
+
+
 def normalize_answer(text: str) -> str:
     """Lower-case, keep the first word, strip punctuation, map number words to digits and a few synonyms."""
     text = text.strip().lower()
@@ -45,5 +58,7 @@ def normalize_answer(text: str) -> str:
     word = words[0]
     if word.endswith("s") and word[:-1] in SHAPES:
         word = word[:-1]
+    elif word.endswith("es") and word[:-2] in SHAPES:  # crosses
+        word = word[:-2]
     word = _NUMBER_WORDS.get(word, word)
     return _SYNONYMS.get(word, word)

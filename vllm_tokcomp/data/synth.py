@@ -11,7 +11,20 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .spec import BACKGROUNDS, COLORS, DIGIT_BOX, IMAGE_SIZE, MAX_OBJECTS, SHAPES, SIZES
+from .spec import (
+    BACKGROUNDS,
+    COLORS,
+    DIGIT_BOX,
+    DIGIT_GLYPH,
+    DIGIT_STROKE,
+    IMAGE_SIZE,
+    MAX_OBJECTS,
+    SHAPES,
+    SIZES,
+    SPEC_VERSIONS,
+    article,
+    plural,
+)
 
 CENTER = IMAGE_SIZE / 2
 POSITION_MARGIN = 40  # left/right, top/bottom questions need the object this far from the centre line
@@ -34,6 +47,7 @@ class Scene:
     digit: int | None = None
     digit_xy: tuple[int, int] | None = None  # top-left corner of the digit box
     bg_params: dict = field(default_factory=dict)
+    spec_version: int = 1  # how it is drawn and worded (docs/dataset.md); the sampling is the same in every version
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -46,8 +60,11 @@ def _free(boxes: list[tuple[float, float, float]], x: float, y: float, r: float)
     return all(max(abs(x - bx), abs(y - by)) > r + br + 6 for bx, by, br in boxes)
 
 
-def make_scene(rng: np.random.Generator, *, digit: bool | None = None) -> Scene:
-    """A random scene; ``digit`` forces (True) or forbids (False) the fine-detail digit box."""
+def make_scene(rng: np.random.Generator, *, digit: bool | None = None, spec_version: int = 1) -> Scene:
+    """A random scene; ``digit`` forces (True) or forbids (False) the fine-detail digit box. Every spec version
+    draws the same scene from the same generator state; ``spec_version`` decides how it is rendered and worded."""
+    if spec_version not in SPEC_VERSIONS:
+        raise ValueError(f"spec_version must be one of {SPEC_VERSIONS}, got {spec_version!r}")
     if digit is None:
         digit = bool(rng.random() < 0.25)
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
@@ -73,7 +90,7 @@ def make_scene(rng: np.random.Generator, *, digit: bool | None = None) -> Scene:
                 boxes.append((x, y, r))
                 objects.append(Obj(shape, color, size, int(x), int(y)))
                 break
-    return Scene(background, objects, digit_value, digit_xy, bg)
+    return Scene(background, objects, digit_value, digit_xy, bg, spec_version)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -81,6 +98,28 @@ _SEGMENTS = {  # 7-segment layout: a b c d e f g
     0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc",
     5: "afgcd", 6: "afgedc", 7: "abc", 8: "abcdefg", 9: "abcdfg",
 }
+
+
+def _fill_box(draw: ImageDraw.ImageDraw, x0: int, y0: int, x1: int, y1: int, fill) -> None:  # noqa: ANN001
+    """The half-open pixel box ``[x0, x1) x [y0, y1)`` (PIL's rectangle includes its end pixel)."""
+    draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
+
+
+def _draw_digit_v2(draw: ImageDraw.ImageDraw, x0: int, y0: int, value: int) -> None:
+    """Spec v2: a ``DIGIT_GLYPH`` (14 x 24 px) seven-segment glyph of ``DIGIT_STROKE`` (3 px) strokes, centred in the
+    white box; segments are half-open boxes, the middle one centred on the glyph's middle row."""
+    _fill_box(draw, x0, y0, x0 + DIGIT_BOX, y0 + DIGIT_BOX, (255, 255, 255))
+    (w, h), t = DIGIT_GLYPH, DIGIT_STROKE
+    left, top = x0 + (DIGIT_BOX - w) // 2, y0 + (DIGIT_BOX - h) // 2
+    mid = top + h // 2
+    seg = {
+        "a": (left, top, left + w, top + t), "g": (left, mid - t // 2, left + w, mid - t // 2 + t),
+        "d": (left, top + h - t, left + w, top + h), "f": (left, top, left + t, mid),
+        "b": (left + w - t, top, left + w, mid), "e": (left, mid, left + t, top + h),
+        "c": (left + w - t, mid, left + w, top + h),
+    }
+    for name in _SEGMENTS[value]:
+        _fill_box(draw, *seg[name], (0, 0, 0))
 
 
 def _draw_digit(draw: ImageDraw.ImageDraw, x0: int, y0: int, value: int) -> None:
@@ -115,7 +154,31 @@ def _background(scene: Scene) -> np.ndarray:
     return c1 + noise.astype(np.float32)
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, fill: tuple[int, int, int] | int) -> None:
+def _draw_object_v2(draw: ImageDraw.ImageDraw, obj: Obj, fill: tuple[int, int, int] | int) -> None:
+    """Spec v2: every shape fills the half-open box ``[x - s//2, x - s//2 + s)`` (same for y) of its size ``s``:
+    the inscribed circle, the whole square, an upright triangle (apex at the top centre, base the bottom row), an
+    upright plus whose arms are ``round(s / 3)`` px wide and offset ``(s - width) // 2`` from the box's edge."""
+    size = SIZES[obj.size]
+    x0, y0 = obj.x - size // 2, obj.y - size // 2
+    x1, y1 = x0 + size, y0 + size
+    if obj.shape == "circle":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
+    elif obj.shape == "square":
+        _fill_box(draw, x0, y0, x1, y1, fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(x0 + (size - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+    else:  # cross
+        arm = round(size / 3)
+        offset = (size - arm) // 2
+        _fill_box(draw, x0, y0 + offset, x1, y0 + offset + arm, fill)
+        _fill_box(draw, x0 + offset, y0, x0 + offset + arm, y1, fill)
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, fill: tuple[int, int, int] | int, spec_version: int = 1,
+                 ) -> None:
+    if spec_version >= 2:
+        _draw_object_v2(draw, obj, fill)
+        return
     r = SIZES[obj.size] // 2
     x, y = obj.x, obj.y
     if obj.shape == "circle":
@@ -137,9 +200,9 @@ def render_scene(scene: Scene) -> Image.Image:
     image = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        _draw_object(draw, obj, COLORS[obj.color])
+        _draw_object(draw, obj, COLORS[obj.color], scene.spec_version)
     if scene.digit is not None:
-        _draw_digit(draw, *scene.digit_xy, scene.digit)
+        (_draw_digit_v2 if scene.spec_version >= 2 else _draw_digit)(draw, *scene.digit_xy, scene.digit)
     return image
 
 
@@ -153,7 +216,7 @@ def label_map(scene: Scene) -> np.ndarray:
     image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(image)
     for i, obj in enumerate(scene.objects):
-        _draw_object(draw, obj, i + 1)
+        _draw_object(draw, obj, i + 1, scene.spec_version)
     if scene.digit is not None:
         x0, y0 = scene.digit_xy
         draw.rectangle([x0, y0, x0 + DIGIT_BOX - 1, y0 + DIGIT_BOX - 1], fill=DIGIT_LABEL)
@@ -199,7 +262,8 @@ def _ask_count(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None
     if rng.random() < 0.5:
         shapes = sorted({o.shape for o in scene.objects}) if present and scene.objects else list(SHAPES)
         shape = shapes[int(rng.integers(len(shapes)))]
-        return f"How many {shape}s are there?", str(sum(o.shape == shape for o in scene.objects))
+        count = sum(o.shape == shape for o in scene.objects)
+        return f"How many {plural(shape, scene.spec_version)} are there?", str(count)
     colors = sorted({o.color for o in scene.objects}) if present and scene.objects else list(COLORS)
     color = colors[int(rng.integers(len(colors)))]
     return f"How many {color} objects are there?", str(sum(o.color == color for o in scene.objects))
@@ -231,13 +295,13 @@ def _ask_presence(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | N
     present = {(o.color, o.shape) for o in scene.objects}
     if rng.random() < 0.5 and present:
         color, shape = sorted(present)[int(rng.integers(len(present)))]
-        return f"Is there a {color} {shape}?", "yes"
+        return f"Is there {article(color, scene.spec_version)} {color} {shape}?", "yes"
     absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
     # POPE-style negatives: half adversarial (colour or shape occurs in the scene), half random.
     adversarial = [(c, s) for c, s in absent if any(o.color == c or o.shape == s for o in scene.objects)]
     pool = adversarial if adversarial and rng.random() < 0.5 else absent
     color, shape = pool[int(rng.integers(len(pool)))]
-    return f"Is there a {color} {shape}?", "no"
+    return f"Is there {article(color, scene.spec_version)} {color} {shape}?", "no"
 
 
 def _ask_digit(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None:
