@@ -31,6 +31,13 @@ def test_score_normalises_and_splits_by_type() -> None:
     assert result["per_type"] == {"color": 1.0, "count": 1.0, "presence": 0.5}
 
 
+def test_score_splits_by_difficulty_when_the_data_labels_it() -> None:
+    records = [{**r, "difficulty": d} for r, d in zip(RECORDS, ["easy", "hard", "hard", "easy"], strict=True)]
+    result = accuracy.score(records, ["red", "2", "yes", "no"])
+    assert result["per_difficulty"] == {"easy": 1.0, "hard": 0.5}
+    assert "per_difficulty" not in accuracy.score(RECORDS, ["red", "2", "yes", "no"])
+
+
 def test_majority_baseline() -> None:
     assert accuracy.majority_baseline(RECORDS) == pytest.approx(0.75)
 

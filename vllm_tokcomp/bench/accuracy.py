@@ -94,15 +94,21 @@ def score(records: list[dict], predictions: list[str]) -> dict:
     from vllm_tokcomp.data.spec import normalize_answer
 
     hits: dict[str, list[bool]] = defaultdict(list)
+    by_difficulty: dict[str, list[bool]] = defaultdict(list)
     for record, prediction in zip(records, predictions, strict=True):
         ok = normalize_answer(prediction) == normalize_answer(record["answer"])
         hits["all"].append(ok)
         hits[record["type"]].append(ok)
-    return {
+        if "difficulty" in record:  # the harder split labels each question easy or hard
+            by_difficulty[record["difficulty"]].append(ok)
+    result = {
         "accuracy": sum(hits["all"]) / max(1, len(hits["all"])),
         "n": len(hits["all"]),
         "per_type": {t: sum(v) / len(v) for t, v in sorted(hits.items()) if t != "all"},
     }
+    if by_difficulty:
+        result["per_difficulty"] = {d: sum(v) / len(v) for d, v in sorted(by_difficulty.items())}
+    return result
 
 
 # ----------------------------------------------------------------------------- engine

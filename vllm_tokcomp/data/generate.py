@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .hard import make_hard_questions, make_hard_scene, render_hard_scene
 from .spec import SPEC_VERSION, SPEC_VERSIONS
 from .synth import make_questions, make_scene, render_scene
 from .video import FRAMES, make_clip, make_video_questions, render_clip
 
-SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "hard": 5}
 
 
 STREAM = 1  # the generator streams' first key; every spec version draws the same scenes (v2 renders them anew)
@@ -80,6 +81,23 @@ def generate_split(out: Path, split: str, n: int, *, seed: int, questions_per_im
     return count
 
 
+def generate_hard_split(out: Path, n: int, *, seed: int, questions_per_image: int) -> int:
+    """The harder split (``data/hard.py``, spec v2 drawing): ``OUT/hard/``, questions with a ``difficulty``."""
+    folder = out / "hard"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    count = 0
+    with open(folder / "questions.jsonl", "w") as handle:
+        for index in range(n):
+            rng = scene_rng(seed, "hard", index)
+            scene = make_hard_scene(rng)
+            rel = f"images/{index:06d}.png"
+            render_hard_scene(scene).save(folder / rel, optimize=False, compress_level=6)
+            for q_index, qa in enumerate(make_hard_questions(scene, rng, questions_per_image)):
+                handle.write(json.dumps({"id": f"hard-{index:06d}-{q_index}", "image": rel, **qa}) + "\n")
+                count += 1
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.data.generate", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
@@ -87,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=0, help="number of training images (clips with --videos)")
     parser.add_argument("--val", type=int, default=0, help="number of validation images (clips)")
     parser.add_argument("--test", type=int, default=0, help="number of test images (clips)")
+    parser.add_argument("--hard", type=int, default=0,
+                        help="number of images of the harder split (dense scenes, multi-digit numbers; spec v2)")
     parser.add_argument("--questions-per-image", type=int, default=2, help="(per clip with --videos)")
     parser.add_argument("--videos", action="store_true", help="moving-shape clips instead of images")
     parser.add_argument("--frames", type=int, default=FRAMES, help="frames per clip (even)")
@@ -110,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                     spec_version=args.spec_version,
                 ),
             }
+    if args.hard > 0 and not args.videos:
+        counts["hard"] = {"images": args.hard, "spec_version": 2, "questions": generate_hard_split(
+            args.out, args.hard, seed=args.seed, questions_per_image=args.questions_per_image)}
     spec = {"spec_version": 1 if args.videos else args.spec_version, "seed": args.seed,
             "questions_per_image": args.questions_per_image,
             "splits": counts}

@@ -18,6 +18,7 @@ COLORS = {  # name -> RGB; saturated and far apart, never used for backgrounds
     "orange": (240, 130, 30),
 }
 SIZES = {"small": 40, "large": 72}  # bounding-box side in pixels
+SIDES = {**SIZES, "tiny": 24}  # every size name's side (the harder split also draws tiny objects)
 BACKGROUNDS = ("plain", "gradient", "noise", "stripes")
 MAX_OBJECTS = 5
 DIGIT_BOX = 34  # white box holding one 7-segment digit

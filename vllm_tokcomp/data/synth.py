@@ -20,6 +20,7 @@ from .spec import (
     IMAGE_SIZE,
     MAX_OBJECTS,
     SHAPES,
+    SIDES,
     SIZES,
     SPEC_VERSIONS,
     article,
@@ -158,7 +159,7 @@ def _draw_object_v2(draw: ImageDraw.ImageDraw, obj: Obj, fill: tuple[int, int, i
     """Spec v2: every shape fills the half-open box ``[x - s//2, x - s//2 + s)`` (same for y) of its size ``s``:
     the inscribed circle, the whole square, an upright triangle (apex at the top centre, base the bottom row), an
     upright plus whose arms are ``round(s / 3)`` px wide and offset ``(s - width) // 2`` from the box's edge."""
-    size = SIZES[obj.size]
+    size = SIDES[obj.size]
     x0, y0 = obj.x - size // 2, obj.y - size // 2
     x1, y1 = x0 + size, y0 + size
     if obj.shape == "circle":
