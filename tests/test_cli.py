@@ -168,7 +168,8 @@ def test_info_lists_versions_methods_architectures_and_model():
     out = subprocess.run([sys.executable, "-m", "vllm_tokcomp.cli", "info"], capture_output=True, text=True, check=True)
     text = out.stdout
     for expected in ("vllm ", "torch ", "LlavaForConditionalGeneration", "Qwen3VLForConditionalGeneration", "tome",
-                     "cls_topk", "bundled model tiny-llava:", "bundled model tiny-qwen2-vl:",
+                     "LlavaNextForConditionalGeneration", "cls_topk", "bundled model tiny-llava:",
+                     "bundled model tiny-llava-next:", "bundled model tiny-qwen2-vl:",
                      "bundled model tiny-qwen2.5-vl:", "bundled model tiny-qwen3-vl:"):
         assert expected in text
 

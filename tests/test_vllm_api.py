@@ -38,6 +38,23 @@ def test_llava_factories_and_model_methods():
     assert list(params) == ["self", "mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"]
 
 
+def test_llava_next_methods_used_by_the_integration():
+    """integration/llava_next.py re-runs LLaVA-NeXT's embedding path (tiles through the tower, the projector, vLLM's
+    own unpadding merge) and counts placeholders with vLLM's own unpadded-feature rule; the merge layout itself is
+    checked against grid_index in tests/test_llava_next_layout.py."""
+    from vllm.model_executor.models import llava_next
+
+    model = llava_next.LlavaNextForConditionalGeneration
+    for name in ("_parse_and_validate_image_input", "_image_pixels_to_features", "_merge_image_patch_embeddings",
+                 "multi_modal_projector", "embed_multimodal"):
+        assert name in inspect.getsource(model), name
+    assert list(inspect.signature(model._merge_image_patch_embeddings).parameters) == [
+        "self", "image_size", "patch_embeddings", "strategy"]
+    unpadded = inspect.signature(llava_next.LlavaNextProcessingInfo._get_num_unpadded_features).parameters
+    assert list(unpadded) == ["self", "original_height", "original_width", "npatches", "num_patch_height",
+                              "num_patch_width"]
+
+
 def test_clip_attention_layout():
     """integration/clip_signals.py hooks the fused qkv projection of the feature layer."""
     from vllm.model_executor.models.clip import CLIPAttention, CLIPEncoderLayer

@@ -28,7 +28,8 @@ from .config import (
 PLUGIN_NAME = "tokcomp"
 DEFAULT_CPU_KV_GIB = "2"
 # MODEL shortcuts for the bundled tiny models (built on first use); no MODEL means tiny-llava
-BUNDLED_MODELS = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3-vl-moe")
+BUNDLED_MODELS = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl",
+                  "tiny-qwen3-vl-moe")
 _QWEN_VARIANTS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}
 
 
@@ -45,6 +46,10 @@ def bundled_model_dir(name: str, *, build: bool = False) -> Path:
 
         variant = name.removeprefix("tiny-").replace("-", "_")
         return qwen3_vl.ensure_default_model(variant) if build else qwen3_vl.default_model_dir(variant)
+    if name == "tiny-llava-next":  # the tiny LLaVA's weights in the anyres layout: for counts and serving
+        from .tiny import llava_next
+
+        return llava_next.ensure_default_model() if build else llava_next.default_model_dir()
     if name != "tiny-llava":
         raise ValueError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
     from .tiny import llava

@@ -16,6 +16,7 @@ logger = logging.getLogger("vllm_tokcomp")
 # Architecture name -> our subclass. The class is imported only when vLLM builds that model.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "vllm_tokcomp.integration.llava:CompressedLlava",
+    "LlavaNextForConditionalGeneration": "vllm_tokcomp.integration.llava_next:CompressedLlavaNext",
     "Qwen2VLForConditionalGeneration": "vllm_tokcomp.integration.qwen2_vl:CompressedQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "vllm_tokcomp.integration.qwen2_vl:CompressedQwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "vllm_tokcomp.integration.qwen3_vl:CompressedQwen3VL",

@@ -27,6 +27,11 @@ from vllm.model_executor.models.llava import (
     _build_llava_or_pixtral_hf_info,
     _build_llava_or_pixtral_hf_processor,
 )
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -61,6 +66,9 @@ __all__ = [
     "LlavaForConditionalGeneration",
     "LlavaMultiModalProcessor",
     "LlavaProcessingInfo",
+    "LlavaNextForConditionalGeneration",
+    "LlavaNextMultiModalProcessor",
+    "LlavaNextProcessingInfo",
     "MULTIMODAL_REGISTRY",
     "MultiModalFieldConfig",
     "PromptReplacement",

@@ -1,0 +1,362 @@
+"""LLaVA-NeXT (anyres) with visual-token compression before KV allocation.
+
+An image is a base view (the tower's ``side x side`` grid of a 336 px resize) and the tiles of the best-fitting grid,
+whose features vLLM unpads to the image's aspect ratio (``H x W`` tokens) with one ``image_newline`` token after each
+row: ``side^2 + H*W + H`` placeholders (vLLM 0.32.0, ``model_executor/models/llava_next.py``).
+
+The rule for a compressed image (:func:`visual_counts`): it keeps ``min(budget, side^2 + H*W)`` visual tokens (a
+ratio counts every placeholder, newlines included) and **no newline tokens** (the kept tokens are no longer rows);
+they are split between the two grids in proportion to their sizes, the base view first (at least one token each
+when the budget allows). Each grid is compressed on its own by the method, with the tower's [CLS] attention and keys
+of its own tiles (each tile's [CLS] over its patches) gathered into the grid's layout. A budget of at least every
+placeholder leaves the image exactly as vLLM serves it.
+
+Served: every method whose signals the tower and the prompt give (layout, similarity, [CLS] attention, text
+embeddings); refused with a reason naming the field: trained connectors (trained for the tiny LLaVA's 576-token
+grid), methods that read the LM probe's text attention, ``"auto"`` budgets. Precomputed ``image_embeds`` and SigLIP
+towers pass through uncompressed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..config import (
+    AUTO,
+    BUDGET_KEY,
+    CONNECTORS_KEY,
+    METHOD_KEY,
+    CompressionSpec,
+    ConfigError,
+    effective_config,
+    is_engine_configured,
+    method_reads_text,
+    parse_engine_config,
+    resolve_request,
+    without_plugin_keys,
+)
+from ..connectors import is_connector_method
+from ..methods import TokenAssignment, VisualTokens, get_method, method_class
+from . import settings
+from .clip_signals import capture_feature_layer_signals
+from .metrics import record_processed
+from .parallel import PipelineLimit, llava_pipeline_limit
+from .preview import uncompressed_item, without_preview_mark
+from .requests import canonical_kwargs, check_request, processed_spec
+from .text_signals import with_text_fallback
+from .vllm_api import (
+    MULTIMODAL_REGISTRY,
+    ImageEmbeddingItems,
+    ImageProcessorItems,
+    LlavaDummyInputsBuilder,
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+    MultiModalFieldConfig,
+    PromptReplacement,
+    context_hiding_keys,
+    engine_mm_processor_kwargs,
+)
+from .worker_rpc import report_item
+
+logger = logging.getLogger("vllm_tokcomp")
+METHOD_FIELD = f"mm_processor_kwargs.{METHOD_KEY}"
+
+
+class EngineConfigError(RuntimeError):
+    """A bad engine-wide tokcomp setting: the server must refuse to start (not a ValueError, see llava.py)."""
+
+
+def visual_counts(spec: CompressionSpec | None, base: int, rows: int, cols: int) -> tuple[int, int] | None:
+    """``(base view tokens, tile grid tokens)`` a compressed image keeps, or ``None`` when it is served uncompressed
+    (no settings, or a budget covering every placeholder ``base + rows*cols + rows``)."""
+    full = base + rows * cols + rows
+    kept = settings.kept_tokens(spec, full)
+    if spec is None or kept >= full:
+        return None
+    kept = min(kept, base + rows * cols)
+    grid = rows * cols
+    if grid == 0:
+        return kept, 0
+    on_base = round(kept * base / (base + grid))
+    on_base = min(base, max(1 if kept > 0 else 0, min(on_base, kept - 1 if kept > 1 else kept)))
+    return on_base, min(grid, kept - on_base)
+
+
+def grid_index(tiles_high: int, tiles_wide: int, side: int, image_size: tuple[int, int]) -> torch.Tensor:
+    """``[H, W]`` index of each unpadded grid token into the tiles' concatenated patches (``tile * side^2 +
+    patch``), the layout vLLM's ``_merge_image_patch_embeddings`` gives the tiles' features (``image_size``: the
+    original ``(height, width)``)."""
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    index = torch.arange(tiles_high * tiles_wide * side * side).view(tiles_high, tiles_wide, side, side)
+    index = index.permute(0, 2, 1, 3).reshape(1, tiles_high * side, tiles_wide * side)
+    return unpad_image(index, image_size)[0]
+
+
+def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec | None:
+    if spec is None:
+        return None
+    if spec.budget == AUTO:
+        raise ConfigError(field.replace(METHOD_KEY, BUDGET_KEY),
+                          f"{AUTO!r} is defined on LLaVA-1.5's fixed 24x24 grid; on LLaVA-NeXT give a count or a ratio")
+    if is_connector_method(spec.method):
+        raise ConfigError(field, f"{spec.method!r} is a trained connector, served on LLaVA-1.5 only")
+    if method_class(spec.method).reads_lm_probe():
+        raise ConfigError(field, f"method {spec.method!r} reads the LM probe's text attention, which the LLaVA-NeXT "
+                                 "integration does not run")
+    return spec
+
+
+class CompressedLlavaNextInfo(LlavaNextProcessingInfo):
+    def __init__(self, ctx) -> None:  # noqa: ANN001 - vLLM's InputProcessingContext
+        super().__init__(context_hiding_keys(ctx, without_plugin_keys))
+        self.engine_kwargs = dict(engine_mm_processor_kwargs(ctx))
+        self.tokcomp_pipeline = PipelineLimit()
+        try:
+            if CONNECTORS_KEY in self.engine_kwargs:
+                raise ConfigError(f"mm_processor_kwargs.{CONNECTORS_KEY}", "trained connectors are served on "
+                                                                           "LLaVA-1.5 only")
+            self.engine_spec = _check_servable(parse_engine_config(self.engine_kwargs), METHOD_FIELD)
+        except ConfigError as error:
+            raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
+        self.engine_configured = is_engine_configured(self.engine_kwargs)
+        self.supported = self.get_hf_config().vision_config.model_type == "clip_vision_model"
+        if self.engine_configured:
+            _log_effective_config_once(self.engine_spec, self.engine_kwargs, self.supported)
+
+    def limit_to_pipeline(self, stages: int) -> None:
+        """As LLaVA-1.5's (integration/parallel.py)."""
+        self.tokcomp_pipeline = llava_pipeline_limit(self.get_hf_config().text_config.num_hidden_layers, stages)
+        try:
+            self.tokcomp_pipeline.check(self.engine_spec, METHOD_FIELD)
+        except ConfigError as error:
+            raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
+
+    def spec_for_request(self, request_kwargs: Mapping[str, object]) -> CompressionSpec | None:
+        spec = _check_servable(resolve_request(self.engine_kwargs, request_kwargs), METHOD_FIELD)
+        self.tokcomp_pipeline.check(spec, METHOD_FIELD)
+        return spec if self.supported else None
+
+    def processed_spec(self, kwargs: Mapping[str, object]) -> CompressionSpec | None:
+        spec = processed_spec(kwargs, self.engine_kwargs)
+        return spec if self.supported else None
+
+    def layout(self, width: int, height: int) -> tuple[int, int, int]:
+        """``(base view tokens, grid rows H, grid columns W)`` of an image, as vLLM counts its placeholders."""
+        full = self.get_num_image_tokens(image_width=width, image_height=height)
+        side = self.get_hf_config().vision_config.image_size // self.get_hf_config().vision_config.patch_size
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        tiles_high, tiles_wide = get_anyres_image_grid_shape(
+            (height, width), self.get_hf_config().image_grid_pinpoints, self.get_hf_config().vision_config.image_size)
+        unpadded, rows = self._get_num_unpadded_features(
+            original_height=height, original_width=width, npatches=side, num_patch_height=tiles_high,
+            num_patch_width=tiles_wide)
+        if side * side + unpadded + rows != full:
+            raise RuntimeError(f"tokcomp: LLaVA-NeXT layout {side}^2 + {unpadded} + {rows} != {full} placeholders")
+        return side * side, rows, unpadded // max(rows, 1)
+
+
+class CompressedLlavaNextProcessor(LlavaNextMultiModalProcessor):
+    info: CompressedLlavaNextInfo
+
+    def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
+        client_kwargs, previewing = without_preview_mark(inputs.hf_processor_mm_kwargs)
+        request_kwargs = client_kwargs or {}
+        spec = check_request(
+            request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
+        )
+        request_kwargs = canonical_kwargs(request_kwargs, spec, engine_configured=self.info.engine_configured)
+        if spec is not None and method_reads_text(spec.method):
+            excluded = {self.info.get_hf_config().image_token_index, *self.info.get_tokenizer().all_special_ids}
+            request_kwargs = settings.with_query(request_kwargs, list(inputs.prompt), excluded)
+        if request_kwargs is not inputs.hf_processor_mm_kwargs:
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
+        result = super().apply(inputs, timing_ctx)
+        if not previewing:
+            record_processed(self, client_kwargs, result)
+        return result
+
+    def _image_counts(self, item) -> tuple[int, tuple[int, int] | None, CompressionSpec | None]:  # noqa: ANN001
+        """An image's placeholders without compression, its visual counts when compressed, its settings."""
+        height, width = (int(v) for v in item["image_sizes"].data.tolist())
+        base, rows, cols = self.info.layout(width, height)
+        spec = settings.item_spec(item, settings.FIELD)
+        return base + rows * cols + rows, visual_counts(spec, base, rows, cols), spec
+
+    def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
+        """Each image's counts for ``POST /tokcomp/preview``; its groups are not drawn on LLaVA-NeXT (``null``)."""
+        entries = []
+        for item in engine_input["mm_kwargs"].get("image", []):
+            full, counts, spec = self._image_counts(item)
+            if spec is None or counts is None:
+                entries.append(uncompressed_item("image", full))
+                continue
+            entries.append({"modality": "image", "method": spec.method, "budget": spec.budget, "ratio": spec.ratio,
+                            "tokens_before": full, "tokens_after": sum(counts), "decided": None, "groups": None})
+        return entries
+
+    def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs
+        items = []
+        for item in result["mm_kwargs"].get("image", []):
+            if item is None:  # served from vLLM's multimodal cache: counted when it was processed
+                continue
+            full, counts, spec = self._image_counts(item)
+            if spec is not None:
+                items.append((spec.method, full, full if counts is None else sum(counts)))
+        return items
+
+    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
+        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+        sizes = processed_data.get("image_sizes")
+        if processed_data.get("pixel_values") is not None and sizes is not None:
+            spec = self.info.processed_spec(hf_processor_mm_kwargs)
+            rows = []
+            for height, width in torch.as_tensor(sizes).tolist():
+                base, grid_rows, grid_cols = self.info.layout(int(width), int(height))
+                full = base + grid_rows * grid_cols + grid_rows
+                rows.append(settings.encode(None if spec is None else spec.for_item(full)))
+            processed_data[settings.FIELD] = torch.stack(rows)
+            processed_data[settings.QUERY_FIELD] = settings.query_rows(hf_processor_mm_kwargs, len(rows))
+        return processed_data
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:  # noqa: ANN001
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[settings.FIELD] = MultiModalFieldConfig.batched("image")
+        fields[settings.QUERY_FIELD] = MultiModalFieldConfig.batched("image")
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptReplacement]:  # noqa: ANN001
+        image_token_id = self.info.get_hf_config().image_token_index
+
+        def get_replacement(item_idx: int) -> list[int]:
+            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+            if isinstance(images, ImageEmbeddingItems):
+                return [image_token_id] * images.get_feature_size(item_idx)
+            full, counts, _spec = self._image_counts(out_mm_kwargs["image"][item_idx])
+            return [image_token_id] * (full if counts is None else sum(counts))
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=get_replacement)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    CompressedLlavaNextProcessor, info=CompressedLlavaNextInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class CompressedLlavaNext(LlavaNextForConditionalGeneration):
+    """``LlavaNextForConditionalGeneration`` whose images (base view and tile grid) are compressed per image."""
+
+    def embed_multimodal(self, **kwargs: object):  # noqa: ANN201 - vLLM's MultiModalEmbeddings
+        rows = kwargs.pop(settings.FIELD, None)
+        queries = kwargs.pop(settings.QUERY_FIELD, None)
+        if rows is None or kwargs.get("pixel_values") is None:
+            return super().embed_multimodal(**kwargs)
+        specs = [settings.decode(row) for row in rows]
+        if all(spec is None for spec in specs):
+            return super().embed_multimodal(**kwargs)
+        query_ids = [settings.decode_query(row) for row in queries] if queries is not None else [None] * len(specs)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        pixel_values = image_input["pixel_values"]
+        per_image = list(pixel_values) if isinstance(pixel_values, (list, tuple)) else list(pixel_values.unbind(0))
+        tiles_per_image = [p.shape[0] for p in per_image]
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        stacked = torch.cat(per_image)
+        if any(spec is not None and method_class(spec.method).reads_tower_signals() for spec in specs):
+            with capture_feature_layer_signals(self.vision_tower, side * side) as signals:
+                features = self._image_pixels_to_features(self.vision_tower, stacked)
+        else:
+            signals, features = None, self._image_pixels_to_features(self.vision_tower, stacked)
+        embeds = self.multi_modal_projector(features)
+        image_sizes = image_input.get("image_sizes")
+        outputs, start = [], 0
+        for index, (count, spec) in enumerate(zip(tiles_per_image, specs, strict=True)):
+            tiles = embeds[start:start + count]
+            tile_signals = None if signals is None else signals[start:start + count]
+            start += count
+            merged = self._merge_image_patch_embeddings(image_sizes[index], tiles, strategy="spatial_unpad")
+            if spec is None:
+                outputs.append(merged)
+                continue
+            outputs.append(self._compress(merged, tiles, tile_signals, spec, tuple(image_sizes[index].tolist()),
+                                          side, query_ids[index]))
+        return outputs
+
+    def _compress(self, merged: torch.Tensor, tiles: torch.Tensor, signals, spec: CompressionSpec,  # noqa: ANN001
+                  image_size: tuple[int, int], side: int, query: torch.Tensor | None) -> torch.Tensor:
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        started = time.perf_counter()
+        base = side * side
+        tiles_high, tiles_wide = get_anyres_image_grid_shape(
+            image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+        index = grid_index(tiles_high, tiles_wide, side, image_size) if tiles.shape[0] > 1 else torch.empty(0, 0)
+        rows, cols = index.shape
+        counts = visual_counts(spec, base, rows, cols)
+        if counts is None:
+            return merged
+        text = self._text_embeds(spec, query, merged)
+        method = get_method(spec.method, **dict(spec.options))
+        parts, destinations, served = [], [], 0
+        grids = [((side, side), tiles[0], None if signals is None else [signals[0]], None)]
+        if rows:
+            flat = index.flatten().to(tiles.device)
+            grids.append(((rows, cols), tiles[1:1 + tiles_high * tiles_wide].reshape(-1, tiles.shape[-1])[flat],
+                          None if signals is None else signals[1:1 + tiles_high * tiles_wide], flat))
+        for (grid, features, grid_signals, flat), kept in zip(grids, counts, strict=False):
+            tokens = VisualTokens(features=features, grid=grid, **_tower_signals(grid_signals, flat),
+                                  text_embeds=text)
+            if kept == 0:
+                result_features = features[:0]
+                assignment = TokenAssignment(torch.full((features.shape[0],), -1, dtype=torch.long),
+                                             torch.empty(0, dtype=torch.long))
+            else:
+                result = method(with_text_fallback(spec.method, tokens), kept)
+                result_features, assignment = result.features, result.assignment
+            parts.append(result_features)
+            destination = assignment.destination.cpu()
+            destinations.append(torch.where(destination >= 0, destination + served, destination))
+            served += result_features.shape[0]
+        out = torch.cat(parts)
+        if out.shape[0] != sum(counts):  # vLLM silently truncates extra rows; a mismatch must fail here instead
+            raise RuntimeError(f"tokcomp produced {out.shape[0]} rows for {sum(counts)} placeholders")
+        report_item(spec, torch.cat(destinations), time.perf_counter() - started)
+        return out
+
+    def _text_embeds(self, spec: CompressionSpec, query: torch.Tensor | None, like: torch.Tensor,
+                     ) -> torch.Tensor | None:
+        if query is None or query.numel() == 0 or not method_reads_text(spec.method):
+            return None
+        return self.get_language_model().embed_input_ids(query.to(like.device)).to(like.dtype)
+
+
+def _tower_signals(signals, flat: torch.Tensor | None) -> dict:  # noqa: ANN001 - VisionSignals per tile
+    """[CLS] attention and keys of a grid's tiles, in the grid's token order (``flat`` indexes the tiles'
+    concatenated patches; ``None`` for the base view, one tile)."""
+    if not signals:
+        return {}
+    cls_attention = torch.cat([s.cls_attention for s in signals])
+    keys = None if signals[0].keys is None else torch.cat([s.keys for s in signals])
+    if flat is not None:
+        cls_attention = cls_attention[flat.to(cls_attention.device)]
+        keys = None if keys is None else keys[flat.to(keys.device)]
+    return {"cls_attention": cls_attention, "keys": keys, "key_heads": signals[0].key_heads}
+
+
+_logged = False
+
+
+def _log_effective_config_once(spec: CompressionSpec | None, engine_kwargs: Mapping[str, object],
+                               supported: bool) -> None:
+    global _logged
+    if _logged:
+        return
+    _logged = True
+    if not supported:
+        logger.warning("tokcomp: LLaVA-NeXT with a non-CLIP tower is not supported; images pass through uncompressed")
+    else:
+        logger.warning("tokcomp: %s", effective_config(spec, engine_kwargs))
