@@ -170,7 +170,8 @@ def test_info_lists_versions_methods_architectures_and_model():
     for expected in ("vllm ", "torch ", "LlavaForConditionalGeneration", "Qwen3VLForConditionalGeneration", "tome",
                      "LlavaNextForConditionalGeneration", "cls_topk", "bundled model tiny-llava:",
                      "bundled model tiny-llava-next:", "bundled model tiny-qwen2-vl:",
-                     "bundled model tiny-qwen2.5-vl:", "bundled model tiny-qwen3-vl:"):
+                     "bundled model tiny-qwen2.5-vl:", "bundled model tiny-qwen3-vl:", "support matrix",
+                     "| `scope` | attention | image | image | – | – |"):
         assert expected in text
 
 

@@ -234,3 +234,15 @@ def test_readme_knob_table_is_the_declared_one():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     start, end = readme.index("<!-- knobs:start -->"), readme.index("<!-- knobs:end -->")
     assert readme[start:end].split("\n", 1)[1].strip() == knob_table()
+
+
+def test_readme_support_matrix_is_the_declared_one():
+    """The README's support matrix is ``integration/support.support_matrix()``, regenerated from the declarations
+    (``python -c 'from vllm_tokcomp.integration.support import support_matrix; print(support_matrix())'``)."""
+    from pathlib import Path
+
+    from vllm_tokcomp.integration.support import support_matrix
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = readme.index("<!-- support:start -->"), readme.index("<!-- support:end -->")
+    assert readme[start:end].split("\n", 1)[1] == support_matrix()

@@ -325,6 +325,10 @@ def info() -> int:
     print(f"torch        {torch.__version__}")
     print("architectures:", ", ".join(SUPPORTED_ARCHITECTURES))
     print("methods servable through vLLM (fixed budget):", ", ".join(servable_methods()))
+    from .integration.support import support_matrix
+
+    print("support matrix (media compressed per model family; the route on Qwen):")
+    print(support_matrix(), end="")
     print("all methods in the library:")
     from .methods import available_methods
 

@@ -52,9 +52,21 @@ REFUSED = [({"tokcomp_method": "mustdrop", "tokcomp_budget": 64}, "tokcomp_metho
            ({"tokcomp_method": "pool", "tokcomp_budget": 0}, "tokcomp_budget")]
 
 
+def _served_methods():
+    from vllm_tokcomp.integration.llava_next import serves
+    from vllm_tokcomp.methods import available_methods
+
+    return [m for m in available_methods() if serves(m)]
+
+
+MATRIX_BUDGET = 48  # on the wide image: 16 on the base view, 32 on the tile grid
+
+
 def _requests():
     requests = [{**r, "mm_kwargs": kwargs} for kwargs in IDENTITY.values() for r in BASE]
     requests += [{**BASE[base], "mm_kwargs": kwargs} for kwargs, base, _ in COMPRESSED]
+    requests += [{**BASE[1], "mm_kwargs": {"tokcomp_method": m, "tokcomp_budget": MATRIX_BUDGET}}
+                 for m in _served_methods()]
     return requests + [{**BASE[0], "mm_kwargs": kwargs} for kwargs, _ in REFUSED]
 
 
@@ -100,6 +112,17 @@ def test_prompt_is_text_plus_each_images_count(plain, plugin):
         assert result["prompt"].count(IMAGE_TOKEN) == sum(by_hand), kwargs
         assert [t for t in result["prompt"] if t != IMAGE_TOKEN] == [t for t in full if t != IMAGE_TOKEN]
         assert result["output"], kwargs
+
+
+def test_every_served_method_keeps_exactly_its_count(plugin):
+    """Every method LLaVA-NeXT serves (its declared rule, so a new method joins here), on the wide image."""
+    offset = len(IDENTITY) * len(BASE) + len(COMPRESSED)
+    methods = _served_methods()
+    assert {"cls_topk", "tome", "text_relevance", "pool"} <= set(methods) and "mustdrop" not in methods
+    for method, result in zip(methods, plugin["results"][offset:offset + len(methods)], strict=True):
+        assert "error" not in result, (method, result)
+        assert result["prompt"].count(IMAGE_TOKEN) == MATRIX_BUDGET, method
+        assert result["output"], method
 
 
 def test_unservable_settings_are_refused_naming_the_field(plugin):

@@ -38,6 +38,7 @@ from ..config import (
     method_reads_text,
     parse_engine_config,
     resolve_request,
+    servable_methods,
     without_plugin_keys,
 )
 from ..connectors import is_connector_method
@@ -97,6 +98,12 @@ def grid_index(tiles_high: int, tiles_wide: int, side: int, image_size: tuple[in
     index = torch.arange(tiles_high * tiles_wide * side * side).view(tiles_high, tiles_wide, side, side)
     index = index.permute(0, 2, 1, 3).reshape(1, tiles_high * side, tiles_wide * side)
     return unpad_image(index, image_size)[0]
+
+
+def serves(method: str) -> bool:
+    """Whether LLaVA-NeXT compresses with ``method``: a fixed-budget library method that does not read the LM
+    probe (trained connectors: LLaVA-1.5 only)."""
+    return method in servable_methods() and not method_class(method).reads_lm_probe()
 
 
 def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec | None:
