@@ -91,6 +91,22 @@ def plugin(llava_next_dir, vllm_env):
     return _run({"model": str(llava_next_dir), "requests": _requests()}, vllm_env, "tokcomp")
 
 
+@pytest.fixture(scope="module")
+def chunked(llava_next_dir, vllm_env):
+    """Prefill in chunks of 32 tokens: every compressed image (20-294 tokens) is cut across steps."""
+    job = {"model": str(llava_next_dir), "requests": [{**BASE[base], "mm_kwargs": kw} for kw, base, _ in COMPRESSED],
+           "llm_kwargs": {"max_num_batched_tokens": 32, "enable_chunked_prefill": True, "max_num_seqs": 4}}
+    return _run(job, vllm_env, "tokcomp")
+
+
+def test_chunked_prefill_gives_the_same_prompts_and_outputs(plugin, chunked):
+    """vLLM takes a cut image's rows from its encoder cache: compression runs once per image, and the cached rows
+    are the ones the placeholders were counted for."""
+    offset = len(IDENTITY) * len(BASE)
+    unchunked = plugin["results"][offset:offset + len(COMPRESSED)]
+    assert [(r["prompt"], r["output"]) for r in chunked["results"]] == [(r["prompt"], r["output"]) for r in unchunked]
+
+
 def test_plain_vllm_counts_base_tiles_and_newlines(plain):
     for request, result in zip(BASE, plain["results"], strict=True):
         assert result["prompt"].count(IMAGE_TOKEN) == sum(FULL[(w, h)] for _, w, h in request["images"])
@@ -179,8 +195,8 @@ def main() -> None:
 
     from tests.e2e.images import request_image
 
-    llm = LLM(model=job["model"], max_model_len=4096, max_num_batched_tokens=4096, enforce_eager=True, seed=0,
-              limit_mm_per_prompt={"image": 2})
+    engine = {"max_model_len": 4096, "max_num_batched_tokens": 4096, **job.get("llm_kwargs", {})}
+    llm = LLM(model=job["model"], enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 2}, **engine)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     results = []
     for request in job["requests"]:
