@@ -51,8 +51,8 @@ from .lm_probe import text_to_vision_attention
 from .metrics import record_processed
 from .mustdrop_tower import encode_with_window_merge, supports_tower_merge
 from .parallel import PipelineLimit, llava_pipeline_limit
-from .preview import llava_item, png_of_groups, uncompressed_item, without_preview_mark
-from .requests import canonical_kwargs, check_request, processed_spec
+from .preview import llava_item, png_of_groups, uncompressed_item
+from .requests import processed_spec, settle_request
 from .text_signals import with_text_fallback
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
@@ -121,21 +121,15 @@ class CompressedLlavaProcessor(LlavaMultiModalProcessor):
     info: CompressedLlavaInfo
 
     def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
-        client_kwargs, previewing = without_preview_mark(inputs.hf_processor_mm_kwargs)
-        request_kwargs = client_kwargs or {}
-        spec = check_request(
-            request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
-        )
-        request_kwargs = canonical_kwargs(request_kwargs, spec, engine_configured=self.info.engine_configured)
-        if spec is not None and method_reads_text(spec.method):
-            excluded = {self.info.get_hf_config().image_token_index, *self.info.get_tokenizer().all_special_ids}
-            request_kwargs = settings.with_query(request_kwargs, list(inputs.prompt), excluded)
-        if request_kwargs is not inputs.hf_processor_mm_kwargs:
-            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
+        inputs, client_kwargs, previewing = settle_request(self.info, inputs, self._query)
         result = super().apply(inputs, timing_ctx)
         if not previewing:
             record_processed(self, client_kwargs, result)
         return result
+
+    def _query(self, prompt: list[int]) -> tuple[list[int], set[int]]:
+        """The prompt's tokens a text-guided method reads, and the ids it leaves out (image and special tokens)."""
+        return prompt, {self.info.get_hf_config().image_token_index, *self.info.get_tokenizer().all_special_ids}
 
     def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
         """Each image's entry of ``POST /tokcomp/preview`` (integration/preview.py)."""

@@ -19,7 +19,6 @@ towers pass through uncompressed.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -47,8 +46,8 @@ from . import settings
 from .clip_signals import capture_feature_layer_signals
 from .metrics import record_processed
 from .parallel import PipelineLimit, llava_pipeline_limit
-from .preview import uncompressed_item, without_preview_mark
-from .requests import canonical_kwargs, check_request, processed_spec
+from .preview import uncompressed_item
+from .requests import processed_spec, settle_request
 from .text_signals import with_text_fallback
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
@@ -174,21 +173,14 @@ class CompressedLlavaNextProcessor(LlavaNextMultiModalProcessor):
     info: CompressedLlavaNextInfo
 
     def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
-        client_kwargs, previewing = without_preview_mark(inputs.hf_processor_mm_kwargs)
-        request_kwargs = client_kwargs or {}
-        spec = check_request(
-            request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
-        )
-        request_kwargs = canonical_kwargs(request_kwargs, spec, engine_configured=self.info.engine_configured)
-        if spec is not None and method_reads_text(spec.method):
-            excluded = {self.info.get_hf_config().image_token_index, *self.info.get_tokenizer().all_special_ids}
-            request_kwargs = settings.with_query(request_kwargs, list(inputs.prompt), excluded)
-        if request_kwargs is not inputs.hf_processor_mm_kwargs:
-            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
+        inputs, client_kwargs, previewing = settle_request(self.info, inputs, self._query)
         result = super().apply(inputs, timing_ctx)
         if not previewing:
             record_processed(self, client_kwargs, result)
         return result
+
+    def _query(self, prompt: list[int]) -> tuple[list[int], set[int]]:
+        return prompt, {self.info.get_hf_config().image_token_index, *self.info.get_tokenizer().all_special_ids}
 
     def _image_counts(self, item) -> tuple[int, tuple[int, int] | None, CompressionSpec | None]:  # noqa: ANN001
         """An image's placeholders without compression, its visual counts when compressed, its settings."""

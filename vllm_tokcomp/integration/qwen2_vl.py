@@ -69,8 +69,8 @@ from . import settings
 from .debug_log import POSITIONS_LOG_ENV, append_record, log_selection
 from .metrics import record_processed
 from .parallel import PipelineLimit, qwen_pipeline_limit
-from .preview import png_of_groups, qwen_item, uncompressed_item, without_preview_mark
-from .requests import canonical_kwargs, check_request, processed_spec
+from .preview import png_of_groups, qwen_item, uncompressed_item
+from .requests import processed_spec, settle_request
 from .text_signals import with_text_fallback
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
@@ -348,24 +348,17 @@ class _ProcessorMixin:
     info: _InfoMixin
 
     def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
-        client_kwargs, previewing = without_preview_mark(inputs.hf_processor_mm_kwargs)
-        request_kwargs = client_kwargs or {}
-        spec = check_request(
-            request_kwargs, engine_configured=self.info.engine_configured, resolve=self.info.spec_for_request
-        )
-        request_kwargs = canonical_kwargs(request_kwargs, spec, engine_configured=self.info.engine_configured)
-        if spec is not None and qwen_route(spec.method) == ENCODER:
-            config = self.info.get_hf_config()
-            tokenizer = self.info.get_tokenizer()
-            excluded = {config.image_token_id, config.video_token_id, *tokenizer.all_special_ids}
-            prompt = user_turn_ids(list(inputs.prompt), tokenizer)
-            request_kwargs = settings.with_query(request_kwargs, prompt, excluded)
-        if request_kwargs is not inputs.hf_processor_mm_kwargs:
-            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
+        inputs, client_kwargs, previewing = settle_request(self.info, inputs, self._query)
         result = super().apply(inputs, timing_ctx)
         if not previewing:
             record_processed(self, client_kwargs, result)
         return result
+
+    def _query(self, prompt: list[int]) -> tuple[list[int], set[int]]:
+        """The user turns' tokens (:func:`user_turn_ids`), without the media placeholders and special tokens."""
+        config, tokenizer = self.info.get_hf_config(), self.info.get_tokenizer()
+        excluded = {config.image_token_id, config.video_token_id, *tokenizer.all_special_ids}
+        return user_turn_ids(prompt, tokenizer), excluded
 
     def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
         """Each image's or video's entry of ``POST /tokcomp/preview`` (integration/preview.py)."""

@@ -3,7 +3,9 @@ result on in canonical form."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..config import (
     CANONICAL_KEY,
@@ -12,14 +14,35 @@ from ..config import (
     CompressionSpec,
     ConfigError,
     canonical_spec,
+    method_reads_text,
     plugin_keys_in,
     resolve_request,
     spec_from_canonical,
     without_plugin_keys,
 )
 from ..methods.knobs import quote
+from . import settings
 from .preview import without_preview_mark
 from .vllm_api import RequestSettingError
+
+
+def settle_request(info: Any, inputs: Any,
+                   query: Callable[[list[int]], tuple[list[int], set[int]]]) -> tuple[Any, Mapping | None, bool]:
+    """A processor's request before vLLM processes it, the same for every model family: its ``tokcomp_*`` settings
+    checked (HTTP 400 naming the field) and made canonical, and for a method that reads the prompt's text, the
+    question's tokens attached (``query(prompt)`` gives them and the ids to leave out). Returns ``(inputs to
+    process, the client's own kwargs, whether this is a preview)``. ``info``: the family's processing info
+    (``engine_configured``, ``spec_for_request``)."""
+    client_kwargs, previewing = without_preview_mark(inputs.hf_processor_mm_kwargs)
+    request_kwargs = client_kwargs or {}
+    spec = check_request(request_kwargs, engine_configured=info.engine_configured, resolve=info.spec_for_request)
+    request_kwargs = canonical_kwargs(request_kwargs, spec, engine_configured=info.engine_configured)
+    if spec is not None and method_reads_text(spec.method):
+        prompt, excluded = query(list(inputs.prompt))
+        request_kwargs = settings.with_query(request_kwargs, prompt, excluded)
+    if request_kwargs is not inputs.hf_processor_mm_kwargs:
+        inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=request_kwargs)
+    return inputs, client_kwargs, previewing
 
 
 def check_request(
