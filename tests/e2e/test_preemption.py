@@ -52,6 +52,17 @@ def _preemptions(server: ServerProcess) -> float:
     return sum(float(value) for value in found)
 
 
+def _settled_preemptions(server: ServerProcess, wait: float = 10.0) -> float:
+    """The preemption counter once it is non-zero or ``wait`` seconds have passed (vLLM publishes it with the
+    engine's stats, a little after the requests finish)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while (count := _preemptions(server)) == 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return count
+
+
 def test_preempted_requests_answer_as_when_they_ran_alone(server):
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=600)
     settings = [{}, {"tokcomp_budget": 16}, {"tokcomp_method": "mustdrop", "tokcomp_budget": 32},
@@ -61,11 +72,17 @@ def test_preempted_requests_answer_as_when_they_ran_alone(server):
     requests = [(settings[index % len(settings)], index % 5) for index in range(16)]
     alone = [_ask(client, mm_kwargs, seed) for mm_kwargs, seed in requests]
     assert _preemptions(server) == 0
-    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-        together = list(pool.map(lambda request: _ask(client, *request), requests))
-    assert _preemptions(server) > 0, "the KV cache was meant to be too small for all of them at once"
-    assert together == alone
-    assert all(completion == OUTPUT_TOKENS for _, completion, _ in together)
+    # How many requests overlap depends on timing; a round without preemption (rare) is repeated, every round must
+    # answer as the requests did alone.
+    for _round in range(3):
+        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+            together = list(pool.map(lambda request: _ask(client, *request), requests))
+        assert together == alone
+        assert all(completion == OUTPUT_TOKENS for _, completion, _ in together)
+        if _settled_preemptions(server) > 0:
+            break
+    else:
+        pytest.fail("the KV cache was meant to be too small for all of them at once: no preemption in 3 rounds")
 
 
 def test_startup_line_names_the_client_limits(server):
