@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ImageDraw
 
-from .spec import BACKGROUNDS, COLORS, DIGIT_GLYPH, DIGIT_STROKE, IMAGE_SIZE, SHAPES, SIDES, article, plural
-from .synth import _SEGMENTS, Obj, Scene, _describe, _fill_box, _free, _muted_color, render_scene
+from .spec import BACKGROUNDS, COLORS, DIGIT_GLYPH, IMAGE_SIZE, SHAPES, SIDES, article, plural
+from .synth import Obj, Scene, _describe, _fill_box, _free, _muted_color, draw_glyph_v2, render_scene
 
 MIN_OBJECTS, MAX_OBJECTS = 8, 16
 HARD_SIZES = ("tiny", "small")  # 24 and 40 px: the dense scenes use smaller objects
@@ -70,19 +70,9 @@ def _draw_number(draw: ImageDraw.ImageDraw, scene: HardScene) -> None:
     x0, y0 = scene.number_xy
     width, height = number_box(len(scene.number))
     _fill_box(draw, x0, y0, x0 + width, y0 + height, (255, 255, 255))
-    (w, h), t = DIGIT_GLYPH, DIGIT_STROKE
-    top = y0 + NUMBER_PAD
+    w = DIGIT_GLYPH[0]
     for k, char in enumerate(scene.number):
-        left = x0 + NUMBER_PAD + k * (w + GLYPH_GAP)
-        mid = top + h // 2
-        seg = {
-            "a": (left, top, left + w, top + t), "g": (left, mid - t // 2, left + w, mid - t // 2 + t),
-            "d": (left, top + h - t, left + w, top + h), "f": (left, top, left + t, mid),
-            "b": (left + w - t, top, left + w, mid), "e": (left, mid, left + t, top + h),
-            "c": (left + w - t, mid, left + w, top + h),
-        }
-        for name in _SEGMENTS[int(char)]:
-            _fill_box(draw, *seg[name], (0, 0, 0))
+        draw_glyph_v2(draw, x0 + NUMBER_PAD + k * (w + GLYPH_GAP), y0 + NUMBER_PAD, int(char))
 
 
 def render_hard_scene(scene: HardScene):  # noqa: ANN201 - a PIL image

@@ -106,12 +106,10 @@ def _fill_box(draw: ImageDraw.ImageDraw, x0: int, y0: int, x1: int, y1: int, fil
     draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
 
 
-def _draw_digit_v2(draw: ImageDraw.ImageDraw, x0: int, y0: int, value: int) -> None:
-    """Spec v2: a ``DIGIT_GLYPH`` (14 x 24 px) seven-segment glyph of ``DIGIT_STROKE`` (3 px) strokes, centred in the
-    white box; segments are half-open boxes, the middle one centred on the glyph's middle row."""
-    _fill_box(draw, x0, y0, x0 + DIGIT_BOX, y0 + DIGIT_BOX, (255, 255, 255))
+def draw_glyph_v2(draw: ImageDraw.ImageDraw, left: int, top: int, value: int) -> None:
+    """Spec v2: a ``DIGIT_GLYPH`` (14 x 24 px) seven-segment glyph of ``DIGIT_STROKE`` (3 px) strokes with its
+    top-left corner at ``(left, top)``; segments are half-open boxes, the middle one centred on the middle row."""
     (w, h), t = DIGIT_GLYPH, DIGIT_STROKE
-    left, top = x0 + (DIGIT_BOX - w) // 2, y0 + (DIGIT_BOX - h) // 2
     mid = top + h // 2
     seg = {
         "a": (left, top, left + w, top + t), "g": (left, mid - t // 2, left + w, mid - t // 2 + t),
@@ -121,6 +119,13 @@ def _draw_digit_v2(draw: ImageDraw.ImageDraw, x0: int, y0: int, value: int) -> N
     }
     for name in _SEGMENTS[value]:
         _fill_box(draw, *seg[name], (0, 0, 0))
+
+
+def _draw_digit_v2(draw: ImageDraw.ImageDraw, x0: int, y0: int, value: int) -> None:
+    """Spec v2: the white box with one :func:`draw_glyph_v2` glyph centred in it."""
+    _fill_box(draw, x0, y0, x0 + DIGIT_BOX, y0 + DIGIT_BOX, (255, 255, 255))
+    w, h = DIGIT_GLYPH
+    draw_glyph_v2(draw, x0 + (DIGIT_BOX - w) // 2, y0 + (DIGIT_BOX - h) // 2, value)
 
 
 def _draw_digit(draw: ImageDraw.ImageDraw, x0: int, y0: int, value: int) -> None:
