@@ -1,7 +1,7 @@
 """How close the processing-time ``auto`` budget comes to MustDrop's threshold form.
 
 vLLM needs every image's token count before the vision tower runs, so ``tokcomp_budget: "auto"``
-estimates MustDrop's stage-1 savings from the pixels (``vllm_tokcomp.methods.redundancy``). The
+estimates MustDrop's stage-1 savings from the pixels (``vllm_tokcomp.auto_budget``). The
 published method instead merges every 3x3 window of *layer-1 features* whose mean pairwise cosine
 similarity reaches the threshold, a count known only after the first ViT layer. This script runs both
 on the same images: the pixel estimate, and the threshold form (``MustDropStage1.compress_adaptive``)
@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from vllm_tokcomp.auto_budget import ESTIMATORS, adaptive_budget  # noqa: E402
 from vllm_tokcomp.bench import common  # noqa: E402
 from vllm_tokcomp.data.generate import scene_rng  # noqa: E402
 from vllm_tokcomp.data.synth import make_scene, render_scene  # noqa: E402
 from vllm_tokcomp.methods import VisualTokens  # noqa: E402
-from vllm_tokcomp.methods.mustdrop import MustDropStage1  # noqa: E402
-from vllm_tokcomp.methods.redundancy import ESTIMATORS, adaptive_budget  # noqa: E402
+from vllm_tokcomp.methods.mustdrop_stages import MustDropStage1  # noqa: E402
 
 FULL = 576
 

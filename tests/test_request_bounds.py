@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vllm_tokcomp.auto_budget import ESTIMATORS, adaptive_budget
 from vllm_tokcomp.config import (
     ALLOW_OFF_KEY,
     ALLOWED_METHODS_KEY,
@@ -42,7 +43,6 @@ from vllm_tokcomp.integration.requests import canonical_kwargs
 from vllm_tokcomp.integration.text_signals import with_text_fallback
 from vllm_tokcomp.methods import TokenAssignment, VisualTokens, get_method, method_class
 from vllm_tokcomp.methods.knobs import QUOTE_LIMIT, KnobSpec, knob_specs, quote
-from vllm_tokcomp.methods.redundancy import ESTIMATORS, adaptive_budget
 
 METHODS = servable_methods()
 KNOB_NAMES = sorted({name for method in METHODS for name in knob_specs(method_class(method))})

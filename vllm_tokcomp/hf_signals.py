@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .integration.clip_signals import VisionSignals, cls_signals_from_qk
 from .methods import TokenAssignment
-from .methods.mustdrop import MustDropStage1
+from .methods.mustdrop_stages import MustDropStage1
 
 GRID = (24, 24)  # LLaVA-1.5: 336 px / 14 px patches
 PROBE_LAYER = 2  # MustDrop's first pruning layer, as the served LM probe

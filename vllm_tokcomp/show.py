@@ -27,7 +27,7 @@ from .config import BUDGET_KEY, METHOD_KEY, ConfigError, method_reads_text, pars
 from .connectors import is_connector_method
 from .hf_signals import encode, encode_with_stage1, probe_text_attention
 from .methods import TokenAssignment, VisualTokens, get_method, method_class
-from .methods.mustdrop import MustDropStage1
+from .methods.mustdrop_stages import MustDropStage1
 
 DIM = 0.25  # brightness left to a dropped patch
 TINT = 0.45  # share of a kept patch's colour that is its token's colour

@@ -115,7 +115,7 @@ def test_bad_request_value_is_a_clear_error(plugin):
 def test_auto_budget_is_the_pixel_redundancy_estimate(tiny_llava_dir, plain, plugin):
     from transformers import AutoProcessor
 
-    from vllm_tokcomp.methods.redundancy import adaptive_budget
+    from vllm_tokcomp.auto_budget import adaptive_budget
 
     from .images import make_image
 

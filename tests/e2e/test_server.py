@@ -94,7 +94,7 @@ def test_per_request_override(client, text_tokens, mm_kwargs, image_tokens):
     if image_tokens is None:  # "auto": the texture estimate of the image's own pixels
         from transformers import CLIPImageProcessor
 
-        from vllm_tokcomp.methods.redundancy import adaptive_budget
+        from vllm_tokcomp.auto_budget import adaptive_budget
         from vllm_tokcomp.tiny.llava import default_model_dir
 
         pixels = CLIPImageProcessor.from_pretrained(default_model_dir())(make_image(1), return_tensors="pt")

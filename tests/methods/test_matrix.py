@@ -259,8 +259,8 @@ def test_capabilities_declared(name):
 
 def test_registry_lists_every_builtin_module():
     """Every method module in the package is imported by builtin.py, and each registers a method."""
-    # redundancy: a budget estimator, knobs: the knob declarations; neither is a method
-    skip = {"base", "registry", "builtin", "learned", "redundancy", "knobs"}
+    # knobs: the knob declarations, not a method
+    skip = {"base", "registry", "builtin", "learned", "knobs"}
     modules = {
         info.name
         for info in pkgutil.iter_modules(methods_pkg.__path__)

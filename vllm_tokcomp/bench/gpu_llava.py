@@ -49,7 +49,7 @@ from vllm_tokcomp.bench.common import RESULTS_DIR, machine_info, timestamp  # no
 from vllm_tokcomp.hf_signals import GRID, encode, encode_with_stage1, probe_text_attention  # noqa: E402
 from vllm_tokcomp.integration.clip_signals import VisionSignals  # noqa: E402
 from vllm_tokcomp.methods import VisualTokens, get_method  # noqa: E402
-from vllm_tokcomp.methods.mustdrop import MustDropStage1  # noqa: E402
+from vllm_tokcomp.methods.mustdrop_stages import MustDropStage1  # noqa: E402
 
 SCHEMA_VERSION = 1
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

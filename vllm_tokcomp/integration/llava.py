@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..auto_budget import adaptive_budget
 from ..config import (
     AUTO,
     CONNECTORS_KEY,
@@ -42,7 +43,6 @@ from ..config import (
 )
 from ..connectors import ConnectorModules, check_trained_for, is_connector_method
 from ..methods import VisualTokens, get_method, method_class
-from ..methods.redundancy import adaptive_budget
 from ..show import to_image
 from . import settings
 from .clip_signals import capture_feature_layer_signals

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from vllm.model_executor.models.vision import resolve_visual_encoder_outputs
 
 from ..methods import TokenAssignment
-from ..methods.mustdrop import MustDropStage1
+from ..methods.mustdrop_stages import MustDropStage1
 from .clip_signals import VisionSignals, capture_feature_layer_signals
 
 

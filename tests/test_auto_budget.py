@@ -2,7 +2,7 @@
 
 import torch
 
-from vllm_tokcomp.methods.redundancy import adaptive_budget, redundant_window_savings
+from vllm_tokcomp.auto_budget import adaptive_budget, redundant_window_savings
 
 
 def _noise(seed=0):
@@ -31,7 +31,7 @@ def test_a_window_split_between_two_flat_colours_is_not_redundant():
 
 
 def test_texture_estimator_merges_noise_of_one_colour_but_not_edges():
-    from vllm_tokcomp.methods.redundancy import texture_window_savings
+    from vllm_tokcomp.auto_budget import texture_window_savings
 
     noisy = 0.3 + 0.3 * _noise(3)  # one colour with pixel noise: every window looks alike by texture
     assert texture_window_savings(noisy) == 64 * 8
