@@ -69,7 +69,7 @@ def test_clip_attention_layout():
 
 
 def test_value_error_in_processor_info_means_text_only():
-    """Why integration/llava.py raises EngineConfigError (a RuntimeError) for a bad engine config."""
+    """Why integration/processing.py raises EngineConfigError (a RuntimeError) for a bad engine config."""
     from vllm.config.model import ModelConfig
 
     assert "except ValueError" in inspect.getsource(ModelConfig._supports_multimodal_inputs)

@@ -30,16 +30,9 @@ from ..auto_budget import adaptive_budget
 from ..config import (
     AUTO,
     CONNECTORS_KEY,
-    METHOD_KEY,
     CompressionSpec,
-    ConfigError,
-    effective_config,
     engine_connectors,
-    is_engine_configured,
     method_reads_text,
-    parse_engine_config,
-    resolve_request,
-    without_plugin_keys,
 )
 from ..connectors import ConnectorModules, check_trained_for, is_connector_method
 from ..methods import VisualTokens, get_method, method_class
@@ -48,11 +41,10 @@ from . import settings
 from .clip_signals import capture_feature_layer_signals
 from .debug_log import log_selection
 from .lm_probe import text_to_vision_attention
-from .metrics import record_processed
 from .mustdrop_tower import encode_with_window_merge, supports_tower_merge
 from .parallel import PipelineLimit, llava_pipeline_limit
 from .preview import llava_item, png_of_groups, uncompressed_item
-from .requests import processed_spec, settle_request
+from .processing import CompressingInfo, CompressingProcessor
 from .text_signals import with_text_fallback
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
@@ -64,7 +56,6 @@ from .vllm_api import (
     LlavaProcessingInfo,
     MultiModalFieldConfig,
     PromptReplacement,
-    context_hiding_keys,
     engine_mm_processor_kwargs,
     in_tree_llava_info,
     in_tree_llava_processor,
@@ -74,62 +65,22 @@ from .worker_rpc import report_item
 logger = logging.getLogger("vllm_tokcomp")
 
 
-class EngineConfigError(RuntimeError):
-    """A bad engine-wide tokcomp setting: the server must refuse to start."""
+class CompressedLlavaInfo(CompressingInfo, LlavaProcessingInfo):
+    def check_engine_only_settings(self, ctx) -> None:  # noqa: ANN001 - vLLM's InputProcessingContext
+        _check_connectors_trained_for(self.engine_kwargs, ctx.model_config.model)
 
+    def pipeline_limit(self, stages: int) -> PipelineLimit:
+        return llava_pipeline_limit(self.get_hf_config().text_config.num_hidden_layers, stages)
 
-class CompressedLlavaInfo(LlavaProcessingInfo):
-    def __init__(self, ctx) -> None:  # noqa: ANN001 - vLLM's InputProcessingContext
-        super().__init__(context_hiding_keys(ctx, without_plugin_keys))
-        self.engine_kwargs = dict(engine_mm_processor_kwargs(ctx))
-        self.tokcomp_pipeline = PipelineLimit()
-        try:
-            self.engine_spec = parse_engine_config(self.engine_kwargs)
-            _check_connectors_trained_for(self.engine_kwargs, ctx.model_config.model)
-        except ConfigError as error:
-            # Not a ValueError: vLLM 0.32 turns a ValueError from processor-info construction
-            # into "running in text-only mode" (ModelConfig._supports_multimodal_inputs).
-            raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
-        self.engine_configured = is_engine_configured(self.engine_kwargs)
+    def unsupported_reason(self) -> str | None:
         vision_type = self.get_hf_config().vision_config.model_type
-        self.supported = vision_type == "clip_vision_model"
-        if self.engine_configured:
-            _log_effective_config_once(self.engine_spec, self.engine_kwargs, None if self.supported else vision_type)
-
-    def limit_to_pipeline(self, stages: int) -> None:
-        """Refuse what cannot run on ``stages`` pipeline stages (integration/parallel.py): the engine's own method
-        stops the server, a request's gets HTTP 400."""
-        self.tokcomp_pipeline = llava_pipeline_limit(self.get_hf_config().text_config.num_hidden_layers, stages)
-        try:
-            self.tokcomp_pipeline.check(self.engine_spec, f"mm_processor_kwargs.{METHOD_KEY}")
-        except ConfigError as error:
-            raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
-
-    def spec_for_request(self, request_kwargs: Mapping[str, object]) -> CompressionSpec | None:
-        """The spec of a client's kwargs (``ConfigError`` naming a bad field)."""
-        spec = resolve_request(self.engine_kwargs, request_kwargs)
-        self.tokcomp_pipeline.check(spec, f"mm_processor_kwargs.{METHOD_KEY}")
-        return spec if self.supported else None
-
-    def processed_spec(self, kwargs: Mapping[str, object]) -> CompressionSpec | None:
-        """The spec of the kwargs :meth:`CompressedLlavaProcessor.apply` handed to vLLM."""
-        spec = processed_spec(kwargs, self.engine_kwargs)
-        return spec if self.supported else None
+        if vision_type == "clip_vision_model":
+            return None
+        return f"vision tower {vision_type!r} is not supported (CLIP only)"
 
 
-class CompressedLlavaProcessor(LlavaMultiModalProcessor):
+class CompressedLlavaProcessor(CompressingProcessor, LlavaMultiModalProcessor):
     info: CompressedLlavaInfo
-
-    def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
-        inputs, client_kwargs, previewing = settle_request(self.info, inputs, self._query)
-        result = super().apply(inputs, timing_ctx)
-        if not previewing:
-            record_processed(self, client_kwargs, result)
-        return result
-
-    def _query(self, prompt: list[int]) -> tuple[list[int], set[int]]:
-        """The prompt's tokens a text-guided method reads, and the ids it leaves out (image and special tokens)."""
-        return prompt, {self.info.get_hf_config().image_token_index, *self.info.get_tokenizer().all_special_ids}
 
     def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
         """Each image's entry of ``POST /tokcomp/preview`` (integration/preview.py)."""
@@ -371,21 +322,3 @@ def _uses_vision_signals(method: str) -> bool:
     """Whether the feature layer's [CLS] attention and keys are captured for ``method`` (trained connectors read
     neither)."""
     return not is_connector_method(method) and method_class(method).reads_tower_signals()
-
-
-_logged = False
-
-
-def _log_effective_config_once(spec: CompressionSpec | None, engine_kwargs: Mapping[str, object],
-                               unsupported_tower: str | None) -> None:
-    global _logged
-    if _logged:
-        return
-    _logged = True
-    if unsupported_tower is not None:
-        logger.warning(
-            "tokcomp: vision tower %r is not supported (CLIP only); images pass through uncompressed",
-            unsupported_tower,
-        )
-    else:
-        logger.warning("tokcomp: %s", effective_config(spec, engine_kwargs))

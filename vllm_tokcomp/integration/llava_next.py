@@ -28,26 +28,19 @@ import torch
 from ..config import (
     AUTO,
     BUDGET_KEY,
-    CONNECTORS_KEY,
     METHOD_KEY,
     CompressionSpec,
     ConfigError,
-    effective_config,
-    is_engine_configured,
     method_reads_text,
-    parse_engine_config,
-    resolve_request,
     servable_methods,
-    without_plugin_keys,
 )
 from ..connectors import is_connector_method
 from ..methods import TokenAssignment, VisualTokens, get_method, method_class
 from . import settings
 from .clip_signals import capture_feature_layer_signals
-from .metrics import record_processed
 from .parallel import PipelineLimit, llava_pipeline_limit
 from .preview import uncompressed_item
-from .requests import processed_spec, settle_request
+from .processing import METHOD_FIELD, CompressingInfo, CompressingProcessor
 from .text_signals import with_text_fallback
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
@@ -59,17 +52,10 @@ from .vllm_api import (
     LlavaNextProcessingInfo,
     MultiModalFieldConfig,
     PromptReplacement,
-    context_hiding_keys,
-    engine_mm_processor_kwargs,
 )
 from .worker_rpc import report_item
 
 logger = logging.getLogger("vllm_tokcomp")
-METHOD_FIELD = f"mm_processor_kwargs.{METHOD_KEY}"
-
-
-class EngineConfigError(RuntimeError):
-    """A bad engine-wide tokcomp setting: the server must refuse to start (not a ValueError, see llava.py)."""
 
 
 def visual_counts(spec: CompressionSpec | None, base: int, rows: int, cols: int) -> tuple[int, int] | None:
@@ -119,39 +105,17 @@ def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec
     return spec
 
 
-class CompressedLlavaNextInfo(LlavaNextProcessingInfo):
-    def __init__(self, ctx) -> None:  # noqa: ANN001 - vLLM's InputProcessingContext
-        super().__init__(context_hiding_keys(ctx, without_plugin_keys))
-        self.engine_kwargs = dict(engine_mm_processor_kwargs(ctx))
-        self.tokcomp_pipeline = PipelineLimit()
-        try:
-            if CONNECTORS_KEY in self.engine_kwargs:
-                raise ConfigError(f"mm_processor_kwargs.{CONNECTORS_KEY}", "trained connectors are served on "
-                                                                           "LLaVA-1.5 only")
-            self.engine_spec = _check_servable(parse_engine_config(self.engine_kwargs), METHOD_FIELD)
-        except ConfigError as error:
-            raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
-        self.engine_configured = is_engine_configured(self.engine_kwargs)
-        self.supported = self.get_hf_config().vision_config.model_type == "clip_vision_model"
-        if self.engine_configured:
-            _log_effective_config_once(self.engine_spec, self.engine_kwargs, self.supported)
+class CompressedLlavaNextInfo(CompressingInfo, LlavaNextProcessingInfo):
+    def check_servable(self, spec: CompressionSpec) -> CompressionSpec:
+        return _check_servable(spec, METHOD_FIELD)
 
-    def limit_to_pipeline(self, stages: int) -> None:
-        """As LLaVA-1.5's (integration/parallel.py)."""
-        self.tokcomp_pipeline = llava_pipeline_limit(self.get_hf_config().text_config.num_hidden_layers, stages)
-        try:
-            self.tokcomp_pipeline.check(self.engine_spec, METHOD_FIELD)
-        except ConfigError as error:
-            raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
+    def pipeline_limit(self, stages: int) -> PipelineLimit:
+        return llava_pipeline_limit(self.get_hf_config().text_config.num_hidden_layers, stages)
 
-    def spec_for_request(self, request_kwargs: Mapping[str, object]) -> CompressionSpec | None:
-        spec = _check_servable(resolve_request(self.engine_kwargs, request_kwargs), METHOD_FIELD)
-        self.tokcomp_pipeline.check(spec, METHOD_FIELD)
-        return spec if self.supported else None
-
-    def processed_spec(self, kwargs: Mapping[str, object]) -> CompressionSpec | None:
-        spec = processed_spec(kwargs, self.engine_kwargs)
-        return spec if self.supported else None
+    def unsupported_reason(self) -> str | None:
+        if self.get_hf_config().vision_config.model_type == "clip_vision_model":
+            return None
+        return "LLaVA-NeXT with a non-CLIP tower is not supported"
 
     def layout(self, width: int, height: int) -> tuple[int, int, int]:
         """``(base view tokens, grid rows H, grid columns W)`` of an image, as vLLM counts its placeholders."""
@@ -169,18 +133,8 @@ class CompressedLlavaNextInfo(LlavaNextProcessingInfo):
         return side * side, rows, unpadded // max(rows, 1)
 
 
-class CompressedLlavaNextProcessor(LlavaNextMultiModalProcessor):
+class CompressedLlavaNextProcessor(CompressingProcessor, LlavaNextMultiModalProcessor):
     info: CompressedLlavaNextInfo
-
-    def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
-        inputs, client_kwargs, previewing = settle_request(self.info, inputs, self._query)
-        result = super().apply(inputs, timing_ctx)
-        if not previewing:
-            record_processed(self, client_kwargs, result)
-        return result
-
-    def _query(self, prompt: list[int]) -> tuple[list[int], set[int]]:
-        return prompt, {self.info.get_hf_config().image_token_index, *self.info.get_tokenizer().all_special_ids}
 
     def _image_counts(self, item) -> tuple[int, tuple[int, int] | None, CompressionSpec | None]:  # noqa: ANN001
         """An image's placeholders without compression, its visual counts when compressed, its settings."""
@@ -344,18 +298,3 @@ def _tower_signals(signals, flat: torch.Tensor | None) -> dict:  # noqa: ANN001 
         cls_attention = cls_attention[flat.to(cls_attention.device)]
         keys = None if keys is None else keys[flat.to(keys.device)]
     return {"cls_attention": cls_attention, "keys": keys, "key_heads": signals[0].key_heads}
-
-
-_logged = False
-
-
-def _log_effective_config_once(spec: CompressionSpec | None, engine_kwargs: Mapping[str, object],
-                               supported: bool) -> None:
-    global _logged
-    if _logged:
-        return
-    _logged = True
-    if not supported:
-        logger.warning("tokcomp: LLaVA-NeXT with a non-CLIP tower is not supported; images pass through uncompressed")
-    else:
-        logger.warning("tokcomp: %s", effective_config(spec, engine_kwargs))

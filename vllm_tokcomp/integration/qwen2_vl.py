@@ -51,26 +51,19 @@ import torch
 from ..config import (
     AUTO,
     BUDGET_KEY,
-    CONNECTORS_KEY,
     METHOD_KEY,
     RATIO_KEY,
     CompressionSpec,
     ConfigError,
-    effective_config,
-    is_engine_configured,
-    parse_engine_config,
-    resolve_request,
-    without_plugin_keys,
 )
 from ..connectors import is_connector_method
 from ..methods import TokenAssignment, VisualTokens, available_methods, get_method, method_class
 from ..show import qwen_pixels_to_image
 from . import settings
 from .debug_log import POSITIONS_LOG_ENV, append_record, log_selection
-from .metrics import record_processed
 from .parallel import PipelineLimit, qwen_pipeline_limit
 from .preview import png_of_groups, qwen_item, uncompressed_item
-from .requests import processed_spec, settle_request
+from .processing import METHOD_FIELD, CompressingInfo, CompressingProcessor
 from .text_signals import with_text_fallback
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
@@ -84,11 +77,9 @@ from .vllm_api import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
-    context_hiding_keys,
     enable_runner_position_recompute,
     enable_v2_runner_position_recompute,
     encoder_cudagraphs_requested,
-    engine_mm_processor_kwargs,
     without_encoder_cudagraphs,
 )
 from .worker_rpc import report_item
@@ -138,11 +129,6 @@ ENCODER_DECIDED_METHODS = qwen_methods(ENCODER)
 SERVED_METHODS = qwen_methods()
 POSITION_CHANNELS = 6  # (t, h, w), each as (value // 128, value % 128): exact even in bf16 (8-bit mantissa)
 POSITION_BASE = 128
-METHOD_FIELD = f"mm_processor_kwargs.{METHOD_KEY}"
-
-
-class EngineConfigError(RuntimeError):
-    """A bad engine-wide tokcomp setting: the server must refuse to start (not a ValueError, see llava.py)."""
 
 
 def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec | None:
@@ -264,60 +250,32 @@ def _merged_tokens(grid_thw: torch.Tensor, merge: int) -> int:
     return int(grid_thw.prod()) // (merge * merge)
 
 
-class _InfoMixin:
-    """Processing info for both families: engine config parsed once, ``tokcomp_*`` hidden from HF."""
+class QwenInfo(CompressingInfo):
+    """Processing info of the Qwen-VL families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): vLLM's own video pruning (EVS)
+    and tokcomp exclude each other; methods are served by their route (:func:`qwen_route`)."""
 
-    def __init__(self, ctx) -> None:  # noqa: ANN001 - vLLM's InputProcessingContext
-        super().__init__(context_hiding_keys(ctx, without_plugin_keys))
-        self.engine_kwargs = dict(engine_mm_processor_kwargs(ctx))
+    def read_model(self, ctx) -> None:  # noqa: ANN001 - vLLM's InputProcessingContext
         self.evs_rate = _evs_rate(ctx)
-        self.tokcomp_pipeline = PipelineLimit()
-        try:
-            self.engine_spec = self._check(parse_engine_config(self.engine_kwargs))
-            if CONNECTORS_KEY in self.engine_kwargs:
-                raise ConfigError(f"mm_processor_kwargs.{CONNECTORS_KEY}",
-                                  "trained connectors are served on LLaVA only (the bundled ones were trained for "
-                                  "the tiny LLaVA's weights)")
-        except ConfigError as error:
-            raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
-        self.engine_configured = is_engine_configured(self.engine_kwargs)
-        if self.engine_configured:
-            _log_effective_config_once(self.engine_spec, self.engine_kwargs)
 
-    def _check(self, spec: CompressionSpec | None) -> CompressionSpec | None:
-        if spec is not None and self.evs_rate > 0:
+    def check_servable(self, spec: CompressionSpec) -> CompressionSpec:
+        if self.evs_rate > 0:
             # Composing would need our selection inside vLLM's 4-channel EVS embeddings; refuse instead.
             raise ConfigError(
                 METHOD_FIELD,
                 f"tokcomp compression cannot be combined with vLLM's video_pruning_rate={self.evs_rate} (EVS); "
                 "unset one of them",
             )
-        self.tokcomp_pipeline.check(spec, METHOD_FIELD)
         return _check_servable(spec, METHOD_FIELD)
 
-    def limit_to_pipeline(self, stages: int) -> None:
-        """Refuse what cannot run on ``stages`` pipeline stages (integration/parallel.py): the engine's own method
-        stops the server, a request's gets HTTP 400."""
-        self.tokcomp_pipeline = qwen_pipeline_limit(qwen_methods(ENCODER), stages)
-        try:
-            self._check(self.engine_spec)
-        except ConfigError as error:
-            raise EngineConfigError(f"tokcomp: bad engine configuration: {error}") from None
-
-    def spec_for_request(self, request_kwargs: Mapping[str, object]) -> CompressionSpec | None:
-        """The spec of a client's kwargs (``ConfigError`` naming a bad field)."""
-        return self._check(resolve_request(self.engine_kwargs, request_kwargs))
-
-    def processed_spec(self, kwargs: Mapping[str, object]) -> CompressionSpec | None:
-        """The spec of the kwargs :meth:`_ProcessorMixin.apply` handed to vLLM."""
-        return self._check(processed_spec(kwargs, self.engine_kwargs))
+    def pipeline_limit(self, stages: int) -> PipelineLimit:
+        return qwen_pipeline_limit(qwen_methods(ENCODER), stages)
 
 
-class CompressedQwen2VLInfo(_InfoMixin, Qwen2VLProcessingInfo):
+class CompressedQwen2VLInfo(QwenInfo, Qwen2VLProcessingInfo):
     pass
 
 
-class CompressedQwen2_5_VLInfo(_InfoMixin, Qwen2_5_VLProcessingInfo):
+class CompressedQwen2_5_VLInfo(QwenInfo, Qwen2_5_VLProcessingInfo):
     pass
 
 
@@ -344,17 +302,10 @@ def user_turn_ids(prompt: list[int], tokenizer) -> list[int]:  # noqa: ANN001 - 
     return kept or prompt
 
 
-class _ProcessorMixin:
-    info: _InfoMixin
+class QwenProcessor(CompressingProcessor):
+    info: QwenInfo
 
-    def apply(self, inputs, timing_ctx):  # noqa: ANN001, ANN201 - vLLM signature
-        inputs, client_kwargs, previewing = settle_request(self.info, inputs, self._query)
-        result = super().apply(inputs, timing_ctx)
-        if not previewing:
-            record_processed(self, client_kwargs, result)
-        return result
-
-    def _query(self, prompt: list[int]) -> tuple[list[int], set[int]]:
+    def question_tokens(self, prompt: list[int]) -> tuple[list[int], set[int]]:
         """The user turns' tokens (:func:`user_turn_ids`), without the media placeholders and special tokens."""
         config, tokenizer = self.info.get_hf_config(), self.info.get_tokenizer()
         excluded = {config.image_token_id, config.video_token_id, *tokenizer.all_special_ids}
@@ -484,11 +435,11 @@ class _ProcessorMixin:
         ]
 
 
-class CompressedQwen2VLProcessor(_ProcessorMixin, Qwen2VLMultiModalProcessor):
+class CompressedQwen2VLProcessor(QwenProcessor, Qwen2VLMultiModalProcessor):
     pass
 
 
-class CompressedQwen2_5_VLProcessor(_ProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+class CompressedQwen2_5_VLProcessor(QwenProcessor, Qwen2_5_VLMultiModalProcessor):
     pass
 
 
@@ -747,14 +698,3 @@ def _log_positions(input_tokens, items, positions: np.ndarray, delta: int) -> No
     """Debug aid: with ``$TOKCOMP_POSITIONS_LOG`` set, append the M-RoPE positions handed to the runner."""
     append_record(POSITIONS_LOG_ENV, {"prompt": list(input_tokens), "items": items, "positions": positions.tolist(),
                                       "delta": delta})
-
-
-_logged = False
-
-
-def _log_effective_config_once(spec: CompressionSpec | None, engine_kwargs: Mapping[str, object]) -> None:
-    global _logged
-    if _logged:
-        return
-    _logged = True
-    logger.warning("tokcomp: %s", effective_config(spec, engine_kwargs))

@@ -36,11 +36,11 @@ from .qwen2_vl import (
     ENCODER,
     MODALITY_FIELDS,
     PIXELS,
+    QwenInfo,
+    QwenProcessor,
     _compress_item,
-    _InfoMixin,
     _log_positions,
     _ModelMixin,
-    _ProcessorMixin,
     compress_rows,
     item_anchors,
     item_positions,
@@ -103,15 +103,15 @@ def video_preview(spec: CompressionSpec, grid: tuple[int, int, int], assignment_
     return {"tokens_after": served, "groups": groups, "decided": frames[0]["decided"] if groups is not None else None}
 
 
-class CompressedQwen3VLInfo(_InfoMixin, Qwen3VLProcessingInfo):
+class CompressedQwen3VLInfo(QwenInfo, Qwen3VLProcessingInfo):
     pass
 
 
-class CompressedQwen3VLMoeInfo(_InfoMixin, Qwen3VLMoeProcessingInfo):
+class CompressedQwen3VLMoeInfo(QwenInfo, Qwen3VLMoeProcessingInfo):
     pass
 
 
-class CompressedQwen3VLProcessor(_ProcessorMixin, Qwen3VLMultiModalProcessor):
+class CompressedQwen3VLProcessor(QwenProcessor, Qwen3VLMultiModalProcessor):
     """Images as on Qwen2-VL; a video's assignment row and prompt replacement frame by frame."""
 
     def _item_assignment(self, modality: str, spec: CompressionSpec | None, patches: torch.Tensor,
