@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from vllm_tokcomp.config import CompressionSpec, ConfigError, method_reads_text
-from vllm_tokcomp.integration import llava, qwen2_vl
+from vllm_tokcomp.integration import llava, qwen_routes
 from vllm_tokcomp.methods import Compressor, TokenAssignment, VisualTokens, available_methods, register
 from vllm_tokcomp.methods import registry as method_registry
 
 
 def test_qwen_routes_of_the_built_in_methods():
-    routes = {method: qwen2_vl.qwen_route(method) for method in available_methods()}
+    routes = {method: qwen_routes.qwen_route(method) for method in available_methods()}
     assert {m for m, r in routes.items() if r == "layout"} == {"uniform", "random", "pool", "bilinear"}
     assert {m for m, r in routes.items() if r == "pixels"} == {"tome", "divprune", "adjacent", "evs"}
     assert {m for m, r in routes.items() if r == "encoder"} == {"text_relevance", "pumer", "dart", "cdpruner"}
@@ -78,11 +78,11 @@ def registered():
 
 
 def test_a_new_method_is_routed_by_its_flags_on_qwen(registered):
-    assert qwen2_vl.qwen_route("test_largest_norm") == "pixels"
-    assert qwen2_vl.qwen_route("test_corner") == "layout"
-    assert qwen2_vl.qwen_route("test_needs_cls") is None
+    assert qwen_routes.qwen_route("test_largest_norm") == "pixels"
+    assert qwen_routes.qwen_route("test_corner") == "layout"
+    assert qwen_routes.qwen_route("test_needs_cls") is None
     field = "mm_processor_kwargs.tokcomp_method"
-    qwen2_vl._check_servable(CompressionSpec("test_largest_norm", 8), field)  # accepted
+    qwen_routes.check_served_on_qwen(CompressionSpec("test_largest_norm", 8), field)  # accepted
     with pytest.raises(ConfigError, match="test_needs_cls"):
-        qwen2_vl._check_servable(CompressionSpec("test_needs_cls", 8), field)
-    assert "test_largest_norm" in qwen2_vl.qwen_methods("pixels")
+        qwen_routes.check_served_on_qwen(CompressionSpec("test_needs_cls", 8), field)
+    assert "test_largest_norm" in qwen_routes.qwen_methods("pixels")

@@ -5,7 +5,7 @@ import pytest
 from vllm_tokcomp.config import CompressionSpec, ConfigError
 from vllm_tokcomp.integration.frontend import configure_serving_processor
 from vllm_tokcomp.integration.parallel import PipelineLimit, llava_pipeline_limit, qwen_pipeline_limit
-from vllm_tokcomp.integration.qwen2_vl import ENCODER_DECIDED_METHODS, SERVED_METHODS
+from vllm_tokcomp.integration.qwen_routes import ENCODER_DECIDED_METHODS, SERVED_METHODS
 from vllm_tokcomp.methods import available_methods
 
 

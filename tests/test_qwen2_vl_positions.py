@@ -6,27 +6,29 @@ import pytest
 import torch
 
 from vllm_tokcomp.config import CompressionSpec
+from vllm_tokcomp.integration.processing import METHOD_FIELD
 
 qwen = pytest.importorskip("vllm_tokcomp.integration.qwen2_vl")
+from vllm_tokcomp.integration import mrope, qwen_routes, text_signals  # noqa: E402
 
 
 @pytest.mark.parametrize("grid", [(1, 12, 12), (1, 8, 16), (3, 4, 6)])
 def test_full_budget_is_the_in_tree_layout(grid):
-    anchors = qwen.kept_anchors(None, grid)
-    positions, extent = qwen.item_positions(grid, anchors)
+    anchors = qwen_routes.kept_anchors(None, grid)
+    positions, extent = mrope.item_positions(grid, anchors)
     assert np.array_equal(positions, np.indices(grid).reshape(3, -1))
     assert extent == max(grid)  # in-tree: next text starts at max position + 1
     big = CompressionSpec("pool", 10_000)
-    assert torch.equal(qwen.kept_anchors(big, grid), anchors)
+    assert torch.equal(qwen_routes.kept_anchors(big, grid), anchors)
 
 
-@pytest.mark.parametrize("method", sorted(qwen.FIXED_LAYOUT_METHODS))
+@pytest.mark.parametrize("method", sorted(qwen_routes.FIXED_LAYOUT_METHODS))
 def test_kept_tokens_take_their_anchor_positions(method):
     grid = (1, 8, 16)
     spec = CompressionSpec(method, 30)
-    anchors = qwen.kept_anchors(spec, grid)
+    anchors = qwen_routes.kept_anchors(spec, grid)
     assert anchors.numel() == 30
-    positions, extent = qwen.item_positions(grid, anchors)
+    positions, extent = mrope.item_positions(grid, anchors)
     assert extent == 16
     for k, index in enumerate(anchors.tolist()):
         assert positions[:, k].tolist() == [0, index // 16, index % 16]
@@ -34,7 +36,7 @@ def test_kept_tokens_take_their_anchor_positions(method):
 
 def test_pool_anchor_is_the_cell_centre():
     # 12x12 pooled to 6x6: every 2x2 cell takes its lower-middle patch (the top-left of the four).
-    anchors = qwen.kept_anchors(CompressionSpec("pool", 36), (1, 12, 12)).tolist()
+    anchors = qwen_routes.kept_anchors(CompressionSpec("pool", 36), (1, 12, 12)).tolist()
     assert anchors == [r * 2 * 12 + c * 2 for r in range(6) for c in range(6)]
 
 
@@ -44,24 +46,24 @@ def test_methods_needing_cls_attention_are_refused_with_the_field():
 
     for method in available_methods():
         if "cls_attention" not in method_class(method).required_signals():
-            assert qwen._check_servable(CompressionSpec(method, 16), qwen.METHOD_FIELD).method == method
+            assert qwen_routes.check_served_on_qwen(CompressionSpec(method, 16), METHOD_FIELD).method == method
             continue
         with pytest.raises(ConfigError, match=r"\[CLS\]") as error:
-            qwen._check_servable(CompressionSpec(method, 16), qwen.METHOD_FIELD)
+            qwen_routes.check_served_on_qwen(CompressionSpec(method, 16), METHOD_FIELD)
         assert error.value.field == "mm_processor_kwargs.tokcomp_method"
-    assert qwen._check_servable(None, qwen.METHOD_FIELD) is None
-    assert {"text_relevance", "pumer", "tome", "pool"} <= qwen.SERVED_METHODS
+    assert qwen_routes.check_served_on_qwen(None, METHOD_FIELD) is None
+    assert {"text_relevance", "pumer", "tome", "pool"} <= qwen_routes.SERVED_METHODS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_position_channels_round_trip_exactly_in_every_dtype(dtype):
     positions = np.array([[0, 0, 1, 7], [0, 5, 127, 128], [0, 255, 4000, 32767]])
     like = torch.zeros(1, 8, dtype=dtype)
-    channels = qwen.encode_positions(positions, like)
-    assert channels.shape == (4, qwen.POSITION_CHANNELS) and channels.dtype == dtype
-    assert qwen.decode_positions(channels).tolist() == positions.tolist()
+    channels = mrope.encode_positions(positions, like)
+    assert channels.shape == (4, mrope.POSITION_CHANNELS) and channels.dtype == dtype
+    assert mrope.decode_positions(channels).tolist() == positions.tolist()
     with pytest.raises(ValueError, match="do not fit"):
-        qwen.encode_positions(np.array([[0], [0], [128 * 256]]), like)
+        mrope.encode_positions(np.array([[0], [0], [128 * 256]]), like)
 
 
 class _Config:
@@ -89,7 +91,7 @@ def _prompt_and_initial_positions():
     for offset, count in spans:
         positions += [[p] * 3 for p in range(nxt, nxt + offset - i)]
         nxt += offset - i
-        rel, extent = qwen.item_positions(grid, torch.arange(count))
+        rel, extent = mrope.item_positions(grid, torch.arange(count))
         positions += (rel + nxt).T.tolist()
         nxt += extent
         i = offset + count
@@ -105,8 +107,8 @@ def test_recompute_rewrites_the_placeholders_of_channelled_items_only():
     prompt, initial, grid = _prompt_and_initial_positions()
     anchors = torch.tensor([1, 6, 11, 15])
     first = torch.randn(4, 4)
-    rel, _ = qwen.item_positions(grid, anchors)
-    channelled = torch.cat([first, qwen.encode_positions(rel, first)], dim=-1)
+    rel, _ = mrope.item_positions(grid, anchors)
+    channelled = torch.cat([first, mrope.encode_positions(rel, first)], dim=-1)
     second = torch.randn(3, 4)
     out, positions, delta = model.recompute_mrope_positions(prompt, [channelled, second], initial, 0)
     assert torch.equal(out[0], first) and out[1] is second
@@ -123,9 +125,9 @@ def test_recompute_follows_chunked_prefill_from_the_computed_tokens():
     and 14) in this step."""
     model = _Recomputing()
     prompt, initial, grid = _prompt_and_initial_positions()
-    rel, _ = qwen.item_positions(grid, torch.tensor([0, 9, 14]))
+    rel, _ = mrope.item_positions(grid, torch.tensor([0, 9, 14]))
     tail = torch.randn(2, 4)
-    channelled = torch.cat([tail, qwen.encode_positions(rel[:, 1:], tail)], dim=-1)
+    channelled = torch.cat([tail, mrope.encode_positions(rel[:, 1:], tail)], dim=-1)
     _, positions, _ = model.recompute_mrope_positions(prompt, [channelled], initial, 11)
     start = int(initial[0, 9]) + 1  # the second image's <|vision_start|> is at index 9
     assert positions[:, 11].tolist() == [start, start + 2, start + 1]  # anchor 9 of a 4-wide grid: row 2, col 1
@@ -150,7 +152,7 @@ def test_pixel_descriptors_pool_each_patch_plane_into_block_means():
     torch.manual_seed(0)
     merge, size, planes, pool = 2, 6, 3, 2
     patches = torch.randn(2 * merge * merge, planes * size * size)  # 2 merged tokens
-    got = qwen.pixel_descriptors(patches, merge, size, pool)
+    got = qwen_routes.pixel_descriptors(patches, merge, size, pool)
     block = size // pool
     expected = []
     for token in range(2):
@@ -165,11 +167,11 @@ def test_pixel_descriptors_pool_each_patch_plane_into_block_means():
     expected = torch.stack(expected)
     torch.testing.assert_close(got, expected - expected.mean(0))
     assert got.shape == (2, merge * merge * planes * pool * pool)
-    raw = qwen.pixel_descriptors(patches, merge, size, size)  # pool == patch size keeps every pixel
+    raw = qwen_routes.pixel_descriptors(patches, merge, size, size)  # pool == patch size keeps every pixel
     flat = patches.reshape(2, -1)
     torch.testing.assert_close(raw, flat - flat.mean(0))
     with pytest.raises(ValueError, match="does not divide"):
-        qwen.pixel_descriptors(patches, merge, size, 4)
+        qwen_routes.pixel_descriptors(patches, merge, size, 4)
 
 
 def test_pixel_assignment_groups_the_processors_patches_into_merged_tokens():
@@ -181,10 +183,10 @@ def test_pixel_assignment_groups_the_processors_patches_into_merged_tokens():
     torch.manual_seed(0)
     patches = torch.randn(4 * 4, 2 * 4 * 4)  # 4 LM tokens (2x2 grid, merge 2) x 4 patches x (2 planes x 4 x 4 px)
     patches[12:16] = patches[0:4]  # token 3's patches == token 0's
-    row = qwen.pixel_assignment(CompressionSpec("tome", 3), patches, (1, 2, 2), 2, 4)
+    row = qwen_routes.pixel_assignment(CompressionSpec("tome", 3), patches, (1, 2, 2), 2, 4)
     destination, anchor = settings.decode_assignment(row)
     assert len(anchor) == 3 and destination[0] == destination[3]
-    identity = qwen.pixel_assignment(CompressionSpec("uniform", 3), patches, (1, 2, 2), 2, 4)
+    identity = qwen_routes.pixel_assignment(CompressionSpec("uniform", 3), patches, (1, 2, 2), 2, 4)
     assert settings.decode_assignment(identity)[1].tolist() == [0, 1, 2, 3]  # fixed layouts decide in the model
 
 
@@ -226,12 +228,12 @@ def test_text_guided_query_is_the_user_turns_text(tmp_path) -> None:
                 {"role": "user", "content": [{"type": "text", "text": "How many squares are there?"}]}]
     prompt = tok.encode(processor.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
     assert "You are a helpful assistant" in tok.decode(prompt)
-    kept = qwen.user_turn_ids(prompt, tok)
+    kept = text_signals.user_turn_ids(prompt, tok)
     media = tok.encode("<|vision_start|><|image_pad|><|vision_end|>", add_special_tokens=False)
     assert kept == media + tok.encode("Is there a red circle?", add_special_tokens=False) + tok.encode(
         "How many squares are there?", add_special_tokens=False)
     raw = tok.encode("Describe the picture.", add_special_tokens=False)
-    assert qwen.user_turn_ids(raw, tok) == raw  # no ChatML turns: the whole prompt
+    assert text_signals.user_turn_ids(raw, tok) == raw  # no ChatML turns: the whole prompt
 
 
 class _RopeState:
@@ -264,10 +266,10 @@ def test_model_runner_v2_pruner_drives_the_hook_as_v1_does(computed, scheduled):
     model = _Recomputing()
     prompt, initial, grid = _prompt_and_initial_positions()
     first, second = torch.randn(4, 4), torch.randn(3, 4)
-    rel_first, _ = qwen.item_positions(grid, torch.tensor([1, 6, 11, 15]))
-    rel_second, _ = qwen.item_positions(grid, torch.tensor([0, 9, 14]))
-    items = [torch.cat([first, qwen.encode_positions(rel_first, first)], dim=-1),
-             torch.cat([second, qwen.encode_positions(rel_second, second)], dim=-1)]
+    rel_first, _ = mrope.item_positions(grid, torch.tensor([1, 6, 11, 15]))
+    rel_second, _ = mrope.item_positions(grid, torch.tensor([0, 9, 14]))
+    items = [torch.cat([first, mrope.encode_positions(rel_first, first)], dim=-1),
+             torch.cat([second, mrope.encode_positions(rel_second, second)], dim=-1)]
     # This step's slices, as the runner gathers them: whole items, or the tail of the cut one.
     step = items if computed == 0 else [items[1][1:]]
     expected_embeds, expected_positions, expected_delta = model.recompute_mrope_positions(

@@ -266,6 +266,6 @@ def test_unconfigured_server_hashes_a_plain_request_as_vllm_does():
 
 
 def test_default_method_is_servable_everywhere():
-    from vllm_tokcomp.integration.qwen2_vl import SERVED_METHODS
+    from vllm_tokcomp.integration.qwen_routes import SERVED_METHODS
 
     assert DEFAULT_METHOD in METHODS and DEFAULT_METHOD in SERVED_METHODS

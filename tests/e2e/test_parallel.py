@@ -33,8 +33,8 @@ import sys
 import openai
 import pytest
 
-from vllm_tokcomp.integration.qwen2_vl import ENCODER, qwen_methods
-from vllm_tokcomp.integration.qwen2_vl import SERVED_METHODS as QWEN_METHODS
+from vllm_tokcomp.integration.qwen_routes import ENCODER, qwen_methods
+from vllm_tokcomp.integration.qwen_routes import SERVED_METHODS as QWEN_METHODS
 from vllm_tokcomp.launch import ServerProcess
 from vllm_tokcomp.methods import available_methods
 

@@ -372,7 +372,7 @@ def methods_for(model: str) -> list[str]:
 
     if model_type(model) not in QWEN_TYPES:
         return servable_methods()
-    from vllm_tokcomp.integration.qwen2_vl import SERVED_METHODS
+    from vllm_tokcomp.integration.qwen_routes import SERVED_METHODS
 
     return [m for m in servable_methods() if m in SERVED_METHODS]
 
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{DEFAULT_AUTO} for LLaVA, none for Qwen)")
     parser.add_argument("--connectors", type=Path, nargs="*", default=[],
                         help="trained connectors (STEM of STEM.json) the engine loads, each an arm at its count "
-                        "(e.g. train-checkpoints/connectors/c_abstractor-16)")
+                        "(e.g. connectors/c_abstractor-16)")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--chunk", type=int, default=64, help="requests per llm.chat call")
     parser.add_argument("--max-tokens", type=int, default=4)

@@ -33,6 +33,9 @@ Overrides (vLLM 0.32.0, ``model_executor/models/qwen2_vl.py``):
   ``vllm_api.enable_runner_position_recompute``: it rewrites those placeholders' positions and strips the
   columns. Methods that need [CLS] attention are refused: Qwen's tower has no [CLS] token.
 
+Which route serves a method and the processing-time decisions: ``integration/qwen_routes.py``; positions and
+their packing into embedding columns: ``integration/mrope.py``.
+
 A video's kept token keeps its frame: ``(start + frame * t_factor, start + row, start + col)``, with vLLM's
 ``t_factor`` (Qwen2.5-VL: seconds per temporal patch x ``tokens_per_second``).
 """
@@ -49,22 +52,28 @@ import numpy as np
 import torch
 
 from ..config import (
-    AUTO,
-    BUDGET_KEY,
-    METHOD_KEY,
-    RATIO_KEY,
     CompressionSpec,
     ConfigError,
 )
-from ..connectors import is_connector_method
-from ..methods import TokenAssignment, VisualTokens, available_methods, get_method, method_class
+from ..methods import TokenAssignment, VisualTokens, get_method
 from ..show import qwen_pixels_to_image
 from . import settings
 from .debug_log import POSITIONS_LOG_ENV, append_record, log_selection
+from .mrope import POSITION_CHANNELS, decode_positions, encode_positions, item_positions
 from .parallel import PipelineLimit, qwen_pipeline_limit
 from .preview import png_of_groups, qwen_item, uncompressed_item
 from .processing import METHOD_FIELD, CompressingInfo, CompressingProcessor
-from .text_signals import with_text_fallback
+from .qwen_routes import (
+    ENCODER,
+    PIXELS,
+    check_served_on_qwen,
+    item_anchors,
+    kept_anchors,
+    pixel_assignment,
+    qwen_methods,
+    qwen_route,
+)
+from .text_signals import user_turn_ids, with_text_fallback
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
     MultiModalFieldConfig,
@@ -85,160 +94,6 @@ from .vllm_api import (
 from .worker_rpc import report_item
 
 logger = logging.getLogger("vllm_tokcomp")
-
-LAYOUT, PIXELS, ENCODER = "layout", "pixels", "encoder"
-
-
-def qwen_route(method: str) -> str | None:
-    """How Qwen2-VL serves ``method``, read from its declared capabilities (so a newly registered method is
-    routed too):
-
-    - ``"layout"``: the selection ignores content (``selects_by_content = False``); anchors come from the grid
-      and the budget;
-    - ``"pixels"``: it reads nothing but token features; it decides at processing time on each merged token's
-      pixels, so positions are known before the encoder runs, and the model merges the encoder's embeddings by
-      that same assignment;
-    - ``"encoder"``: it reads the prompt's text; it decides in ``embed_multimodal`` on the encoder's embeddings,
-      and the kept tokens' positions reach the runner's recompute hook (``recompute_mrope_positions``) inside the
-      embeddings, as ``POSITION_CHANNELS`` extra columns;
-    - ``None``: it needs [CLS] attention, keys or the LM probe's attention, which Qwen's tower and this
-      integration do not provide (trained connectors: LLaVA only)."""
-    if is_connector_method(method):
-        return None
-    try:
-        cls = method_class(method)
-    except ValueError:  # not a registered method
-        return None
-    if cls.needs_cls_attention or cls.needs_keys or cls.needs_text_attention:
-        return None
-    if not cls.selects_by_content:
-        return LAYOUT
-    return ENCODER if cls.reads_text() else PIXELS
-
-
-def qwen_methods(route: str | None = None) -> frozenset[str]:
-    """The registered methods Qwen2-VL serves (on ``route`` only, when given)."""
-    routes = {method: qwen_route(method) for method in available_methods()}
-    return frozenset(m for m, r in routes.items() if r is not None and (route is None or r == route))
-
-
-# The built-in methods per route, as registered at import (for docs, tests and benchmarks).
-FIXED_LAYOUT_METHODS = qwen_methods(LAYOUT)
-PIXEL_DECIDED_METHODS = qwen_methods(PIXELS)
-ENCODER_DECIDED_METHODS = qwen_methods(ENCODER)
-SERVED_METHODS = qwen_methods()
-POSITION_CHANNELS = 6  # (t, h, w), each as (value // 128, value % 128): exact even in bf16 (8-bit mantissa)
-POSITION_BASE = 128
-
-
-def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec | None:
-    if spec is not None and spec.budget == AUTO:
-        raise ConfigError(
-            field.replace(METHOD_KEY, BUDGET_KEY),
-            f"{AUTO!r} (pixel-redundancy estimate) is implemented for LLaVA's fixed 24x24 grid only; "
-            f"on Qwen-VL models give a count or {RATIO_KEY}",
-        )
-    if spec is not None and is_connector_method(spec.method):
-        raise ConfigError(field, f"{spec.method!r} is a trained connector, served on LLaVA only")
-    if spec is not None and qwen_route(spec.method) is None:
-        raise ConfigError(
-            field,
-            f"method {spec.method!r} needs the vision tower's [CLS] attention, keys or the LM probe; the Qwen-VL "
-            "towers have no [CLS] token, so the served methods are: " + ", ".join(sorted(qwen_methods())),
-        )
-    return spec
-
-
-# Each 14 x 14 patch is described by its 2 x 2 block means per channel and frame: ToMe and DivPrune cost
-# O(N^2 x D), and the raw 1176 values per patch made a 2304-token image take ~1.5 s of processor CPU.
-DESCRIPTOR_POOL = 2
-
-
-def pixel_descriptors(patches: torch.Tensor, merge: int, patch_size: int, pool: int = DESCRIPTOR_POOL) -> torch.Tensor:
-    """``[tokens, D]`` descriptors of the merged tokens: each token's ``merge x merge`` patches (consecutive rows
-    of the HF processor's ``[patches, C * T * P * P]`` layout), each patch average-pooled to ``pool x pool``
-    per channel and frame, centred on the item's mean so that similarity measures contrast, not brightness.
-    ``pool`` must divide ``patch_size``; ``pool == patch_size`` keeps the raw pixels."""
-    if patch_size % pool:
-        raise ValueError(f"pool {pool} does not divide patch size {patch_size}")
-    rows, width = patches.shape
-    planes = width // (patch_size * patch_size)  # channels x frames
-    block = patch_size // pool
-    pooled = patches.float().reshape(rows, planes, pool, block, pool, block).mean((3, 5))
-    features = pooled.reshape(rows // (merge * merge), merge * merge * planes * pool * pool)
-    return features - features.mean(0)
-
-
-def pixel_assignment(
-    spec: CompressionSpec | None, patches: torch.Tensor, grid: tuple[int, int, int], merge: int, patch_size: int
-) -> torch.Tensor:
-    """One item's :func:`settings.encode_assignment` row. For a pixel-decided method the method's own
-    ``select`` runs on the item's merged tokens described by their pixels (:func:`pixel_descriptors`);
-    every other item gets the identity. vLLM 0.32 hands the processor's pixels over unnormalised (uint8;
-    the model normalises them), and these are what is used."""
-    n = int(np.prod(grid))
-    kept = settings.kept_tokens(spec, n)
-    if spec is None or qwen_route(spec.method) != PIXELS or kept >= n:
-        index = torch.arange(n)
-        return settings.encode_assignment(index, index)
-    pool = DESCRIPTOR_POOL if patch_size % DESCRIPTOR_POOL == 0 else patch_size
-    features = pixel_descriptors(patches, merge, patch_size, pool)
-    method = get_method(spec.method, **dict(spec.options))
-    assignment = method.select(VisualTokens(features=features, grid=tuple(grid)), kept)
-    return settings.encode_assignment(assignment.destination, assignment.anchor)
-
-
-def item_anchors(spec: CompressionSpec | None, grid: tuple[int, ...], assignment_row: torch.Tensor | None,
-                 ) -> torch.Tensor:
-    """The anchors an item's kept tokens take their positions from: decided at processing time for the
-    pixel-decided methods (its assignment row), else a function of the grid and the budget. For an
-    encoder-decided method they are not known yet: the first ``kept`` raster indices stand in until the
-    runner's recompute hook writes the real ones (:func:`encode_positions`)."""
-    if spec is not None and qwen_route(spec.method) == PIXELS and assignment_row is not None:
-        return settings.decode_assignment(assignment_row)[1]
-    if spec is not None and qwen_route(spec.method) == ENCODER:
-        return torch.arange(settings.kept_tokens(spec, int(np.prod(grid))))
-    return kept_anchors(spec, grid)
-
-
-def kept_anchors(spec: CompressionSpec | None, grid: tuple[int, ...]) -> torch.Tensor:
-    """Raster indices (into ``grid``) whose positions the kept tokens take, in output order."""
-    n = int(np.prod(grid))
-    kept = settings.kept_tokens(spec, n)
-    if kept >= n:
-        return torch.arange(n)
-    method = get_method(spec.method, **dict(spec.options))
-    tokens = VisualTokens(features=torch.zeros(n, 1), grid=tuple(grid))
-    return method.select(tokens, kept).anchor
-
-
-def item_positions(
-    grid: tuple[int, int, int], anchors: torch.Tensor, t_factor: float = 1.0
-) -> tuple[np.ndarray, int]:
-    """``[3, len(anchors)]`` M-RoPE positions of the kept tokens relative to the item start, and the
-    extent of the full item (the next text starts at ``item start + extent``)."""
-    indices = np.indices(grid).reshape(3, -1)
-    if t_factor != 1.0:
-        indices[0] = (indices[0] * t_factor).astype(np.int64)
-    return indices[:, anchors.numpy()], int(indices.max()) + 1
-
-
-def encode_positions(positions: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """``[k, POSITION_CHANNELS]`` columns carrying ``[3, k]`` item-relative positions inside an embedding
-    (dtype and device of ``like``); each value as a (high, low) pair of integers below 256, which every float
-    dtype vLLM runs in (bf16 included) holds exactly."""
-    values = torch.as_tensor(np.ascontiguousarray(positions), dtype=torch.int64)
-    if values.numel() and (values.min() < 0 or values.max() >= POSITION_BASE * 256):
-        raise ValueError(f"tokcomp: positions {int(values.min())}..{int(values.max())} do not fit the channels")
-    pairs = torch.stack([values // POSITION_BASE, values % POSITION_BASE], dim=1)  # [3, 2, k]
-    return pairs.reshape(POSITION_CHANNELS, -1).T.to(device=like.device, dtype=like.dtype)
-
-
-def decode_positions(channels: torch.Tensor) -> torch.Tensor:
-    """``[3, k]`` int64 positions from :func:`encode_positions`' columns."""
-    pairs = channels.float().round().to(torch.int64).T.reshape(3, 2, -1)
-    return pairs[:, 0] * POSITION_BASE + pairs[:, 1]
-
 
 def _evs_rate(ctx) -> float:  # noqa: ANN001
     """vLLM's own video pruning (EVS) rate; > 0 means vLLM prunes videos and rewrites positions itself."""
@@ -265,7 +120,7 @@ class QwenInfo(CompressingInfo):
                 f"tokcomp compression cannot be combined with vLLM's video_pruning_rate={self.evs_rate} (EVS); "
                 "unset one of them",
             )
-        return _check_servable(spec, METHOD_FIELD)
+        return check_served_on_qwen(spec, METHOD_FIELD)
 
     def pipeline_limit(self, stages: int) -> PipelineLimit:
         return qwen_pipeline_limit(qwen_methods(ENCODER), stages)
@@ -277,29 +132,6 @@ class CompressedQwen2VLInfo(QwenInfo, Qwen2VLProcessingInfo):
 
 class CompressedQwen2_5_VLInfo(QwenInfo, Qwen2_5_VLProcessingInfo):
     pass
-
-
-def user_turn_ids(prompt: list[int], tokenizer) -> list[int]:  # noqa: ANN001 - a HF tokenizer
-    """The tokens of the prompt's user turns (ChatML: after ``<|im_start|>user\\n``, up to ``<|im_end|>``), the
-    text a text-guided method should match: the system turn and the template's words are not the question (on the
-    trained tiny Qwen2-VL the whole prompt steered ``text_relevance`` onto background tokens). A prompt without
-    ChatML user turns is returned whole."""
-    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    role = tokenizer.encode("user\n", add_special_tokens=False)
-    if not isinstance(start, int) or not isinstance(end, int) or start == end:
-        return prompt
-    kept, inside, i = [], False, 0
-    while i < len(prompt):
-        if prompt[i] == start and prompt[i + 1:i + 1 + len(role)] == role:
-            inside, i = True, i + 1 + len(role)
-            continue
-        if prompt[i] == end:
-            inside = False
-        elif inside:
-            kept.append(prompt[i])
-        i += 1
-    return kept or prompt
 
 
 class QwenProcessor(CompressingProcessor):

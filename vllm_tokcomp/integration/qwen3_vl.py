@@ -31,22 +31,18 @@ import torch
 from ..config import CompressionSpec
 from . import settings
 from .debug_log import log_selection
+from .mrope import item_positions
 from .preview import qwen_item
 from .qwen2_vl import (
-    ENCODER,
     MODALITY_FIELDS,
-    PIXELS,
     QwenInfo,
     QwenProcessor,
     _compress_item,
     _log_positions,
     _ModelMixin,
     compress_rows,
-    item_anchors,
-    item_positions,
-    pixel_assignment,
-    qwen_route,
 )
+from .qwen_routes import ENCODER, PIXELS, item_anchors, pixel_assignment, qwen_route
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
     PromptReplacement,
