@@ -197,12 +197,3 @@ def test_harness_end_to_end_on_qwen_videos(tmp_path: Path) -> None:
         accuracy.full_image_tokens(str(llava_model()), records)
 
 
-def test_positions_renumbered_vs_original() -> None:
-    import torch
-
-    from benchmarks.accuracy_positions import positions
-
-    kept = torch.tensor([0, 5, 575])
-    assert positions(3, kept, 2, renumber=True).tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
-    # text before at 0..2, the kept image tokens where they were (3 + index), text after the full image
-    assert positions(3, kept, 2, renumber=False).tolist() == [0, 1, 2, 3, 8, 578, 579, 580]

@@ -296,21 +296,6 @@ def test_report_renders_committed_results():
     assert common.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
 
 
-def test_mustdrop_auto_compares_both_counts_on_real_images(tmp_path):
-    """Smoke run of benchmarks/mustdrop_auto.py on two test images with the bundled tiny model."""
-    from benchmarks import mustdrop_auto
-
-    out = tmp_path / "auto.json"
-    result = mustdrop_auto.main(["--images", "2", "--out", str(out)])
-    assert json.loads(out.read_text())["summary"]["all"]["texture"]["images"] == 2
-    for row in result["rows"]:
-        assert set(row["auto"]) == {"cosine", "texture"} and 1 <= row["threshold_form"] <= 576
-        assert all(1 <= count <= 576 for count in row["auto"].values())
-    # 64 windows of 3x3: merging every one of them still leaves 64 tokens.
-    assert all(row["threshold_form"] >= 64 for row in result["rows"])
-    assert "| all | 2 | texture |" in out.with_suffix(".md").read_text()
-
-
 def test_models_know_their_image_tokens_and_prompt():
     from vllm_tokcomp.bench import models
 

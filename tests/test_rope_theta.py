@@ -1,6 +1,7 @@
-"""The tiny LLaVA's rotary base (``train.llava --rope-theta``): it is not visible in the weights, so it travels in the
-safetensors header from the training run to the built model folder's config.json, which transformers and vLLM read.
-Default models keep the header they always had."""
+"""The tiny LLaVA's rotary base (the trainer's ``--rope-theta``; its training side is tested in
+lab/tests/test_rope_theta_training.py): it is not visible in the weights, so it travels in the safetensors header
+to the built model folder's config.json, which transformers and vLLM read. Default models keep the header they
+always had."""
 
 from __future__ import annotations
 
@@ -63,64 +64,6 @@ def test_a_bad_recorded_base_is_refused_before_anything_is_written(tmp_path, tex
     with pytest.raises(ValueError, match=problem):
         tiny.build_tiny_llava(tmp_path / "model", weights=weights)
     assert not (tmp_path / "model").exists()
-
-
-def _train(run: Path, *extra: str) -> int:
-    from vllm_tokcomp.train.llava import main
-
-    tokenizer = tiny.ensure_default_model() / "tokenizer.json"
-    return main([str(run), "--clip-steps", "0", "--qa-batch", "1", "--questions-per-image", "2", "--eval-images",
-                 "0", "--save-every", "1", "--tokenizer-json", str(tokenizer), *extra])
-
-
-def test_training_records_the_base_and_a_resumed_run_keeps_it(tmp_path, capsys):
-    from vllm_tokcomp.train.llava import read_init
-
-    init = _weights_with_theta(tmp_path / "init.safetensors", None)
-    run = tmp_path / "run"
-    assert _train(run, "--init", str(init), "--qa-steps", "1", "--rope-theta", "1e6") == 0
-    assert "rotary base 10000 -> 1e+06" in capsys.readouterr().out
-    assert tiny.weights_metadata(run / "model.safetensors")[tiny.ROPE_THETA_KEY] == repr(WIDE)
-    for saved in ("ckpt.pt", "weights_and_heads.pt", "model.safetensors"):
-        assert read_init(run / saved)[2].rope_theta == WIDE, saved
-
-    with pytest.raises(SystemExit) as exit_info:  # another base cannot continue this run's positions
-        _train(run, "--qa-steps", "2", "--rope-theta", "1e5")
-    assert exit_info.value.code == 2
-    assert "--rope-theta" in capsys.readouterr().err
-    assert _train(run, "--qa-steps", "2") == 0  # no flag: the run goes on with its own base
-    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 2
-    assert tiny.weights_metadata(run / "model.safetensors")[tiny.ROPE_THETA_KEY] == repr(WIDE)
-
-    second = tmp_path / "second"  # a run started from those weights inherits their base
-    assert _train(second, "--init", str(run / "model.safetensors"), "--qa-steps", "1") == 0
-    assert tiny.weights_metadata(second / "model.safetensors")[tiny.ROPE_THETA_KEY] == repr(WIDE)
-
-
-def test_checkpoints_from_before_the_field_read_as_the_default(tmp_path):
-    from vllm_tokcomp.train.llava import build_model, read_init
-
-    old = tmp_path / "old.pt"
-    torch.save({"model": build_model(tiny.Geometry()).state_dict(), "heads": None}, old)
-    assert read_init(old)[2] == tiny.Geometry()
-
-
-def test_bad_rope_theta_flag_is_refused_at_startup(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        _train(tmp_path / "run", "--qa-steps", "1", "--rope-theta", "1")
-    assert exit_info.value.code == 2
-    assert "--rope-theta" in capsys.readouterr().err
-
-
-def test_the_qwen_transplant_refuses_a_llava_of_another_base(tmp_path, capsys):
-    from vllm_tokcomp.train.qwen2_vl import main
-
-    weights = _weights_with_theta(tmp_path / "w.safetensors", WIDE)
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path / "run"), "--llava", str(weights)])
-    assert exit_info.value.code == 2
-    assert "--llava" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
 
 
 VLLM_SCRIPT = """

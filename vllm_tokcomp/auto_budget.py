@@ -17,7 +17,7 @@ Two estimators (``estimator=``):
   alike when both differ by less than ``texture_tolerance`` (normalised units), and a window is redundant
   when at least ``threshold`` of its pairs are alike. A ViT's first layer sees noisy or finely textured
   regions of one colour as near-identical tokens; on the synthetic test split this tracks the threshold form
-  on layer-1 features much more closely (``benchmarks/mustdrop_auto.py``, docs/mustdrop.md).
+  on layer-1 features much more closely (``lab/benchmarks/mustdrop_auto.py``, docs/mustdrop.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Trained connectors served as methods: the server lists their files, a request picks one by method and count.
 
-A connector (``train-checkpoints/connectors/``, :mod:`vllm_tokcomp.train.connector`) is a learned compressor
+A connector (``connectors/``, ``lab/tokcomp_lab/train/connector.py`` in the repository) is a learned compressor
 trained for one model's weights at one output count. The server owner names the files once, engine-wide
 (``"tokcomp_connectors": ["DIR/c_abstractor-16", ...]``, each a ``STEM.safetensors`` + ``STEM.json`` pair);
 a request then asks for ``tokcomp_method: "c_abstractor", tokcomp_budget: 16`` like any other method.

@@ -11,7 +11,7 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-CONNECTORS = REPO / "train-checkpoints" / "connectors"
+CONNECTORS = REPO / "connectors"
 FULL = 576
 
 

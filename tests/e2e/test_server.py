@@ -164,7 +164,7 @@ def test_plain_vllm_serve_with_bad_config_fails_at_startup_naming_the_field(tiny
 
 def test_connector_trained_for_other_weights_stops_startup(tiny_llava_dir, vllm_env):
     """The bundled connectors were trained for the trained tiny LLaVA; this random-init one must refuse them."""
-    listing = json.dumps({"tokcomp_connectors": [str(REPO / "train-checkpoints" / "connectors" / "qformer-16")]})
+    listing = json.dumps({"tokcomp_connectors": [str(REPO / "connectors" / "qformer-16")]})
     proc = run_process_group(
         [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_llava_dir),
          "--mm-processor-kwargs", listing, "--max-model-len", "2048", "--port", "0"],

@@ -596,7 +596,7 @@ def trained_model_dir() -> Path:
 
 def ensure_trained_model() -> Path:
     """Like :func:`ensure_default_model`, with the bundled weights trained on the synthetic VQA task
-    (``vllm_tokcomp/assets/tiny_llava_vqa.safetensors``, see ``vllm_tokcomp.train.llava``).
+    (``vllm_tokcomp/assets/tiny_llava_vqa.safetensors``, see ``lab/tokcomp_lab/train/llava.py``).
     Rebuilt when the bundled file changes."""
     if not TRAINED_WEIGHTS.is_file():
         raise FileNotFoundError(f"bundled trained weights not found: {TRAINED_WEIGHTS}")

@@ -34,7 +34,7 @@ MODEL_SUBDIR = "tiny-qwen2-vl-v1"
 MODEL_SUBDIR_2_5 = "tiny-qwen2.5-vl-v1"
 VARIANTS = ("qwen2_vl", "qwen2_5_vl")
 _ASSETS = Path(__file__).resolve().parents[1] / "assets"
-# the bundled weights trained on the synthetic VQA task (vllm_tokcomp.train.qwen2_vl), per variant
+# the bundled weights trained on the synthetic VQA task (lab/tokcomp_lab/train/qwen2_vl.py), per variant
 TRAINED_WEIGHTS_OF = {"qwen2_vl": _ASSETS / "tiny_qwen2_vl_vqa.safetensors",
                       "qwen2_5_vl": _ASSETS / "tiny_qwen2_5_vl_vqa.safetensors"}
 TRAINED_MODEL_SUBDIR_OF = {"qwen2_vl": "tiny-qwen2-vl-vqa-v1", "qwen2_5_vl": "tiny-qwen2.5-vl-vqa-v1"}
@@ -377,7 +377,7 @@ def trained_model_dir(variant: str = "qwen2_vl") -> Path:
 def ensure_trained_model(variant: str = "qwen2_vl") -> Path:
     """Like :func:`ensure_default_model`, with the bundled weights trained on the synthetic VQA task
     (``vllm_tokcomp/assets/tiny_qwen2_vl_vqa.safetensors`` / ``tiny_qwen2_5_vl_vqa.safetensors``, see
-    ``vllm_tokcomp.train.qwen2_vl``); rebuilt when that file changes."""
+    ``lab/tokcomp_lab/train/qwen2_vl.py``); rebuilt when that file changes."""
     weights = TRAINED_WEIGHTS_OF[variant]
     if not weights.is_file():
         raise FileNotFoundError(f"bundled trained weights not found: {weights}")

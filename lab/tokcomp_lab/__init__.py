@@ -1,0 +1,1 @@
+"""The research side of vllm-tokcomp, not in the wheel: training and transformers references (lab/README.md)."""
