@@ -62,7 +62,7 @@ OFF = "none"
 AUTO = "auto"  # per-image budget estimated from the pixels (MustDrop-style spatial redundancy)
 DEFAULT_BUDGET = 64
 # The method a budget or ratio given without a method compresses with: the one that keeps the most accuracy
-# across budgets and model families in the project's accuracy tables (README), and needs no signal a family
+# across budgets and model families in the project's accuracy tables (docs/benchmarks.md), and needs no signal a family
 # might lack (served on LLaVA and Qwen2-VL / Qwen2.5-VL alike).
 DEFAULT_METHOD = "divprune"
 # Largest token count a budget may name: larger than any image or clip a served model takes, small enough that

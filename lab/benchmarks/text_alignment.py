@@ -66,7 +66,7 @@ class ImageTokens:
         inputs = self.processor(images=image, text=prompt, return_tensors="pt")
         ids = inputs["input_ids"][0].tolist()
         if self.qwen:
-            from vllm_tokcomp.integration.qwen2_vl import user_turn_ids
+            from vllm_tokcomp.integration.text_signals import user_turn_ids
 
             ids = user_turn_ids(ids, self.processor.tokenizer)
         with torch.no_grad():

@@ -5,8 +5,8 @@
 
 ``--write`` replaces the text between ``<!-- tokcomp-results:begin -->`` and
 ``<!-- tokcomp-results:end -->`` in the file (appending the block if the markers are
-missing), so hand-written text around it (e.g. a README) stays. Files of other
-benchmarks in the folder (``method_cost.json``) are skipped.
+missing), so hand-written text around it stays. Accuracy results (``accuracy*.json``, from
+``benchmarks/accuracy.py``) get their own section; files of other benchmarks (``method_cost.json``) are skipped.
 """
 
 from __future__ import annotations
@@ -288,6 +288,39 @@ def results_markdown(folder: Path = RESULTS_DIR, level: int = 3) -> str:
         parts.append(f"Source: `{path.name}`" + (f", plot `{path.with_suffix('.png').name}`"
                                                   if path.with_suffix(".png").exists() else "") + ".")
         parts.append("")
+    parts.append(accuracy_markdown(folder, level))
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def load_accuracy_results(folder: Path) -> list[tuple[Path, dict]]:
+    found = []
+    for path in sorted(folder.glob("accuracy*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and {"baseline", "arms", "methods", "budgets"} <= data.keys():
+            found.append((path, data))
+    return sorted(found, key=lambda item: (item[0].stem != "accuracy", item[0].name))  # the main result first
+
+
+def accuracy_markdown(folder: Path = RESULTS_DIR, level: int = 3) -> str:
+    """Every accuracy result's table (per question type left to each result's own ``.md``)."""
+    from vllm_tokcomp.bench.accuracy import markdown
+
+    parts = [f"{'#' * (level - 1)} Answer accuracy", "",
+             "Answer accuracy vs visual tokens on the synthetic VQA task (docs/dataset.md), served by vLLM, greedy, "
+             "exact match; written by `benchmarks/accuracy.py`. Per question type: each result's `.md`.", ""]
+    results = load_accuracy_results(folder)
+    if not results:
+        parts.append("No accuracy results committed yet.")
+    for path, data in results:
+        text = markdown(data).split("\n## Per question type", 1)[0].rstrip()
+        text = "\n".join("#" * (level - 1) + line if line.startswith("#") else line for line in text.splitlines())
+        title, rest = text.split("\n", 1)
+        parts += [f"{title} (`{path.stem}`)", rest.rstrip(), "",
+                  f"Source: `{path.name}`" + (f", plot `{path.with_suffix('.png').name}`"
+                                              if path.with_suffix(".png").exists() else "") + ".", ""]
     return "\n".join(parts).rstrip() + "\n"
 
 

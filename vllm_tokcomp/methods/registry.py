@@ -86,7 +86,7 @@ def _load_builtin_methods() -> None:
 
 
 def knob_table() -> str:
-    """Every method's knobs with their defaults and accepted values, as a markdown table (the README's)."""
+    """Every method's knobs with their defaults and accepted values, as a markdown table (docs/configuration.md's)."""
     rows = ["| method | knob | default | accepted |", "|---|---|---|---|"]
     for name in available_methods():
         cls = method_class(name)

@@ -1,0 +1,122 @@
+"""The README's two result tables, generated from the committed results so they cannot drift from them.
+
+``python -m vllm_tokcomp.bench.summary --write README.md`` replaces the text between
+``<!-- throughput:start -->`` / ``<!-- throughput:end -->`` and ``<!-- accuracy:start -->`` /
+``<!-- accuracy:end -->``; without ``--write`` it prints both blocks. The full tables are in docs/benchmarks.md
+(``benchmarks/report.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import ROOT, device_description, provenance_line
+
+RESULTS = ROOT / "benchmarks" / "results"
+THROUGHPUT_RESULT = RESULTS / "throughput-llava-proportioned.json"
+ACCURACY_RESULT = RESULTS / "accuracy.json"
+ACCURACY_BUDGETS = (192, 64, 32, 16, 8)
+MARKERS = {"throughput": THROUGHPUT_RESULT, "accuracy": ACCURACY_RESULT}
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def throughput_summary(result: dict, source: str) -> str:
+    """Plain vLLM vs each method's budgets: prompt tokens, KV blocks per request, requests/s relative to plain."""
+    arms = {arm["name"]: arm for arm in result["arms"]}
+    plain = arms["plain"]
+    shape = result["model"]["shape"]
+    machine = result["machine"]
+    dirty = " (uncommitted changes)" if machine.get("git_dirty") else ""
+    lines = [
+        f"Offline throughput, a LLaVA-1.5-proportioned model (vision {shape['vision_layers']}x"
+        f"{shape['vision_hidden']}, LM {shape['text_layers']}x{shape['text_hidden']}, "
+        f"{result['model'].get('load_format')} weights): one image and {result['text_tokens']} text tokens per "
+        "request, "
+        f"{result['config']['output_len']} output tokens, {result['config']['rounds']} interleaved rounds; "
+        f"{device_description(machine)}. Source `{source}`, measured {result['created']} at commit "
+        f"`{str(machine.get('git_commit'))[:10]}`{dirty}.",
+        "",
+        "| arm | prompt tokens | KV blocks / request | requests/s vs plain |",
+        "|---|---:|---:|---:|",
+        f"| plain vLLM | {plain['prompt_tokens'][0]} | {plain['kv']['mean_blocks_per_request']:.0f} | 1.00x |",
+    ]
+    full = result["model"].get("image_tokens", 576)
+    for method in result["config"]["methods"]:
+        compressed = [arms[f"{method}@{b}"] for b in result["config"]["budgets"]
+                      if b < full and f"{method}@{b}" in arms]
+        if not compressed:
+            continue
+        budgets = " / ".join(str(arm["budget"]) for arm in compressed)
+        prompts = " / ".join(str(arm["prompt_tokens"][0]) for arm in compressed)
+        blocks = " / ".join(f"{arm['kv']['mean_blocks_per_request']:.0f}" for arm in compressed)
+        speedups = " / ".join(f"{arm['requests_per_s'] / plain['requests_per_s']:.2f}x" for arm in compressed)
+        lines.append(f"| `{method}` @ {budgets} | {prompts} | {blocks} | {speedups} |")
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_summary(result: dict, source: str, budgets: tuple[int, ...] = ACCURACY_BUDGETS) -> str:
+    """Accuracy (and its share of the uncompressed accuracy) of every method at a few budgets."""
+    base = result["baseline"]["accuracy"]
+    by_arm = {(arm["method"], arm["budget"]): arm for arm in result["arms"]}
+    shown = [b for b in budgets if b in result["budgets"]]
+    lines = [
+        f"Answer accuracy of the bundled tiny LLaVA (`{result['model_name']}`) on the {result['n']} test questions of "
+        f"the synthetic VQA task, served by vLLM, greedy, exact match: uncompressed ({result['full_tokens']} tokens "
+        f"per image) **{base:.3f}**, always answering each question type's most common answer "
+        f"{result['chance']:.3f}. Cells: accuracy (share of uncompressed). Source `{source}`. "
+        + provenance_line(result.get("provenance")),
+        "",
+        "| method | " + " | ".join(f"{b} tokens" for b in shown) + " |",
+        "|---|" + "---:|" * len(shown),
+    ]
+    for method in result["methods"]:
+        cells = []
+        for budget in shown:
+            arm = by_arm.get((method, budget))
+            cells.append("–" if arm is None else f"{arm['accuracy']:.3f} ({arm['accuracy'] / base:.0%})")
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def blocks(results: dict[str, Path] = MARKERS) -> dict[str, str]:
+    """Each README marker's generated text, from the committed result files."""
+    out = {}
+    for marker, path in results.items():
+        result = json.loads(path.read_text())
+        render = throughput_summary if marker == "throughput" else accuracy_summary
+        out[marker] = render(result, _relative(path))
+    return out
+
+
+def replace_blocks(text: str, generated: dict[str, str]) -> str:
+    for marker, body in generated.items():
+        start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        text = f"{head}{start}\n{body}{end}{tail}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", default=None, help="replace the marked blocks in this markdown file")
+    args = parser.parse_args(argv)
+    generated = blocks()
+    if args.write:
+        path = Path(args.write)
+        path.write_text(replace_blocks(path.read_text(), generated))
+    else:
+        print("\n".join(generated.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
