@@ -19,7 +19,7 @@ def test_qwen_routes_of_the_built_in_methods():
     routes = {method: qwen_routes.qwen_route(method) for method in available_methods()}
     assert {m for m, r in routes.items() if r == "layout"} == {"uniform", "random", "pool", "bilinear"}
     assert {m for m, r in routes.items() if r == "pixels"} == {"tome", "divprune", "adjacent", "evs"}
-    assert {m for m, r in routes.items() if r == "encoder"} == {"text_relevance", "pumer", "dart", "cdpruner"}
+    assert {m for m, r in routes.items() if r == "encoder"} == {"text_relevance", "pumer", "dart", "cdpruner", "mmtok"}
     assert {m for m, r in routes.items() if r is None} == {
         "btp", "cls_topk", "mustdrop", "mustdrop_s1", "mustdrop_s2", "prumerge", "prumerge_plus", "scope",
         "vispruner", "visionzip"}
@@ -35,7 +35,7 @@ def test_llava_captures_tower_signals_for_the_methods_that_read_them():
 
 def test_text_readers():
     assert {m for m in available_methods() if method_reads_text(m)} == {
-        "cdpruner", "dart", "mustdrop", "mustdrop_s2", "pumer", "text_relevance"}
+        "cdpruner", "dart", "mmtok", "mustdrop", "mustdrop_s2", "pumer", "text_relevance"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,6 +65,8 @@ BAD_KNOBS: dict[str, list[tuple[dict, str]]] = {
              ({"pivot_image_tokens": 0}, "pivot_image_tokens")],
     "vispruner": [({"important_ratio": 1.5}, "important_ratio"), ({"step": 0}, "step")],
     "scope": [({"alpha": -1.0}, "alpha"), ({"alpha": float("nan")}, "alpha")],
+    "mmtok": [({"alpha": -1.0}, "alpha"), ({"text_temperature": 0.0}, "text_temperature"),
+              ({"vision_temperature": float("inf")}, "vision_temperature")],
     "random": [({"seed": "x"}, "seed")],
     "text_relevance": [({"reduce": "median"}, "reduce")],
 }

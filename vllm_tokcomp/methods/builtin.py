@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     dart,
     divprune,
     evs,
+    mmtok,
     mustdrop,
     mustdrop_stages,
     pool,
