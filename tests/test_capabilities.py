@@ -22,14 +22,14 @@ def test_qwen_routes_of_the_built_in_methods():
     assert {m for m, r in routes.items() if r == "encoder"} == {"text_relevance", "pumer", "dart", "cdpruner", "mmtok"}
     assert {m for m, r in routes.items() if r is None} == {
         "btp", "cls_topk", "mustdrop", "mustdrop_s1", "mustdrop_s2", "prumerge", "prumerge_plus", "scope",
-        "vispruner", "visionzip"}
+        "vispruner", "visionzip", "vscan"}
 
 
 def test_llava_captures_tower_signals_for_the_methods_that_read_them():
     readers = {m for m in available_methods() if llava._uses_vision_signals(m)}
     # [CLS] attention: the attention family and MustDrop; keys when given: ToMe-style similarity and PuMer
     assert readers == {"adjacent", "btp", "cls_topk", "mustdrop", "mustdrop_s1", "mustdrop_s2", "prumerge",
-                       "prumerge_plus", "pumer", "scope", "tome", "vispruner", "visionzip"}
+                       "prumerge_plus", "pumer", "scope", "tome", "vispruner", "visionzip", "vscan"}
     assert not llava._uses_vision_signals("c_abstractor")  # a trained connector reads features only
 
 

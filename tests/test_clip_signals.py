@@ -26,3 +26,24 @@ def test_matches_transformers_eager_attention_of_the_feature_layer():
     for index, signal in enumerate(signals):
         torch.testing.assert_close(signal.cls_attention, expected[index], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(signal.keys, attn.k_proj(normed)[index, 1:].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_every_layers_cls_attention_equals_transformers_eager_attention():
+    """hf_signals.encode (``tokcomp show``, the GPU benchmark) hands every layer's [CLS] attention, the feature
+    layer's last, as CLIP's own eager attention rows; the vLLM path computes them with the same function."""
+    from vllm_tokcomp.hf_signals import encode
+
+    torch.manual_seed(1)
+    config = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        image_size=56, patch_size=14, attn_implementation="eager",
+    )
+    model = CLIPVisionModel(config).eval()
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        out = model(pixels, output_attentions=True)
+        _, signals = encode(model, torch.nn.Identity(), pixels)
+    for index, signal in enumerate(signals):
+        expected = torch.stack([layer[index, :, 0, 1:].mean(dim=0) for layer in out.attentions])
+        torch.testing.assert_close(signal.layer_cls_attention, expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(signal.layer_cls_attention[-1], signal.cls_attention)

@@ -69,9 +69,9 @@ DEFAULT_METHOD = "divprune"
 # every count stays an ordinary integer everywhere it travels.
 MAX_BUDGET = 1 << 20
 
-# Signals the vLLM integration hands to methods: the vision tower's CLS attention and keys,
-# the prompt's text embedded by the LM, and text->vision attention from an LM probe.
-INTEGRATION_SIGNALS = frozenset({"cls_attention", "keys", "text_embeds", "text_attention"})
+# Signals the vLLM integration hands to methods: the vision tower's CLS attention (of the feature layer, or of every
+# layer) and keys, the prompt's text embedded by the LM, and text->vision attention from an LM probe.
+INTEGRATION_SIGNALS = frozenset({"cls_attention", "layer_cls_attention", "keys", "text_embeds", "text_attention"})
 # Internal keys, set by the server and never accepted from a request: the prompt's text token ids for
 # text-guided methods, and the resolved spec in canonical form (both part of vLLM's multimodal hash), and the mark
 # of the preview endpoint's own rendering (integration/preview.py).

@@ -9,6 +9,7 @@ installed).
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,11 +37,16 @@ def _layer(layer: nn.Module, hidden: Tensor) -> Tensor:
 
 @contextmanager
 def capture_cls_signals(tower: nn.Module):
-    """While active, the feature layer's [CLS]→patch attention (head-averaged) and patch keys, per image."""
-    attention = vision_transformer(tower).encoder.layers[-1].self_attn
-    store: dict[str, Tensor] = {}
-    hooks = [attention.q_proj.register_forward_hook(lambda _m, _i, out: store.__setitem__("q", out)),
-             attention.k_proj.register_forward_hook(lambda _m, _i, out: store.__setitem__("k", out))]
+    """While active, the q and k of every layer (the feature layer's last), for the [CLS]→patch attention
+    (head-averaged) of every layer and the feature layer's patch keys, per image."""
+    layers = vision_transformer(tower).encoder.layers
+    store: dict[str, list[Tensor]] = {"q": [None] * len(layers), "k": [None] * len(layers)}
+    hooks = []
+    for index, layer in enumerate(layers):
+        for name in ("q", "k"):
+            projection = getattr(layer.self_attn, f"{name}_proj")
+            hooks.append(projection.register_forward_hook(
+                lambda _m, _i, out, name=name, index=index: store[name].__setitem__(index, out)))
     try:
         yield store
     finally:
@@ -48,11 +54,14 @@ def capture_cls_signals(tower: nn.Module):
             hook.remove()
 
 
-def cls_signals(store: dict[str, Tensor], heads: int) -> list[VisionSignals]:
-    """Per image the [CLS]→patch attention and patch keys from the q and k :func:`capture_cls_signals` captured
-    (the served path's own computation, ``clip_signals.cls_signals_from_qk``)."""
-    q, k = store["q"], store["k"]
-    return cls_signals_from_qk(q, k, heads, q.shape[-1] // heads, q.shape[1] - 1)
+def cls_signals(store: dict[str, list[Tensor]], heads: int) -> list[VisionSignals]:
+    """Per image the [CLS]→patch attention and patch keys of the feature layer and the [CLS] attention of every
+    layer, from the q and k :func:`capture_cls_signals` captured (the served path's own computation,
+    ``clip_signals.cls_signals_from_qk``)."""
+    per_layer = [cls_signals_from_qk(q, k, heads, q.shape[-1] // heads, q.shape[1] - 1)
+                 for q, k in zip(store["q"], store["k"], strict=True) if q is not None]  # the layers that ran
+    return [dataclasses.replace(last, layer_cls_attention=torch.stack([layer[i].cls_attention for layer in per_layer]))
+            for i, last in enumerate(per_layer[-1])]
 
 
 def encode(tower: nn.Module, projector: nn.Module, images: Tensor) -> tuple[Tensor, list[VisionSignals]]:

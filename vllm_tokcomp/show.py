@@ -87,7 +87,7 @@ class LlavaViewer:
         features, signals = encode(tower, projector, pixels)
         tokens = VisualTokens(
             features=features[0], grid=self.grid, cls_attention=signals[0].cls_attention, keys=signals[0].keys,
-            key_heads=signals[0].key_heads,
+            key_heads=signals[0].key_heads, layer_cls_attention=signals[0].layer_cls_attention,
             text_embeds=text,
             text_attention=None if text is None or not probe else probe_text_attention(decoder, features[0], text))
         return Selection(seen, self.grid, get_method(method)(tokens, budget).assignment)

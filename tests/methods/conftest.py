@@ -40,6 +40,8 @@ def make_tokens(
     features = torch.randn(n, dim, generator=g)
     keys = torch.randn(n, key_dim, generator=g)
     cls_attention = torch.softmax(3 * torch.randn(n, generator=g), dim=0)
+    # every tower layer's [CLS] attention, the feature layer's last
+    layer_cls_attention = torch.cat([torch.softmax(3 * torch.randn(2, n, generator=g), dim=1), cls_attention[None]])
     text_embeds = torch.randn(text_len, dim, generator=g)
     text_attention = torch.softmax(3 * torch.randn(text_len, n, generator=g), dim=1)
     token_sizes = torch.randint(1, 4, (n,), generator=g).to(torch.float32) if sizes else None
@@ -47,6 +49,7 @@ def make_tokens(
         features=features.to(dtype),
         grid=grid,
         cls_attention=cls_attention.to(dtype),
+        layer_cls_attention=layer_cls_attention.to(dtype),
         keys=keys.to(dtype),
         text_embeds=text_embeds.to(dtype),
         text_attention=text_attention.to(dtype),
@@ -61,6 +64,7 @@ def constant_tokens(grid: tuple[int, ...], dim: int = 32, key_dim: int = 16, tex
         features=torch.ones(n, dim),
         grid=grid,
         cls_attention=torch.full((n,), 1.0 / n),
+        layer_cls_attention=torch.full((3, n), 1.0 / n),
         keys=torch.ones(n, key_dim),
         text_embeds=torch.ones(text_len, dim),
         text_attention=torch.full((text_len, n), 1.0 / n),

@@ -65,6 +65,8 @@ BAD_KNOBS: dict[str, list[tuple[dict, str]]] = {
              ({"pivot_image_tokens": 0}, "pivot_image_tokens")],
     "vispruner": [({"important_ratio": 1.5}, "important_ratio"), ({"step": 0}, "step")],
     "scope": [({"alpha": -1.0}, "alpha"), ({"alpha": float("nan")}, "alpha")],
+    "vscan": [({"local_ratio": 1.5}, "local_ratio"), ({"window": 0}, "window"),
+              ({"shallow_depth": -0.1}, "shallow_depth")],
     "mmtok": [({"alpha": -1.0}, "alpha"), ({"text_temperature": 0.0}, "text_temperature"),
               ({"vision_temperature": float("inf")}, "vision_temperature")],
     "random": [({"seed": "x"}, "seed")],
@@ -164,6 +166,7 @@ def test_constant_and_duplicated_tokens_stay_finite(name, setting):
         features=base.features[half],
         grid=grid,
         cls_attention=torch.softmax(base.cls_attention[half], 0),
+        layer_cls_attention=torch.softmax(base.layer_cls_attention[:, half], 1),
         keys=base.keys[half],
         text_embeds=base.text_embeds,
         text_attention=base.text_attention[:, half],
@@ -228,6 +231,7 @@ def test_missing_signals_raise(name):
     tokens = make_tokens((8, 8), seed=10)
     for flag, signal in (
         ("needs_cls_attention", "cls_attention"),
+        ("needs_layer_cls_attention", "layer_cls_attention"),
         ("needs_keys", "keys"),
         ("needs_text", "text_embeds"),
         ("needs_text_attention", "text_attention"),

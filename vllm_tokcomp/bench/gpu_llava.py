@@ -149,7 +149,8 @@ def compress(name: str, budget: int, features: Tensor, signals: VisionSignals, t
     """The library's method on one image's tokens with the signals the served LLaVA path hands it."""
     grid = GRID if sizes is None else (features.shape[0],)
     tokens = VisualTokens(features=features, grid=grid, cls_attention=signals.cls_attention, keys=signals.keys,
-                          key_heads=signals.key_heads, text_embeds=text, text_attention=text_attention, sizes=sizes)
+                          key_heads=signals.key_heads, text_embeds=text, text_attention=text_attention, sizes=sizes,
+                          layer_cls_attention=None if sizes is not None else signals.layer_cls_attention)
     method = get_method(name, stage1=False) if name == "mustdrop" else get_method(name)
     return method(tokens, budget).features
 

@@ -43,6 +43,7 @@ def synthetic_tokens(n_side: int = 24, dim: int = 1024, text_len: int = 32, seed
         features=torch.randn(n, dim, generator=g),
         grid=(n_side, n_side),
         cls_attention=torch.softmax(4 * torch.randn(n, generator=g), 0),
+        layer_cls_attention=torch.softmax(4 * torch.randn(23, n, generator=g), 1),  # CLIP-L up to its layer -2
         keys=torch.randn(n, dim, generator=g),
         text_embeds=torch.randn(text_len, dim, generator=g),
         text_attention=torch.softmax(4 * torch.randn(text_len, n, generator=g), 1),

@@ -17,6 +17,7 @@ the same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,12 +27,14 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class VisionSignals:
-    """Per image: ``cls_attention [N]`` (head-averaged, over patch tokens) and ``keys [N, D]`` (``key_heads`` heads
-    concatenated)."""
+    """Per image: ``cls_attention [N]`` (head-averaged, over patch tokens), ``keys [N, D]`` (``key_heads`` heads
+    concatenated) and, when asked for, ``layer_cls_attention [L, N]``: the [CLS] attention of every layer up to the
+    feature layer (its last row is ``cls_attention``)."""
 
     cls_attention: Tensor
     keys: Tensor
     key_heads: int
+    layer_cls_attention: Tensor | None = None
 
 
 def feature_layer_attention(vision_tower: nn.Module) -> nn.Module:
@@ -40,25 +43,45 @@ def feature_layer_attention(vision_tower: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def capture_feature_layer_signals(vision_tower: nn.Module, num_patch_tokens: int):
-    """While active, records CLS attention and keys of the feature layer; yields a list filled after the call."""
-    attention = feature_layer_attention(vision_tower)
+def capture_feature_layer_signals(vision_tower: nn.Module, num_patch_tokens: int, every_layer: bool = False):
+    """While active, records CLS attention and keys of the feature layer (and with ``every_layer`` the CLS
+    attention of every earlier layer too, one query row each); yields a list filled after the call."""
+    layers = vision_tower.vision_model.encoder.layers
+    attention = layers[-1].self_attn
     captured: list[VisionSignals] = []
+    earlier: list[Tensor] = []  # [B, N] per earlier layer of the running forward, in layer order
 
-    def hook(_module: nn.Module, _inputs: tuple, output: tuple) -> None:
+    def query_and_keys(output: tuple | Tensor) -> tuple[Tensor, Tensor]:
         qkv = output[0] if isinstance(output, tuple) else output
         q, k, _v = qkv.chunk(3, dim=-1)
         if attention.tp_size > 1:
             from .vllm_api import gather_head_shards  # here: the module stays importable without vLLM
 
             q, k = gather_head_shards(q), gather_head_shards(k)
-        captured.extend(cls_signals_from_qk(q, k, attention.num_heads, attention.head_dim, num_patch_tokens))
+        return q, k
 
-    handle = attention.qkv_proj.register_forward_hook(hook)
+    def earlier_hook(_module: nn.Module, _inputs: tuple, output: tuple) -> None:
+        q, k = query_and_keys(output)
+        signals = cls_signals_from_qk(q, k, attention.num_heads, attention.head_dim, num_patch_tokens)
+        earlier.append(torch.stack([s.cls_attention for s in signals]))
+
+    def hook(_module: nn.Module, _inputs: tuple, output: tuple) -> None:
+        q, k = query_and_keys(output)
+        signals = cls_signals_from_qk(q, k, attention.num_heads, attention.head_dim, num_patch_tokens)
+        if every_layer:
+            rows = [torch.stack([*(layer[i] for layer in earlier), s.cls_attention]) for i, s in enumerate(signals)]
+            signals = [dataclasses.replace(s, layer_cls_attention=r) for s, r in zip(signals, rows, strict=True)]
+            earlier.clear()
+        captured.extend(signals)
+
+    handles = [attention.qkv_proj.register_forward_hook(hook)]
+    if every_layer:
+        handles += [layer.self_attn.qkv_proj.register_forward_hook(earlier_hook) for layer in layers[:-1]]
     try:
         yield captured
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def cls_signals_from_qk(q: Tensor, k: Tensor, num_heads: int, head_dim: int,

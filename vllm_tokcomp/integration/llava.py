@@ -256,7 +256,8 @@ class CompressedLlava(LlavaForConditionalGeneration):
         wants_signals = any(spec is not None and _uses_vision_signals(spec.method) for spec in specs)
         subset = pixels[indices]
         if wants_signals:
-            with capture_feature_layer_signals(self.vision_tower, grid[0] * grid[1]) as signals:
+            every_layer = any(spec is not None and _uses_layer_signals(spec.method) for spec in specs)
+            with capture_feature_layer_signals(self.vision_tower, grid[0] * grid[1], every_layer) as signals:
                 features = self._image_pixels_to_features(self.vision_tower, subset)
         else:
             signals = None
@@ -275,6 +276,7 @@ class CompressedLlava(LlavaForConditionalGeneration):
                         features=item,
                         grid=grid,
                         cls_attention=None if signals is None else signals[position].cls_attention,
+                        layer_cls_attention=None if signals is None else signals[position].layer_cls_attention,
                         keys=None if signals is None else signals[position].keys,
                         key_heads=None if signals is None else signals[position].key_heads,
                         **self._text_signals(spec.method, item, query_ids[index]),
@@ -316,6 +318,11 @@ class CompressedLlava(LlavaForConditionalGeneration):
         if report_item(spec, assignment.destination, time.perf_counter() - start):
             log_selection(spec, grid, assignment.anchor)
         return result.features
+
+
+def _uses_layer_signals(method: str) -> bool:
+    """Whether every tower layer's [CLS] attention is captured for ``method`` (not only the feature layer's)."""
+    return not is_connector_method(method) and method_class(method).needs_layer_cls_attention
 
 
 def _uses_vision_signals(method: str) -> bool:

@@ -220,7 +220,9 @@ class CompressedLlavaNext(LlavaNextForConditionalGeneration):
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         stacked = torch.cat(per_image)
         if any(spec is not None and method_class(spec.method).reads_tower_signals() for spec in specs):
-            with capture_feature_layer_signals(self.vision_tower, side * side) as signals:
+            every_layer = any(spec is not None and method_class(spec.method).needs_layer_cls_attention
+                              for spec in specs)
+            with capture_feature_layer_signals(self.vision_tower, side * side, every_layer) as signals:
                 features = self._image_pixels_to_features(self.vision_tower, stacked)
         else:
             signals, features = None, self._image_pixels_to_features(self.vision_tower, stacked)
@@ -294,7 +296,11 @@ def _tower_signals(signals, flat: torch.Tensor | None) -> dict:  # noqa: ANN001 
         return {}
     cls_attention = torch.cat([s.cls_attention for s in signals])
     keys = None if signals[0].keys is None else torch.cat([s.keys for s in signals])
+    layers = None if signals[0].layer_cls_attention is None else torch.cat([s.layer_cls_attention for s in signals],
+                                                                           dim=1)
     if flat is not None:
         cls_attention = cls_attention[flat.to(cls_attention.device)]
         keys = None if keys is None else keys[flat.to(keys.device)]
-    return {"cls_attention": cls_attention, "keys": keys, "key_heads": signals[0].key_heads}
+        layers = None if layers is None else layers[:, flat.to(layers.device)]
+    return {"cls_attention": cls_attention, "keys": keys, "key_heads": signals[0].key_heads,
+            "layer_cls_attention": layers}

@@ -40,7 +40,7 @@ def qwen_route(method: str) -> str | None:
         cls = method_class(method)
     except ValueError:  # not a registered method
         return None
-    if cls.needs_cls_attention or cls.needs_keys or cls.needs_text_attention:
+    if cls.needs_cls_attention or cls.needs_layer_cls_attention or cls.needs_keys or cls.needs_text_attention:
         return None
     if not cls.selects_by_content:
         return LAYOUT

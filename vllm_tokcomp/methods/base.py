@@ -32,6 +32,8 @@ class VisualTokens:
         features: ``[N, D]`` token features (e.g. projector outputs).
         grid: the token grid, ``(h, w)`` for an image or ``(t, h, w)`` for a video; its product is N.
         cls_attention: ``[N]`` attention from the CLS token to each patch token, averaged over heads.
+        layer_cls_attention: ``[L, N]`` the same for every layer of the tower up to the feature layer (first layer
+            first; the last row is the feature layer's, ``cls_attention``).
         keys: ``[N, Dk]`` attention keys of the patch tokens (heads concatenated).
         key_heads: how many heads ``keys`` concatenates (``Dk / key_heads`` each), when known; methods that
             compare head-averaged keys as their papers do (VisionZip, ToMe) read it.
@@ -43,6 +45,7 @@ class VisualTokens:
     features: Tensor
     grid: tuple[int, ...]
     cls_attention: Tensor | None = None
+    layer_cls_attention: Tensor | None = None
     keys: Tensor | None = None
     key_heads: int | None = None
     text_embeds: Tensor | None = None
@@ -59,6 +62,11 @@ class VisualTokens:
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (n,):
                 raise ValueError(f"{name} must be [{n}], got shape {tuple(value.shape)}")
+        if self.layer_cls_attention is not None and (
+            self.layer_cls_attention.ndim != 2 or self.layer_cls_attention.shape[1] != n
+            or self.layer_cls_attention.shape[0] < 1
+        ):
+            raise ValueError(f"layer_cls_attention must be [L, {n}], got shape {tuple(self.layer_cls_attention.shape)}")
         if self.keys is not None and (self.keys.ndim != 2 or self.keys.shape[0] != n):
             raise ValueError(f"keys must be [{n}, Dk], got shape {tuple(self.keys.shape)}")
         if self.key_heads is not None:
@@ -225,6 +233,7 @@ class Compressor:
     paper: ClassVar[str] = ""
     family: ClassVar[str] = ""  # attention | similarity | query | transformation | baseline | learned
     needs_cls_attention: ClassVar[bool] = False
+    needs_layer_cls_attention: ClassVar[bool] = False  # [CLS] attention of every tower layer, not just the last
     needs_keys: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
     needs_text_attention: ClassVar[bool] = False
@@ -270,13 +279,14 @@ class Compressor:
     @classmethod
     def reads_tower_signals(cls) -> bool:
         """Whether the vision tower's [CLS] attention or keys are read, required or when given."""
-        return cls.needs_cls_attention or cls.needs_keys or cls.uses_keys
+        return cls.needs_cls_attention or cls.needs_layer_cls_attention or cls.needs_keys or cls.uses_keys
 
     @classmethod
     def required_signals(cls) -> list[str]:
         """The ``VisualTokens`` fields this method cannot run without."""
         flags = (
             ("cls_attention", cls.needs_cls_attention),
+            ("layer_cls_attention", cls.needs_layer_cls_attention),
             ("keys", cls.needs_keys),
             ("text_embeds", cls.needs_text),
             ("text_attention", cls.needs_text_attention),

@@ -63,6 +63,7 @@ def describe(name: str) -> dict[str, Any]:
         "family": cls.family,
         "paper": cls.paper,
         "needs_cls_attention": cls.needs_cls_attention,
+        "needs_layer_cls_attention": cls.needs_layer_cls_attention,
         "needs_keys": cls.needs_keys,
         "needs_text": cls.needs_text,
         "needs_text_attention": cls.needs_text_attention,
