@@ -6,13 +6,17 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from vllm_tokcomp.integration.clip_signals import cls_signals_from_qk
 
 
-def test_matches_transformers_eager_attention_of_the_feature_layer():
-    torch.manual_seed(0)
+def _tiny_clip() -> CLIPVisionModel:
     config = CLIPVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         image_size=56, patch_size=14, attn_implementation="eager",
     )
-    model = CLIPVisionModel(config).eval()
+    return CLIPVisionModel(config).eval()
+
+
+def test_matches_transformers_eager_attention_of_the_feature_layer():
+    torch.manual_seed(0)
+    model = _tiny_clip()
     pixels = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         out = model(pixels, output_attentions=True, output_hidden_states=True)
@@ -34,11 +38,7 @@ def test_every_layers_cls_attention_equals_transformers_eager_attention():
     from vllm_tokcomp.hf_signals import encode
 
     torch.manual_seed(1)
-    config = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        image_size=56, patch_size=14, attn_implementation="eager",
-    )
-    model = CLIPVisionModel(config).eval()
+    model = _tiny_clip()
     pixels = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         out = model(pixels, output_attentions=True)
