@@ -26,7 +26,7 @@ def test_llava_refuses_the_probe_methods_only_when_the_probe_layer_leaves_the_fi
 
 def test_qwen_refuses_the_encoder_decided_methods():
     limit = qwen_pipeline_limit(ENCODER_DECIDED_METHODS, 2)
-    assert set(limit.unservable) == {"text_relevance", "pumer", "dart", "cdpruner"}
+    assert set(limit.unservable) == {"text_relevance", "pumer", "dart", "cdpruner", "mmtok"}
     assert set(limit.unservable) < SERVED_METHODS
 
 

@@ -81,6 +81,7 @@ def _grid_tokens(grid: tuple[int, ...], seed: int) -> VisualTokens:
     cls = torch.rand(n, generator=g)
     return VisualTokens(
         features=torch.randn(n, 16, generator=g), grid=grid, cls_attention=cls / cls.sum(),
+        layer_cls_attention=torch.softmax(torch.randn(2, n, generator=g), dim=1),
         keys=torch.randn(n, 8, generator=g), text_embeds=torch.randn(3, 16, generator=g),
         text_attention=torch.softmax(torch.randn(3, n, generator=g), dim=1),
     )
@@ -95,7 +96,7 @@ def _run(spec: CompressionSpec, tokens: VisualTokens, *, with_text: bool) -> Non
     expected = settings_row.kept_tokens(settings_row.decode(settings_row.encode(spec)), tokens.num_tokens)
     if not with_text:
         tokens = VisualTokens(features=tokens.features, grid=tokens.grid, cls_attention=tokens.cls_attention,
-                              keys=tokens.keys)
+                              layer_cls_attention=tokens.layer_cls_attention, keys=tokens.keys)
     method = get_method(spec.method, **dict(spec.options))
     result = method(with_text_fallback(spec.method, tokens), spec.budget)
     assert result.features.shape == (expected, tokens.features.shape[1])
