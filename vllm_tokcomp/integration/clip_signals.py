@@ -37,11 +37,6 @@ class VisionSignals:
     layer_cls_attention: Tensor | None = None
 
 
-def feature_layer_attention(vision_tower: nn.Module) -> nn.Module:
-    """The self-attention module of the tower's last instantiated layer (the feature layer)."""
-    return vision_tower.vision_model.encoder.layers[-1].self_attn
-
-
 @contextmanager
 def capture_feature_layer_signals(vision_tower: nn.Module, num_patch_tokens: int, every_layer: bool = False):
     """While active, records CLS attention and keys of the feature layer (and with ``every_layer`` the CLS
