@@ -193,6 +193,47 @@ def test_runner_position_recompute_flag_is_on_for_models_that_ask_and_unchanged_
         assert runner.is_multimodal_pruning_enabled is True
 
 
+_WORKER_BUILD_SCRIPT = """
+import sys
+
+from vllm.config import VllmConfig
+from vllm.v1.worker.worker_base import WorkerBase
+
+from vllm_tokcomp import plugin
+from vllm_tokcomp.integration.vllm_api import RECOMPUTE_FLAG
+
+plugin.register()
+assert "vllm.v1.worker.gpu_model_runner" not in sys.modules, "registration imported the runner"
+
+
+class Worker(WorkerBase):
+    pass
+
+
+Worker(vllm_config=VllmConfig(), local_rank=0, rank=0, distributed_init_method="tcp://127.0.0.1:1")
+from vllm.v1.worker.gpu.model_states import default
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+assert isinstance(vars(GPUModelRunner)["is_multimodal_pruning_enabled"], property), "V1 runner not patched"
+assert getattr(default.maybe_create_mm_pruner, "_tokcomp_creates_pruner", False), "V2 pruner gate not patched"
+print("patched")
+"""
+
+
+def test_runners_are_patched_when_a_worker_is_built_not_at_import():
+    """Registration wraps ``WorkerBase.__init__`` (every V1 and V2 worker calls it before building its runner);
+    building a worker applies both runner patches. A fresh process: this one's patches are already applied by
+    the tests above. The worker is a bare ``WorkerBase`` subclass with a default ``VllmConfig``: the real ones
+    need a device (the e2e Qwen tests serve through them)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _WORKER_BUILD_SCRIPT], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("patched")
+
+
 def test_text_only_requests_are_checked_by_the_renderer():
     """vLLM 0.32 drops a text-only prompt's mm_processor_kwargs unread in BaseRenderer._process_tokens(_async);
     the plugin's wrapper checks them there. A stand-in processor (the real one needs a model; the served path is

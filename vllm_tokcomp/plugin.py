@@ -2,9 +2,10 @@
 
 vLLM calls :func:`register` in every process it starts. It must be cheap,
 idempotent, and never raise: it registers lazily imported model classes by
-``"module:Class"`` string, and has the renderer check a text-only request's
-``tokcomp_*`` values as an image request's are checked. Whether anything is compressed is decided by the
-configuration, so an installed but unconfigured plugin changes nothing.
+``"module:Class"`` string, has the renderer check a text-only request's
+``tokcomp_*`` values as an image request's are checked, and has every worker ask its runner for the M-RoPE
+recompute hook of the models that use it (``vllm_api.patch_runners_in_workers``). Whether anything is
+compressed is decided by the configuration, so an installed but unconfigured plugin changes nothing.
 """
 
 from __future__ import annotations
@@ -37,12 +38,18 @@ def register() -> None:
             ModelRegistry.register_model(architecture, target)
         from .integration.frontend import configure_serving_processor
         from .integration.requests import check_text_only
-        from .integration.vllm_api import add_worker_call, check_text_only_requests, tell_processors_engine_config
+        from .integration.vllm_api import (
+            add_worker_call,
+            check_text_only_requests,
+            patch_runners_in_workers,
+            tell_processors_engine_config,
+        )
         from .integration.worker_rpc import handle
 
         check_text_only_requests(check_text_only)
         tell_processors_engine_config(configure_serving_processor)
         add_worker_call(handle)
+        patch_runners_in_workers()
         _registered = True
     except Exception:  # never take vLLM down for users who did not ask for compression
         logger.exception("tokcomp: plugin registration failed; serving without compression")

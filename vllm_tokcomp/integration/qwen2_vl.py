@@ -31,7 +31,8 @@ Overrides (vLLM 0.32.0, ``model_executor/models/qwen2_vl.py``):
   anchor's (t, h, w) in ``POSITION_CHANNELS`` extra columns, and the runner's EVS hook, which vLLM 0.32 calls
   only with ``video_pruning_rate > 0`` (and the CPU runner never), is switched on for these models by
   ``vllm_api.enable_runner_position_recompute``: it rewrites those placeholders' positions and strips the
-  columns. Methods that need [CLS] attention are refused: Qwen's tower has no [CLS] token.
+  columns. (The plugin patches both runners when a worker is built: ``vllm_api.patch_runners_in_workers``.)
+  Methods that need [CLS] attention are refused: Qwen's tower has no [CLS] token.
 
 Which route serves a method and the processing-time decisions: ``integration/qwen_routes.py``; positions and
 their packing into embedding columns: ``integration/mrope.py``.
@@ -86,8 +87,6 @@ from .vllm_api import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
-    enable_runner_position_recompute,
-    enable_v2_runner_position_recompute,
     encoder_cudagraphs_requested,
     without_encoder_cudagraphs,
 )
@@ -342,10 +341,7 @@ class _ModelMixin:
     tokcomp_recomputes_positions = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:  # noqa: ANN001 - vLLM's VllmConfig
-        # vLLM passes these by keyword after reading this signature; the runner module is loaded by now (the
-        # runner is building this model), so its class can be taught to call our recompute hook.
-        enable_runner_position_recompute()
-        enable_v2_runner_position_recompute()
+        # vLLM passes these by keyword after reading this signature.
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         if encoder_cudagraphs_requested(vllm_config):
             logger.warning("tokcomp: %s's vision encoder runs without CUDA graphs (compilation_config."

@@ -96,6 +96,7 @@ __all__ = [
     "RECOMPUTE_FLAG",
     "enable_runner_position_recompute",
     "enable_v2_runner_position_recompute",
+    "patch_runners_in_workers",
     "check_text_only_requests",
     "engine_mm_processor_kwargs",
     "encoder_cudagraphs_requested",
@@ -199,9 +200,9 @@ def enable_runner_position_recompute() -> None:
     uses) only while ``self.is_multimodal_pruning_enabled``: ``GPUModelRunner.load_model`` sets it from
     ``video_pruning_rate > 0``, and ``CPUModelRunner.load_model`` (a subclass) never sets it. There is no public
     way to ask for the hook, so that attribute becomes a property of ``GPUModelRunner``: what the runner stored,
-    or'ed with "the loaded model asks for it and uses M-RoPE". Called from the model's ``__init__`` (the runner
-    module is loaded by then, in the process that runs the model); idempotent; models without the class
-    attribute see exactly the stored value. ``tests/test_vllm_api.py`` fails if the hook moves."""
+    or'ed with "the loaded model asks for it and uses M-RoPE". Applied by :func:`patch_runners_in_workers` when a
+    worker is built, before its runner; idempotent; models without the class attribute see exactly the stored
+    value. ``tests/test_vllm_api.py`` fails if the hook moves."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     current = vars(GPUModelRunner).get(_RUNNER_FLAG)
@@ -239,8 +240,8 @@ def enable_v2_runner_position_recompute() -> None:
     ``model.recompute_mrope_positions`` (``MultiModalPruner.recompute``), only through ``maybe_create_mm_pruner``,
     which returns one only when vLLM's own video pruning is on. ``default.py`` imported that function by name, so
     the name there is wrapped: vLLM's pruner when vLLM makes one, else ours for a model that asks and has M-RoPE
-    state. Called with the V1 patch from the model's ``__init__``, which V2 runs before building the model state;
-    idempotent; ``tests/test_vllm_api.py`` fails if the gate or the pruner moves."""
+    state. Applied with the V1 patch by :func:`patch_runners_in_workers`; idempotent; ``tests/test_vllm_api.py``
+    fails if the gate or the pruner moves."""
     try:
         from vllm.v1.worker.gpu.model_states import default, mm_pruning
     except ImportError:  # a build without V2's modules cannot run V2 either
@@ -261,6 +262,34 @@ def enable_v2_runner_position_recompute() -> None:
 
     setattr(maybe_create_mm_pruner, _V2_PATCHED, True)
     default.maybe_create_mm_pruner = maybe_create_mm_pruner
+
+
+_WORKER_PATCHED = "_tokcomp_patches_runners"
+
+
+def patch_runners_in_workers() -> None:
+    """Apply :func:`enable_runner_position_recompute` and :func:`enable_v2_runner_position_recompute` in every
+    process that builds a vLLM worker, when it builds one, before the worker builds its runner.
+
+    Called at plugin registration, which runs in every vLLM process, the API server's included. The runner
+    modules are imported only where a worker is built (they import the platform's device code, which the API
+    server never needs), so ``WorkerBase.__init__`` (vLLM 0.32: every worker class, V1 and V2, calls it first
+    through ``super().__init__``; ``vllm/v1/worker/worker_base.py``) is wrapped to apply them. Idempotent;
+    ``tests/test_vllm_api.py`` builds a worker subclass and fails if the patches are not in place after it."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    if getattr(WorkerBase.__init__, _WORKER_PATCHED, False):
+        return
+    original = WorkerBase.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):  # noqa: ANN001, ANN202, N807
+        enable_runner_position_recompute()
+        enable_v2_runner_position_recompute()
+        original(self, *args, **kwargs)
+
+    setattr(__init__, _WORKER_PATCHED, True)
+    WorkerBase.__init__ = __init__
 
 
 _TEXT_ONLY_PATCHED = "_tokcomp_checks_text_only"
