@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from vllm_tokcomp.data.synth import make_scene, render_scene  # noqa: E402
 from vllm_tokcomp.methods import available_methods  # noqa: E402
 from vllm_tokcomp.show import LlavaViewer, draw, panel_grid  # noqa: E402
-from vllm_tokcomp.tiny.llava import ensure_default_model  # noqa: E402
+from vllm_tokcomp.tiny.llava_builder import ensure_default_model  # noqa: E402
 
 SCENES = {"scene-a": (3, "How many squares are there?"), "scene-b": (11, "What colour is the circle?")}
 BUDGETS = (64, 16)

@@ -96,7 +96,7 @@ def harness_data_and_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_harness_end_to_end(tmp_path: Path) -> None:
-    from vllm_tokcomp.tiny.llava import ensure_default_model
+    from vllm_tokcomp.tiny.llava_builder import ensure_default_model
 
     env = harness_data_and_env(tmp_path)
     out = tmp_path / "res" / "accuracy"
@@ -122,7 +122,7 @@ def test_harness_end_to_end(tmp_path: Path) -> None:
 def test_qwen_models_get_their_own_full_count_and_methods(tmp_path: Path) -> None:
     from PIL import Image
 
-    from vllm_tokcomp.tiny import qwen2_vl
+    from vllm_tokcomp.tiny import qwen2_vl_builder as qwen2_vl
 
     model = str(qwen2_vl.build_tiny_qwen2_vl(tmp_path / "qwen", seed=0))
     records = []
@@ -150,7 +150,7 @@ def test_bundled_model_names_resolve_like_tokcomp_serve(tmp_path: Path, monkeypa
 
 @pytest.mark.slow
 def test_harness_end_to_end_on_qwen(tmp_path: Path) -> None:
-    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
+    from vllm_tokcomp.tiny.qwen2_vl_builder import ensure_default_model
 
     env = harness_data_and_env(tmp_path)
     out = tmp_path / "res" / "accuracy"
@@ -173,7 +173,7 @@ def test_harness_end_to_end_on_qwen(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_harness_end_to_end_on_qwen_videos(tmp_path: Path) -> None:
     from vllm_tokcomp.data.generate import main as generate
-    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
+    from vllm_tokcomp.tiny.qwen2_vl_builder import ensure_default_model
 
     env = harness_data_and_env(tmp_path)
     generate([str(tmp_path / "clips"), "--videos", "--frames", "4", "--test", "2"])
@@ -192,7 +192,7 @@ def test_harness_end_to_end_on_qwen_videos(tmp_path: Path) -> None:
     assert [(a["method"], a["budget"], a["tokens"]) for a in report["arms"]] == [
         ("pool", 96, 96), ("pool", 16, 16), ("tome", 96, 96), ("tome", 16, 16)]  # read back from vLLM's prompts
     with pytest.raises(SystemExit, match="need a Qwen model"):
-        from vllm_tokcomp.tiny.llava import ensure_default_model as llava_model
+        from vllm_tokcomp.tiny.llava_builder import ensure_default_model as llava_model
 
         accuracy.full_image_tokens(str(llava_model()), records)
 

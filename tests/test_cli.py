@@ -33,7 +33,7 @@ def test_serve_merges_user_mm_processor_kwargs(monkeypatch):
 
 @pytest.mark.parametrize(("name", "variant"), [("tiny-qwen2-vl", "qwen2_vl"), ("tiny-qwen2.5-vl", "qwen2_5_vl")])
 def test_serve_names_the_bundled_models(monkeypatch, tmp_path, name, variant):
-    from vllm_tokcomp.tiny import qwen2_vl
+    from vllm_tokcomp.tiny import qwen2_vl_builder as qwen2_vl
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("TOKCOMP_MODELS_DIR", str(tmp_path))
@@ -44,7 +44,7 @@ def test_serve_names_the_bundled_models(monkeypatch, tmp_path, name, variant):
 
 
 def test_serve_names_the_tiny_qwen3_vl(monkeypatch, tmp_path):
-    from vllm_tokcomp.tiny import qwen3_vl
+    from vllm_tokcomp.tiny import qwen3_vl_builder as qwen3_vl
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("TOKCOMP_MODELS_DIR", str(tmp_path))

@@ -81,7 +81,7 @@ def test_save_and_load_round_trip_in_bf16(tmp_path: Path) -> None:
 def test_bundled_connectors_load_for_the_bundled_model() -> None:
     import hashlib
 
-    from vllm_tokcomp.tiny.llava import ensure_trained_model
+    from vllm_tokcomp.tiny.llava_builder import ensure_trained_model
 
     stems = sorted(path.with_suffix("") for path in (REPO_ROOT / "connectors").glob("*.json"))
     assert {stem.name for stem in stems} == {"pixel_unshuffle-16", "c_abstractor-16", "qformer-16",

@@ -4,8 +4,8 @@ unpadded tiles, a newline per row) and loading and generating in transformers.""
 import pytest
 import torch
 
-from vllm_tokcomp.tiny import llava as base
-from vllm_tokcomp.tiny import llava_next as tiny
+from vllm_tokcomp.tiny import llava_builder as base
+from vllm_tokcomp.tiny import llava_next_builder as tiny
 
 transformers = pytest.importorskip("transformers")
 

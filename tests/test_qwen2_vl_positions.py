@@ -219,7 +219,7 @@ def test_text_guided_query_is_the_user_turns_text(tmp_path) -> None:
     # The question, not the system turn or the template's words, is what text_relevance / pumer match.
     from transformers import AutoProcessor
 
-    from vllm_tokcomp.tiny import qwen2_vl as tiny
+    from vllm_tokcomp.tiny import qwen2_vl_builder as tiny
 
     processor = AutoProcessor.from_pretrained(tiny.build_tiny_qwen2_vl(tmp_path / "m", seed=0))
     tok = processor.tokenizer

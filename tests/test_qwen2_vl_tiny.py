@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vllm_tokcomp.tiny import qwen2_vl as tiny
+from vllm_tokcomp.tiny import qwen2_vl_builder as tiny
 
 transformers = pytest.importorskip("transformers")
 

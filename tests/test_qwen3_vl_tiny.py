@@ -4,8 +4,8 @@ and generates in transformers."""
 import pytest
 import torch
 
-from vllm_tokcomp.tiny import qwen3_vl as tiny
-from vllm_tokcomp.tiny.qwen2_vl import SPECIAL_TOKENS
+from vllm_tokcomp.tiny import qwen3_vl_builder as tiny
+from vllm_tokcomp.tiny.qwen2_vl_builder import SPECIAL_TOKENS
 
 transformers = pytest.importorskip("transformers")
 

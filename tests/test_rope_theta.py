@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import save_file  # noqa: E402
 
-from vllm_tokcomp.tiny import llava as tiny  # noqa: E402
+from vllm_tokcomp.tiny import llava_builder as tiny  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WIDE = 1_000_000.0

@@ -16,7 +16,7 @@ PATCH = 14
 
 @pytest.fixture(scope="module")
 def viewer():
-    from vllm_tokcomp.tiny.llava import ensure_default_model
+    from vllm_tokcomp.tiny.llava_builder import ensure_default_model
 
     return LlavaViewer(ensure_default_model())
 
@@ -78,7 +78,7 @@ def test_cli_writes_a_panel_per_method_and_refuses_bad_settings(tmp_path):
 
 def test_a_model_other_than_llava_is_refused_pointing_to_the_preview(tmp_path):
     from vllm_tokcomp.show import LlavaViewer
-    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
+    from vllm_tokcomp.tiny.qwen2_vl_builder import ensure_default_model
 
     with pytest.raises(ValueError, match="POST /tokcomp/preview"):
         LlavaViewer(ensure_default_model())

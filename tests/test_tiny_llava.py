@@ -1,4 +1,4 @@
-"""Tests for the tiny LLaVA-1.5-shaped model builder (vllm_tokcomp.tiny.llava).
+"""Tests for the tiny LLaVA-1.5-shaped model builder (vllm_tokcomp.tiny.llava_builder).
 
 Fast tests build the model into a temporary directory and check it with transformers.
 ``@pytest.mark.slow`` tests start a real vLLM engine (in a subprocess, plugins off) and
@@ -32,7 +32,7 @@ pytest.importorskip("tokenizers")
 
 from PIL import Image  # noqa: E402
 
-from vllm_tokcomp.tiny import llava as tiny  # noqa: E402
+from vllm_tokcomp.tiny import llava_builder as tiny  # noqa: E402
 
 QUESTION = "What is in the image?"
 MAX_TOKENS = 16
@@ -308,7 +308,7 @@ def test_weights_override_rejects_bad_shapes(model_dir, tmp_path):
 def test_cli(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
-        [sys.executable, "-m", "vllm_tokcomp.tiny.llava", str(tmp_path / "cli"), "--seed", "3"],
+        [sys.executable, "-m", "vllm_tokcomp.tiny.llava_builder", str(tmp_path / "cli"), "--seed", "3"],
         env=env,
         capture_output=True,
         text=True,

@@ -37,22 +37,22 @@ def bundled_model_dir(name: str, *, build: bool = False) -> Path:
     """The folder of a bundled tiny model (the trained one where its weights are bundled), built first if
     ``build``."""
     if name in _QWEN_VARIANTS:
-        from .tiny import qwen2_vl
+        from .tiny import qwen2_vl_builder as qwen2_vl
 
         variant = _QWEN_VARIANTS[name]
         return qwen2_vl.ensure_served_model(variant) if build else qwen2_vl.served_model_dir(variant)
     if name in ("tiny-qwen3-vl", "tiny-qwen3-vl-moe"):  # random weights: for counts, positions, serving; not answers
-        from .tiny import qwen3_vl
+        from .tiny import qwen3_vl_builder as qwen3_vl
 
         variant = name.removeprefix("tiny-").replace("-", "_")
         return qwen3_vl.ensure_default_model(variant) if build else qwen3_vl.default_model_dir(variant)
     if name == "tiny-llava-next":  # the tiny LLaVA's weights in the anyres layout: for counts and serving
-        from .tiny import llava_next
+        from .tiny import llava_next_builder as llava_next
 
         return llava_next.ensure_default_model() if build else llava_next.default_model_dir()
     if name != "tiny-llava":
         raise ValueError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
-    from .tiny import llava
+    from .tiny import llava_builder as llava
 
     return llava.ensure_served_model() if build else llava.served_model_dir()
 

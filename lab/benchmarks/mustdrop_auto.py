@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     model_dir = Path(args.model) if args.model else tiny.ensure_trained_model()
     processor = AutoProcessor.from_pretrained(model_dir)

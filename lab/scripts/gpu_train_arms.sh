@@ -67,7 +67,7 @@ for name in "${names[@]}"; do
   cp "$work/run-$name/weights_and_heads.pt" "$OUT/wh-$name.pt"
   cp "$work/run-$name/log.jsonl" "$OUT/log-$name.jsonl"
   # built, not copied from the bundled folder: an arm's config follows its weights (e.g. a --rope-theta arm)
-  $PY -m vllm_tokcomp.tiny.llava "$work/model-$name" --weights "$work/run-$name/model.safetensors" \
+  $PY -m vllm_tokcomp.tiny.llava_builder "$work/model-$name" --weights "$work/run-$name/model.safetensors" \
     > "$OUT/build-$name.log" 2>&1
   score "$name" "$work/model-$name" &
 done

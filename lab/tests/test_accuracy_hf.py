@@ -18,7 +18,7 @@ from lab.benchmarks import accuracy_hf  # noqa: E402
 @pytest.mark.slow
 def test_references_run_over_a_dataset_folder(tmp_path: Path) -> None:
     from vllm_tokcomp.data.generate import main as generate
-    from vllm_tokcomp.tiny.llava import ensure_default_model
+    from vllm_tokcomp.tiny.llava_builder import ensure_default_model
 
     generate([str(tmp_path / "data"), "--seed", "0", "--test", "2"])
     out = tmp_path / "res" / "accuracy-hf"

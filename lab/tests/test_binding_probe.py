@@ -19,7 +19,7 @@ def test_split(tmp_path_factory):
 
 
 def test_script_writes_its_report_for_a_model_folder(tmp_path, test_split):
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     out = tmp_path / "probe"
     model = tiny.ensure_default_model()
@@ -55,7 +55,7 @@ def test_script_writes_its_report_for_a_model_folder(tmp_path, test_split):
 
 
 def test_zero_context_and_lookup_images_skip_those_sections(tmp_path, test_split):
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     out = tmp_path / "probe"
     assert main(["--model", str(tiny.ensure_default_model()), "--data", str(test_split), "--probe-images", "2",
@@ -103,7 +103,7 @@ def test_question_word_influence_is_zero_for_the_same_question_and_not_for_a_rea
     (the bundled model reads the shape word of "What color is the circle?") changes the answer's state."""
     import lab.benchmarks.binding_probe as probe
     from lab.benchmarks.heldout import load
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     model, enc = load(tiny.ensure_trained_model(), None, "cpu")
     monkeypatch.setattr(probe, "WORD_SWAPS", (("colour", "Is there a red circle?", "Is there a red circle?"),
@@ -139,7 +139,7 @@ def test_the_bundled_model_finds_objects_by_shape_and_by_colour():
     Training that weights the question-to-object look (stage 8) makes head 0 find both; a model that loses either
     binding again fails here."""
     from lab.benchmarks.binding_probe import load_eager, question_form_attention
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     model, enc = load_eager(str(tiny.ensure_trained_model()))
     forms = question_form_attention(model, enc, 5)["forms"]  # 5 scenes: 0.97-0.995 by shape, 0.97-0.999 by colour

@@ -12,7 +12,7 @@ from lab.benchmarks.heldout import FIRST_SCENE, load, main, packed_logits, score
 from tokcomp_lab.train.llava import pixels
 from vllm_tokcomp.data.generate import scene_rng
 from vllm_tokcomp.data.synth import make_questions, make_scene, render_scene
-from vllm_tokcomp.tiny import llava as tiny
+from vllm_tokcomp.tiny import llava_builder as tiny
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ QUESTION = "What colour is the circle?"
 def tiny():
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from vllm_tokcomp.tiny.llava import ensure_default_model
+    from vllm_tokcomp.tiny.llava_builder import ensure_default_model
 
     path = ensure_default_model()
     processor = AutoProcessor.from_pretrained(path)

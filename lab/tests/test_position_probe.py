@@ -22,7 +22,7 @@ def test_probe_reads_a_planted_column_and_stays_near_chance_on_noise():
 
 
 def test_script_writes_its_table_for_a_model_folder(tmp_path):
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     model = tiny.ensure_default_model()
     out = tmp_path / "probe"

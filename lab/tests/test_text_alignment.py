@@ -35,7 +35,7 @@ def test_object_tokens_are_cells_mostly_covered_by_an_object() -> None:
 
 
 def test_a_run_on_the_trained_qwen_model_scores_the_question_tokens(tmp_path: Path, monkeypatch) -> None:
-    from vllm_tokcomp.tiny import qwen2_vl
+    from vllm_tokcomp.tiny import qwen2_vl_builder as qwen2_vl
 
     if not qwen2_vl.TRAINED_WEIGHTS_OF["qwen2_vl"].is_file():
         pytest.skip("no bundled trained Qwen2-VL weights")

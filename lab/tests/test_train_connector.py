@@ -31,7 +31,7 @@ def test_trainer_starts_at_pool_and_resumes(tmp_path: Path) -> None:
     (``train.llava.qa_forward``, a separate forward); then a few steps move the weights and a rerun resumes."""
     from tokcomp_lab.train import connector as trainer
     from tokcomp_lab.train.llava import QAEncoder, Squeeze, answer_correct, val_batch
-    from vllm_tokcomp.tiny.llava import ensure_trained_model
+    from vllm_tokcomp.tiny.llava_builder import ensure_trained_model
 
     model_dir = ensure_trained_model()
     out = tmp_path / "run"
@@ -65,7 +65,7 @@ def test_accuracy_benchmark_runs_connectors_and_matches_transformers_generate(tm
     from lab.benchmarks import accuracy_learned
     from tokcomp_lab.train import connector as trainer
     from vllm_tokcomp.data.generate import main as generate
-    from vllm_tokcomp.tiny.llava import ensure_trained_model
+    from vllm_tokcomp.tiny.llava_builder import ensure_trained_model
 
     model_dir = ensure_trained_model()
     generate([str(tmp_path / "data"), "--seed", "0", "--test", "3"])
@@ -124,7 +124,7 @@ def test_committed_results_come_from_the_bundled_connectors() -> None:
     """The first questions of lab/results/accuracy-learned.json, re-run from the bundled files."""
     from lab.benchmarks import accuracy_learned
     from vllm_tokcomp.bench.accuracy import default_dataset, load_dataset
-    from vllm_tokcomp.tiny.llava import ensure_trained_model
+    from vllm_tokcomp.tiny.llava_builder import ensure_trained_model
 
     committed = json.loads(accuracy_learned.DEFAULT_OUT.with_suffix(".json").read_text())
     model_dir = ensure_trained_model()

@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from tokcomp_lab.train import qwen2_vl as train  # noqa: E402
-from vllm_tokcomp.tiny import llava as tiny_llava  # noqa: E402
-from vllm_tokcomp.tiny import qwen2_vl as tiny  # noqa: E402
+from vllm_tokcomp.tiny import llava_builder as tiny_llava  # noqa: E402
+from vllm_tokcomp.tiny import qwen2_vl_builder as tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import torch
 
 from tokcomp_lab.train.llava import QAEncoder, build_model, first_answers_correct
 from tokcomp_lab.train.symbolic import SymbolicPatches, hidden_states, val_batch
-from vllm_tokcomp.tiny import llava as tiny
+from vllm_tokcomp.tiny import llava_builder as tiny
 
 
 def test_image_tokens_become_the_patch_label_embeddings():

@@ -14,7 +14,7 @@ from vllm_tokcomp.data.synth import Obj, Scene, label_map, make_scene, render_sc
 def _two_layer_model():
     """transformers' LLaVA with a 2-layer LM and random weights (seed 5): small enough for exact checks."""
     from tokcomp_lab.train.llava import build_model, load_llava_hf_state
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     model = build_model(tiny.Geometry(text_layers=2))
     load_llava_hf_state(model, tiny.random_state_dict(5))
@@ -103,7 +103,7 @@ def test_deepened_model_computes_what_the_shallow_one_did(tmp_path):
     import json
 
     from tokcomp_lab.train.llava import QAEncoder, build_model, deepened, export_state, load_llava_hf_state, qa_batch
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     state = tiny.random_state_dict(3)
     shallow, deep = build_model(tiny.Geometry(text_layers=2)), build_model(tiny.Geometry(text_layers=4))
@@ -128,7 +128,7 @@ def test_tower_deepened_keeps_the_features_and_the_feature_layers_cls_attention(
     import json
 
     from tokcomp_lab.train.llava import build_model, export_state, load_llava_hf_state, pixels, tower_deepened
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     state = tiny.random_state_dict(5)
     shallow, deep = build_model(tiny.Geometry()), build_model(tiny.Geometry(vision_layers=6))
@@ -230,7 +230,7 @@ def test_type_weights_weigh_each_answer_by_its_question_type():
         qa_batch,
         qa_loss,
     )
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     model = _two_layer_model()
     enc = QAEncoder()
@@ -303,7 +303,7 @@ def test_min_objects_draws_crowded_scenes_and_one_changes_nothing():
 def test_recenter_projector_is_a_shift_and_scale_of_the_image_tokens():
     from tokcomp_lab.train.llava import build_model, load_llava_hf_state, pixels, recenter_projector
     from vllm_tokcomp.data.synth import render_scene
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     model = build_model(tiny.Geometry(text_layers=2))
     load_llava_hf_state(model, tiny.random_state_dict(2))
@@ -335,7 +335,7 @@ def test_a_wider_tower_round_trips_through_the_model_folder(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     from tokcomp_lab.train.llava import build_model, export_state
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     geometry = tiny.Geometry(text_layers=3, vision_hidden=96, vision_layers=4, vision_intermediate=384)
     from safetensors.torch import save_file
@@ -472,7 +472,7 @@ def test_compressed_rows_feed_the_lm_the_library_methods_tokens_at_consecutive_p
         qa_forward,
     )
     from vllm_tokcomp.methods import VisualTokens, get_method
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     model = _two_layer_model()
     model.eval()
@@ -547,7 +547,7 @@ def test_tower_flags_that_cannot_apply_are_refused_at_startup(extra, flag, tmp_p
     from safetensors.torch import save_file
 
     from tokcomp_lab.train.llava import main
-    from vllm_tokcomp.tiny import llava as tiny
+    from vllm_tokcomp.tiny import llava_builder as tiny
 
     init = tmp_path / "init.safetensors"
     save_file(tiny.random_state_dict(0), str(init))
@@ -671,7 +671,7 @@ def test_look_loss_keeps_its_gradient_where_the_head_puts_nothing_on_the_targets
     """A saturated head (the trained model's layer 0 puts ~e-20 on colour words) must still be pushed: the term
     is finite, far above a clamped -log(1e-6), and its gradient reaches the query projection."""
     from tokcomp_lab.train.llava import QUESTION_LOOK_HEAD, QAEncoder, qa_batch, qa_loss
-    from vllm_tokcomp.tiny.llava import TEXT_HEAD_DIM
+    from vllm_tokcomp.tiny.llava_builder import TEXT_HEAD_DIM
 
     model = _two_layer_model()
     q_proj = model.model.language_model.layers[0].self_attn.q_proj

@@ -25,8 +25,8 @@ pytest.importorskip("transformers")
 
 from vllm_tokcomp.data.spec import ANSWER_VOCAB, normalize_answer  # noqa: E402
 from vllm_tokcomp.tiny import files  # noqa: E402
-from vllm_tokcomp.tiny import llava as tiny  # noqa: E402
-from vllm_tokcomp.tiny import qwen2_vl as tiny_qwen  # noqa: E402
+from vllm_tokcomp.tiny import llava_builder as tiny  # noqa: E402
+from vllm_tokcomp.tiny import qwen2_vl_builder as tiny_qwen  # noqa: E402
 
 # family -> (bundled weights, their model folder built on first use, transformers class, end-of-answer token,
 # right answers of 60 required, see test_transformers_answers_well_above_the_priors)

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def tiny_llava_dir() -> Path:
-    from vllm_tokcomp.tiny.llava import ensure_default_model
+    from vllm_tokcomp.tiny.llava_builder import ensure_default_model
 
     return ensure_default_model()
 
@@ -20,7 +20,7 @@ def tiny_llava_dir() -> Path:
 @pytest.fixture(scope="session")
 def qwen_dir() -> Path:
     """The tiny Qwen2-VL model, built once."""
-    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
+    from vllm_tokcomp.tiny.qwen2_vl_builder import ensure_default_model
 
     return ensure_default_model()
 
@@ -28,7 +28,7 @@ def qwen_dir() -> Path:
 @pytest.fixture(scope="session")
 def qwen25_dir() -> Path:
     """The tiny Qwen2.5-VL model, built once."""
-    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
+    from vllm_tokcomp.tiny.qwen2_vl_builder import ensure_default_model
 
     return ensure_default_model("qwen2_5_vl")
 
@@ -36,7 +36,7 @@ def qwen25_dir() -> Path:
 @pytest.fixture(scope="session")
 def qwen3_dir() -> Path:
     """The tiny Qwen3-VL model, built once."""
-    from vllm_tokcomp.tiny.qwen3_vl import ensure_default_model
+    from vllm_tokcomp.tiny.qwen3_vl_builder import ensure_default_model
 
     return ensure_default_model()
 

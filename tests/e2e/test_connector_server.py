@@ -27,7 +27,7 @@ def test_questions() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def client(vllm_env, tmp_path_factory):
-    from vllm_tokcomp.tiny.llava import ensure_trained_model
+    from vllm_tokcomp.tiny.llava_builder import ensure_trained_model
 
     log = tmp_path_factory.mktemp("connector-server") / "server.log"
     args = [str(ensure_trained_model()), "--method", "c_abstractor", "--budget", "16",

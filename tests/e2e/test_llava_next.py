@@ -76,7 +76,7 @@ def _run(job, env, plugins):
 
 @pytest.fixture(scope="module")
 def llava_next_dir():
-    from vllm_tokcomp.tiny.llava_next import ensure_default_model
+    from vllm_tokcomp.tiny.llava_next_builder import ensure_default_model
 
     return ensure_default_model()
 

@@ -104,7 +104,7 @@ def _pixel_kept(method, budget, grid, pad, seed):
 
     from tests.e2e.images import make_image
     from tests.e2e.test_qwen2_vl_pixel_decided import pixel_decided_anchors
-    from vllm_tokcomp.tiny.qwen2_vl import ensure_default_model
+    from vllm_tokcomp.tiny.qwen2_vl_builder import ensure_default_model
 
     processor = AutoProcessor.from_pretrained(ensure_default_model())
     raw = {"do_rescale": False, "do_normalize": False, "return_tensors": "pt"}

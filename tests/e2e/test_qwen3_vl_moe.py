@@ -18,7 +18,7 @@ SETTINGS = [None, {"tokcomp_method": "pool", "tokcomp_budget": 10_000},
 
 @pytest.fixture(scope="module")
 def moe_dir():
-    from vllm_tokcomp.tiny.qwen3_vl import ensure_default_model
+    from vllm_tokcomp.tiny.qwen3_vl_builder import ensure_default_model
 
     return ensure_default_model("qwen3_vl_moe")
 

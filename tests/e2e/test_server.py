@@ -95,7 +95,7 @@ def test_per_request_override(client, text_tokens, mm_kwargs, image_tokens):
         from transformers import CLIPImageProcessor
 
         from vllm_tokcomp.auto_budget import adaptive_budget
-        from vllm_tokcomp.tiny.llava import default_model_dir
+        from vllm_tokcomp.tiny.llava_builder import default_model_dir
 
         pixels = CLIPImageProcessor.from_pretrained(default_model_dir())(make_image(1), return_tensors="pt")
         image_tokens = adaptive_budget(pixels["pixel_values"][0], FULL, estimator="texture")

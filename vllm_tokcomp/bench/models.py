@@ -1,7 +1,7 @@
 """Model shapes for the benchmarks, written locally (nothing is downloaded).
 
-* ``tiny``: the bundled tiny LLaVA (``vllm_tokcomp.tiny.llava``), real random weights. CI smoke.
-* ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl``: the bundled tiny Qwen builders (``vllm_tokcomp.tiny.qwen2_vl``);
+* ``tiny``: the bundled tiny LLaVA (``vllm_tokcomp.tiny.llava_builder``), real random weights. CI smoke.
+* ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl``: the bundled tiny Qwen builders (``vllm_tokcomp.tiny.qwen2_vl_builder``);
   a 336 x 336 image is 144 LM tokens there. Only the fixed-layout methods are served on Qwen.
 * ``llava-proportioned``: a CPU-sized LLaVA-1.5 whose vision encoder costs about 4 % of the
   LM's prefill FLOPs for 576 + 64 tokens, as in LLaVA-1.5-7B (CLIP ViT-L/14-336 vs Vicuna-7B:
@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_tokcomp.tiny.llava import default_model_dir, ensure_default_model
+from vllm_tokcomp.tiny.llava_builder import default_model_dir, ensure_default_model
 
 MODEL_PRESETS = ("tiny", "llava-proportioned", "llava-1.5-7b", "clip-l-encoder", "tiny-qwen2-vl", "tiny-qwen2.5-vl",
                  "qwen2.5-vl-proportioned", "qwen2.5-vl-7b")
@@ -220,7 +220,7 @@ def _write_random_init_weights(model_dir: Path) -> None:
     from safetensors.torch import save_file
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from vllm_tokcomp.tiny.llava import normalize_checkpoint_key
+    from vllm_tokcomp.tiny.llava_builder import normalize_checkpoint_key
 
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(model_dir))
@@ -233,7 +233,7 @@ def _write_qwen_model(name: str, shape: QwenShape) -> Path:
     """A Qwen2.5-VL model folder of ``shape`` (config and processor only: vLLM's dummy loader makes the weights),
     with the bundled tiny Qwen2.5-VL's tokenizer, chat template and processor, ``max_pixels`` raised to hold the
     benchmark image whole."""
-    from vllm_tokcomp.tiny import qwen2_vl
+    from vllm_tokcomp.tiny import qwen2_vl_builder as qwen2_vl
 
     def reshape(config: dict) -> None:
         config["vision_config"].update(
@@ -270,7 +270,7 @@ def resolve_model(preset_or_path: str) -> tuple[Path, str, dict]:
     if preset_or_path == "tiny":
         path, load_format = ensure_default_model(), "auto"
     elif preset_or_path in QWEN_PRESETS:
-        from vllm_tokcomp.tiny import qwen2_vl
+        from vllm_tokcomp.tiny import qwen2_vl_builder as qwen2_vl
 
         path, load_format = qwen2_vl.ensure_default_model(QWEN_PRESETS[preset_or_path]), "auto"
     elif preset_or_path in QWEN_SHAPES:

@@ -1,7 +1,7 @@
 """Tiny, locally generated models for tests and CPU experiments (no downloads).
 
 ``from vllm_tokcomp.tiny import build_tiny_llava`` works; the submodule is imported lazily
-so that ``python -m vllm_tokcomp.tiny.llava`` runs cleanly.
+so that ``python -m vllm_tokcomp.tiny.llava_builder`` runs cleanly.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ __all__ = ["build_tiny_llava", "default_model_dir", "ensure_default_model"]
 
 def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy attribute
     if name in __all__:
-        from . import llava
+        from . import llava_builder as llava
 
         return getattr(llava, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,7 +39,7 @@ from tokcomp_lab.train.llava import QAEncoder, first_answers_correct, lr_at, qa_
 from vllm_tokcomp.methods import VisualTokens
 from vllm_tokcomp.methods.learned.base import LearnedCompressor
 from vllm_tokcomp.methods.learned.io import build_connector, save_connector
-from vllm_tokcomp.tiny import llava as tiny
+from vllm_tokcomp.tiny import llava_builder as tiny
 
 GRID = (int(math.isqrt(tiny.NUM_IMAGE_TOKENS)),) * 2  # 24 x 24
 TOKEN_COUNTS = tuple(side * side for side in range(1, GRID[0] + 1) if GRID[0] % side == 0 and side < GRID[0])

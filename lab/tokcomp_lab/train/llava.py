@@ -27,7 +27,7 @@ Data is generated on the fly from the training split's seeds (image ``i`` of the
 ``i`` of ``python -m vllm_tokcomp.data.generate --seed SEED``), so runs are deterministic and
 never see validation/test images. ``OUT/ckpt.pt`` is written every ``--save-every`` steps and a
 run resumes from it; ``OUT/model.safetensors`` (bf16, llava-hf names) is the result, to be
-turned into a model folder with ``python -m vllm_tokcomp.tiny.llava DIR --weights OUT/model.safetensors``.
+turned into a model folder with ``python -m vllm_tokcomp.tiny.llava_builder DIR --weights OUT/model.safetensors``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from vllm_tokcomp.data.synth import (
     render_scene,
     scene_caption,
 )
-from vllm_tokcomp.tiny import llava as tiny
+from vllm_tokcomp.tiny import llava_builder as tiny
 
 MEAN = np.array(tiny.OPENAI_CLIP_MEAN, np.float32)
 STD = np.array(tiny.OPENAI_CLIP_STD, np.float32)

@@ -32,7 +32,7 @@ questions per clip as one conversation); validation then also checks ``--eval-cl
 (``qa-val-video`` in the log).
 
 ``OUT/ckpt.pt`` is written every ``--save-every`` steps and a run resumes from it; ``OUT/model.safetensors``
-(bf16, transformers names) is the result: ``python -m vllm_tokcomp.tiny.qwen2_vl DIR [--variant V] --weights
+(bf16, transformers names) is the result: ``python -m vllm_tokcomp.tiny.qwen2_vl_builder DIR [--variant V] --weights
 OUT/model.safetensors`` turns it into a model folder.
 """
 
@@ -61,8 +61,8 @@ from tokcomp_lab.train.llava import (
 from vllm_tokcomp.data.generate import clip_rng, scene_rng
 from vllm_tokcomp.data.synth import make_scene, render_scene
 from vllm_tokcomp.data.video import make_clip, make_video_questions, render_clip
-from vllm_tokcomp.tiny import llava as tiny_llava
-from vllm_tokcomp.tiny import qwen2_vl as tiny
+from vllm_tokcomp.tiny import llava_builder as tiny_llava
+from vllm_tokcomp.tiny import qwen2_vl_builder as tiny
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 MERGED_SIDE = 12  # a 336 x 336 image: 24 x 24 patches, 12 x 12 merged tokens

@@ -36,7 +36,7 @@ from tokcomp_lab.train.llava import (
 from vllm_tokcomp.data.generate import scene_rng
 from vllm_tokcomp.data.spec import COLORS, DIGITS, SHAPES
 from vllm_tokcomp.data.synth import make_scene
-from vllm_tokcomp.tiny import llava as tiny
+from vllm_tokcomp.tiny import llava_builder as tiny
 
 
 class SymbolicPatches(nn.Module):

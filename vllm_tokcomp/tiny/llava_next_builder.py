@@ -1,6 +1,6 @@
 """Deterministic builder of a tiny LLaVA-NeXT (anyres) model in Hugging Face format (offline, seconds to build).
 
-The tiny LLaVA (:mod:`vllm_tokcomp.tiny.llava`: CLIP tower of 24 x 24 patches of 14 px at 336 px, projector,
+The tiny LLaVA (:mod:`vllm_tokcomp.tiny.llava_builder`: CLIP tower of 24 x 24 patches of 14 px at 336 px, projector,
 Llama LM, tokenizer and chat template) in transformers' ``LlavaNextConfig`` / ``LlavaNextProcessor`` layout: an
 image is a 336 px base view plus the tiles of the best-fitting grid among ``GRID_PINPOINTS`` (336 x 672, 672 x
 336, 672 x 672), the tiles' features unpadded to the image's aspect ratio with one ``image_newline`` token after
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from . import files
-from . import llava as base
+from . import llava_builder as base
 
 BUILDER_VERSION = 1
 MODEL_SUBDIR = "tiny-llava-next-v1"
@@ -96,7 +96,7 @@ def build_tiny_llava_next(out_dir: str | Path, *, seed: int = 0, weights: str | 
                      pad_token_id=base.PAD_TOKEN_ID).save_pretrained(str(out))
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", **geometry.metadata()})
     files.write_manifest(out, {
-        "builder": "vllm_tokcomp.tiny.llava_next",
+        "builder": "vllm_tokcomp.tiny.llava_next_builder",
         "builder_version": BUILDER_VERSION,
         "seed": seed,
         "source": None if weights is None else files.sha256(base._weights_file(weights)),
@@ -112,7 +112,7 @@ def _source() -> str | None:
 def is_complete_model_dir(path: str | Path) -> bool:
     """A finished build of this builder version, from the weights bundled now."""
     manifest = files.read_manifest(path) or {}
-    return ((manifest.get("builder"), manifest.get("builder_version")) == ("vllm_tokcomp.tiny.llava_next",
+    return ((manifest.get("builder"), manifest.get("builder_version")) == ("vllm_tokcomp.tiny.llava_next_builder",
                                                                            BUILDER_VERSION)
             and manifest.get("source") == _source())
 
@@ -129,7 +129,7 @@ def ensure_default_model() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.tiny.llava_next",
+    parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.tiny.llava_next_builder",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", help="output directory (default: build/ensure the default model)")
     parser.add_argument("--seed", type=int, default=0)

@@ -73,7 +73,7 @@ SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_P
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
-# Init scales: as for the tiny LLaVA (see tiny/llava.py), activations near unit RMS, residual
+# Init scales: as for the tiny LLaVA (see tiny/llava_builder.py), activations near unit RMS, residual
 # updates halved, lm_head logits with a standard deviation of about LOGIT_STD.
 QK_GAIN = 1.5
 RESIDUAL_GAIN = 0.5
@@ -336,7 +336,7 @@ def build_tiny_qwen2_vl(
     )
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     files.write_manifest(out, {
-        "builder": "vllm_tokcomp.tiny.qwen2_vl",
+        "builder": "vllm_tokcomp.tiny.qwen2_vl_builder",
         "builder_version": BUILDER_VERSION,
         "variant": variant,
         "seed": None if weights is not None else seed,
@@ -352,7 +352,8 @@ def is_complete_model_dir(path: str | Path, variant: str = "qwen2_vl", source: s
     (None: the random init)."""
     manifest = files.read_manifest(path) or {}
     builder = manifest.get("builder"), manifest.get("builder_version"), manifest.get("variant", "qwen2_vl")
-    return builder == ("vllm_tokcomp.tiny.qwen2_vl", BUILDER_VERSION, variant) and manifest.get("source") == source
+    expected = ("vllm_tokcomp.tiny.qwen2_vl_builder", BUILDER_VERSION, variant)
+    return builder == expected and manifest.get("source") == source
 
 
 def default_model_dir(variant: str = "qwen2_vl") -> Path:
@@ -402,7 +403,8 @@ def ensure_served_model(variant: str = "qwen2_vl") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.tiny.qwen2_vl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.tiny.qwen2_vl_builder",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", help="output directory (default: build/ensure the default model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", choices=VARIANTS, default="qwen2_vl")

@@ -9,7 +9,7 @@ span per temporal patch. ``min_pixels``/``max_pixels`` are small: an image becom
 merged tokens (a 336x336 image: 10x10 = 100 LM tokens).
 
 The tokenizer, corpus, chat template and special-token ids are the tiny Qwen2-VL's
-(:mod:`vllm_tokcomp.tiny.qwen2_vl`). Weights are random bf16, one seeded generator per tensor (transformers'
+(:mod:`vllm_tokcomp.tiny.qwen2_vl_builder`). Weights are random bf16, one seeded generator per tensor (transformers'
 names, which vLLM's ``hf_to_vllm_mapper`` maps); special tokens' ``lm_head`` rows are zero, so greedy decoding
 runs to ``max_tokens``. Building twice with the same seed gives identical files.
 """
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from . import files
-from .qwen2_vl import (
+from .qwen2_vl_builder import (
     BIAS_STD,
     CHAT_TEMPLATE,
     ENDOFTEXT_ID,
@@ -220,7 +220,7 @@ def build_tiny_qwen3_vl(out_dir: str | Path, *, seed: int = 0, variant: str = "q
     )
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     files.write_manifest(out, {
-        "builder": "vllm_tokcomp.tiny.qwen3_vl",
+        "builder": "vllm_tokcomp.tiny.qwen3_vl_builder",
         "builder_version": BUILDER_VERSION,
         "variant": variant,
         "seed": seed,
@@ -234,7 +234,7 @@ def is_complete_model_dir(path: str | Path, variant: str = "qwen3_vl") -> bool:
     """A finished build of this builder version and variant."""
     manifest = files.read_manifest(path) or {}
     found = manifest.get("builder"), manifest.get("builder_version"), manifest.get("variant")
-    return found == ("vllm_tokcomp.tiny.qwen3_vl", BUILDER_VERSION, variant)
+    return found == ("vllm_tokcomp.tiny.qwen3_vl_builder", BUILDER_VERSION, variant)
 
 
 def default_model_dir(variant: str = "qwen3_vl") -> Path:
@@ -251,7 +251,8 @@ def ensure_default_model(variant: str = "qwen3_vl") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.tiny.qwen3_vl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m vllm_tokcomp.tiny.qwen3_vl_builder",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", help="output directory (default: build/ensure the default model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", choices=VARIANTS, default="qwen3_vl")

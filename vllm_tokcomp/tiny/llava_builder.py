@@ -546,7 +546,7 @@ def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, weights: str | Path 
     )
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", **geometry.metadata()})
     files.write_manifest(out, {
-        "builder": "vllm_tokcomp.tiny.llava",
+        "builder": "vllm_tokcomp.tiny.llava_builder",
         "builder_version": BUILDER_VERSION,
         "seed": None if weights is not None else seed,
         "weights": "random" if weights is None else "external:" + files.sha256(out / "model.safetensors"),
@@ -634,7 +634,7 @@ def _ensure_model(target: Path, weights: Path | None) -> Path:
 # ======================================================================================
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_tokcomp.tiny.llava",
+        prog="python -m vllm_tokcomp.tiny.llava_builder",
         description="Build the tiny LLaVA-1.5-shaped model (HF format, offline, deterministic).",
     )
     parser.add_argument("out_dir", nargs="?", help="output directory (default: build/ensure the default model)")
