@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vllm_tokcomp.config import CompressionSpec
-from vllm_tokcomp.integration.llava_next import grid_index, visual_counts
+from vllm_tokcomp.integration.llava_next import grid_index
+from vllm_tokcomp.integration.parts import visual_counts
 
 
 @pytest.mark.parametrize(

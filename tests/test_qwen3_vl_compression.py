@@ -11,8 +11,9 @@ import torch
 from vllm_tokcomp.config import CompressionSpec
 from vllm_tokcomp.integration import settings
 from vllm_tokcomp.integration.mrope import POSITION_CHANNELS
+from vllm_tokcomp.integration.parts import frame_counts
 from vllm_tokcomp.integration.qwen2_vl import _compress_item
-from vllm_tokcomp.integration.qwen3_vl import frame_counts, frame_specs, video_preview
+from vllm_tokcomp.integration.qwen3_vl import frame_specs, video_preview
 from vllm_tokcomp.integration.qwen_routes import qwen_route
 from vllm_tokcomp.methods import VisualTokens, get_method
 

@@ -2,7 +2,7 @@
 
 Off, or a budget covering every placeholder, is token-identical to plain vLLM. On, an image keeps exactly its count
 (``min(budget, base + grid)`` visual tokens, no newlines; a ratio of every placeholder), split between the base view
-and the tile grid (``integration/llava_next.visual_counts``, by hand below), for layout, similarity, [CLS]-attention
+and the tile grid (``integration/parts.visual_counts``, by hand below), for layout, similarity, [CLS]-attention
 and text-guided methods, several images of different tilings in one prompt; methods the integration cannot serve are
 refused naming the field. ``tokcomp serve tiny-llava-next`` with the ``openai`` client: per-request budgets, 400s.
 

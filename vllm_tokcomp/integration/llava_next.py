@@ -4,7 +4,7 @@ An image is a base view (the tower's ``side x side`` grid of a 336 px resize) an
 whose features vLLM unpads to the image's aspect ratio (``H x W`` tokens) with one ``image_newline`` token after each
 row: ``side^2 + H*W + H`` placeholders (vLLM 0.32.0, ``model_executor/models/llava_next.py``).
 
-The rule for a compressed image (:func:`visual_counts`): it keeps ``min(budget, side^2 + H*W)`` visual tokens (a
+The rule for a compressed image (:func:`parts.visual_counts`): it keeps ``min(budget, side^2 + H*W)`` visual tokens (a
 ratio counts every placeholder, newlines included) and **no newline tokens** (the kept tokens are no longer rows);
 they are split between the two grids in proportion to their sizes, the base view first (at least one token each
 when the budget allows). Each grid is compressed on its own by the method, with the tower's [CLS] attention and keys
@@ -31,17 +31,17 @@ from ..config import (
     METHOD_KEY,
     CompressionSpec,
     ConfigError,
-    method_reads_text,
     servable_methods,
 )
 from ..connectors import is_connector_method
-from ..methods import TokenAssignment, VisualTokens, get_method, method_class
+from ..methods import get_method, method_class
 from . import settings
 from .clip_signals import capture_feature_layer_signals
 from .parallel import PipelineLimit, llava_pipeline_limit
+from .parts import Grid, compress_grids, visual_counts
 from .preview import uncompressed_item
 from .processing import METHOD_FIELD, CompressingInfo, CompressingProcessor
-from .text_signals import with_text_fallback
+from .text_signals import question_embeds
 from .vllm_api import (
     MULTIMODAL_REGISTRY,
     ImageEmbeddingItems,
@@ -56,22 +56,6 @@ from .vllm_api import (
 from .worker_rpc import report_item
 
 logger = logging.getLogger("vllm_tokcomp")
-
-
-def visual_counts(spec: CompressionSpec | None, base: int, rows: int, cols: int) -> tuple[int, int] | None:
-    """``(base view tokens, tile grid tokens)`` a compressed image keeps, or ``None`` when it is served uncompressed
-    (no settings, or a budget covering every placeholder ``base + rows*cols + rows``)."""
-    full = base + rows * cols + rows
-    kept = settings.kept_tokens(spec, full)
-    if spec is None or kept >= full:
-        return None
-    kept = min(kept, base + rows * cols)
-    grid = rows * cols
-    if grid == 0:
-        return kept, 0
-    on_base = round(kept * base / (base + grid))
-    on_base = min(base, max(1 if kept > 0 else 0, min(on_base, kept - 1 if kept > 1 else kept)))
-    return on_base, min(grid, kept - on_base)
 
 
 def grid_index(tiles_high: int, tiles_wide: int, side: int, image_size: tuple[int, int]) -> torch.Tensor:
@@ -254,39 +238,17 @@ class CompressedLlavaNext(LlavaNextForConditionalGeneration):
         counts = visual_counts(spec, base, rows, cols)
         if counts is None:
             return merged
-        text = self._text_embeds(spec, query, merged)
-        method = get_method(spec.method, **dict(spec.options))
-        parts, destinations, served = [], [], 0
-        grids = [((side, side), tiles[0], None if signals is None else [signals[0]], None)]
+        text = question_embeds(self.get_language_model(), spec, query, merged)
+        grids = [Grid((side, side), tiles[0], _tower_signals(None if signals is None else [signals[0]], None))]
         if rows:
             flat = index.flatten().to(tiles.device)
-            grids.append(((rows, cols), tiles[1:1 + tiles_high * tiles_wide].reshape(-1, tiles.shape[-1])[flat],
-                          None if signals is None else signals[1:1 + tiles_high * tiles_wide], flat))
-        for (grid, features, grid_signals, flat), kept in zip(grids, counts, strict=False):
-            tokens = VisualTokens(features=features, grid=grid, **_tower_signals(grid_signals, flat),
-                                  text_embeds=text)
-            if kept == 0:
-                result_features = features[:0]
-                assignment = TokenAssignment(torch.full((features.shape[0],), -1, dtype=torch.long),
-                                             torch.empty(0, dtype=torch.long))
-            else:
-                result = method(with_text_fallback(spec.method, tokens), kept)
-                result_features, assignment = result.features, result.assignment
-            parts.append(result_features)
-            destination = assignment.destination.cpu()
-            destinations.append(torch.where(destination >= 0, destination + served, destination))
-            served += result_features.shape[0]
-        out = torch.cat(parts)
-        if out.shape[0] != sum(counts):  # vLLM silently truncates extra rows; a mismatch must fail here instead
-            raise RuntimeError(f"tokcomp produced {out.shape[0]} rows for {sum(counts)} placeholders")
-        report_item(spec, torch.cat(destinations), time.perf_counter() - started)
+            grids.append(Grid((rows, cols), tiles[1:1 + tiles_high * tiles_wide].reshape(-1, tiles.shape[-1])[flat],
+                              _tower_signals(None if signals is None else signals[1:1 + tiles_high * tiles_wide],
+                                             flat)))
+        method = get_method(spec.method, **dict(spec.options))
+        out, destinations = compress_grids(method, spec.method, grids, counts[:len(grids)], text)
+        report_item(spec, destinations, time.perf_counter() - started)
         return out
-
-    def _text_embeds(self, spec: CompressionSpec, query: torch.Tensor | None, like: torch.Tensor,
-                     ) -> torch.Tensor | None:
-        if query is None or query.numel() == 0 or not method_reads_text(spec.method):
-            return None
-        return self.get_language_model().embed_input_ids(query.to(like.device)).to(like.dtype)
 
 
 def _tower_signals(signals, flat: torch.Tensor | None) -> dict:  # noqa: ANN001 - VisionSignals per tile

@@ -9,7 +9,7 @@ what Qwen3-VL changes (vLLM 0.32.0, ``model_executor/models/qwen3_vl.py``):
   feature does; a method that reads content decides on the main feature alone.
 * **Videos are frames.** Each temporal patch is its own ``<t seconds><|vision_start|><|video_pad|>*n
   <|vision_end|>`` span and its own M-RoPE grid ``(1, h, w)`` (time is carried by the timestamps' text positions).
-  So a video is compressed frame by frame (:func:`frame_counts`): the video's budget (a count, or a share of all
+  So a video is compressed frame by frame (:func:`parts.frame_counts`): the video's budget (a count, or a share of all
   its tokens) is spread evenly over its frames, earlier frames taking the remainder, every frame keeping at least
   one token; each frame is compressed on its own grid, and its kept tokens take their anchors' ``(0, row, col)``
   after that frame's ``<|vision_start|>``. Timestamps and the text after each frame keep their uncompressed
@@ -32,6 +32,7 @@ from ..config import CompressionSpec
 from . import settings
 from .debug_log import log_selection
 from .mrope import item_positions
+from .parts import frame_counts
 from .preview import qwen_item
 from .qwen2_vl import (
     MODALITY_FIELDS,
@@ -55,17 +56,6 @@ from .vllm_api import (
     without_encoder_cudagraphs,
 )
 from .worker_rpc import report_item
-
-
-def frame_counts(spec: CompressionSpec | None, frames: int, per_frame: int) -> list[int]:
-    """LM tokens each frame of a video keeps: the video's count (``min(budget, frames * per_frame)``, a ratio
-    resolved over all its tokens) spread evenly, the first ``count % frames`` frames one more, and at least one
-    per frame (a frame always has its timestamp and its grid)."""
-    if spec is None:
-        return [per_frame] * frames
-    total = settings.kept_tokens(spec, frames * per_frame)
-    base, extra = divmod(total, frames)
-    return [max(1, min(per_frame, base + (f < extra))) for f in range(frames)]
 
 
 def frame_specs(spec: CompressionSpec, grid: tuple[int, int, int]) -> list[CompressionSpec]:
@@ -258,4 +248,4 @@ class CompressedQwen3VLMoe(_Qwen3ModelMixin, Qwen3VLMoeForConditionalGeneration)
     """``Qwen3VLMoeForConditionalGeneration`` (the same vision path, a mixture-of-experts LM), compressed alike."""
 
 
-__all__ = ["CompressedQwen3VL", "CompressedQwen3VLMoe", "ENCODER", "frame_counts", "frame_specs", "video_preview"]
+__all__ = ["CompressedQwen3VL", "CompressedQwen3VLMoe", "ENCODER", "frame_specs", "video_preview"]

@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+from ..config import CompressionSpec, method_reads_text
 from ..methods import VisualTokens, method_class
 
 
@@ -24,6 +25,15 @@ def with_text_fallback(method: str, tokens: VisualTokens) -> VisualTokens:
         n = tokens.num_tokens
         updates["text_attention"] = torch.full((1, n), 1.0 / n, device=tokens.features.device)
     return dataclasses.replace(tokens, **updates) if updates else tokens
+
+
+def question_embeds(language_model: torch.nn.Module, spec: CompressionSpec, query: torch.Tensor | None,
+                    like: torch.Tensor) -> torch.Tensor | None:
+    """The question's token embeddings (the LM's input embeddings, ``like``'s device and dtype) for a method that
+    reads the text; ``None`` when it does not or the prompt has no text."""
+    if query is None or query.numel() == 0 or not method_reads_text(spec.method):
+        return None
+    return language_model.embed_input_ids(query.to(like.device)).to(like.dtype)
 
 
 def user_turn_ids(prompt: list[int], tokenizer) -> list[int]:  # noqa: ANN001 - a HF tokenizer
