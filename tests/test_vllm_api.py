@@ -55,6 +55,28 @@ def test_llava_next_methods_used_by_the_integration():
                               "num_patch_width"]
 
 
+def test_llava_onevision_methods_used_by_the_integration():
+    """integration/llava_onevision.py re-runs LLaVA-OneVision's embedding paths (tiles through the tower and the
+    projector, vLLM's own unpad-and-shrink merge without the newline column; video frames through the tower, the
+    projector and the pooling) and counts placeholders with vLLM's own rules; the merge and the counts are checked
+    against ``tile_grid_shape`` in tests/test_llava_onevision_layout.py."""
+    from vllm.model_executor.models import llava_onevision
+
+    model = llava_onevision.LlavaOnevisionForConditionalGeneration
+    for name in ("_parse_and_validate_multimodal_inputs", "_process_image_pixels", "_process_image_input",
+                 "_video_pixels_to_features", "_process_video_pixels", "image_newline"):
+        assert name in inspect.getsource(model), name
+    assert list(inspect.signature(model._merge_image_patch_embeddings).parameters) == [
+        "self", "image_size", "patch_embeddings", "image_newline", "vision_aspect_ratio", "strategy"]
+    assert inspect.signature(model._merge_image_patch_embeddings).parameters["vision_aspect_ratio"].default == (
+        "anyres_max_9")  # tile_grid_shape's MAX_TILES
+    assert list(inspect.signature(model._video_pixels_to_features).parameters) == ["self", "vision_tower",
+                                                                                    "pixel_values"]
+    info = llava_onevision.LlavaOnevisionProcessingInfo
+    assert "_get_num_frame_tokens" in inspect.getsource(info.get_num_video_tokens)
+    assert "num_frame_tokens * num_frames + 1" in inspect.getsource(info.get_num_video_tokens)
+
+
 def test_clip_attention_layout():
     """integration/clip_signals.py hooks the fused qkv projection of the feature layer."""
     from vllm.model_executor.models.clip import CLIPAttention, CLIPEncoderLayer

@@ -28,8 +28,8 @@ from .config import (
 PLUGIN_NAME = "tokcomp"
 DEFAULT_CPU_KV_GIB = "2"
 # MODEL shortcuts for the bundled tiny models (built on first use); no MODEL means tiny-llava
-BUNDLED_MODELS = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl",
-                  "tiny-qwen3-vl-moe")
+BUNDLED_MODELS = ("tiny-llava", "tiny-llava-next", "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl",
+                  "tiny-qwen3-vl", "tiny-qwen3-vl-moe")
 _QWEN_VARIANTS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}
 
 
@@ -50,6 +50,10 @@ def bundled_model_dir(name: str, *, build: bool = False) -> Path:
         from .tiny import llava_next_builder as llava_next
 
         return llava_next.ensure_default_model() if build else llava_next.default_model_dir()
+    if name == "tiny-llava-onevision":  # random weights: for counts and serving, not answers
+        from .tiny import llava_onevision_builder as llava_onevision
+
+        return llava_onevision.ensure_default_model() if build else llava_onevision.default_model_dir()
     if name != "tiny-llava":
         raise ValueError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
     from .tiny import llava_builder as llava

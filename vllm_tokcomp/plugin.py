@@ -18,6 +18,7 @@ logger = logging.getLogger("vllm_tokcomp")
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "vllm_tokcomp.integration.llava:CompressedLlava",
     "LlavaNextForConditionalGeneration": "vllm_tokcomp.integration.llava_next:CompressedLlavaNext",
+    "LlavaOnevisionForConditionalGeneration": "vllm_tokcomp.integration.llava_onevision:CompressedLlavaOnevision",
     "Qwen2VLForConditionalGeneration": "vllm_tokcomp.integration.qwen2_vl:CompressedQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "vllm_tokcomp.integration.qwen2_vl:CompressedQwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "vllm_tokcomp.integration.qwen3_vl:CompressedQwen3VL",

@@ -1,6 +1,7 @@
 """Which methods each served model family compresses, for images and videos: read from the methods' declared
-capabilities through each integration's own routing rule (``llava_next.serves``, ``qwen_routes.qwen_route``), so that
-the README's support matrix and ``tokcomp info`` cannot drift from what the server accepts."""
+capabilities through each integration's own routing rule (``llava_next.serves``, ``llava_onevision.serves``,
+``qwen_routes.qwen_route``), so that the README's support matrix and ``tokcomp info`` cannot drift from what the
+server accepts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 from ..config import servable_methods
 from ..methods import available_methods, method_class
-from . import llava_next, qwen_routes
+from . import llava_next, llava_onevision, qwen_routes
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Family:
 FAMILIES = (
     Family("LLaVA-1.5", ("LlavaForConditionalGeneration",), ("image",), lambda m: m in servable_methods()),
     Family("LLaVA-NeXT", ("LlavaNextForConditionalGeneration",), ("image",), llava_next.serves),
+    Family("LLaVA-OneVision", ("LlavaOnevisionForConditionalGeneration",), ("image", "video"),
+           llava_onevision.serves),
     Family("Qwen2-VL, Qwen2.5-VL", ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
            ("image", "video"), lambda m: qwen_routes.qwen_route(m) is not None, qwen_routes.qwen_route),
     Family("Qwen3-VL (dense, MoE)", ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),

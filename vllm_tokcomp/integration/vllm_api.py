@@ -32,6 +32,12 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextMultiModalProcessor,
     LlavaNextProcessingInfo,
 )
+from vllm.model_executor.models.llava_onevision import (
+    LlavaOnevisionDummyInputsBuilder,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionMultiModalProcessor,
+    LlavaOnevisionProcessingInfo,
+)
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -53,7 +59,7 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, VideoEmbeddingItems, VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.processing.context import InputProcessingContext
 
@@ -69,6 +75,10 @@ __all__ = [
     "LlavaNextForConditionalGeneration",
     "LlavaNextMultiModalProcessor",
     "LlavaNextProcessingInfo",
+    "LlavaOnevisionDummyInputsBuilder",
+    "LlavaOnevisionForConditionalGeneration",
+    "LlavaOnevisionMultiModalProcessor",
+    "LlavaOnevisionProcessingInfo",
     "MULTIMODAL_REGISTRY",
     "MultiModalFieldConfig",
     "PromptReplacement",
@@ -88,6 +98,8 @@ __all__ = [
     "Qwen3VLMoeProcessingInfo",
     "RequestSettingError",
     "VLLM_VERSION_CHECKED",
+    "VideoEmbeddingItems",
+    "VideoProcessorItems",
     "WORKER_CALL",
     "add_worker_call",
     "batch_one_request",
