@@ -45,6 +45,7 @@ DEFAULT_BUDGETS = (576, 192, 128, 64, 32, 16, 8)
 BUDGET_FRACTIONS = (1, 1 / 3, 2 / 9, 1 / 9, 1 / 18, 1 / 36, 1 / 72)
 BASELINE = "none"  # the uncompressed arm's name in every table (and in --methods)
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
+TILED_TYPES = ("llava_next",)  # an image is a base view plus tiles: its count comes from its processor
 DEFAULT_AUTO = "mustdrop:cosine,mustdrop:texture"
 AUTO = "auto"
 DEFAULT_OUT = RESULTS_DIR / "accuracy"
@@ -142,10 +143,11 @@ def parse_auto(text: str) -> list[Arm]:
 
 def run_arms(model: str, records: list[dict], arms: list[Arm], *, chunk: int, max_tokens: int,
              progress: bool = True, on_arm=None,  # noqa: ANN001
-             engine_kwargs: dict | None = None) -> tuple[list[list[str]], list[list[int]]]:
+             engine_kwargs: dict | None = None, full: int = FULL) -> tuple[list[list[str]], list[list[int]]]:
     """Greedy answers and prompt lengths of every record for every arm, from one engine: images through
     ``llm.chat``, clips (records with ``video_path``) as one video each in the model's own chat prompt.
-    ``engine_kwargs``: the engine's ``--mm-processor-kwargs`` (e.g. the trained connectors it loads).
+    ``engine_kwargs``: the engine's ``--mm-processor-kwargs`` (e.g. the trained connectors it loads); ``full``: an
+    uncompressed image's tokens (the engine's context fits it and the question).
 
     ``on_arm(answers_so_far, prompt_lengths_so_far)`` is called after each arm (the harness writes partial
     reports)."""
@@ -162,8 +164,10 @@ def run_arms(model: str, records: list[dict], arms: list[Arm], *, chunk: int, ma
         def answer(batch: list, kwargs: dict | None) -> list:
             return llm.generate(batch, params, mm_processor_kwargs=kwargs, use_tqdm=False)
     else:
-        llm = LLM(model=model, max_model_len=1024, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 1},
-                  mm_processor_kwargs=engine_kwargs)
+        # LLaVA-1.5's 576-token images fit 1024; a tiled image (LLaVA-NeXT) needs a longer context and step
+        long = {} if full + 512 <= 1024 else {"max_model_len": full + 512, "max_num_batched_tokens": full + 512}
+        llm = LLM(model=model, **{"max_model_len": 1024, **long}, enforce_eager=True, seed=0,
+                  limit_mm_per_prompt={"image": 1}, mm_processor_kwargs=engine_kwargs)
         prompts = image_conversations(records)
 
         def answer(batch: list, kwargs: dict | None) -> list:
@@ -345,6 +349,8 @@ def full_image_tokens(model: str, records: list[dict]) -> int:
     if model_type(model) not in QWEN_TYPES:
         if videos:
             raise SystemExit(f"video data sets need a Qwen model; {model} is {model_type(model) or 'unknown'}")
+        if model_type(model) in TILED_TYPES:
+            return tiled_image_tokens(model, records)
         return json.loads((Path(model) / "config.json").read_text()).get("image_seq_length", FULL)
     from PIL import Image
     from transformers import AutoProcessor
@@ -366,10 +372,33 @@ def full_image_tokens(model: str, records: list[dict]) -> int:
     return counts.pop()
 
 
+def tiled_image_tokens(model: str, records: list[dict]) -> int:
+    """Placeholders of one uncompressed image on a tiled model (LLaVA-NeXT): the ``<image>`` tokens its own HF
+    processor expands one image to (base view, tiles, newlines), which must be the same for every image."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    counts = set()
+    for path in sorted({r["image_path"] for r in records}):
+        with Image.open(path) as image:
+            ids = processor(text=processor.image_token, images=[image.convert("RGB")])["input_ids"][0]
+        counts.add(sum(1 for t in ids if t == image_id))
+    if len(counts) != 1:
+        raise SystemExit(f"the images give {sorted(counts)} visual tokens each on {model}: this harness compares fixed "
+                         "budgets, so give it images of one size")
+    return counts.pop()
+
+
 def methods_for(model: str) -> list[str]:
-    """Every method the plugin serves on ``model`` (Qwen: those without [CLS] attention)."""
+    """Every method the plugin serves on ``model`` (Qwen: those without [CLS] attention; LLaVA-NeXT: its rule)."""
     from vllm_tokcomp.config import servable_methods
 
+    if model_type(model) in TILED_TYPES:
+        from vllm_tokcomp.integration.llava_next import serves
+
+        return [m for m in servable_methods() if serves(m)]
     if model_type(model) not in QWEN_TYPES:
         return servable_methods()
     from vllm_tokcomp.integration.qwen_routes import SERVED_METHODS
@@ -415,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--videos", action="store_true", help="default data: the synthetic video test split "
                         "(100 clips of 4 frames, 2 questions each) instead of the images")
     parser.add_argument("--model", default=None, help="model folder (default: the bundled trained tiny LLaVA), or a "
-                        "bundled model's name: tiny-llava, tiny-qwen2-vl, tiny-qwen2.5-vl")
+                        "bundled model's name: tiny-llava, tiny-llava-next, tiny-qwen2-vl, tiny-qwen2.5-vl")
     parser.add_argument("--methods", default="all", help="comma list of servable methods, or 'all' (those the "
                         f"model's family serves), or '{BASELINE}' for the uncompressed arm alone (always run)")
     parser.add_argument("--budgets", default=None, help="comma list of token counts per image (default "
@@ -423,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{', '.join(f'{f:.3g}' for f in BUDGET_FRACTIONS)})")
     parser.add_argument("--auto", default=None,
                         help=f"adaptive-budget arms, METHOD[:ESTIMATOR] comma list ('' for none; default "
-                        f"{DEFAULT_AUTO} for LLaVA, none for Qwen)")
+                        f"{DEFAULT_AUTO} for LLaVA-1.5, none for the others)")
     parser.add_argument("--connectors", type=Path, nargs="*", default=[],
                         help="trained connectors (STEM of STEM.json) the engine loads, each an arm at its count "
                         "(e.g. connectors/c_abstractor-16)")
@@ -447,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = sorted({int(b) for b in budget_text.split(",") if b}, reverse=True)
     if full not in budgets:
         budgets.insert(0, full)
-    default_auto = "" if model_type(model) in QWEN_TYPES or args.methods == BASELINE else DEFAULT_AUTO
+    default_auto = "" if model_type(model) in QWEN_TYPES + TILED_TYPES or args.methods == BASELINE else DEFAULT_AUTO
     auto = args.auto if args.auto is not None else default_auto
     adaptive = parse_auto(auto)
     unknown = sorted({m for m, _, _ in adaptive} - set(served))
@@ -473,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         return report
 
     answers, lengths = run_arms(model, records, arms, chunk=args.chunk, max_tokens=args.max_tokens,
-                                progress=not args.no_progress, on_arm=write, engine_kwargs=engine_kwargs)
+                                progress=not args.no_progress, on_arm=write, engine_kwargs=engine_kwargs, full=full)
     report = write(answers, lengths)
     print(markdown(report))
     print(f"wrote {output_file(args.out, '.json')}, .md, .png ({report['seconds']:.0f}s)")
