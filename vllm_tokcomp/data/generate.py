@@ -9,6 +9,10 @@ Layout (spec: docs/dataset.md)::
 ``image`` is relative to the split folder, so every split folder is a data set on its own.
 N counts images; each image gets ``--questions-per-image`` questions of distinct types.
 
+With ``--spec-version 2``, ``--strokes``, ``--size-jitter``, ``--color-jitter`` and ``--both-spellings`` vary how each
+scene is drawn and worded within the spec's tolerances (docs/dataset.md, "Rendering variation"); the scenes,
+questions and answers stay those of the same split without variation, and each record carries its ``rendering``.
+
 ``--videos`` writes moving-shape clips instead (:mod:`.video`): ``OUT/<split>/videos/000000/00.png`` ... (one
 336 x 336 frame per file, ``--frames`` of them) and records ``{"id", "video", "frames", "question", "answer",
 "type"}`` with ``video`` the clip's folder.
@@ -24,7 +28,7 @@ import numpy as np
 
 from .hard import make_hard_questions, make_hard_scene, render_hard_scene
 from .spec import SPEC_VERSION, SPEC_VERSIONS
-from .synth import make_questions, make_scene, render_scene
+from .synth import RenderingRange, make_questions, make_scene, render_scene
 from .video import FRAMES, make_clip, make_video_questions, render_clip
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "hard": 5}
@@ -36,6 +40,12 @@ STREAM = 1  # the generator streams' first key; every spec version draws the sam
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of one image: independent of every other image and of the split sizes."""
     return np.random.default_rng([STREAM, seed, SPLIT_IDS.get(split, 3), index])
+
+
+def rendering_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of one image's rendering variation, apart from its scene's (:func:`scene_rng`): every
+    rendering range draws the same scenes and questions."""
+    return np.random.default_rng([STREAM, seed, SPLIT_IDS.get(split, 3), index, 2])
 
 
 def clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -64,7 +74,9 @@ def generate_video_split(out: Path, split: str, n: int, *, seed: int, questions_
 
 
 def generate_split(out: Path, split: str, n: int, *, seed: int, questions_per_image: int,
-                   spec_version: int = SPEC_VERSION) -> int:
+                   spec_version: int = SPEC_VERSION, renderings: RenderingRange | None = None) -> int:
+    if renderings is not None and renderings.varies and spec_version < 2:
+        raise ValueError("rendering variation is defined for spec version 2")
     folder = out / split
     (folder / "images").mkdir(parents=True, exist_ok=True)
     count = 0
@@ -72,10 +84,14 @@ def generate_split(out: Path, split: str, n: int, *, seed: int, questions_per_im
         for index in range(n):
             rng = scene_rng(seed, split, index)
             scene = make_scene(rng, spec_version=spec_version)
+            extra = {}
+            if renderings is not None and renderings.varies:
+                scene.rendering = renderings.draw(rendering_rng(seed, split, index), len(scene.objects))
+                extra["rendering"] = scene.rendering.to_dict()
             rel = f"images/{index:06d}.png"
             render_scene(scene).save(folder / rel, optimize=False, compress_level=6)
             for q_index, qa in enumerate(make_questions(scene, rng, questions_per_image)):
-                record = {"id": f"{split}-{index:06d}-{q_index}", "image": rel, **qa}
+                record = {"id": f"{split}-{index:06d}-{q_index}", "image": rel, **qa, **extra}
                 handle.write(json.dumps(record) + "\n")
                 count += 1
     return count
@@ -113,9 +129,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec-version", type=int, choices=SPEC_VERSIONS, default=SPEC_VERSION,
                         help="images: how scenes are drawn and worded (the same scenes in every version; "
                              "docs/dataset.md); clips are spec v1")
+    parser.add_argument("--strokes", default=None,
+                        help="spec v2: digit stroke widths drawn per image, a comma list within 2-5 (default 3)")
+    parser.add_argument("--size-jitter", type=float, default=0.0,
+                        help="spec v2: object box sides scaled by a factor uniform in 1 +- this (at most 0.08)")
+    parser.add_argument("--color-jitter", type=int, default=0,
+                        help="spec v2: per-object colour offsets, uniform integers in +- this per channel (<= 16)")
+    parser.add_argument("--both-spellings", action="store_true",
+                        help="spec v2: count questions write 'crosses' or 'crosss' (half each)")
     args = parser.parse_args(argv)
     if args.videos and (args.frames < 2 or args.frames % 2):
         parser.error("--frames must be an even number >= 2")
+    try:
+        strokes = tuple(int(t) for t in args.strokes.split(",")) if args.strokes else RenderingRange().strokes
+        renderings = RenderingRange(strokes, args.size_jitter, args.color_jitter, args.both_spellings)
+    except ValueError as error:
+        parser.error(f"rendering variation: {error}")
+    if renderings.varies and (args.spec_version < 2 or args.videos):
+        parser.error("--strokes, --size-jitter, --color-jitter and --both-spellings need --spec-version 2 images")
     counts = {}
     for split in ("train", "val", "test"):
         n = getattr(args, split)
@@ -127,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 "images": n,
                 "questions": generate_split(
                     args.out, split, n, seed=args.seed, questions_per_image=args.questions_per_image,
-                    spec_version=args.spec_version,
+                    spec_version=args.spec_version, renderings=renderings,
                 ),
             }
     if args.hard > 0 and not args.videos:
@@ -138,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             "splits": counts}
     if args.videos:
         spec.update(kind="video", frames=args.frames)
+    if renderings.varies:
+        spec["renderings"] = {"strokes": list(renderings.strokes), "size_jitter": renderings.size_jitter,
+                              "color_jitter": renderings.color_jitter, "both_spellings": renderings.both_spellings}
     (args.out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     print(json.dumps(spec))
     return 0

@@ -27,6 +27,13 @@ from .spec import (
     plural,
 )
 
+# Spec v2's rendering tolerances (docs/dataset.md, "Rendering variation"): what a renderer may vary and the spec
+# still holds. Object sizes stay within these so that placement's 6 px gaps keep objects apart.
+STROKE_TOLERANCE = (2, 3, 4, 5)
+SIZE_TOLERANCE = (0.92, 1.08)
+COLOR_TOLERANCE = 16
+CROSS_PLURALS = ("crosses", "crosss")
+
 CENTER = IMAGE_SIZE / 2
 POSITION_MARGIN = 40  # left/right, top/bottom questions need the object this far from the centre line
 RELATION_MARGIN = 30  # "which is further left" needs this horizontal gap
@@ -41,6 +48,65 @@ class Obj:
     y: int
 
 
+@dataclass(frozen=True)
+class Rendering:
+    """How a spec-v2 scene is drawn and worded within the spec's tolerances (docs/dataset.md, "Rendering
+    variation"); the default is the spec's exact drawing and wording."""
+
+    stroke: int = DIGIT_STROKE  # the digit glyph's segment thickness in pixels
+    size_scale: float = 1.0  # each object's box side is round(side * size_scale)
+    color_offsets: tuple[tuple[int, int, int], ...] = ()  # per object (scene order): added to its colour, clipped
+    cross_plural: str = "crosses"  # or v1's "crosss": both spellings occur in the wild
+
+    def __post_init__(self) -> None:
+        if self.stroke not in STROKE_TOLERANCE:
+            raise ValueError(f"stroke must be one of {STROKE_TOLERANCE}, got {self.stroke!r}")
+        if not SIZE_TOLERANCE[0] <= self.size_scale <= SIZE_TOLERANCE[1]:
+            raise ValueError(f"size_scale must be in {SIZE_TOLERANCE}, got {self.size_scale!r}")
+        if any(abs(c) > COLOR_TOLERANCE for offset in self.color_offsets for c in offset):
+            raise ValueError(f"colour offsets must be within +-{COLOR_TOLERANCE}")
+        if self.cross_plural not in CROSS_PLURALS:
+            raise ValueError(f"cross_plural must be one of {CROSS_PLURALS}, got {self.cross_plural!r}")
+
+    def to_dict(self) -> dict:
+        return {"stroke": self.stroke, "size_scale": self.size_scale,
+                "color_offsets": [list(o) for o in self.color_offsets], "cross_plural": self.cross_plural}
+
+
+@dataclass(frozen=True)
+class RenderingRange:
+    """The renderings a split draws from, one per scene: digit strokes (uniform among ``strokes``), object size
+    scale (uniform in ``1 +- size_jitter``), colour offsets (uniform integers in ``+-color_jitter`` per channel),
+    and, with ``both_spellings``, ``crosses`` or ``crosss`` (one half each)."""
+
+    strokes: tuple[int, ...] = (DIGIT_STROKE,)
+    size_jitter: float = 0.0
+    color_jitter: int = 0
+    both_spellings: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.strokes or any(t not in STROKE_TOLERANCE for t in self.strokes):
+            raise ValueError(f"strokes must be within {STROKE_TOLERANCE}, got {self.strokes!r}")
+        if not 0 <= self.size_jitter <= SIZE_TOLERANCE[1] - 1:
+            raise ValueError(f"size_jitter must be in [0, {SIZE_TOLERANCE[1] - 1:.2f}], got {self.size_jitter!r}")
+        if not 0 <= self.color_jitter <= COLOR_TOLERANCE:
+            raise ValueError(f"color_jitter must be in [0, {COLOR_TOLERANCE}], got {self.color_jitter!r}")
+
+    @property
+    def varies(self) -> bool:
+        return self != RenderingRange()
+
+    def draw(self, rng: np.random.Generator, objects: int) -> Rendering:
+        """One scene's rendering (``rng``: that scene's own rendering generator, apart from its scene generator so
+        that every rendering range draws the same scenes and questions)."""
+        stroke = self.strokes[int(rng.integers(len(self.strokes)))]
+        scale = round(float(rng.uniform(1 - self.size_jitter, 1 + self.size_jitter)), 4) if self.size_jitter else 1.0
+        offsets = tuple(tuple(int(v) for v in rng.integers(-self.color_jitter, self.color_jitter + 1, size=3))
+                        for _ in range(objects)) if self.color_jitter else ()
+        spelling = CROSS_PLURALS[int(rng.integers(2))] if self.both_spellings else CROSS_PLURALS[0]
+        return Rendering(stroke, scale, offsets, spelling)
+
+
 @dataclass
 class Scene:
     background: str
@@ -49,6 +115,13 @@ class Scene:
     digit_xy: tuple[int, int] | None = None  # top-left corner of the digit box
     bg_params: dict = field(default_factory=dict)
     spec_version: int = 1  # how it is drawn and worded (docs/dataset.md); the sampling is the same in every version
+    rendering: Rendering = field(default_factory=Rendering)  # spec v2 only: variation within the tolerances
+
+    def plural(self, shape: str) -> str:
+        """A shape's plural as this scene's questions write it."""
+        if self.spec_version >= 2 and shape == "cross":
+            return self.rendering.cross_plural
+        return plural(shape, self.spec_version)
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -106,10 +179,11 @@ def _fill_box(draw: ImageDraw.ImageDraw, x0: int, y0: int, x1: int, y1: int, fil
     draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
 
 
-def draw_glyph_v2(draw: ImageDraw.ImageDraw, left: int, top: int, value: int) -> None:
-    """Spec v2: a ``DIGIT_GLYPH`` (14 x 24 px) seven-segment glyph of ``DIGIT_STROKE`` (3 px) strokes with its
-    top-left corner at ``(left, top)``; segments are half-open boxes, the middle one centred on the middle row."""
-    (w, h), t = DIGIT_GLYPH, DIGIT_STROKE
+def draw_glyph_v2(draw: ImageDraw.ImageDraw, left: int, top: int, value: int, stroke: int = DIGIT_STROKE) -> None:
+    """Spec v2: a ``DIGIT_GLYPH`` (14 x 24 px) seven-segment glyph of ``stroke`` px strokes (the spec's 3 unless a
+    rendering varies it) with its top-left corner at ``(left, top)``; segments are half-open boxes, the middle one
+    centred on the middle row."""
+    (w, h), t = DIGIT_GLYPH, stroke
     mid = top + h // 2
     seg = {
         "a": (left, top, left + w, top + t), "g": (left, mid - t // 2, left + w, mid - t // 2 + t),
@@ -121,11 +195,11 @@ def draw_glyph_v2(draw: ImageDraw.ImageDraw, left: int, top: int, value: int) ->
         _fill_box(draw, *seg[name], (0, 0, 0))
 
 
-def _draw_digit_v2(draw: ImageDraw.ImageDraw, x0: int, y0: int, value: int) -> None:
+def _draw_digit_v2(draw: ImageDraw.ImageDraw, x0: int, y0: int, value: int, stroke: int = DIGIT_STROKE) -> None:
     """Spec v2: the white box with one :func:`draw_glyph_v2` glyph centred in it."""
     _fill_box(draw, x0, y0, x0 + DIGIT_BOX, y0 + DIGIT_BOX, (255, 255, 255))
     w, h = DIGIT_GLYPH
-    draw_glyph_v2(draw, x0 + (DIGIT_BOX - w) // 2, y0 + (DIGIT_BOX - h) // 2, value)
+    draw_glyph_v2(draw, x0 + (DIGIT_BOX - w) // 2, y0 + (DIGIT_BOX - h) // 2, value, stroke)
 
 
 def _draw_digit(draw: ImageDraw.ImageDraw, x0: int, y0: int, value: int) -> None:
@@ -160,11 +234,13 @@ def _background(scene: Scene) -> np.ndarray:
     return c1 + noise.astype(np.float32)
 
 
-def _draw_object_v2(draw: ImageDraw.ImageDraw, obj: Obj, fill: tuple[int, int, int] | int) -> None:
-    """Spec v2: every shape fills the half-open box ``[x - s//2, x - s//2 + s)`` (same for y) of its size ``s``:
-    the inscribed circle, the whole square, an upright triangle (apex at the top centre, base the bottom row), an
-    upright plus whose arms are ``round(s / 3)`` px wide and offset ``(s - width) // 2`` from the box's edge."""
-    size = SIDES[obj.size]
+def _draw_object_v2(draw: ImageDraw.ImageDraw, obj: Obj, fill: tuple[int, int, int] | int,
+                    size_scale: float = 1.0) -> None:
+    """Spec v2: every shape fills the half-open box ``[x - s//2, x - s//2 + s)`` (same for y) of its size ``s``
+    (``round(side * size_scale)``): the inscribed circle, the whole square, an upright triangle (apex at the top
+    centre, base the bottom row), an upright plus whose arms are ``round(s / 3)`` px wide and offset
+    ``(s - width) // 2`` from the box's edge."""
+    size = SIDES[obj.size] if size_scale == 1.0 else round(SIDES[obj.size] * size_scale)
     x0, y0 = obj.x - size // 2, obj.y - size // 2
     x1, y1 = x0 + size, y0 + size
     if obj.shape == "circle":
@@ -181,9 +257,9 @@ def _draw_object_v2(draw: ImageDraw.ImageDraw, obj: Obj, fill: tuple[int, int, i
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, fill: tuple[int, int, int] | int, spec_version: int = 1,
-                 ) -> None:
+                 size_scale: float = 1.0) -> None:
     if spec_version >= 2:
-        _draw_object_v2(draw, obj, fill)
+        _draw_object_v2(draw, obj, fill, size_scale)
         return
     r = SIZES[obj.size] // 2
     x, y = obj.x, obj.y
@@ -205,11 +281,24 @@ def render_scene(scene: Scene) -> Image.Image:
     pixels = np.clip(_background(scene), 0, 255).round().astype(np.uint8)
     image = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
-        _draw_object(draw, obj, COLORS[obj.color], scene.spec_version)
+    rendering = scene.rendering
+    for index, obj in enumerate(scene.objects):
+        _draw_object(draw, obj, object_color(scene, index), scene.spec_version, rendering.size_scale)
     if scene.digit is not None:
-        (_draw_digit_v2 if scene.spec_version >= 2 else _draw_digit)(draw, *scene.digit_xy, scene.digit)
+        if scene.spec_version >= 2:
+            _draw_digit_v2(draw, *scene.digit_xy, scene.digit, rendering.stroke)
+        else:
+            _draw_digit(draw, *scene.digit_xy, scene.digit)
     return image
+
+
+def object_color(scene: Scene, index: int) -> tuple[int, int, int]:
+    """The RGB an object is drawn in: its colour's, plus the rendering's offset for it (clipped)."""
+    base = COLORS[scene.objects[index].color]
+    offsets = scene.rendering.color_offsets
+    if index >= len(offsets):
+        return base
+    return tuple(int(min(255, max(0, c + o))) for c, o in zip(base, offsets[index], strict=True))
 
 
 DIGIT_LABEL = 255
@@ -222,7 +311,7 @@ def label_map(scene: Scene) -> np.ndarray:
     image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(image)
     for i, obj in enumerate(scene.objects):
-        _draw_object(draw, obj, i + 1, scene.spec_version)
+        _draw_object(draw, obj, i + 1, scene.spec_version, scene.rendering.size_scale)
     if scene.digit is not None:
         x0, y0 = scene.digit_xy
         draw.rectangle([x0, y0, x0 + DIGIT_BOX - 1, y0 + DIGIT_BOX - 1], fill=DIGIT_LABEL)
@@ -269,7 +358,7 @@ def _ask_count(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None
         shapes = sorted({o.shape for o in scene.objects}) if present and scene.objects else list(SHAPES)
         shape = shapes[int(rng.integers(len(shapes)))]
         count = sum(o.shape == shape for o in scene.objects)
-        return f"How many {plural(shape, scene.spec_version)} are there?", str(count)
+        return f"How many {scene.plural(shape)} are there?", str(count)
     colors = sorted({o.color for o in scene.objects}) if present and scene.objects else list(COLORS)
     color = colors[int(rng.integers(len(colors)))]
     return f"How many {color} objects are there?", str(sum(o.color == color for o in scene.objects))
