@@ -30,3 +30,13 @@ def request_image(seed: int, width: int, height: int, noise: float = 0.0) -> Ima
     pixels = np.asarray(image, dtype=np.float32)
     pixels += np.random.default_rng(seed).normal(0.0, noise, pixels.shape).astype(np.float32)
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
+
+
+def request_image_url(seed: int, width: int, height: int) -> str:
+    """:func:`request_image` as a PNG data URL, as an OpenAI client sends an image."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    request_image(seed, width, height).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

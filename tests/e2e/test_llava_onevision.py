@@ -12,8 +12,6 @@ tiny-llava-onevision`` with the ``openai`` client: per-request budgets, 400s.
 Runner: ``python -m tests.e2e.test_llava_onevision JOB`` (one engine per process).
 """
 
-import base64
-import io
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +22,7 @@ import pytest
 from vllm_tokcomp.launch import ServerProcess
 
 from .conftest import run_runner_module
+from .images import request_image_url
 
 pytestmark = pytest.mark.slow
 
@@ -195,16 +194,8 @@ def client(onevision_dir, vllm_env, tmp_path_factory):
         yield openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-def _image_url(seed, width, height):
-    from tests.e2e.images import request_image
-
-    buffer = io.BytesIO()
-    request_image(seed, width, height).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def _ask(client, images, mm_kwargs=None):
-    content = [{"type": "image_url", "image_url": {"url": _image_url(*image)}} for image in images]
+    content = [{"type": "image_url", "image_url": {"url": request_image_url(*image)}} for image in images]
     messages = [{"role": "user", "content": [*content, {"type": "text", "text": "What color is the circle?"}]}]
     extra = {"mm_processor_kwargs": mm_kwargs} if mm_kwargs is not None else None
     return client.chat.completions.create(model="tiny-onevision", messages=messages, max_tokens=4, temperature=0.0,

@@ -18,6 +18,7 @@ import pytest
 from vllm_tokcomp.launch import ServerProcess
 
 from .conftest import run_runner_module
+from .images import request_image_url
 from .test_qwen2_vl import GRIDS, IMAGE_PAD, _count, _kept, expected_positions
 
 pytestmark = pytest.mark.slow
@@ -103,14 +104,6 @@ def test_chunked_prefill_splitting_images_changes_nothing(engine, chunked):
 
 
 # ----------------------------------------------------------------------------- tokcomp serve + openai client
-def _image_url(seed, width, height):
-    from .images import make_image
-
-    buffer = io.BytesIO()
-    make_image(seed, size=336).resize((width, height)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 @pytest.fixture(scope="module")
 def server(qwen_dir, vllm_env, tmp_path_factory, selection_log):
     log = tmp_path_factory.mktemp("qwen-server") / "server.log"
@@ -126,7 +119,7 @@ def client(server):
 
 
 def _messages(images):
-    content = [{"type": "image_url", "image_url": {"url": _image_url(*image)}} for image in images]
+    content = [{"type": "image_url", "image_url": {"url": request_image_url(*image)}} for image in images]
     content.append({"type": "text", "text": "What colour is the circle?"})
     return [{"role": "user", "content": content}]
 

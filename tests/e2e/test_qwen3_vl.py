@@ -11,8 +11,6 @@ same with chunked prefill cutting images and frames; ``tokcomp serve tiny-qwen3-
 Runner: ``python -m tests.e2e.test_qwen3_vl JOB`` (one engine per process).
 """
 
-import base64
-import io
 import json
 import math
 import sys
@@ -24,6 +22,7 @@ import pytest
 from vllm_tokcomp.launch import ServerProcess
 
 from .conftest import run_runner_module
+from .images import request_image_url
 from .test_qwen2_vl import _count, _kept
 from .test_qwen2_vl_pixel_decided import pixel_decided_anchors
 
@@ -273,16 +272,8 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-def _image_url(seed, width, height):
-    from tests.e2e.images import request_image
-
-    buffer = io.BytesIO()
-    request_image(seed, width, height).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def _messages(images):
-    content = [{"type": "image_url", "image_url": {"url": _image_url(*image)}} for image in images]
+    content = [{"type": "image_url", "image_url": {"url": request_image_url(*image)}} for image in images]
     return [{"role": "user", "content": [*content, {"type": "text", "text": "What colour is the circle?"}]}]
 
 
