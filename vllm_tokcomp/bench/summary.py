@@ -1,9 +1,8 @@
-"""The README's two result tables, generated from the committed results so they cannot drift from them.
+"""The README's result tables, generated from the committed results so they cannot drift from them.
 
-``python -m vllm_tokcomp.bench.summary --write README.md`` replaces the text between
-``<!-- throughput:start -->`` / ``<!-- throughput:end -->`` and ``<!-- accuracy:start -->`` /
-``<!-- accuracy:end -->``; without ``--write`` it prints both blocks. The full tables are in docs/benchmarks.md
-(``benchmarks/report.py``).
+``python -m vllm_tokcomp.bench.summary --write README.md`` replaces the text between each marker pair
+(``<!-- throughput:start -->`` / ``<!-- throughput:end -->``, ``accuracy``, ``accuracy-llava-next``); without
+``--write`` it prints every block. The full tables are in docs/benchmarks.md (``benchmarks/report.py``).
 """
 
 from __future__ import annotations
@@ -17,8 +16,15 @@ from .common import ROOT, device_description, provenance_line
 RESULTS = ROOT / "benchmarks" / "results"
 THROUGHPUT_RESULT = RESULTS / "throughput-llava-proportioned.json"
 ACCURACY_RESULT = RESULTS / "accuracy.json"
+LLAVA_NEXT_ACCURACY_RESULT = RESULTS / "accuracy-llava-next.json"
 ACCURACY_BUDGETS = (192, 64, 32, 16, 8)
-MARKERS = {"throughput": THROUGHPUT_RESULT, "accuracy": ACCURACY_RESULT}
+MARKERS = {"throughput": THROUGHPUT_RESULT, "accuracy": ACCURACY_RESULT,
+           "accuracy-llava-next": LLAVA_NEXT_ACCURACY_RESULT}
+# Which model each accuracy block measured, as the table's first words say it.
+MODEL_DESCRIPTIONS = {
+    "accuracy": "the bundled tiny LLaVA",
+    "accuracy-llava-next": "the tiny LLaVA-NeXT",
+}
 
 
 def _relative(path: Path) -> str:
@@ -62,13 +68,14 @@ def throughput_summary(result: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def accuracy_summary(result: dict, source: str, budgets: tuple[int, ...] = ACCURACY_BUDGETS) -> str:
+def accuracy_summary(result: dict, source: str, budgets: tuple[int, ...] = ACCURACY_BUDGETS,
+                     model: str = MODEL_DESCRIPTIONS["accuracy"]) -> str:
     """Accuracy (and its share of the uncompressed accuracy) of every method at a few budgets."""
     base = result["baseline"]["accuracy"]
     by_arm = {(arm["method"], arm["budget"]): arm for arm in result["arms"]}
     shown = [b for b in budgets if b in result["budgets"]]
     lines = [
-        f"Answer accuracy of the bundled tiny LLaVA (`{result['model_name']}`) on the {result['n']} test questions of "
+        f"Answer accuracy of {model} (`{result['model_name']}`) on the {result['n']} test questions of "
         f"the synthetic VQA task, served by vLLM, greedy, exact match: uncompressed ({result['full_tokens']} tokens "
         f"per image) **{base:.3f}**, always answering each question type's most common answer "
         f"{result['chance']:.3f}. Cells: accuracy (share of uncompressed). Source `{source}`. "
@@ -91,8 +98,10 @@ def blocks(results: dict[str, Path] = MARKERS) -> dict[str, str]:
     out = {}
     for marker, path in results.items():
         result = json.loads(path.read_text())
-        render = throughput_summary if marker == "throughput" else accuracy_summary
-        out[marker] = render(result, _relative(path))
+        if marker == "throughput":
+            out[marker] = throughput_summary(result, _relative(path))
+        else:
+            out[marker] = accuracy_summary(result, _relative(path), model=MODEL_DESCRIPTIONS[marker])
     return out
 
 
