@@ -696,3 +696,25 @@ def test_question_look_weight_is_refused_below_zero(tmp_path, capsys):
         assert exit_info.value.code == 2
         assert "--question-look-weight" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_qa_batches_draw_the_spec_version_and_rendering_range_asked_for():
+    """``Drawing``: spec v2 scenes are v1's scenes drawn anew; a rendering range changes pixels (digit strokes here)
+    and leaves the scenes, questions and answers alone; v1 is the default."""
+    from tokcomp_lab.train.llava import Drawing, QAEncoder, main, qa_batch, val_batch
+
+    from vllm_tokcomp.data.synth import RenderingRange
+
+    enc = QAEncoder()
+    digit_image = next(i for i in range(40) if make_scene(scene_rng(0, "train", i)).digit is not None)
+    v1 = qa_batch(enc, 0, digit_image, 1, 4)
+    assert torch.equal(v1["pixel_values"], qa_batch(enc, 0, digit_image, 1, 4, drawing=Drawing())["pixel_values"])
+    v2 = qa_batch(enc, 0, digit_image, 1, 4, drawing=Drawing(2))
+    wide = qa_batch(enc, 0, digit_image, 1, 4, drawing=Drawing(2, RenderingRange(strokes=(5,))))
+    assert not torch.equal(v1["pixel_values"], v2["pixel_values"])
+    assert not torch.equal(v2["pixel_values"], wide["pixel_values"])  # 5 px strokes instead of 3
+    assert torch.equal(v2["labels"], wide["labels"]) and torch.equal(v2["input_ids"], wide["input_ids"])
+    v2_val, _ = val_batch(enc, 0, 0, 4, spec_version=2)
+    assert not torch.equal(v2_val["pixel_values"], val_batch(enc, 0, 0, 4)[0]["pixel_values"])
+    with pytest.raises(SystemExit):
+        main(["/tmp/unused-run", "--strokes", "2"])  # rendering variation is spec v2's

@@ -46,11 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_tokcomp.data.generate import scene_rng
+from vllm_tokcomp.data.generate import rendering_rng, scene_rng
 from vllm_tokcomp.data.spec import BACKGROUNDS, COLORS, DIGITS, MAX_OBJECTS, SHAPES, SIZES
 from vllm_tokcomp.data.synth import (
     ASKERS,
     DIGIT_LABEL,
+    RenderingRange,
     label_map,
     make_questions,
     make_scene,
@@ -576,20 +577,31 @@ def answer_token_weights(labels: list[int], answer_weights: list[float], eos: in
     return out
 
 
-def training_scene(rng: np.random.Generator, min_objects: int = 1):  # noqa: ANN201 - a synth Scene
+@dataclasses.dataclass(frozen=True)
+class Drawing:
+    """How QA images are drawn and worded: the data spec's version and, for spec v2, the rendering range each
+    training image draws its rendering from (``data.synth.RenderingRange``, per image from
+    ``data.generate.rendering_rng``, so the scenes and questions are the same under every range). Validation images
+    are drawn exactly as the spec version says."""
+
+    spec_version: int = 1
+    renderings: RenderingRange = RenderingRange()
+
+
+def training_scene(rng: np.random.Generator, min_objects: int = 1, spec_version: int = 1):  # noqa: ANN201 - a synth Scene
     """The first scene ``rng`` draws with at least ``min_objects`` objects (1: the generator's own distribution).
     The binding of a colour to a shape fails with distractors (``lab/benchmarks/heldout.py``: 0.99 of shape questions
     right in one-object scenes, under half in five-object ones), so a run may spend its steps on crowded scenes."""
-    scene = make_scene(rng)
+    scene = make_scene(rng, spec_version=spec_version)
     while len(scene.objects) < min_objects:
-        scene = make_scene(rng)
+        scene = make_scene(rng, spec_version=spec_version)
     return scene
 
 
 def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, caption: bool = False,
              compress_prob: float = 0.0, isolated: bool = False, near_misses: bool = False,
              placeholders: int | None = None, type_weights: dict[str, float] | None = None,
-             min_objects: int = 1) -> dict:
+             min_objects: int = 1, drawing: Drawing = Drawing()) -> dict:  # noqa: B008 - frozen
     """Rendered images and their conversations. With ``compress_prob`` > 0 each image is compressed with that
     probability (``batch["squeeze"]``, one :class:`Squeeze` or None per row; the ids hold that many image tokens,
     and a compressed row's looks hold ``first image position + patch index``, mapped to the kept tokens in
@@ -600,14 +612,16 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
     connector's fixed output count, :mod:`tokcomp_lab.train.connector`); the batch then has no looks.
     ``type_weights``: question type -> weight of its answer tokens and its look in the loss (others 1; the batch
     then has ``answer_weights``, ``[B, T]`` aligned with ``labels``). ``min_objects``: every image has at least
-    that many objects (:func:`training_scene`)."""
+    that many objects (:func:`training_scene`). ``drawing``: the spec version and rendering range (:class:`Drawing`)."""
     images, seqs, patch_targets, squeezes, layouts, weights = [], [], [], [], [], []
     # (row, answer-start position, image-token positions it is about, weight)
     looks: list[tuple[int, int, list[int], float]] = []
     question_looks: list[tuple[int, int, list[int], float]] = []  # the same, on the words the question names
     for row, index in enumerate(range(start, start + n)):
         rng = scene_rng(seed, "train", index)
-        scene = training_scene(rng, min_objects)
+        scene = training_scene(rng, min_objects, drawing.spec_version)
+        if drawing.renderings.varies:
+            scene.rendering = drawing.renderings.draw(rendering_rng(seed, "train", index), len(scene.objects))
         images.append(pixels(render_scene(scene)))
         qas = dense_questions(scene, rng, per_image)
         if caption:  # LLaVA's alignment task as a first turn: every object, so every image token matters
@@ -859,11 +873,11 @@ class QABatches(torch.utils.data.Dataset):
     def __init__(self, enc: QAEncoder, seed: int, first: int, steps: int, batch: int, per_image: int,
                  caption: bool, compress_prob: float = 0.0, isolated: bool = False,
                  near_misses: bool = False, type_weights: dict[str, float] | None = None,
-                 min_objects: int = 1) -> None:
+                 min_objects: int = 1, drawing: Drawing = Drawing()) -> None:  # noqa: B008 - frozen
         self.enc, self.seed, self.first, self.steps = enc, seed, first, steps
         self.batch, self.per_image, self.caption, self.compress_prob = batch, per_image, caption, compress_prob
         self.isolated, self.near_misses, self.type_weights = isolated, near_misses, type_weights
-        self.min_objects = min_objects
+        self.min_objects, self.drawing = min_objects, drawing
 
     def __len__(self) -> int:
         return max(0, self.steps - self.first)
@@ -872,7 +886,7 @@ class QABatches(torch.utils.data.Dataset):
         step = self.first + i
         return qa_batch(self.enc, self.seed, step * self.batch, self.batch, self.per_image, self.caption,
                         self.compress_prob, self.isolated, self.near_misses, type_weights=self.type_weights,
-                        min_objects=self.min_objects)
+                        min_objects=self.min_objects, drawing=self.drawing)
 
 
 def _as_is(item: dict) -> dict:
@@ -948,6 +962,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"QA images with at least this many objects (1-{MAX_OBJECTS}; 1: the generator's own "
                         "mix): accuracy falls with every distractor, so a run can train on crowded scenes (above 3 "
                         "there are no digit images: they hold at most 3 objects)")
+    parser.add_argument("--spec-version", type=int, choices=(1, 2), default=1,
+                        help="the data spec QA images are drawn and worded by (docs/dataset.md); validation too")
+    parser.add_argument("--strokes", default=None,
+                        help="spec v2: digit stroke widths training images draw from, e.g. 3,4 (default: the spec's 3)")
+    parser.add_argument("--size-jitter", type=float, default=0.0, help="spec v2: object box sides x (1 +- this)")
+    parser.add_argument("--color-jitter", type=int, default=0, help="spec v2: per-object colour offsets +- this")
+    parser.add_argument("--both-spellings", action="store_true", help="spec v2: 'crosses' or 'crosss', half each")
     parser.add_argument("--rope-theta", type=float, default=None,
                         help="the LM's rotary base (default: --init-lm's, else --init's, else "
                         f"{tiny.ROPE_THETA:g}); a larger one turns the keys of far-apart image patches less against "
@@ -989,6 +1010,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.look_at_near_misses and args.look_weight <= 0:
         parser.error("--look-at-near-misses adds look targets, which only --look-weight > 0 trains")
     type_weights = parse_type_weights(args.type_weight, parser.error)
+    try:
+        strokes = tuple(int(t) for t in args.strokes.split(",")) if args.strokes else RenderingRange().strokes
+        drawing = Drawing(args.spec_version,
+                          RenderingRange(strokes, args.size_jitter, args.color_jitter, args.both_spellings))
+    except ValueError as error:
+        parser.error(f"rendering variation: {error}")
+    if drawing.renderings.varies and drawing.spec_version < 2:
+        parser.error("--strokes, --size-jitter, --color-jitter and --both-spellings need --spec-version 2")
     if not 1 <= args.min_objects <= MAX_OBJECTS:
         parser.error(f"--min-objects must be 1-{MAX_OBJECTS} (a scene has at most {MAX_OBJECTS} objects), "
                      f"got {args.min_objects}")
@@ -1130,7 +1159,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def val_accuracy(squeeze: Squeeze | None) -> tuple[float, dict]:
         if squeeze not in val_batches:
-            val_batches[squeeze] = [val_batch(enc, args.seed, i, 16, squeeze) for i in range(0, args.eval_images, 16)]
+            val_batches[squeeze] = [val_batch(enc, args.seed, i, 16, squeeze, spec_version=drawing.spec_version)
+                                    for i in range(0, args.eval_images, 16)]
         correct = []
         with autocast():
             for vb, types in val_batches[squeeze]:
@@ -1154,7 +1184,7 @@ def main(argv: list[str] | None = None) -> int:
     t_qa = time.perf_counter()
     batches = qa_batches(QABatches(enc, args.seed, step, args.qa_steps, args.qa_batch, args.questions_per_image,
                                    args.caption_turn, args.compress_prob, args.isolated_questions,
-                                   args.look_at_near_misses, type_weights, args.min_objects),
+                                   args.look_at_near_misses, type_weights, args.min_objects, drawing),
                          args.workers, pin=device.type == "cuda")
     out_of_time = False
     for batch in batches:
@@ -1194,11 +1224,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def val_question(seed: int, index: int) -> tuple[object, dict]:
+def val_question(seed: int, index: int, spec_version: int = 1) -> tuple[object, dict]:
     """Validation image ``index``'s scene and the question checked on it: one of the two the generated val
     split has for it (alternating by index, so every question type is checked)."""
     rng = scene_rng(seed, "val", index)
-    scene = make_scene(rng)
+    scene = make_scene(rng, spec_version=spec_version)
     questions = make_questions(scene, rng, 2)  # the same as the generated val split (2 per image)
     return scene, questions[index % len(questions)]
 
@@ -1220,12 +1250,12 @@ def padded_conversations(seqs: list[tuple[list[int], list[int]]]) -> dict[str, t
 
 
 def val_batch(enc: QAEncoder, seed: int, start: int, n: int, squeeze: Squeeze | None = None,
-               placeholders: int | None = None) -> tuple[dict, list[str]]:
+               placeholders: int | None = None, spec_version: int = 1) -> tuple[dict, list[str]]:
     """Validation-split images, one question each (:func:`val_question`), each compressed by ``squeeze`` if given
     (``placeholders``: that many image tokens instead, for a learned connector)."""
     images, seqs, types = [], [], []
     for index in range(start, start + n):
-        scene, qa = val_question(seed, index)
+        scene, qa = val_question(seed, index, spec_version)
         images.append(pixels(render_scene(scene)))
         seqs.append(enc.conversation([qa], placeholders or image_tokens(squeeze)))
         types.append(qa["type"])
