@@ -702,7 +702,6 @@ def test_qa_batches_draw_the_spec_version_and_rendering_range_asked_for():
     """``Drawing``: spec v2 scenes are v1's scenes drawn anew; a rendering range changes pixels (digit strokes here)
     and leaves the scenes, questions and answers alone; v1 is the default."""
     from tokcomp_lab.train.llava import Drawing, QAEncoder, main, qa_batch, val_batch
-
     from vllm_tokcomp.data.synth import RenderingRange
 
     enc = QAEncoder()

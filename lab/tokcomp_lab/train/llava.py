@@ -21,7 +21,9 @@ answer tokens and ``</s>`` only, and the LM head is applied at those positions o
 method of :data:`AUGMENT_METHODS` to a budget of :data:`AUGMENT_BUDGETS`, the kept tokens at consecutive
 positions), so the LM also learns to read compressed images; ``--eval-squeeze`` validates on those too.
 ``--isolated-questions`` packs the questions as single-turn conversations sharing the image prefix (block
-attention mask, served positions), so no answer can be read off an earlier turn.
+attention mask, served positions), so no answer can be read off an earlier turn. ``--spec-version 2`` draws and words
+the images by the data spec's version 2 (validation too); with ``--strokes``, ``--size-jitter``, ``--color-jitter``
+and ``--both-spellings`` each training image draws its rendering within the spec's tolerances (:class:`Drawing`).
 
 Data is generated on the fly from the training split's seeds (image ``i`` of the run is image
 ``i`` of ``python -m vllm_tokcomp.data.generate --seed SEED``), so runs are deterministic and
