@@ -73,7 +73,7 @@ def test_answers_follow_from_the_scene():
 @pytest.mark.parametrize("number", ["888", "1111", "4721"])
 def test_number_glyphs_are_drawn_as_specified(number):
     xy = (60, 200)
-    scene = HardScene("plain", [], None, None, dict(GREY), 2, number, xy)
+    scene = HardScene("plain", [], None, None, dict(GREY), 2, number=number, number_xy=xy)
     image = np.asarray(render_hard_scene(scene))
     width, height = number_box(len(number))
     box = image[xy[1]:xy[1] + height, xy[0]:xy[0] + width]

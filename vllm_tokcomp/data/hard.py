@@ -63,7 +63,7 @@ def make_hard_scene(rng: np.random.Generator) -> HardScene:
                 boxes.append((x, y, r))
                 objects.append(Obj(shape, color, size, int(x), int(y)))
                 break
-    return HardScene(background, objects, None, None, bg, 2, number, number_xy)
+    return HardScene(background, objects, None, None, bg, 2, number=number, number_xy=number_xy)
 
 
 def _draw_number(draw: ImageDraw.ImageDraw, scene: HardScene) -> None:
