@@ -75,23 +75,23 @@ def serves(method: str) -> bool:
     return method in servable_methods() and not method_class(method).reads_lm_probe()
 
 
-def _check_servable(spec: CompressionSpec | None, field: str) -> CompressionSpec | None:
-    if spec is None:
-        return None
+def check_tiled_servable(spec: CompressionSpec, field: str, family: str = "LLaVA-NeXT") -> CompressionSpec:
+    """What a tiled LLaVA (``family``: LLaVA-NeXT, LLaVA-OneVision) refuses, naming the field: ``"auto"`` budgets,
+    trained connectors, methods that read the LM probe."""
     if spec.budget == AUTO:
         raise ConfigError(field.replace(METHOD_KEY, BUDGET_KEY),
-                          f"{AUTO!r} is defined on LLaVA-1.5's fixed 24x24 grid; on LLaVA-NeXT give a count or a ratio")
+                          f"{AUTO!r} is defined on LLaVA-1.5's fixed 24x24 grid; on {family} give a count or a ratio")
     if is_connector_method(spec.method):
         raise ConfigError(field, f"{spec.method!r} is a trained connector, served on LLaVA-1.5 only")
     if method_class(spec.method).reads_lm_probe():
-        raise ConfigError(field, f"method {spec.method!r} reads the LM probe's text attention, which the LLaVA-NeXT "
+        raise ConfigError(field, f"method {spec.method!r} reads the LM probe's text attention, which the {family} "
                                  "integration does not run")
     return spec
 
 
 class CompressedLlavaNextInfo(CompressingInfo, LlavaNextProcessingInfo):
     def check_servable(self, spec: CompressionSpec) -> CompressionSpec:
-        return _check_servable(spec, METHOD_FIELD)
+        return check_tiled_servable(spec, METHOD_FIELD)
 
     def pipeline_limit(self, stages: int) -> PipelineLimit:
         return llava_pipeline_limit(self.get_hf_config().text_config.num_hidden_layers, stages)
@@ -117,8 +117,10 @@ class CompressedLlavaNextInfo(CompressingInfo, LlavaNextProcessingInfo):
         return side * side, rows, unpadded // max(rows, 1)
 
 
-class CompressedLlavaNextProcessor(CompressingProcessor, LlavaNextMultiModalProcessor):
-    info: CompressedLlavaNextInfo
+class TiledImages:
+    """Processor mixin for an image served as a base view plus a tile grid with a newline per row (LLaVA-NeXT,
+    LLaVA-OneVision): its counts and its settings rows, from the info's ``layout(width, height)`` (base view
+    tokens, grid rows, grid columns)."""
 
     def _image_counts(self, item) -> tuple[int, tuple[int, int] | None, CompressionSpec | None]:  # noqa: ANN001
         """An image's placeholders without compression, its visual counts when compressed, its settings."""
@@ -126,6 +128,24 @@ class CompressedLlavaNextProcessor(CompressingProcessor, LlavaNextMultiModalProc
         base, rows, cols = self.info.layout(width, height)
         spec = settings.item_spec(item, settings.FIELD)
         return base + rows * cols + rows, visual_counts(spec, base, rows, cols), spec
+
+    def _add_image_rows(self, processed_data, spec: CompressionSpec | None,  # noqa: ANN001 - HF's BatchFeature
+                        hf_processor_mm_kwargs: Mapping[str, object]) -> None:
+        """Each processed image's settings row (a ratio resolved over all its placeholders) and question row."""
+        sizes = processed_data.get("image_sizes")
+        if processed_data.get("pixel_values") is None or sizes is None:
+            return
+        rows = []
+        for height, width in torch.as_tensor(sizes).tolist():
+            base, grid_rows, grid_cols = self.info.layout(int(width), int(height))
+            full = base + grid_rows * grid_cols + grid_rows
+            rows.append(settings.encode(None if spec is None else spec.for_item(full)))
+        processed_data[settings.FIELD] = torch.stack(rows)
+        processed_data[settings.QUERY_FIELD] = settings.query_rows(hf_processor_mm_kwargs, len(rows))
+
+
+class CompressedLlavaNextProcessor(TiledImages, CompressingProcessor, LlavaNextMultiModalProcessor):
+    info: CompressedLlavaNextInfo
 
     def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
         """Each image's counts for ``POST /tokcomp/preview``; its groups are not drawn on LLaVA-NeXT (``null``)."""
@@ -151,16 +171,7 @@ class CompressedLlavaNextProcessor(CompressingProcessor, LlavaNextMultiModalProc
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-        sizes = processed_data.get("image_sizes")
-        if processed_data.get("pixel_values") is not None and sizes is not None:
-            spec = self.info.processed_spec(hf_processor_mm_kwargs)
-            rows = []
-            for height, width in torch.as_tensor(sizes).tolist():
-                base, grid_rows, grid_cols = self.info.layout(int(width), int(height))
-                full = base + grid_rows * grid_cols + grid_rows
-                rows.append(settings.encode(None if spec is None else spec.for_item(full)))
-            processed_data[settings.FIELD] = torch.stack(rows)
-            processed_data[settings.QUERY_FIELD] = settings.query_rows(hf_processor_mm_kwargs, len(rows))
+        self._add_image_rows(processed_data, self.info.processed_spec(hf_processor_mm_kwargs), hf_processor_mm_kwargs)
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:  # noqa: ANN001

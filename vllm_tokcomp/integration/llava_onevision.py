@@ -32,10 +32,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..config import AUTO, BUDGET_KEY, METHOD_KEY, CompressionSpec, ConfigError, servable_methods
-from ..connectors import is_connector_method
+from ..config import CompressionSpec, ConfigError, servable_methods
 from ..methods import get_method, method_class
 from . import settings
+from .llava_next import TiledImages, check_tiled_servable
 from .parallel import PipelineLimit, llava_pipeline_limit
 from .parts import Grid, compress_grids, frame_counts, visual_counts
 from .preview import uncompressed_item
@@ -74,17 +74,9 @@ def serves(method: str) -> bool:
 
 
 def _check_servable(spec: CompressionSpec, field: str) -> CompressionSpec:
-    if spec.budget == AUTO:
-        raise ConfigError(field.replace(METHOD_KEY, BUDGET_KEY),
-                          f"{AUTO!r} is defined on LLaVA-1.5's fixed 24x24 grid; on LLaVA-OneVision give a count or "
-                          "a ratio")
-    if is_connector_method(spec.method):
-        raise ConfigError(field, f"{spec.method!r} is a trained connector, served on LLaVA-1.5 only")
-    cls = method_class(spec.method)
-    if cls.reads_lm_probe():
-        raise ConfigError(field, f"method {spec.method!r} reads the LM probe's text attention, which the "
-                                 "LLaVA-OneVision integration does not run")
+    spec = check_tiled_servable(spec, field, "LLaVA-OneVision")
     if not serves(spec.method):
+        cls = method_class(spec.method)
         raise ConfigError(field, f"method {spec.method!r} needs the vision tower's "
                                  f"{', '.join(s for s in cls.required_signals() if not s.startswith('text'))}, "
                                  "which LLaVA-OneVision's SigLIP tower does not give (no [CLS] token)")
@@ -136,19 +128,12 @@ class CompressedLlavaOnevisionInfo(CompressingInfo, LlavaOnevisionProcessingInfo
         return self._get_num_frame_tokens(image_width=0, image_height=0)
 
 
-class CompressedLlavaOnevisionProcessor(CompressingProcessor, LlavaOnevisionMultiModalProcessor):
+class CompressedLlavaOnevisionProcessor(TiledImages, CompressingProcessor, LlavaOnevisionMultiModalProcessor):
     info: CompressedLlavaOnevisionInfo
 
     def question_tokens(self, prompt: list[int]) -> tuple[list[int], set[int]]:
         prompt, excluded = super().question_tokens(prompt)
         return prompt, excluded | {self.info.get_hf_config().video_token_index}
-
-    def _image_counts(self, item) -> tuple[int, tuple[int, int] | None, CompressionSpec | None]:  # noqa: ANN001
-        """An image's placeholders without compression, its visual counts when compressed, its settings."""
-        height, width = (int(v) for v in item["image_sizes"].data.tolist())
-        base, rows, cols = self.info.layout(width, height)
-        spec = settings.item_spec(item, settings.FIELD)
-        return base + rows * cols + rows, visual_counts(spec, base, rows, cols), spec
 
     def _video_counts(self, item) -> tuple[int, list[int] | None, CompressionSpec | None]:  # noqa: ANN001
         """A video's placeholders without compression, its per-frame counts when compressed, its settings."""
@@ -190,15 +175,7 @@ class CompressedLlavaOnevisionProcessor(CompressingProcessor, LlavaOnevisionMult
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
         spec = self.info.processed_spec(hf_processor_mm_kwargs)
-        sizes = processed_data.get("image_sizes")
-        if processed_data.get("pixel_values") is not None and sizes is not None:
-            rows = []
-            for height, width in torch.as_tensor(sizes).tolist():
-                base, grid_rows, grid_cols = self.info.layout(int(width), int(height))
-                full = base + grid_rows * grid_cols + grid_rows
-                rows.append(settings.encode(None if spec is None else spec.for_item(full)))
-            processed_data[settings.FIELD] = torch.stack(rows)
-            processed_data[settings.QUERY_FIELD] = settings.query_rows(hf_processor_mm_kwargs, len(rows))
+        self._add_image_rows(processed_data, spec, hf_processor_mm_kwargs)
         videos = processed_data.get("pixel_values_videos")
         if videos is not None:
             per_frame = self.info.frame_tokens()
