@@ -68,3 +68,35 @@ def test_refusals_name_the_field_and_the_reason(spec, message):
     with pytest.raises(ConfigError, match=message) as error:
         _check_servable(spec, "mm_processor_kwargs.tokcomp_method")
     assert "tokcomp_" in str(error.value)
+
+
+@pytest.mark.parametrize(("size", "tiles"), SIZES_AND_TILES[:4])  # unshrunk: a shrunk grid interpolates tokens
+def test_preview_groups_follow_vllms_placeholder_order(size, tiles):
+    """``tiled_image_groups`` puts each grid token's destination where vLLM's own merge (with newlines) places that
+    token, and ``-1`` exactly at the newlines: the tokens carry their index through the merge."""
+    from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
+
+    from vllm_tokcomp.integration.parts import tiled_image_groups
+
+    tiles_high, tiles_wide = tiles
+    config = SimpleNamespace(vision_config=SimpleNamespace(image_size=TILE, patch_size=14),
+                             image_grid_pinpoints=[[tiles_high * TILE, tiles_wide * TILE]])
+    stub = SimpleNamespace(config=config, image_newline=torch.tensor([-1.0]))
+    patches = torch.arange((1 + tiles_high * tiles_wide) * SIDE * SIDE, dtype=torch.float64).view(-1, SIDE * SIDE, 1)
+    merged = LlavaOnevisionForConditionalGeneration._merge_image_patch_embeddings(
+        stub, torch.tensor(size), patches, image_newline=stub.image_newline, strategy="spatial_unpad")[:, 0]
+    without = LlavaOnevisionForConditionalGeneration._merge_image_patch_embeddings(
+        stub, torch.tensor(size), patches, image_newline=None, strategy="spatial_unpad")[:, 0]
+    rows, cols = tile_grid_shape(size, tiles_high, tiles_wide, SIDE)
+    # destinations of an identity selection: grid token i (compress_grids' order) goes to slot i
+    groups = tiled_image_groups(torch.arange(without.shape[0]), SIDE * SIDE, rows, cols)
+    assert groups.shape[0] == merged.shape[0]
+    placed = torch.full_like(merged, -1.0)
+    placed[groups >= 0] = without[groups[groups >= 0]]
+    assert torch.equal(placed, merged)
+
+
+def test_a_videos_groups_end_with_its_dropped_newline():
+    from vllm_tokcomp.integration.parts import with_trailing_newline
+
+    assert with_trailing_newline(torch.tensor([0, -1, 1, 1])).tolist() == [0, -1, 1, 1, -1]

@@ -100,3 +100,13 @@ def run_process_group(command: list[str], env: dict[str, str], timeout: float) -
             output = f"{stdout[-3000:]}\n{stderr[-3000:]}"
             raise AssertionError(f"timed out after {timeout} s: {command[:4]}\n{output}") from None
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def post_preview(base_url: str, body: dict, query: str = "") -> dict:
+    """``POST /tokcomp/preview`` with a chat completion ``body``; the JSON answer."""
+    import urllib.request
+
+    request = urllib.request.Request(f"{base_url}/tokcomp/preview{query}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())

@@ -18,7 +18,7 @@ import pytest
 
 from vllm_tokcomp.launch import ServerProcess
 
-from .conftest import run_runner_module
+from .conftest import post_preview, run_runner_module
 from .images import request_image_url
 
 pytestmark = pytest.mark.slow
@@ -147,17 +147,26 @@ def test_unservable_settings_are_refused_naming_the_field(plugin):
 
 # ----------------------------------------------------------------------------- server + openai client
 @pytest.fixture(scope="module")
-def client(llava_next_dir, vllm_env, tmp_path_factory):
+def server(llava_next_dir, vllm_env, tmp_path_factory):
     log = tmp_path_factory.mktemp("llava-next-server") / "server.log"
     args = ["tiny-llava-next", "--method", "pool", "--budget", "64", "--max-model-len", "4096",
-            "--served-model-name", "tiny-next", "--limit-mm-per-prompt", '{"image": 2}']
+            "--served-model-name", "tiny-next", "--preview", "--limit-mm-per-prompt", '{"image": 2}']
     with ServerProcess(args, env=vllm_env, log_path=log) as server:
-        yield openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _messages(images) -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": request_image_url(*image)}} for image in images]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": "What color is the circle?"}]}]
 
 
 def _ask(client, images, mm_kwargs=None):
-    content = [{"type": "image_url", "image_url": {"url": request_image_url(*image)}} for image in images]
-    messages = [{"role": "user", "content": [*content, {"type": "text", "text": "What color is the circle?"}]}]
+    messages = _messages(images)
     extra = {"mm_processor_kwargs": mm_kwargs} if mm_kwargs is not None else None
     return client.chat.completions.create(model="tiny-next", messages=messages, max_tokens=4, temperature=0.0,
                                           extra_body=extra)
@@ -177,6 +186,27 @@ def test_openai_client_per_request_budgets_and_400s(client):
     with pytest.raises(openai.BadRequestError, match="tokcomp_budget"):
         _ask(client, [SQUARE], {"tokcomp_budget": "auto"})
     assert _ask(client, [SQUARE]).choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("kwargs", [{"tokcomp_method": "tome", "tokcomp_budget": 32},
+                                    {"tokcomp_method": "pool", "tokcomp_budget": 20}])
+def test_preview_groups_follow_the_placeholders_and_match_the_chat_request(server, client, kwargs):
+    """Per image its counts and, from the engine, one group per uncompressed placeholder (base view, then each tile
+    row and its newline): the kept slots are exactly the budget's, every newline is dropped; the chat request then
+    reports the preview's prompt size."""
+    images = [SQUARE, WIDE]
+    preview = post_preview(server.base_url, {"model": "tiny-next", "messages": _messages(images),
+                                             "mm_processor_kwargs": kwargs})
+    items = preview["items"]
+    assert [item["tokens_before"] for item in items] == [1176, 1752]
+    for item in items:
+        assert item["decided"] == "engine" and item["tokens_after"] == kwargs["tokcomp_budget"]
+        assert len(item["groups"]) == item["tokens_before"]
+        assert {g for g in item["groups"] if g >= 0} == set(range(kwargs["tokcomp_budget"]))
+    # the square image: a 24 x 24 tile grid after the 576-token base view, a newline closing each row
+    newlines = [576 + row * 25 + 24 for row in range(24)]
+    assert all(items[0]["groups"][at] == -1 for at in newlines)
+    assert _ask(client, images, kwargs).usage.prompt_tokens == preview["prompt_tokens"]
 
 
 # ----------------------------------------------------------------------------- runner

@@ -21,7 +21,7 @@ import pytest
 
 from vllm_tokcomp.launch import ServerProcess
 
-from .conftest import run_runner_module
+from .conftest import post_preview, run_runner_module
 from .images import request_image_url
 
 pytestmark = pytest.mark.slow
@@ -186,17 +186,26 @@ def test_chunked_prefill_gives_the_same_prompts_and_outputs(plugin, chunked):
 
 # ----------------------------------------------------------------------------- server + openai client
 @pytest.fixture(scope="module")
-def client(onevision_dir, vllm_env, tmp_path_factory):
+def server(onevision_dir, vllm_env, tmp_path_factory):
     log = tmp_path_factory.mktemp("llava-onevision-server") / "server.log"
     args = ["tiny-llava-onevision", "--method", "pool", "--budget", "64", "--max-model-len", "8192",
-            "--served-model-name", "tiny-onevision", "--limit-mm-per-prompt", '{"image": 2, "video": 0}']
+            "--served-model-name", "tiny-onevision", "--preview", "--limit-mm-per-prompt", '{"image": 2, "video": 0}']
     with ServerProcess(args, env=vllm_env, log_path=log) as server:
-        yield openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _messages(images) -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": request_image_url(*image)}} for image in images]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": "What color is the circle?"}]}]
 
 
 def _ask(client, images, mm_kwargs=None):
-    content = [{"type": "image_url", "image_url": {"url": request_image_url(*image)}} for image in images]
-    messages = [{"role": "user", "content": [*content, {"type": "text", "text": "What color is the circle?"}]}]
+    messages = _messages(images)
     extra = {"mm_processor_kwargs": mm_kwargs} if mm_kwargs is not None else None
     return client.chat.completions.create(model="tiny-onevision", messages=messages, max_tokens=4, temperature=0.0,
                                           extra_body=extra)
@@ -216,6 +225,27 @@ def test_openai_client_per_request_budgets_and_400s(client):
     with pytest.raises(openai.BadRequestError, match="tokcomp_budget"):
         _ask(client, [SQUARE], {"tokcomp_budget": "auto"})
     assert _ask(client, [SQUARE]).choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("kwargs", [{"tokcomp_method": "tome", "tokcomp_budget": 32},
+                                    {"tokcomp_method": "pool", "tokcomp_budget": 20}])
+def test_preview_groups_follow_the_placeholders_and_match_the_chat_request(server, client, kwargs):
+    """Per image its counts and, from the engine, one group per uncompressed placeholder (base view, then each tile
+    row and its newline): the kept slots are exactly the budget's, every newline is dropped; the chat request then
+    reports the preview's prompt size."""
+    images = [SQUARE, WIDE]
+    preview = post_preview(server.base_url, {"model": "tiny-onevision", "messages": _messages(images),
+                                             "mm_processor_kwargs": kwargs})
+    items = preview["items"]
+    assert [item["tokens_before"] for item in items] == [1485, 1998]
+    for item in items:
+        assert item["decided"] == "engine" and item["tokens_after"] == kwargs["tokcomp_budget"]
+        assert len(item["groups"]) == item["tokens_before"]
+        assert {g for g in item["groups"] if g >= 0} == set(range(kwargs["tokcomp_budget"]))
+    # the square image: a 27 x 27 tile grid after the 729-token base view, a newline closing each row
+    newlines = [729 + row * 28 + 27 for row in range(27)]
+    assert all(items[0]["groups"][at] == -1 for at in newlines)
+    assert _ask(client, images, kwargs).usage.prompt_tokens == preview["prompt_tokens"]
 
 
 # ----------------------------------------------------------------------------- runner

@@ -38,7 +38,7 @@ from ..methods import get_method, method_class
 from . import settings
 from .clip_signals import capture_feature_layer_signals
 from .parallel import PipelineLimit, llava_pipeline_limit
-from .parts import Grid, compress_grids, visual_counts
+from .parts import Grid, compress_grids, tiled_image_groups, visual_counts
 from .preview import uncompressed_item
 from .processing import METHOD_FIELD, CompressingInfo, CompressingProcessor
 from .text_signals import question_embeds
@@ -148,7 +148,8 @@ class CompressedLlavaNextProcessor(TiledImages, CompressingProcessor, LlavaNextM
     info: CompressedLlavaNextInfo
 
     def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
-        """Each image's counts for ``POST /tokcomp/preview``; its groups are not drawn on LLaVA-NeXT (``null``)."""
+        """Each image's counts for ``POST /tokcomp/preview`` (its groups come from the engine, in placeholder order:
+        the base view's tokens, then each tile row and its newline)."""
         entries = []
         for item in engine_input["mm_kwargs"].get("image", []):
             full, counts, spec = self._image_counts(item)
@@ -257,8 +258,8 @@ class CompressedLlavaNext(LlavaNextForConditionalGeneration):
                               _tower_signals(None if signals is None else signals[1:1 + tiles_high * tiles_wide],
                                              flat)))
         method = get_method(spec.method, **dict(spec.options))
-        out, destinations = compress_grids(method, spec.method, grids, counts[:len(grids)], text)
-        report_item(spec, destinations, time.perf_counter() - started)
+        out, destinations = compress_grids(method, spec, grids, counts[:len(grids)], text)
+        report_item(spec, tiled_image_groups(destinations, base, rows, cols), time.perf_counter() - started)
         return out
 
 

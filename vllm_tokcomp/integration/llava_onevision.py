@@ -37,7 +37,7 @@ from ..methods import get_method, method_class
 from . import settings
 from .llava_next import TiledImages, check_tiled_servable
 from .parallel import PipelineLimit, llava_pipeline_limit
-from .parts import Grid, compress_grids, frame_counts, visual_counts
+from .parts import Grid, compress_grids, frame_counts, tiled_image_groups, visual_counts, with_trailing_newline
 from .preview import uncompressed_item
 from .processing import METHOD_FIELD, CompressingInfo, CompressingProcessor
 from .text_signals import question_embeds
@@ -148,7 +148,8 @@ class CompressedLlavaOnevisionProcessor(TiledImages, CompressingProcessor, Llava
         return self._image_counts(item) if modality == "image" else self._video_counts(item)
 
     def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
-        """Each item's counts for ``POST /tokcomp/preview``; groups are not drawn on LLaVA-OneVision (``null``)."""
+        """Each item's counts for ``POST /tokcomp/preview`` (groups come from the engine, in placeholder order: an
+        image's base view, then each tile row and its newline; a video's frames, then its newline)."""
         entries = []
         for modality in ("image", "video"):
             for item in engine_input["mm_kwargs"].get(modality, []):
@@ -280,8 +281,8 @@ class CompressedLlavaOnevision(LlavaOnevisionForConditionalGeneration):
             grids.append(Grid((rows, cols), merged[side * side:]))
         text = question_embeds(self.get_language_model(), spec, query, tiles)
         method = get_method(spec.method, **dict(spec.options))
-        out, destinations = compress_grids(method, spec.method, grids, counts[:len(grids)], text)
-        report_item(spec, destinations, time.perf_counter() - started)
+        out, destinations = compress_grids(method, spec, grids, counts[:len(grids)], text)
+        report_item(spec, tiled_image_groups(destinations, side * side, rows, cols), time.perf_counter() - started)
         return out
 
     def _embed_videos(self, video_input, specs, queries) -> list[torch.Tensor]:  # noqa: ANN001
@@ -304,7 +305,7 @@ class CompressedLlavaOnevision(LlavaOnevisionForConditionalGeneration):
             text = question_embeds(self.get_language_model(), spec, query, video_frames)
             method = get_method(spec.method, **dict(spec.options))
             grids = [Grid((side, side), frame) for frame in video_frames]
-            out, destinations = compress_grids(method, spec.method, grids, counts, text)
-            report_item(spec, destinations, time.perf_counter() - started)
+            out, destinations = compress_grids(method, spec, grids, counts, text)
+            report_item(spec, with_trailing_newline(destinations), time.perf_counter() - started)
             outputs.append(out)
         return outputs

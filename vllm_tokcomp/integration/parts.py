@@ -14,6 +14,7 @@ import torch
 from ..config import CompressionSpec
 from ..methods import Compressor, TokenAssignment, VisualTokens
 from . import settings
+from .debug_log import log_selection
 from .text_signals import with_text_fallback
 
 
@@ -57,12 +58,13 @@ class Grid:
     signals: dict = field(default_factory=dict)
 
 
-def compress_grids(method: Compressor, method_name: str, grids: list[Grid], counts: list[int] | tuple[int, ...],
+def compress_grids(method: Compressor, spec: CompressionSpec, grids: list[Grid], counts: list[int] | tuple[int, ...],
                    text: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each grid compressed to its count (a count of 0 drops the grid), concatenated in order. Returns the
     features ``[sum(counts), D]`` and one destination per input token across the grids (``-1``: dropped; slots
-    numbered across the grids), for the preview and metrics."""
-    parts, destinations, served = [], [], 0
+    numbered across the grids), for the preview and metrics. The selection debug log gets one record for the item:
+    its grids' shapes and the kept anchors, numbered across the grids."""
+    parts, destinations, anchors, served, seen = [], [], [], 0, 0
     for grid, kept in zip(grids, counts, strict=True):
         if kept == 0:
             features = grid.features[:0]
@@ -70,13 +72,33 @@ def compress_grids(method: Compressor, method_name: str, grids: list[Grid], coun
                                          torch.empty(0, dtype=torch.long))
         else:
             tokens = VisualTokens(features=grid.features, grid=grid.shape, text_embeds=text, **grid.signals)
-            result = method(with_text_fallback(method_name, tokens), kept)
+            result = method(with_text_fallback(spec.method, tokens), kept)
             features, assignment = result.features, result.assignment
         parts.append(features)
         destination = assignment.destination.cpu()
         destinations.append(torch.where(destination >= 0, destination + served, destination))
+        anchors.append(assignment.anchor.cpu() + seen)
         served += features.shape[0]
+        seen += grid.features.shape[0]
     out = torch.cat(parts)
     if out.shape[0] != sum(counts):  # vLLM silently truncates extra rows; a mismatch must fail here instead
         raise RuntimeError(f"tokcomp produced {out.shape[0]} rows for {sum(counts)} placeholders")
+    log_selection(spec, tuple(side for grid in grids for side in grid.shape), torch.cat(anchors))
     return out, torch.cat(destinations)
+
+
+def tiled_image_groups(destinations: torch.Tensor, base: int, rows: int, cols: int) -> torch.Tensor:
+    """:func:`compress_grids`' destinations of a tiled image (base view, then its ``rows x cols`` tile grid) in the
+    uncompressed placeholder order: the base view's tokens, then each tile row followed by its newline token, which
+    a compressed image drops (``-1``). One entry per placeholder, as ``POST /tokcomp/preview``'s ``groups``."""
+    if not rows:
+        return destinations
+    tiles = destinations[base:].reshape(rows, cols)
+    newline = torch.full((rows, 1), -1, dtype=destinations.dtype)
+    return torch.cat([destinations[:base], torch.cat([tiles, newline], dim=1).flatten()])
+
+
+def with_trailing_newline(destinations: torch.Tensor) -> torch.Tensor:
+    """Destinations of an item whose uncompressed placeholders end in one newline token that compression drops."""
+    return torch.cat([destinations, torch.full((1,), -1, dtype=destinations.dtype)])
+
