@@ -33,6 +33,9 @@ import sys
 import openai
 import pytest
 
+from vllm_tokcomp.config import servable_methods
+from vllm_tokcomp.integration.llava_next import serves as llava_next_serves
+from vllm_tokcomp.integration.llava_onevision import serves as llava_onevision_serves
 from vllm_tokcomp.integration.qwen_routes import ENCODER, qwen_methods
 from vllm_tokcomp.integration.qwen_routes import SERVED_METHODS as QWEN_METHODS
 from vllm_tokcomp.launch import ServerProcess
@@ -44,6 +47,8 @@ from .images import make_image
 pytestmark = pytest.mark.slow
 
 LLAVA_METHODS = sorted(available_methods())
+NEXT_METHODS = sorted(m for m in servable_methods() if llava_next_serves(m))
+ONEVISION_METHODS = sorted(m for m in servable_methods() if llava_onevision_serves(m))
 # VisPruner thins near-duplicate tokens in rounds ranked by cosine similarity; on these flat synthetic scenes many
 # patches are near-identical, their similarities differ by less than the float noise between TP=1 and TP=2 (the
 # tower's row-parallel sums add in another order), and a few different duplicates go (measured: 3-4 of 32 tokens).
@@ -65,30 +70,51 @@ def _requests(methods) -> list[dict]:
     return requests
 
 
-def _run(model, methods, tensor_parallel_size, vllm_env, tmp_path_factory) -> dict:
+def _run(model, methods, tensor_parallel_size, vllm_env, tmp_path_factory, max_model_len: int = 1024) -> dict:
     tmp = tmp_path_factory.mktemp(f"tp{tensor_parallel_size}")
     env = dict(vllm_env)
     if tensor_parallel_size > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0))[:2])
     job = {"model": str(model), "requests": _requests(methods), "tensor_parallel_size": tensor_parallel_size,
-           "dtype": "float32", "max_model_len": 1024}
+           "dtype": "float32", "max_model_len": max_model_len}
     logs = {"selections": ("TOKCOMP_SELECTION_LOG", tmp / "selections.jsonl"),
             "positions": ("TOKCOMP_POSITIONS_LOG", tmp / "positions.jsonl")}
     return run_runner_module("tests.e2e.offline_runner", job, env, plugins="tokcomp", logs=logs)
 
 
-@pytest.fixture(scope="module")
-def llava(tiny_llava_dir, vllm_env, tmp_path_factory):
+def _tensor_parallel_runs(model, methods, vllm_env, tmp_path_factory, max_model_len: int = 1024) -> dict:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("tensor parallelism on vLLM-CPU needs two cores")
-    return {tp: _run(tiny_llava_dir, LLAVA_METHODS, tp, vllm_env, tmp_path_factory) for tp in (1, 2)}
+    return {tp: _run(model, methods, tp, vllm_env, tmp_path_factory, max_model_len) for tp in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_llava_dir, vllm_env, tmp_path_factory):
+    return _tensor_parallel_runs(tiny_llava_dir, LLAVA_METHODS, vllm_env, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def qwen(qwen_dir, vllm_env, tmp_path_factory):
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("tensor parallelism on vLLM-CPU needs two cores")
-    return {tp: _run(qwen_dir, sorted(QWEN_METHODS), tp, vllm_env, tmp_path_factory) for tp in (1, 2)}
+    return _tensor_parallel_runs(qwen_dir, sorted(QWEN_METHODS), vllm_env, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llava_next(vllm_env, tmp_path_factory):
+    from vllm_tokcomp.tiny.llava_next_builder import ensure_default_model
+
+    return _tensor_parallel_runs(ensure_default_model(), NEXT_METHODS, vllm_env, tmp_path_factory, 2048)
+
+
+@pytest.fixture(scope="module")
+def llava_onevision(vllm_env, tmp_path_factory):
+    from vllm_tokcomp.tiny.llava_onevision_builder import ensure_default_model
+
+    return _tensor_parallel_runs(ensure_default_model(), ONEVISION_METHODS, vllm_env, tmp_path_factory, 2048)
+
+
+@pytest.fixture(scope="module")
+def qwen3(qwen3_dir, vllm_env, tmp_path_factory):
+    return _tensor_parallel_runs(qwen3_dir, sorted(QWEN_METHODS), vllm_env, tmp_path_factory)
 
 
 def _by_rank(records: list[dict]) -> dict[int, list[dict]]:
@@ -143,11 +169,15 @@ def test_qwen_text_guided_ranks_select_like_one_worker(qwen):
 
 
 def test_qwen_positions_equal_under_tensor_parallelism(qwen):
+    _check_positions_agree(qwen)
+
+
+def _check_positions_agree(runs: dict) -> None:
     """Every M-RoPE position record of TP=1 appears once per rank under TP=2 (the ranks' lines may interleave), but
     those of the near-tie methods' requests, whose positions follow their (slightly different) selections: those
     still appear once per rank, the ranks agreeing."""
-    single = collections.Counter(json.dumps(record, sort_keys=True) for record in qwen[1]["positions"])
-    parallel = collections.Counter(json.dumps(record, sort_keys=True) for record in qwen[2]["positions"])
+    single = collections.Counter(json.dumps(record, sort_keys=True) for record in runs[1]["positions"])
+    parallel = collections.Counter(json.dumps(record, sort_keys=True) for record in runs[2]["positions"])
     assert single, "the positions debug log is empty"
     assert all(count % 2 == 0 for count in parallel.values()), "the two ranks wrote different positions"
     halved = collections.Counter({line: count // 2 for line, count in parallel.items()})
@@ -159,6 +189,36 @@ def test_qwen_positions_equal_under_tensor_parallelism(qwen):
 
 def test_qwen_outputs_equal_under_tensor_parallelism(qwen):
     _check_outputs_agree(qwen, _requests(sorted(QWEN_METHODS)), QWEN_NEAR_TIE_METHODS)
+
+
+# LLaVA-NeXT and LLaVA-OneVision compress every image in the model (the tower's signals gathered over the ranks on
+# NeXT; OneVision reads none), so every method they serve logs a selection per rank; Qwen3-VL is Qwen2-VL's path.
+def test_llava_next_ranks_select_like_one_worker(llava_next):
+    _check_selections_agree(llava_next, NEXT_METHODS, NEAR_TIE_METHODS)
+
+
+def test_llava_next_outputs_equal_under_tensor_parallelism(llava_next):
+    _check_outputs_agree(llava_next, _requests(NEXT_METHODS), NEAR_TIE_METHODS)
+
+
+def test_llava_onevision_ranks_select_like_one_worker(llava_onevision):
+    _check_selections_agree(llava_onevision, ONEVISION_METHODS, NEAR_TIE_METHODS)
+
+
+def test_llava_onevision_outputs_equal_under_tensor_parallelism(llava_onevision):
+    _check_outputs_agree(llava_onevision, _requests(ONEVISION_METHODS), NEAR_TIE_METHODS)
+
+
+def test_qwen3_ranks_select_like_one_worker(qwen3):
+    _check_selections_agree(qwen3, qwen_methods(ENCODER), QWEN_NEAR_TIE_METHODS)
+
+
+def test_qwen3_positions_equal_under_tensor_parallelism(qwen3):
+    _check_positions_agree(qwen3)
+
+
+def test_qwen3_outputs_equal_under_tensor_parallelism(qwen3):
+    _check_outputs_agree(qwen3, _requests(sorted(QWEN_METHODS)), QWEN_NEAR_TIE_METHODS)
 
 
 def _image_url(seed: int) -> str:
