@@ -21,6 +21,7 @@ questions and answers stay those of the same split without variation, and each r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -170,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.videos:
         spec.update(kind="video", frames=args.frames)
     if renderings.varies:
-        spec["renderings"] = {"strokes": list(renderings.strokes), "size_jitter": renderings.size_jitter,
-                              "color_jitter": renderings.color_jitter, "both_spellings": renderings.both_spellings}
+        spec["renderings"] = dataclasses.asdict(renderings)
     (args.out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     print(json.dumps(spec))
     return 0

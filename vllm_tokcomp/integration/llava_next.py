@@ -120,7 +120,41 @@ class CompressedLlavaNextInfo(CompressingInfo, LlavaNextProcessingInfo):
 class TiledImages:
     """Processor mixin for an image served as a base view plus a tile grid with a newline per row (LLaVA-NeXT,
     LLaVA-OneVision): its counts and its settings rows, from the info's ``layout(width, height)`` (base view
-    tokens, grid rows, grid columns)."""
+    tokens, grid rows, grid columns), and each item's preview entry and metrics row for the modalities in
+    ``MODALITIES`` (whose counts :meth:`_counts` gives)."""
+
+    MODALITIES: tuple[str, ...] = ("image",)
+
+    def _counts(self, modality: str, item) -> tuple[int, Sequence[int] | None, CompressionSpec | None]:  # noqa: ANN001
+        """An item's placeholders without compression, its counts (per grid or frame) when compressed, its
+        settings."""
+        return self._image_counts(item)
+
+    def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
+        """Each item's counts for ``POST /tokcomp/preview``; its groups come from the engine, in placeholder order
+        (an image's base view, then each tile row and its newline; a video's frames, then its newline)."""
+        entries = []
+        for modality in self.MODALITIES:
+            for item in engine_input["mm_kwargs"].get(modality, []):
+                full, counts, spec = self._counts(modality, item)
+                if spec is None or counts is None:
+                    entries.append(uncompressed_item(modality, full))
+                    continue
+                entries.append({"modality": modality, "method": spec.method, "budget": spec.budget,
+                                "ratio": spec.ratio, "tokens_before": full, "tokens_after": sum(counts),
+                                "decided": None, "groups": None})
+        return entries
+
+    def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs
+        items = []
+        for modality in self.MODALITIES:
+            for item in result["mm_kwargs"].get(modality, []):
+                if item is None:  # served from vLLM's multimodal cache: counted when it was processed
+                    continue
+                full, counts, spec = self._counts(modality, item)
+                if spec is not None:
+                    items.append((spec.method, full, full if counts is None else sum(counts)))
+        return items
 
     def _image_counts(self, item) -> tuple[int, tuple[int, int] | None, CompressionSpec | None]:  # noqa: ANN001
         """An image's placeholders without compression, its visual counts when compressed, its settings."""
@@ -146,29 +180,6 @@ class TiledImages:
 
 class CompressedLlavaNextProcessor(TiledImages, CompressingProcessor, LlavaNextMultiModalProcessor):
     info: CompressedLlavaNextInfo
-
-    def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
-        """Each image's counts for ``POST /tokcomp/preview`` (its groups come from the engine, in placeholder order:
-        the base view's tokens, then each tile row and its newline)."""
-        entries = []
-        for item in engine_input["mm_kwargs"].get("image", []):
-            full, counts, spec = self._image_counts(item)
-            if spec is None or counts is None:
-                entries.append(uncompressed_item("image", full))
-                continue
-            entries.append({"modality": "image", "method": spec.method, "budget": spec.budget, "ratio": spec.ratio,
-                            "tokens_before": full, "tokens_after": sum(counts), "decided": None, "groups": None})
-        return entries
-
-    def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs
-        items = []
-        for item in result["mm_kwargs"].get("image", []):
-            if item is None:  # served from vLLM's multimodal cache: counted when it was processed
-                continue
-            full, counts, spec = self._image_counts(item)
-            if spec is not None:
-                items.append((spec.method, full, full if counts is None else sum(counts)))
-        return items
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)

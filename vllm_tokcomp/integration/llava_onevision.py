@@ -38,7 +38,6 @@ from . import settings
 from .llava_next import TiledImages, check_tiled_servable
 from .parallel import PipelineLimit, llava_pipeline_limit
 from .parts import Grid, compress_grids, frame_counts, tiled_image_groups, visual_counts, with_trailing_newline
-from .preview import uncompressed_item
 from .processing import METHOD_FIELD, CompressingInfo, CompressingProcessor
 from .text_signals import question_embeds
 from .vllm_api import (
@@ -130,6 +129,7 @@ class CompressedLlavaOnevisionInfo(CompressingInfo, LlavaOnevisionProcessingInfo
 
 class CompressedLlavaOnevisionProcessor(TiledImages, CompressingProcessor, LlavaOnevisionMultiModalProcessor):
     info: CompressedLlavaOnevisionInfo
+    MODALITIES = ("image", "video")
 
     def question_tokens(self, prompt: list[int]) -> tuple[list[int], set[int]]:
         prompt, excluded = super().question_tokens(prompt)
@@ -146,32 +146,6 @@ class CompressedLlavaOnevisionProcessor(TiledImages, CompressingProcessor, Llava
 
     def _counts(self, modality: str, item) -> tuple[int, Sequence[int] | None, CompressionSpec | None]:  # noqa: ANN001
         return self._image_counts(item) if modality == "image" else self._video_counts(item)
-
-    def preview_items(self, engine_input) -> list[dict]:  # noqa: ANN001 - vLLM's engine input
-        """Each item's counts for ``POST /tokcomp/preview`` (groups come from the engine, in placeholder order: an
-        image's base view, then each tile row and its newline; a video's frames, then its newline)."""
-        entries = []
-        for modality in ("image", "video"):
-            for item in engine_input["mm_kwargs"].get(modality, []):
-                full, counts, spec = self._counts(modality, item)
-                if spec is None or counts is None:
-                    entries.append(uncompressed_item(modality, full))
-                    continue
-                entries.append({"modality": modality, "method": spec.method, "budget": spec.budget,
-                                "ratio": spec.ratio, "tokens_before": full, "tokens_after": sum(counts),
-                                "decided": None, "groups": None})
-        return entries
-
-    def _compressed_items(self, result) -> list[tuple[str, int, int]]:  # noqa: ANN001 - vLLM's MultiModalInputs
-        items = []
-        for modality in ("image", "video"):
-            for item in result["mm_kwargs"].get(modality, []):
-                if item is None:  # served from vLLM's multimodal cache: counted when it was processed
-                    continue
-                full, counts, spec = self._counts(modality, item)
-                if spec is not None:
-                    items.append((spec.method, full, full if counts is None else sum(counts)))
-        return items
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):  # noqa: ANN001, ANN201
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
