@@ -44,8 +44,8 @@ DEFAULT_BUDGETS = (576, 192, 128, 64, 32, 16, 8)
 # the default budgets as fractions of the full count
 BUDGET_FRACTIONS = (1, 1 / 3, 2 / 9, 1 / 9, 1 / 18, 1 / 36, 1 / 72)
 BASELINE = "none"  # the uncompressed arm's name in every table (and in --methods)
-QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
-TILED_TYPES = ("llava_next",)  # an image is a base view plus tiles: its count comes from its processor
+QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+TILED_TYPES = ("llava_next", "llava_onevision")  # an image is a base view plus tiles: its count from its processor
 DEFAULT_AUTO = "mustdrop:cosine,mustdrop:texture"
 AUTO = "auto"
 DEFAULT_OUT = RESULTS_DIR / "accuracy"
@@ -392,12 +392,14 @@ def tiled_image_tokens(model: str, records: list[dict]) -> int:
 
 
 def methods_for(model: str) -> list[str]:
-    """Every method the plugin serves on ``model`` (Qwen: those without [CLS] attention; LLaVA-NeXT: its rule)."""
+    """Every method the plugin serves on ``model`` (Qwen: those without [CLS] attention; LLaVA-NeXT and
+    LLaVA-OneVision: their rules)."""
     from vllm_tokcomp.config import servable_methods
 
     if model_type(model) in TILED_TYPES:
-        from vllm_tokcomp.integration.llava_next import serves
+        from vllm_tokcomp.integration import llava_next, llava_onevision
 
+        serves = llava_onevision.serves if model_type(model) == "llava_onevision" else llava_next.serves
         return [m for m in servable_methods() if serves(m)]
     if model_type(model) not in QWEN_TYPES:
         return servable_methods()
@@ -444,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--videos", action="store_true", help="default data: the synthetic video test split "
                         "(100 clips of 4 frames, 2 questions each) instead of the images")
     parser.add_argument("--model", default=None, help="model folder (default: the bundled trained tiny LLaVA), or a "
-                        "bundled model's name: tiny-llava, tiny-llava-next, tiny-qwen2-vl, tiny-qwen2.5-vl")
+                        "bundled model's name (tiny-llava, tiny-llava-next, tiny-llava-onevision-vqa, tiny-qwen2-vl, "
+                        "tiny-qwen2.5-vl, tiny-qwen3-vl-vqa, ...)")
     parser.add_argument("--methods", default="all", help="comma list of servable methods, or 'all' (those the "
                         f"model's family serves), or '{BASELINE}' for the uncompressed arm alone (always run)")
     parser.add_argument("--budgets", default=None, help="comma list of token counts per image (default "
