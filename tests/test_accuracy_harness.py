@@ -197,3 +197,55 @@ def test_harness_end_to_end_on_qwen_videos(tmp_path: Path) -> None:
         accuracy.full_image_tokens(str(llava_model()), records)
 
 
+
+
+def transformers_answers(model: str, records: list[dict], max_new_tokens: int = 8) -> list[str]:
+    """Greedy answers of transformers' own model class for ``records`` (fp32, the chat template and processor the
+    model folder ships): an implementation independent of vLLM and the plugin."""
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration as Qwen3VL
+
+    model_class = {"llava_onevision": LlavaOnevisionForConditionalGeneration, "qwen3_vl": Qwen3VL}[
+        AutoConfig.from_pretrained(model).model_type]
+    processor = AutoProcessor.from_pretrained(model)
+    network = model_class.from_pretrained(model, dtype=torch.float32).eval()
+    answers = []
+    for record in records:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        with Image.open(record["image_path"]) as image:
+            inputs = processor(text=[text], images=[image.convert("RGB")], return_tensors="pt")
+        with torch.no_grad():
+            out = network.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "model_type", "full"), [("tiny-llava-onevision-vqa", "llava_onevision", 1176),
+                                                          ("tiny-qwen3-vl-vqa", "qwen3_vl", 144)])
+def test_harness_end_to_end_on_the_trained_new_families(tmp_path: Path, monkeypatch, name: str, model_type: str,
+                                                        full: int) -> None:
+    from vllm_tokcomp.data.spec import normalize_answer
+
+    monkeypatch.setenv("TOKCOMP_MODELS_DIR", str(tmp_path / "models"))
+    env = harness_data_and_env(tmp_path)
+    out = tmp_path / "res" / "accuracy"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "accuracy.py"), "--data",
+                           str(tmp_path / "data" / "test"), "--model", name, "--methods", "pool,divprune",
+                           "--budgets", "64,8", "--out", str(out), "--no-progress"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["full_tokens"] == full and report["baseline"]["tokens"] == full
+    assert [(a["method"], a["budget"], a["tokens"]) for a in report["arms"]] == [
+        (m, b, b) for m in ("pool", "divprune") for b in (64, 8)]  # read back from the prompts vLLM ran
+    # the uncompressed arm through vLLM + the plugin answers as transformers does with the same weights
+    model = accuracy.model_or_default(name)  # the folder the harness built (same models dir)
+    assert accuracy.model_type(model) == model_type and model.startswith(str(tmp_path / "models"))
+    records = accuracy.load_dataset(tmp_path / "data" / "test")
+    expected = [normalize_answer(a) for a in transformers_answers(model, records)]
+    served = [normalize_answer(p["prediction"]) for p in report["baseline_predictions"]]
+    assert sum(e == s for e, s in zip(expected, served, strict=True)) >= len(records) - 1, (expected, served)

@@ -28,8 +28,8 @@ from .config import (
 PLUGIN_NAME = "tokcomp"
 DEFAULT_CPU_KV_GIB = "2"
 # MODEL shortcuts for the bundled tiny models (built on first use); no MODEL means tiny-llava
-BUNDLED_MODELS = ("tiny-llava", "tiny-llava-next", "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl",
-                  "tiny-qwen3-vl", "tiny-qwen3-vl-moe")
+BUNDLED_MODELS = ("tiny-llava", "tiny-llava-next", "tiny-llava-onevision", "tiny-llava-onevision-vqa", "tiny-qwen2-vl",
+                  "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3-vl-moe", "tiny-qwen3-vl-vqa")
 _QWEN_VARIANTS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}
 
 
@@ -46,6 +46,10 @@ def bundled_model_dir(name: str, *, build: bool = False) -> Path:
 
         variant = name.removeprefix("tiny-").replace("-", "_")
         return qwen3_vl.ensure_default_model(variant) if build else qwen3_vl.default_model_dir(variant)
+    if name == "tiny-qwen3-vl-vqa":  # trained on the VQA task (transplanted from the tiny Qwen2-VL): answers
+        from .tiny import qwen3_vl_builder as qwen3_vl
+
+        return qwen3_vl.ensure_trained_model() if build else qwen3_vl.trained_model_dir()
     if name == "tiny-llava-next":  # the tiny LLaVA's weights in the anyres layout: for counts and serving
         from .tiny import llava_next_builder as llava_next
 
@@ -54,6 +58,10 @@ def bundled_model_dir(name: str, *, build: bool = False) -> Path:
         from .tiny import llava_onevision_builder as llava_onevision
 
         return llava_onevision.ensure_default_model() if build else llava_onevision.default_model_dir()
+    if name == "tiny-llava-onevision-vqa":  # the tiny LLaVA's weights in OneVision's layout: answers
+        from .tiny import llava_onevision_vqa_builder as llava_onevision_vqa
+
+        return llava_onevision_vqa.ensure_default_model() if build else llava_onevision_vqa.default_model_dir()
     if name != "tiny-llava":
         raise ValueError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
     from .tiny import llava_builder as llava

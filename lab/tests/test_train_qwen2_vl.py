@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 from tokcomp_lab.train import qwen2_vl as train  # noqa: E402
 from vllm_tokcomp.tiny import llava_builder as tiny_llava  # noqa: E402
 from vllm_tokcomp.tiny import qwen2_vl_builder as tiny  # noqa: E402
+from vllm_tokcomp.tiny import qwen3_vl_builder as tiny3  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +326,103 @@ def test_a_short_qwen2_5_run_distils_the_qwen2_tokens_and_writes_loadable_weight
     assert len(distilled) == 1 and 0 < distilled[0] < 0.5
     state = tiny.load_weights(run / "model.safetensors", "qwen2_5_vl")
     assert not torch.equal(state["lm_head.weight"], qwen_state["lm_head.weight"].to(torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------- Qwen3-VL from Qwen2-VL
+@pytest.fixture(scope="module")
+def qk_scales(qwen_state) -> dict[int, tuple[float, float]]:
+    batch = train.qa_batch(train.QwenQAEncoder(), train.Pixels(), 0, 0, 2, 4)
+    return train.qk_norm_scales(train.build_model(qwen_state).eval(), batch)
+
+
+@pytest.fixture(scope="module")
+def qwen3_state(qwen_state, qk_scales) -> dict:
+    return train.transplant_to_qwen3(qwen_state, qk_scales)
+
+
+def test_qwen3_tower_gives_the_qwen2_image_tokens_and_deepstack_starts_silent(qwen_state, qwen3_state) -> None:
+    pixel_values, grid = image_pixels()
+    qwen3 = train.build_model(qwen3_state, "qwen3_vl").eval()
+    with torch.no_grad():
+        expected = train.student_features(train.build_model(qwen_state).eval(), pixel_values, grid)
+        got = train.student_features(qwen3, pixel_values, grid)
+        deepstack = qwen3.model.visual(pixel_values, grid_thw=grid).deepstack_features
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert len(deepstack) == len(tiny3.DEEPSTACK_LAYERS)
+    assert all(level.shape == got.flatten(0, 1).shape and not level.any() for level in deepstack)
+
+
+def test_qk_norm_scales_are_the_measured_query_and_key_norms(qwen_state, qk_scales) -> None:
+    # recomputed by hand for layer 0 from the Qwen2-VL's own projections of its embedded input
+    model = train.build_model(qwen_state).eval()
+    batch = train.qa_batch(train.QwenQAEncoder(), train.Pixels(), 0, 0, 2, 4)
+    captured = {}
+    handle = model.model.language_model.layers[0].input_layernorm.register_forward_hook(
+        lambda _m, _a, out: captured.setdefault("x", out))
+    with torch.no_grad():
+        train.forward(model, batch)
+    handle.remove()
+    x = captured["x"][batch["attention_mask"].bool()]
+    attn = model.model.language_model.layers[0].self_attn
+    for proj, expected in ((attn.q_proj, qk_scales[0][0]), (attn.k_proj, qk_scales[0][1])):
+        heads = proj(x).unflatten(-1, (-1, tiny.TEXT_HEAD_DIM))
+        assert heads.pow(2).mean(-1).sqrt().mean().item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_qwen3_language_model_keeps_the_qwen2_predictions_on_text(qwen_state, qwen3_state) -> None:
+    # not exact (Qwen3 normalises every query and key), but the measured norms keep attention near its old
+    # temperature: the next-token choices mostly agree, and more than with unit norm weights
+    ids = torch.tensor([train.QwenQAEncoder().ids("What color is the circle on the left? How many crosses are "
+                                                  "there in the image today?")])
+    unit = {i: (1.0, 1.0) for i in range(tiny.TextGeometry.of(qwen_state).layers)}
+    with torch.no_grad():
+        expected = train.build_model(qwen_state).eval()(input_ids=ids).logits.argmax(-1)
+        scaled = train.build_model(qwen3_state, "qwen3_vl").eval()(input_ids=ids).logits.argmax(-1)
+        plain = train.build_model(train.transplant_to_qwen3(qwen_state, unit), "qwen3_vl").eval()(
+            input_ids=ids).logits.argmax(-1)
+    agree_scaled = (scaled == expected).float().mean().item()
+    assert agree_scaled >= 0.9 and agree_scaled > (plain == expected).float().mean().item()
+
+
+def test_builder_takes_qwen3_weights_with_their_geometry(tmp_path, qwen_state, qwen3_state) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoProcessor, Qwen3VLForConditionalGeneration
+
+    weights = tmp_path / "q3.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in qwen3_state.items()}, str(weights),
+              metadata=train.export_metadata("qwen3_vl"))
+    out = tiny3.build_tiny_qwen3_vl(tmp_path / "m", weights=weights)
+    config = AutoConfig.from_pretrained(out)
+    vision = config.vision_config
+    assert (vision.patch_size, vision.depth, vision.hidden_act) == (14, 2, "quick_gelu")
+    assert config.text_config.num_hidden_layers == tiny.TextGeometry.of(qwen_state).layers
+    assert tiny3.is_complete_model_dir(out, source=tiny3.files.sha256(weights))
+    _, info = Qwen3VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    from PIL import Image
+
+    grid = AutoProcessor.from_pretrained(out).image_processor(images=[Image.new("RGB", (336, 336))])["image_grid_thw"]
+    assert grid.tolist() == [[1, 24, 24]]  # 12 x 12 merged tokens, as the Qwen2-VL it came from
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in qwen_state.items()}, str(tmp_path / "q2.st"))
+    with pytest.raises(ValueError, match="qwen3_vl.*linear_fc1"):
+        tiny3.build_tiny_qwen3_vl(tmp_path / "bad", weights=tmp_path / "q2.st")
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_a_short_qwen3_run_starts_at_qa_and_writes_loadable_weights(tmp_path, qwen_state) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    source = tmp_path / "qwen2.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in qwen_state.items()}, str(source))
+    run = tmp_path / "run"
+    assert train.main([str(run), "--variant", "qwen3_vl", "--qwen2-vl", str(source), "--distill-steps", "0",
+                       "--qa-steps", "1", "--qa-batch", "1", "--questions-per-image", "2", "--eval-images", "1",
+                       "--threads", "1"]) == 0
+    stages = [json.loads(line)["stage"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert stages == ["qa-val", "qa-val"]
+    state, geometry = tiny3.load_weights(run / "model.safetensors")
+    assert geometry.vision_act == "quick_gelu" and geometry.patch_size == 14
+    assert state["model.visual.deepstack_merger_list.0.linear_fc2.weight"].any()  # the silent levels trained

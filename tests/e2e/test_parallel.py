@@ -317,15 +317,16 @@ def _ask(method: str) -> dict:
     return {"images": [1], "question": QUESTIONS[0][1], "mm_kwargs": {"tokcomp_method": method, "tokcomp_budget": 32}}
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen"])
-def test_pipeline_refuses_what_it_cannot_run(family, tiny_llava_dir, qwen_dir, vllm_env):
+@pytest.mark.parametrize("family", ["llava", "qwen", "qwen3"])
+def test_pipeline_refuses_what_it_cannot_run(family, tiny_llava_dir, qwen_dir, qwen3_dir, vllm_env):
     """Requests for a method the pipeline cannot run fail in the frontend (ValueError offline, HTTP 400 served),
     naming the field and ``pipeline_parallel_size``; a server configured with one does not start."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("pipeline parallelism on vLLM-CPU needs two cores")
     # The tiny LLaVA's LM has two layers: PP=2 puts layer 0 on the first stage, the probe reads layer 1.
-    model, refused = (tiny_llava_dir, ["mustdrop", "mustdrop_s2"]) if family == "llava" else (
-        qwen_dir, ["text_relevance", "pumer"])
+    model, refused = {"llava": (tiny_llava_dir, ["mustdrop", "mustdrop_s2"]),
+                      "qwen": (qwen_dir, ["text_relevance", "pumer"]),
+                      "qwen3": (qwen3_dir, ["text_relevance", "pumer"])}[family]
     result, stderr = _pipeline_engine(model, None, [_ask(method) for method in refused], vllm_env)
     assert result is not None, stderr[-3000:]
     for method, answer in zip(refused, result["results"], strict=True):

@@ -26,6 +26,14 @@ conversation, loss on the answers and their ``<|im_end|>``), through transformer
 its stage 1 distils the Qwen2-VL's image tokens, to learn the window attention of the Qwen2.5 tower's first
 block, and stage 2 is the same QA training through transformers' Qwen2.5-VL forward.
 
+``--variant qwen3_vl`` trains the tiny Qwen3-VL from the trained tiny Qwen2-VL (:func:`transplant_to_qwen3`): the
+tower and merger are the Qwen2-VL's exactly (patch 14, quick-GELU blocks, the learned position table at zero), the
+DeepStack mergers start silent (their output layer zero), and the LM is the Qwen2-VL's without its q/k/v biases and
+with Qwen3's per-head q/k RMSNorm, whose weights are set to the typical norms the Qwen2-VL's queries and keys have
+(:func:`qk_norm_scales`) so that attention starts near its old temperature. What QA training has to repair: the
+dropped biases, the normalised queries and keys, and interleaved M-RoPE (the image's three position axes rotate
+other frequencies). No distillation is needed (``--distill-steps 0``).
+
 ``--video-share F`` makes that share of the QA steps train on moving-shape clips instead (``data.generate
 --videos``' training stream, ``--video-frames`` frames each through the real ``Qwen2VLVideoProcessor``, several
 questions per clip as one conversation); validation then also checks ``--eval-clips`` validation clips
@@ -39,6 +47,7 @@ OUT/model.safetensors`` turns it into a model folder.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -63,6 +72,7 @@ from vllm_tokcomp.data.synth import make_scene, render_scene
 from vllm_tokcomp.data.video import make_clip, make_video_questions, render_clip
 from vllm_tokcomp.tiny import llava_builder as tiny_llava
 from vllm_tokcomp.tiny import qwen2_vl_builder as tiny
+from vllm_tokcomp.tiny import qwen3_vl_builder as tiny3
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 MERGED_SIDE = 12  # a 336 x 336 image: 24 x 24 patches, 12 x 12 merged tokens
@@ -186,17 +196,98 @@ def transplant_to_qwen2_5(qwen2: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+def transplant_to_qwen3(qwen2: dict[str, torch.Tensor], scales: dict[int, tuple[float, float]],
+                        seed: int = 0) -> dict[str, torch.Tensor]:
+    """Qwen3-VL weights (transformers names, fp32; the tower of :data:`tiny3.TRANSPLANTED`, the source's LM sizes) from
+    tiny Qwen2-VL weights.
+
+    ``scales``: per LM layer, the weights of its q and k RMSNorms (:func:`qk_norm_scales`). The tower and the main
+    merger are copied (Qwen3-VL's blocks and merger are Qwen2-VL's with other names; its patch embedding's bias and
+    learned position table start at zero), so the image tokens are the Qwen2-VL's exactly; each DeepStack merger
+    starts with a seeded first layer and a zero output layer, adding nothing until trained."""
+    state = {k: v.float() for k, v in qwen2.items()}
+    geometry = dataclasses.replace(tiny3.TRANSPLANTED, text=tiny.TextGeometry.of(state))
+    shapes = tiny3.checkpoint_shapes("qwen3_vl", geometry)
+    out: dict[str, torch.Tensor] = {}
+    lm = "model.language_model."
+    for key, value in state.items():
+        if key.startswith(lm) and not key.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+            out[key] = value
+    out["lm_head.weight"] = state["lm_head.weight"]
+    for i in range(geometry.text.layers):
+        q_scale, k_scale = scales[i]
+        out[f"{lm}layers.{i}.self_attn.q_norm.weight"] = torch.full((tiny.TEXT_HEAD_DIM,), q_scale)
+        out[f"{lm}layers.{i}.self_attn.k_norm.weight"] = torch.full((tiny.TEXT_HEAD_DIM,), k_scale)
+    v = "model.visual."
+    conv = state[v + "patch_embed.proj.weight"]
+    out[v + "patch_embed.proj.weight"] = conv
+    out[v + "patch_embed.proj.bias"] = torch.zeros(conv.shape[0])
+    out[v + "pos_embed.weight"] = torch.zeros(shapes[v + "pos_embed.weight"])
+    for key, value in state.items():
+        if key.startswith(v + "blocks."):
+            out[key.replace(".mlp.fc1.", ".mlp.linear_fc1.").replace(".mlp.fc2.", ".mlp.linear_fc2.")] = value
+    m = v + "merger."
+    for a, b in (("ln_q", "norm"), ("mlp.0", "linear_fc1"), ("mlp.2", "linear_fc2")):
+        for part in ("weight", "bias"):
+            out[f"{m}{b}.{part}"] = state[f"{m}{a}.{part}"]
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(len(tiny3.DEEPSTACK_LAYERS)):
+        d = f"{v}deepstack_merger_list.{i}."
+        width = shapes[d + "norm.weight"][0]
+        out[d + "norm.weight"], out[d + "norm.bias"] = torch.ones(width), torch.zeros(width)
+        out[d + "linear_fc1.weight"] = torch.randn(shapes[d + "linear_fc1.weight"], generator=generator) / width**0.5
+        out[d + "linear_fc1.bias"] = torch.zeros(shapes[d + "linear_fc1.bias"])
+        out[d + "linear_fc2.weight"] = torch.zeros(shapes[d + "linear_fc2.weight"])
+        out[d + "linear_fc2.bias"] = torch.zeros(shapes[d + "linear_fc2.bias"])
+    got = {k: tuple(t.shape) for k, t in out.items()}
+    if got != shapes:
+        raise RuntimeError(f"transplant mismatch: {sorted(set(got) ^ set(shapes))[:5]}")
+    return out
+
+
+def qk_norm_scales(qwen2: nn.Module, batch: dict) -> dict[int, tuple[float, float]]:
+    """Per LM layer of a Qwen2-VL model: the root mean square of its queries and of its keys (per head, averaged
+    over the real tokens of ``batch``), what Qwen3's q/k RMSNorm weights are set to in :func:`transplant_to_qwen3`."""
+    sums: dict[tuple[int, str], list[float]] = {}
+    mask = batch["attention_mask"].bool()
+    hooks = []
+    for i, layer in enumerate(qwen2.model.language_model.layers):
+        for name in ("q_proj", "k_proj"):
+            def hook(_module: nn.Module, _args: tuple, output: torch.Tensor, key: tuple = (i, name)) -> None:
+                heads = output[mask].view(-1, output.shape[-1] // tiny.TEXT_HEAD_DIM, tiny.TEXT_HEAD_DIM)
+                sums[key] = [heads.pow(2).mean(-1).sqrt().mean().item()]
+            hooks.append(getattr(layer.self_attn, name).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            forward(qwen2, batch)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    layers = len(qwen2.model.language_model.layers)
+    return {i: (sums[(i, "q_proj")][0], sums[(i, "k_proj")][0]) for i in range(layers)}
+
+
 def build_model(state: dict[str, torch.Tensor], variant: str = "qwen2_vl") -> nn.Module:
-    """transformers' Qwen2-VL or Qwen2.5-VL (fp32) holding ``state``."""
+    """transformers' Qwen2-VL, Qwen2.5-VL or Qwen3-VL (fp32) holding ``state``."""
     import transformers
 
-    config = tiny.make_config(variant, tiny.TextGeometry.of(state))
+    if variant == "qwen3_vl":
+        config = tiny3.make_config(variant, tiny3.Geometry.of(state, tiny3.TRANSPLANTED.metadata()))
+        architecture = tiny3.ARCHITECTURES[variant]
+    else:
+        config = tiny.make_config(variant, tiny.TextGeometry.of(state))
+        architecture = tiny.ARCHITECTURES[variant]
     config.dtype = torch.float32
-    model = getattr(transformers, tiny.ARCHITECTURES[variant])(config).float()
+    model = getattr(transformers, architecture)(config).float()
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
     return model
+
+
+def export_metadata(variant: str) -> dict[str, str]:
+    """The safetensors metadata an exported model needs (Qwen3-VL: its tower's activation)."""
+    return {"format": "pt", **(tiny3.TRANSPLANTED.metadata() if variant == "qwen3_vl" else {})}
 
 
 def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -329,8 +420,8 @@ def teacher_features(teacher: nn.Module, images: list) -> torch.Tensor:
 
 def distill_teacher(args: argparse.Namespace, pixels: Pixels) -> Callable[[list], torch.Tensor]:
     """What stage 1 trains the tower and merger to give for a list of images: the LLaVA model's projector output
-    pooled per merged token (``qwen2_vl``), or the trained Qwen2-VL's image tokens (``qwen2_5_vl``)."""
-    if args.variant == "qwen2_5_vl":
+    pooled per merged token (``qwen2_vl``), or the trained Qwen2-VL's image tokens (``qwen2_5_vl``, ``qwen3_vl``)."""
+    if args.variant in ("qwen2_5_vl", "qwen3_vl"):
         qwen2 = build_model(tiny.load_weights(args.qwen2_vl)).eval()
 
         def qwen2_features(images: list) -> torch.Tensor:
@@ -386,12 +477,13 @@ def answers_correct(model: nn.Module, batch: dict) -> list[bool]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokcomp_lab.train.qwen2_vl", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="run folder; a ckpt.pt already there is resumed")
-    parser.add_argument("--variant", choices=tiny.VARIANTS, default="qwen2_vl",
-                        help="qwen2_vl starts from the trained tiny LLaVA; qwen2_5_vl from the trained tiny Qwen2-VL")
+    parser.add_argument("--variant", choices=(*tiny.VARIANTS, "qwen3_vl"), default="qwen2_vl",
+                        help="qwen2_vl starts from the trained tiny LLaVA; qwen2_5_vl and qwen3_vl from the trained "
+                        "tiny Qwen2-VL")
     parser.add_argument("--llava", type=Path, default=tiny_llava.TRAINED_WEIGHTS,
                         help="qwen2_vl: trained tiny LLaVA weights to start from and distil (default: bundled)")
     parser.add_argument("--qwen2-vl", type=Path, default=tiny.TRAINED_WEIGHTS_OF["qwen2_vl"],
-                        help="qwen2_5_vl: trained tiny Qwen2-VL weights to start from and distil (default: bundled)")
+                        help="qwen2_5_vl, qwen3_vl: trained tiny Qwen2-VL weights to start from (default: bundled)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from these weights of --variant instead (e.g. the bundled trained ones, to train "
                         "them further; give --distill-steps 0)")
@@ -434,8 +526,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from safetensors.torch import load_file
 
+    enc, pixels = QwenQAEncoder(), Pixels()
     if args.init is not None:
-        model = build_model(tiny.load_weights(args.init, args.variant), args.variant)
+        init = (tiny3.load_weights(args.init)[0] if args.variant == "qwen3_vl"
+                else tiny.load_weights(args.init, args.variant))
+        model = build_model(init, args.variant)
+    elif args.variant == "qwen3_vl":
+        qwen2 = build_model(tiny.load_weights(args.qwen2_vl)).eval()
+        scales = qk_norm_scales(qwen2, qa_batch(enc, pixels, args.seed, 0, 8, args.questions_per_image))
+        model = build_model(transplant_to_qwen3(tiny.load_weights(args.qwen2_vl), scales), args.variant)
+        del qwen2
     elif args.variant == "qwen2_5_vl":
         model = build_model(transplant_to_qwen2_5(tiny.load_weights(args.qwen2_vl)), args.variant)
     else:
@@ -452,7 +552,6 @@ def main(argv: list[str] | None = None) -> int:
             qa_opt.load_state_dict(ck["qa_opt"])
         stage, step = ck["stage"], ck["step"]
         print(f"resumed {stage} at step {step}", flush=True)
-    enc, pixels = QwenQAEncoder(), Pixels()
 
     def record(entry: dict) -> None:
         print(json.dumps(entry), flush=True)
@@ -466,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     def export() -> None:
         from safetensors.torch import save_file
 
-        save_file(export_state(model), str(args.out / "model.safetensors"), metadata={"format": "pt"})
+        save_file(export_state(model), str(args.out / "model.safetensors"), metadata=export_metadata(args.variant))
 
     def validate() -> None:
         model.eval()
