@@ -110,3 +110,17 @@ def post_preview(base_url: str, body: dict, query: str = "") -> dict:
                                      headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=300) as response:
         return json.loads(response.read())
+
+
+def check_tiled_preview(preview: dict, kwargs: dict, full: list[int], base: int, side: int) -> None:
+    """A tiled family's preview of two images (the first a square of ``side x side`` tiles after a ``base``-token
+    view): per image its counts and, from the engine, one group per uncompressed placeholder (base view, then each
+    tile row and its newline); the kept slots are exactly the budget's, every newline of the square is dropped."""
+    items = preview["items"]
+    assert [item["tokens_before"] for item in items] == full
+    for item in items:
+        assert item["decided"] == "engine" and item["tokens_after"] == kwargs["tokcomp_budget"]
+        assert len(item["groups"]) == item["tokens_before"]
+        assert {g for g in item["groups"] if g >= 0} == set(range(kwargs["tokcomp_budget"]))
+    newlines = [base + row * (side + 1) + side for row in range(side)]
+    assert all(items[0]["groups"][at] == -1 for at in newlines)

@@ -21,7 +21,7 @@ import pytest
 
 from vllm_tokcomp.launch import ServerProcess
 
-from .conftest import post_preview, run_runner_module
+from .conftest import check_tiled_preview, post_preview, run_runner_module
 from .images import request_image_url
 
 pytestmark = pytest.mark.slow
@@ -230,21 +230,12 @@ def test_openai_client_per_request_budgets_and_400s(client):
 @pytest.mark.parametrize("kwargs", [{"tokcomp_method": "tome", "tokcomp_budget": 32},
                                     {"tokcomp_method": "pool", "tokcomp_budget": 20}])
 def test_preview_groups_follow_the_placeholders_and_match_the_chat_request(server, client, kwargs):
-    """Per image its counts and, from the engine, one group per uncompressed placeholder (base view, then each tile
-    row and its newline): the kept slots are exactly the budget's, every newline is dropped; the chat request then
-    reports the preview's prompt size."""
+    """The preview's counts and groups (one per placeholder, newlines dropped); the chat request then reports the
+    preview's prompt size."""
     images = [SQUARE, WIDE]
     preview = post_preview(server.base_url, {"model": "tiny-onevision", "messages": _messages(images),
                                              "mm_processor_kwargs": kwargs})
-    items = preview["items"]
-    assert [item["tokens_before"] for item in items] == [1485, 1998]
-    for item in items:
-        assert item["decided"] == "engine" and item["tokens_after"] == kwargs["tokcomp_budget"]
-        assert len(item["groups"]) == item["tokens_before"]
-        assert {g for g in item["groups"] if g >= 0} == set(range(kwargs["tokcomp_budget"]))
-    # the square image: a 27 x 27 tile grid after the 729-token base view, a newline closing each row
-    newlines = [729 + row * 28 + 27 for row in range(27)]
-    assert all(items[0]["groups"][at] == -1 for at in newlines)
+    check_tiled_preview(preview, kwargs, full=[1485, 1998], base=729, side=27)
     assert _ask(client, images, kwargs).usage.prompt_tokens == preview["prompt_tokens"]
 
 

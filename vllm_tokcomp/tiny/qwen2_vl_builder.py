@@ -295,7 +295,13 @@ def load_weights(path: str | Path, variant: str = "qwen2_vl") -> dict:
     from safetensors.torch import load_file
 
     state = load_file(str(path))
-    expected = checkpoint_shapes(variant, TextGeometry.of(state))
+    check_shapes(path, variant, state, checkpoint_shapes(variant, TextGeometry.of(state)))
+    return state
+
+
+def check_shapes(path: str | Path, variant: str, state: Mapping[str, object],
+                 expected: Mapping[str, tuple[int, ...]]) -> None:
+    """``ValueError`` naming what differs when ``state``'s tensor names and shapes are not ``expected``."""
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     if shapes != expected:
         missing = sorted(set(expected) - set(shapes))[:5]
@@ -303,7 +309,6 @@ def load_weights(path: str | Path, variant: str = "qwen2_vl") -> dict:
         wrong = sorted(n for n in set(shapes) & set(expected) if shapes[n] != expected[n])[:5]
         raise ValueError(f"{path}: not the tiny {variant}'s tensors (missing {missing}, unexpected {unexpected}, "
                          f"other shapes {wrong})")
-    return state
 
 
 def build_tiny_qwen2_vl(

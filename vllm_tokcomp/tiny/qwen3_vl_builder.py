@@ -55,6 +55,7 @@ from .qwen2_vl_builder import (
     VOCAB_SIZE,
     TextGeometry,
     _hf_tokenizer,
+    check_shapes,
     seeded_random_state,
     train_tokenizer,
 )
@@ -250,14 +251,7 @@ def load_weights(path: str | Path, variant: str = "qwen3_vl") -> tuple[dict, Geo
     state = load_file(str(path))
     with safe_open(str(path), "pt") as handle:
         geometry = Geometry.of(state, handle.metadata())
-    expected = checkpoint_shapes(variant, geometry)
-    shapes = {name: tuple(t.shape) for name, t in state.items()}
-    if shapes != expected:
-        missing = sorted(set(expected) - set(shapes))[:5]
-        unexpected = sorted(set(shapes) - set(expected))[:5]
-        wrong = sorted(n for n in set(shapes) & set(expected) if shapes[n] != expected[n])[:5]
-        raise ValueError(f"{path}: not the tiny {variant}'s tensors (missing {missing}, unexpected {unexpected}, "
-                         f"other shapes {wrong})")
+    check_shapes(path, variant, state, checkpoint_shapes(variant, geometry))
     return state, geometry
 
 
