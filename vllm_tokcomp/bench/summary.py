@@ -1,7 +1,8 @@
 """The README's result tables, generated from the committed results so they cannot drift from them.
 
 ``python -m vllm_tokcomp.bench.summary --write README.md`` replaces the text between each marker pair
-(``<!-- throughput:start -->`` / ``<!-- throughput:end -->``, ``accuracy``, ``accuracy-llava-next``); without
+(``<!-- throughput:start -->`` / ``<!-- throughput:end -->``, ``accuracy``, ``accuracy-llava-next``,
+``accuracy-llava-onevision``, ``accuracy-qwen3-vl``); without
 ``--write`` it prints every block. The full tables are in docs/benchmarks.md (``benchmarks/report.py``).
 """
 
@@ -17,14 +18,23 @@ RESULTS = ROOT / "benchmarks" / "results"
 THROUGHPUT_RESULT = RESULTS / "throughput-llava-proportioned.json"
 ACCURACY_RESULT = RESULTS / "accuracy.json"
 LLAVA_NEXT_ACCURACY_RESULT = RESULTS / "accuracy-llava-next.json"
+LLAVA_ONEVISION_ACCURACY_RESULT = RESULTS / "accuracy-llava-onevision.json"
+QWEN3_VL_ACCURACY_RESULT = RESULTS / "accuracy-qwen3-vl.json"
 ACCURACY_BUDGETS = (192, 64, 32, 16, 8)
+# a Qwen image is 144 tokens: the harness's budgets are LLaVA's fractions of it (1/3 .. 1/72)
+QWEN_ACCURACY_BUDGETS = (48, 32, 16, 8, 4, 2)
 MARKERS = {"throughput": THROUGHPUT_RESULT, "accuracy": ACCURACY_RESULT,
-           "accuracy-llava-next": LLAVA_NEXT_ACCURACY_RESULT}
+           "accuracy-llava-next": LLAVA_NEXT_ACCURACY_RESULT,
+           "accuracy-llava-onevision": LLAVA_ONEVISION_ACCURACY_RESULT,
+           "accuracy-qwen3-vl": QWEN3_VL_ACCURACY_RESULT}
 # Which model each accuracy block measured, as the table's first words say it.
 MODEL_DESCRIPTIONS = {
     "accuracy": "the bundled tiny LLaVA",
     "accuracy-llava-next": "the tiny LLaVA-NeXT",
+    "accuracy-llava-onevision": "the tiny LLaVA-OneVision (the tiny LLaVA's weights)",
+    "accuracy-qwen3-vl": "the trained tiny Qwen3-VL",
 }
+MARKER_BUDGETS = {"accuracy-qwen3-vl": QWEN_ACCURACY_BUDGETS}
 
 
 def _relative(path: Path) -> str:
@@ -101,7 +111,8 @@ def blocks(results: dict[str, Path] = MARKERS) -> dict[str, str]:
         if marker == "throughput":
             out[marker] = throughput_summary(result, _relative(path))
         else:
-            out[marker] = accuracy_summary(result, _relative(path), model=MODEL_DESCRIPTIONS[marker])
+            out[marker] = accuracy_summary(result, _relative(path), MARKER_BUDGETS.get(marker, ACCURACY_BUDGETS),
+                                           model=MODEL_DESCRIPTIONS[marker])
     return out
 
 
