@@ -49,11 +49,12 @@ def make_config(geometry: base.Geometry = base.Geometry()):  # noqa: ANN201, B00
     return config
 
 
-def image_newline(seed: int = 0):  # noqa: ANN201 - a torch tensor
-    """The ``image_newline`` vector (bf16, the LM's width), seeded, about unit RMS like the projector's outputs."""
+def image_newline(seed: int = 0, tag: str = f"tiny-llava-next-v{BUILDER_VERSION}"):  # noqa: ANN201 - a torch tensor
+    """The ``image_newline`` vector (bf16, the LM's width), seeded from ``tag`` and ``seed``, about unit RMS like the
+    projector's outputs."""
     import torch
 
-    digest = hashlib.sha256(f"tiny-llava-next-v{BUILDER_VERSION}:{seed}:image_newline".encode()).digest()
+    digest = hashlib.sha256(f"{tag}:{seed}:image_newline".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return torch.randn(base.TEXT_HIDDEN, generator=generator).to(torch.bfloat16)
 

@@ -17,13 +17,13 @@ view well and the tiles as extra context. The random-weight tiny LLaVA-OneVision
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
 
 from . import files
 from . import llava_builder as base
+from .llava_next_builder import image_newline
 from .llava_onevision_builder import VISION_ASPECT_RATIO
 
 BUILDER_VERSION = 1
@@ -116,15 +116,6 @@ def make_processor(tokenizer=None):  # noqa: ANN001, ANN201 - transformers' Llav
     )
 
 
-def image_newline(seed: int = 0):  # noqa: ANN201 - a torch tensor
-    """The ``image_newline`` vector (bf16, the LM's width), seeded, about unit RMS like the projector's outputs."""
-    import torch
-
-    digest = hashlib.sha256(f"tiny-llava-onevision-vqa-v{BUILDER_VERSION}:{seed}:image_newline".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return torch.randn(base.TEXT_HIDDEN, generator=generator).to(torch.bfloat16)
-
-
 def with_video_token(state: dict) -> dict:
     """The tiny LLaVA's weights with a row for ``<video>``: zero in the embedding and ``lm_head`` (never predicted;
     each ``<video>`` position is replaced by frame features before the LM reads it)."""
@@ -146,7 +137,7 @@ def build_tiny_llava_onevision_vqa(out_dir: str | Path, *, seed: int = 0, weight
     state = base.load_external_weights(weights)
     geometry = base.Geometry.of(state, base.weights_metadata(weights))
     state = with_video_token(state)
-    state["image_newline"] = image_newline(seed)
+    state["image_newline"] = image_newline(seed, tag=f"tiny-llava-onevision-vqa-v{BUILDER_VERSION}")
     out = Path(out_dir)
     files.start_build(out)
     tokenizer = make_tokenizer()

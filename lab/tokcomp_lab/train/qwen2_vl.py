@@ -248,14 +248,14 @@ def transplant_to_qwen3(qwen2: dict[str, torch.Tensor], scales: dict[int, tuple[
 def qk_norm_scales(qwen2: nn.Module, batch: dict) -> dict[int, tuple[float, float]]:
     """Per LM layer of a Qwen2-VL model: the root mean square of its queries and of its keys (per head, averaged
     over the real tokens of ``batch``), what Qwen3's q/k RMSNorm weights are set to in :func:`transplant_to_qwen3`."""
-    sums: dict[tuple[int, str], list[float]] = {}
+    norms: dict[tuple[int, str], float] = {}
     mask = batch["attention_mask"].bool()
     hooks = []
     for i, layer in enumerate(qwen2.model.language_model.layers):
         for name in ("q_proj", "k_proj"):
             def hook(_module: nn.Module, _args: tuple, output: torch.Tensor, key: tuple = (i, name)) -> None:
                 heads = output[mask].view(-1, output.shape[-1] // tiny.TEXT_HEAD_DIM, tiny.TEXT_HEAD_DIM)
-                sums[key] = [heads.pow(2).mean(-1).sqrt().mean().item()]
+                norms[key] = heads.pow(2).mean(-1).sqrt().mean().item()
             hooks.append(getattr(layer.self_attn, name).register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -264,7 +264,7 @@ def qk_norm_scales(qwen2: nn.Module, batch: dict) -> dict[int, tuple[float, floa
         for handle in hooks:
             handle.remove()
     layers = len(qwen2.model.language_model.layers)
-    return {i: (sums[(i, "q_proj")][0], sums[(i, "k_proj")][0]) for i in range(layers)}
+    return {i: (norms[(i, "q_proj")], norms[(i, "k_proj")]) for i in range(layers)}
 
 
 def build_model(state: dict[str, torch.Tensor], variant: str = "qwen2_vl") -> nn.Module:
@@ -532,10 +532,10 @@ def main(argv: list[str] | None = None) -> int:
                 else tiny.load_weights(args.init, args.variant))
         model = build_model(init, args.variant)
     elif args.variant == "qwen3_vl":
-        qwen2 = build_model(tiny.load_weights(args.qwen2_vl)).eval()
-        scales = qk_norm_scales(qwen2, qa_batch(enc, pixels, args.seed, 0, 8, args.questions_per_image))
-        model = build_model(transplant_to_qwen3(tiny.load_weights(args.qwen2_vl), scales), args.variant)
-        del qwen2
+        source = tiny.load_weights(args.qwen2_vl)
+        scales = qk_norm_scales(build_model(source).eval(),
+                                qa_batch(enc, pixels, args.seed, 0, 8, args.questions_per_image))
+        model = build_model(transplant_to_qwen3(source, scales), args.variant)
     elif args.variant == "qwen2_5_vl":
         model = build_model(transplant_to_qwen2_5(tiny.load_weights(args.qwen2_vl)), args.variant)
     else:
