@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Continue the bundled tiny LLaVA's QA training in several arms side by side on one GPU, then score the bundled
-# model and every arm on the whole test split (transformers, greedy, uncompressed) and on 600 fresh validation
-# scenes (lab/benchmarks/heldout.py: 3027 single-turn questions, standard error ~0.7 points, where the test split's 500
-# questions cannot tell two arms 2 points apart), all in one call, so that a lent GPU's minutes go to training.
+# model and every arm (transformers, greedy, uncompressed) on the whole v1 test split, on the same scenes drawn by
+# spec v2 with digit strokes 2 and 5 (the held-out renderings when an arm trains on --strokes 3,4), on the harder
+# split (accuracy per difficulty) and on 600 fresh validation scenes (lab/benchmarks/heldout.py: 3027 single-turn
+# questions, standard error ~0.7 points, where the test split's 500 questions cannot tell two arms 2 points apart),
+# all in one call, so that a lent GPU's minutes go to training. An arm for the spec-v2 goals, e.g.
+#   'v2=--spec-version 2 --strokes 3,4 --size-jitter 0.08 --color-jitter 16 --both-spellings --hard-share 0.3'
 #
 #   INIT=tiny_llava_qlook_digit3_qa1494.pt bash lab/scripts/gpu_train_arms.sh SECONDS 'a=' 'b=--look-weight 1'
 #
@@ -13,7 +16,8 @@
 #   PY (python3)        the interpreter with torch and transformers (vLLM is not needed)
 #   OUT (/tmp/out)      results: model-NAME.safetensors, wh-NAME.pt and small.tgz (logs, curves, test JSONs)
 #   BUNDLED             the served bundled model folder (tokenizer, processor, config); default: built here
-#   LIMIT               score only the first N test questions and N held-out scenes (default: 500 and 600)
+#   LIMIT               score only the first N questions of each test set and N held-out scenes (default: all
+#                       500 of each test set and 600 scenes)
 #   INIT                the checkpoint to continue (required): the bundled model's weights with their per-patch
 #                       heads are tiny_llava_qlook_digit3_qa1494.pt, which lab/training.md says how to get from git
 set -euo pipefail
@@ -38,6 +42,11 @@ PY
 if [ -z "${BUNDLED:-}" ]; then
   BUNDLED=$($PY -c "from vllm_tokcomp.bench.accuracy import model_or_default; print(model_or_default(None))" | tail -n 1)
 fi
+# the test sets beside v1's (docs/dataset.md): the same 250 scenes drawn by spec v2 with strokes no arm trains on,
+# and the harder split's 250 scenes
+$PY -m vllm_tokcomp.data.generate "$work/strokes-2-5" --seed 0 --test 250 --spec-version 2 --strokes 2,5 \
+  >> "$OUT/setup.log" 2>&1
+$PY -m vllm_tokcomp.data.generate "$work/harder" --seed 0 --hard 250 >> "$OUT/setup.log" 2>&1
 echo "bundled model $BUNDLED, setup $(elapsed)" | tee -a "$OUT/setup.log"
 
 bf16=(); [ "$DEV" = cuda ] && bf16=(--bf16)
@@ -56,9 +65,13 @@ done
 wait
 echo "trained $(elapsed)"
 
-score() {  # NAME MODEL-FOLDER
-  $PY lab/benchmarks/accuracy_positions.py --model "$2" --budgets "" ${LIMIT:+--limit "$LIMIT"} \
-    --device "$DEV" --out "$OUT/test-$1" > "$OUT/eval-$1.log" 2>&1
+score() {  # NAME MODEL-FOLDER: the three test sets one after another (one model on the device at a time per arm)
+  local set data
+  for set in test strokes-2-5 harder; do
+    case $set in test) data=();; strokes-2-5) data=(--data "$work/strokes-2-5/test");; harder) data=(--data "$work/harder/hard");; esac
+    $PY lab/benchmarks/accuracy_positions.py --model "$2" --budgets "" ${LIMIT:+--limit "$LIMIT"} "${data[@]}" \
+      --device "$DEV" --out "$OUT/$set-$1" >> "$OUT/eval-$1.log" 2>&1
+  done
 }
 score bundled "$BUNDLED" &
 for name in "${names[@]}"; do
@@ -78,8 +91,11 @@ $PY lab/benchmarks/heldout.py "${heldout[@]}" --tokenizer "$BUNDLED/tokenizer.js
 wait
 echo "scored $(elapsed)"
 for name in bundled "${names[@]}"; do
-  $PY -c "import json; d = json.load(open('$OUT/test-$name.json')); a = d['arms']['576']
-print('$name', d['n'], round(a['accuracy'], 3), {k: round(v, 3) for k, v in a['per_type'].items()})"
+  for set in test strokes-2-5 harder; do
+    $PY -c "import json; d = json.load(open('$OUT/$set-$name.json')); a = d['arms']['576']
+print('$name', '$set', d['n'], round(a['accuracy'], 3), {k: round(v, 3) for k, v in a['per_type'].items()},
+      {k: round(v, 3) for k, v in a.get('per_difficulty', {}).items()})" || echo "$name $set: scoring failed"
+  done
 done | tee "$OUT/summary.txt"
 small=(setup.log summary.txt heldout.log)
 if [ -f "$OUT/heldout.md" ]; then
@@ -87,9 +103,12 @@ if [ -f "$OUT/heldout.md" ]; then
 else
   echo "held-out scoring failed: see heldout.log" | tee -a "$OUT/summary.txt"
 fi
-for name in bundled "${names[@]}"; do small+=("test-$name.json" "eval-$name.log"); done
+for name in bundled "${names[@]}"; do
+  for set in test strokes-2-5 harder; do [ -f "$OUT/$set-$name.json" ] && small+=("$set-$name.json"); done
+  small+=("eval-$name.log")
+done
 for name in "${names[@]}"; do small+=("train-$name.log" "log-$name.jsonl"); done
 tar czf "$OUT/small.tgz" -C "$OUT" "${small[@]}"
-(cd "$OUT" && rm -f "${small[@]}" test-*.md)
+(cd "$OUT" && rm -f "${small[@]}" test-*.md strokes-2-5-*.md harder-*.md)
 rm -rf "$work"
 ls -la "$OUT"

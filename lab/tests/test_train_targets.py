@@ -717,3 +717,45 @@ def test_qa_batches_draw_the_spec_version_and_rendering_range_asked_for():
     assert not torch.equal(v2_val["pixel_values"], val_batch(enc, 0, 0, 4)[0]["pixel_values"])
     with pytest.raises(SystemExit):
         main(["/tmp/unused-run", "--strokes", "2"])  # rendering variation is spec v2's
+
+
+def test_hard_share_draws_harder_split_scenes_from_their_own_stream():
+    """``--hard-share``: share 0 leaves spec v2's batches alone; share 1 makes every image the scene the image's
+    ``hard_train`` generator draws (never the harder split's test scene of that index), drawn and asked as
+    ``data/hard.py`` draws and asks them, the answers intact through the tokenizer; the number question has no
+    look target (the box has no label)."""
+    from tokcomp_lab.train.llava import HARD_TRAIN_SPLIT, Drawing, QAEncoder, hard_scene_rng, main, pixels, qa_batch
+    from vllm_tokcomp.data.hard import make_hard_questions, make_hard_scene, render_hard_scene
+
+    enc = QAEncoder()
+    v2 = qa_batch(enc, 0, 3, 2, 6, drawing=Drawing(2))
+    none = qa_batch(enc, 0, 3, 2, 6, drawing=Drawing(2, hard_share=0.0))
+    for key in ("input_ids", "labels", "pixel_values", "patch_labels"):
+        assert torch.equal(v2[key], none[key])
+    assert hard_scene_rng(0, 3, 0.0) is None
+    drawn = [hard_scene_rng(0, i, 0.5) is not None for i in range(200)]
+    assert 70 < sum(drawn) < 130  # about half, decided per image
+
+    index = 9  # a scene with a number box
+    batch = qa_batch(enc, 0, index, 1, 6, drawing=Drawing(2, hard_share=1.0), near_misses=True)
+    rng = scene_rng(0, HARD_TRAIN_SPLIT, index)
+    rng.random()  # the share draw
+    scene = make_hard_scene(rng)
+    qas = make_hard_questions(scene, rng, 6)
+    assert 8 <= len(scene.objects) <= 16
+    assert torch.equal(batch["pixel_values"][0], pixels(render_hard_scene(scene)))
+    assert scene != make_hard_scene(scene_rng(0, "hard", index))  # not the test split's scene
+    labels = batch["labels"][0]
+    answers = enc.tok.decode([t for t in labels.tolist() if t != -100]).split("</s>")
+    assert [a.strip() for a in answers if a.strip()] == [qa["answer"] for qa in qas]
+    looked = {start for _row, start, _patches, _weight in batch["looks"]}
+    starts = enc.conversation_with_answer_starts(qas)[2]
+    for qa, start in zip(qas, starts, strict=True):
+        if qa["type"] == "number":
+            assert start not in looked
+    assert "number" in [qa["type"] for qa in qas]
+    assert any(qa["type"] != "number" and start in looked for qa, start in zip(qas, starts, strict=True))
+
+    for flags in (["--hard-share", "0.5"], ["--spec-version", "2", "--hard-share", "1.5"]):
+        with pytest.raises(SystemExit):
+            main(["/tmp/unused-run", *flags])

@@ -2,7 +2,7 @@
 
 ``python -m vllm_tokcomp.bench.summary --write README.md`` replaces the text between each marker pair
 (``<!-- throughput:start -->`` / ``<!-- throughput:end -->``, ``accuracy``, ``accuracy-llava-next``,
-``accuracy-llava-onevision``, ``accuracy-qwen3-vl``); without
+``accuracy-llava-onevision``, ``accuracy-qwen3-vl``, ``quality-splits``); without
 ``--write`` it prints every block. The full tables are in docs/benchmarks.md (``benchmarks/report.py``).
 """
 
@@ -35,6 +35,16 @@ MODEL_DESCRIPTIONS = {
     "accuracy-qwen3-vl": "the trained tiny Qwen3-VL",
 }
 MARKER_BUDGETS = {"accuracy-qwen3-vl": QWEN_ACCURACY_BUDGETS}
+# The bundled LLaVA on each test set (docs/dataset.md), one row each in the ``quality-splits`` block.
+SPLIT_RESULTS = (
+    ("v1 test split (what the model was trained to)", ACCURACY_RESULT),
+    ("spec v2, drawn exactly as the spec says", RESULTS / "accuracy-spec-v2.json"),
+    ("spec v2, a training split's variation (strokes 3-4, sizes, colours, both plurals)",
+     RESULTS / "accuracy-spec-v2-varied.json"),
+    ("spec v2, digit strokes 2 and 5 (held-out renderings)", RESULTS / "accuracy-spec-v2-strokes-2-5.json"),
+    ("harder split (8-16 small objects, 3-4 digit numbers)", RESULTS / "accuracy-hard.json"),
+)
+SPLIT_BUDGETS = (64, 16)
 
 
 def _relative(path: Path) -> str:
@@ -103,9 +113,43 @@ def accuracy_summary(result: dict, source: str, budgets: tuple[int, ...] = ACCUR
     return "\n".join(lines) + "\n"
 
 
+def splits_summary(splits: tuple[tuple[str, Path], ...] = SPLIT_RESULTS,
+                   budgets: tuple[int, ...] = SPLIT_BUDGETS) -> str:
+    """One row per test set: uncompressed accuracy (and per difficulty where the set labels it), and at each budget
+    the best and the worst method's share of it where methods were measured."""
+    lines = [
+        "| test set | questions | uncompressed | easy / hard half | "
+        + " | ".join(f"best / worst method at {b} tokens" for b in budgets) + " | source |",
+        "|---|---:|---:|---:|" + "---|" * len(budgets) + "---|",
+    ]
+    weights = set()
+    for label, path in splits:
+        result = json.loads(path.read_text())
+        weights.add((result.get("provenance") or {}).get("weights_sha256", "?")[:12])
+        base = result["baseline"]
+        halves = base.get("per_difficulty")
+        cells = [label, str(result["n"]), f"{base['accuracy']:.3f}",
+                 f"{halves['easy']:.3f} / {halves['hard']:.3f}" if halves else "–"]
+        for budget in budgets:
+            arms = sorted((arm for arm in result["arms"] if arm["budget"] == budget),
+                          key=lambda arm: (-arm["accuracy"], arm["method"]))
+            if not arms:
+                cells.append("–")
+                continue
+            best, worst = arms[0], arms[-1]
+            cells.append(f"`{best['method']}` {best['accuracy'] / base['accuracy']:.0%} / "
+                         f"`{worst['method']}` {worst['accuracy'] / base['accuracy']:.0%} ({len(arms)} methods)")
+        cells.append(f"`{_relative(path)}`")
+        lines.append("| " + " | ".join(cells) + " |")
+    head = ("The bundled tiny LLaVA on every test set of the synthetic VQA task, served by vLLM, greedy, exact match "
+            f"(weights sha256 `{'`, `'.join(sorted(weights))}`; each source has its provenance). Shares are of the "
+            "set's uncompressed accuracy; – where no method was measured.")
+    return head + "\n\n" + "\n".join(lines) + "\n"
+
+
 def blocks(results: dict[str, Path] = MARKERS) -> dict[str, str]:
     """Each README marker's generated text, from the committed result files."""
-    out = {}
+    out = {"quality-splits": splits_summary()}
     for marker, path in results.items():
         result = json.loads(path.read_text())
         if marker == "throughput":

@@ -174,4 +174,4 @@ def make_hard_questions(scene: HardScene, rng: np.random.Generator, k: int) -> l
     return out
 
 
-__all__ = ["HardScene", "make_hard_questions", "make_hard_scene", "number_box", "render_hard_scene"]
+__all__ = ["HARD_ASKERS", "HardScene", "make_hard_questions", "make_hard_scene", "number_box", "render_hard_scene"]

@@ -23,7 +23,9 @@ positions), so the LM also learns to read compressed images; ``--eval-squeeze`` 
 ``--isolated-questions`` packs the questions as single-turn conversations sharing the image prefix (block
 attention mask, served positions), so no answer can be read off an earlier turn. ``--spec-version 2`` draws and words
 the images by the data spec's version 2 (validation too); with ``--strokes``, ``--size-jitter``, ``--color-jitter``
-and ``--both-spellings`` each training image draws its rendering within the spec's tolerances (:class:`Drawing`).
+and ``--both-spellings`` each training image draws its rendering within the spec's tolerances (:class:`Drawing`);
+``--hard-share P`` draws a share P of the QA images as scenes of the harder split (``data/hard.py``: 8-16 small
+objects, multi-digit numbers, its question forms) from a stream of their own, never the harder split's test scenes.
 
 Data is generated on the fly from the training split's seeds (image ``i`` of the run is image
 ``i`` of ``python -m vllm_tokcomp.data.generate --seed SEED``), so runs are deterministic and
@@ -49,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_tokcomp.data.generate import rendering_rng, scene_rng
+from vllm_tokcomp.data.hard import HARD_ASKERS, make_hard_questions, make_hard_scene, render_hard_scene
 from vllm_tokcomp.data.spec import BACKGROUNDS, COLORS, DIGITS, MAX_OBJECTS, SHAPES, SIZES
 from vllm_tokcomp.data.synth import (
     ASKERS,
@@ -558,8 +561,9 @@ def parse_type_weights(items: list[str], error) -> dict[str, float] | None:  # n
             weight = float(value)
         except ValueError:
             weight = -1.0
-        if name not in ASKERS or not 0 <= weight < float("inf") or name in weights:
-            error(f"--type-weight wants TYPE=W once per type, TYPE one of {', '.join(ASKERS)} and W >= 0, got {item!r}")
+        types = {**ASKERS, **HARD_ASKERS}
+        if name not in types or not 0 <= weight < float("inf") or name in weights:
+            error(f"--type-weight wants TYPE=W once per type, TYPE one of {', '.join(types)} and W >= 0, got {item!r}")
         weights[name] = weight
     return weights or None
 
@@ -588,6 +592,20 @@ class Drawing:
 
     spec_version: int = 1
     renderings: RenderingRange = RenderingRange()
+    hard_share: float = 0.0  # share of the images drawn as harder-split scenes (:func:`hard_scene_rng`)
+
+
+HARD_TRAIN_SPLIT = "hard_train"  # the harder split's training stream (data.generate.SPLIT_IDS)
+
+
+def hard_scene_rng(seed: int, index: int, share: float) -> np.random.Generator | None:
+    """The generator of training image ``index``'s harder-split scene when it draws one (with probability ``share``,
+    from the image's own stream: which images are hard does not depend on the batch size), else None. The stream is
+    not the harder split's (``scene_rng(seed, "hard", i)``), so a run never sees that split's test scenes."""
+    if share <= 0:
+        return None
+    rng = scene_rng(seed, HARD_TRAIN_SPLIT, index)
+    return rng if rng.random() < share else None
 
 
 def training_scene(rng: np.random.Generator, min_objects: int = 1, spec_version: int = 1):  # noqa: ANN201 - a synth Scene
@@ -620,12 +638,17 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
     looks: list[tuple[int, int, list[int], float]] = []
     question_looks: list[tuple[int, int, list[int], float]] = []  # the same, on the words the question names
     for row, index in enumerate(range(start, start + n)):
-        rng = scene_rng(seed, "train", index)
-        scene = training_scene(rng, min_objects, drawing.spec_version)
+        rng = hard_scene_rng(seed, index, drawing.hard_share)
+        hard = rng is not None
+        if hard:
+            scene = make_hard_scene(rng)
+        else:
+            rng = scene_rng(seed, "train", index)
+            scene = training_scene(rng, min_objects, drawing.spec_version)
         if drawing.renderings.varies:
             scene.rendering = drawing.renderings.draw(rendering_rng(seed, "train", index), len(scene.objects))
-        images.append(pixels(render_scene(scene)))
-        qas = dense_questions(scene, rng, per_image)
+        images.append(pixels(render_hard_scene(scene) if hard else render_scene(scene)))
+        qas = make_hard_questions(scene, rng, per_image) if hard else dense_questions(scene, rng, per_image)
         if caption:  # LLaVA's alignment task as a first turn: every object, so every image token matters
             qas = [{"question": CAPTION_QUESTION, "answer": scene_caption(scene)}, *qas]
         squeeze = draw_squeeze(rng, compress_prob)  # drawn last: without it the batches are the same as before
@@ -649,7 +672,8 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
             words = enc.attribute_positions(ids, answer_start)
             if words and weight > 0:
                 question_looks.append((row, answer_start, words, weight))
-            targets = question_targets(scene, qa["question"], near_misses)
+            # the number box has no label in label_map: its question names no object to look at
+            targets = [] if qa.get("type") == "number" else question_targets(scene, qa["question"], near_misses)
             if targets and weight > 0:
                 patches = np.flatnonzero(np.isin(owners, targets))
                 if patches.size:
@@ -971,6 +995,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-jitter", type=float, default=0.0, help="spec v2: object box sides x (1 +- this)")
     parser.add_argument("--color-jitter", type=int, default=0, help="spec v2: per-object colour offsets +- this")
     parser.add_argument("--both-spellings", action="store_true", help="spec v2: 'crosses' or 'crosss', half each")
+    parser.add_argument("--hard-share", type=float, default=0.0,
+                        help="spec v2: draw this share of the QA images (0-1) as harder-split scenes with its "
+                        "questions (data/hard.py), from a training stream of their own")
     parser.add_argument("--rope-theta", type=float, default=None,
                         help="the LM's rotary base (default: --init-lm's, else --init's, else "
                         f"{tiny.ROPE_THETA:g}); a larger one turns the keys of far-apart image patches less against "
@@ -1015,11 +1042,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         strokes = tuple(int(t) for t in args.strokes.split(",")) if args.strokes else RenderingRange().strokes
         drawing = Drawing(args.spec_version,
-                          RenderingRange(strokes, args.size_jitter, args.color_jitter, args.both_spellings))
+                          RenderingRange(strokes, args.size_jitter, args.color_jitter, args.both_spellings),
+                          args.hard_share)
     except ValueError as error:
         parser.error(f"rendering variation: {error}")
     if drawing.renderings.varies and drawing.spec_version < 2:
         parser.error("--strokes, --size-jitter, --color-jitter and --both-spellings need --spec-version 2")
+    if not 0 <= args.hard_share <= 1:
+        parser.error(f"--hard-share must be in [0, 1], got {args.hard_share}")
+    if args.hard_share > 0 and drawing.spec_version < 2:
+        parser.error("--hard-share needs --spec-version 2 (the harder split is drawn as spec v2)")
     if not 1 <= args.min_objects <= MAX_OBJECTS:
         parser.error(f"--min-objects must be 1-{MAX_OBJECTS} (a scene has at most {MAX_OBJECTS} objects), "
                      f"got {args.min_objects}")
