@@ -95,6 +95,28 @@ def harness_data_and_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+def test_default_dataset_is_written_once_when_processes_ask_at_once(tmp_path: Path) -> None:
+    """Two processes asking for the cached test split at the same time (parallel test workers, two benchmarks)
+    both get the whole split, byte-identical to a plain ``data.generate`` run, and no temporary folder is left."""
+    code = ("import sys; from vllm_tokcomp.bench.accuracy import default_dataset, load_dataset; "
+            "path = default_dataset(images=12); print(path, len(load_dataset(path)))")
+    env = {**os.environ, "TOKCOMP_DATA_DIR": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+             for _ in range(2)]
+    # the last line: the process that built the split also printed its spec
+    outputs = {proc.communicate(timeout=300)[0].strip().splitlines()[-1] for proc in procs}
+    assert all(proc.returncode == 0 for proc in procs)
+    folder = tmp_path / "cache" / "vqa-v1-seed0-test12"
+    assert outputs == {f"{folder / 'test'} 24"}
+    subprocess.run([sys.executable, "-m", "vllm_tokcomp.data.generate", str(tmp_path / "plain"), "--test", "12"],
+                   check=True, capture_output=True, cwd=REPO_ROOT)
+    plain = tmp_path / "plain"
+    for name in ("spec.json", "test/questions.jsonl", "test/images/000011.png"):
+        assert (folder / name).read_bytes() == (plain / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".vqa-v1-seed0-test12.lock",
+                                                                       "vqa-v1-seed0-test12"]
+
+
 def test_harness_end_to_end(tmp_path: Path) -> None:
     from vllm_tokcomp.tiny.llava_builder import ensure_default_model
 

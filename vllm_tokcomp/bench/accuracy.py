@@ -69,26 +69,32 @@ def load_dataset(folder: Path, limit: int | None = None) -> list[dict]:
     return records[:limit] if limit else records
 
 
+def _data_root() -> Path:
+    return Path(os.environ.get("TOKCOMP_DATA_DIR", Path.home() / ".cache" / "vllm-tokcomp" / "data"))
+
+
+def _generated(out: Path, arguments: list[str]) -> Path:
+    """``out`` written by ``data.generate`` once: into a temporary sibling renamed into place under a lock, so
+    processes that ask at the same time (parallel test workers, two benchmarks) never read a half-written split."""
+    from vllm_tokcomp.data.generate import main as generate
+    from vllm_tokcomp.tiny.files import build_in_place
+
+    def ready() -> bool:
+        return (out / "test" / "questions.jsonl").exists() and (out / "spec.json").exists()
+
+    return build_in_place(out, ready, lambda tmp: generate([str(tmp), *arguments]))
+
+
 def default_dataset(seed: int = 0, images: int = 250) -> Path:
     """The synthetic test split (``images`` images, 2 questions each), generated once into a cache folder."""
-    root = Path(os.environ.get("TOKCOMP_DATA_DIR", Path.home() / ".cache" / "vllm-tokcomp" / "data"))
-    out = root / f"vqa-v1-seed{seed}-test{images}"
-    if not (out / "test" / "questions.jsonl").exists() or not (out / "spec.json").exists():
-        from vllm_tokcomp.data.generate import main as generate
-
-        generate([str(out), "--seed", str(seed), "--test", str(images)])
-    return out / "test"
+    out = _data_root() / f"vqa-v1-seed{seed}-test{images}"
+    return _generated(out, ["--seed", str(seed), "--test", str(images)]) / "test"
 
 
 def default_video_dataset(seed: int = 0, clips: int = 100, frames: int = 4) -> Path:
     """The synthetic video test split (``clips`` clips of ``frames`` frames, 2 questions each), generated once."""
-    root = Path(os.environ.get("TOKCOMP_DATA_DIR", Path.home() / ".cache" / "vllm-tokcomp" / "data"))
-    out = root / f"vqa-video-v1-seed{seed}-f{frames}-test{clips}"
-    if not (out / "test" / "questions.jsonl").exists() or not (out / "spec.json").exists():
-        from vllm_tokcomp.data.generate import main as generate
-
-        generate([str(out), "--videos", "--frames", str(frames), "--seed", str(seed), "--test", str(clips)])
-    return out / "test"
+    out = _data_root() / f"vqa-video-v1-seed{seed}-f{frames}-test{clips}"
+    return _generated(out, ["--videos", "--frames", str(frames), "--seed", str(seed), "--test", str(clips)]) / "test"
 
 
 def score(records: list[dict], predictions: list[str]) -> dict:
