@@ -244,7 +244,12 @@ def llava_data_parallel(tiny_llava_dir, vllm_env, tmp_path_factory, selection_lo
     args = [str(tiny_llava_dir), "-dp", "2", "--api-server-count", "2", "--dtype", "float32", "--enforce-eager",
             "--max-model-len", "1024", "--served-model-name", "tiny", "--seed", "0", "--preview"]
     results = []
-    with ServerProcess(args, env=env, log_path=tmp_path_factory.mktemp("dp") / "server.log") as server:
+    # ServerProcess starts from this process's environment: without the binding a parallel test worker sets
+    # there (conftest.py), so that `tokcomp serve` writes the DP ranks' binding itself
+    with pytest.MonkeyPatch.context() as unbound:
+        unbound.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+        data_parallel = ServerProcess(args, env=env, log_path=tmp_path_factory.mktemp("dp") / "server.log")
+    with data_parallel as server:
         metrics_at_start = server.get("/metrics")
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
