@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tokens
 
+from conftest import make_tokens
 from vllm_tokcomp.methods import get_method
 
 

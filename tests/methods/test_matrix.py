@@ -13,9 +13,9 @@ import pkgutil
 
 import pytest
 import torch
-from conftest import constant_tokens, make_tokens
 
 import vllm_tokcomp.methods as methods_pkg
+from conftest import constant_tokens, make_tokens
 from vllm_tokcomp.methods import (
     DROPPED,
     VisualTokens,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tokens
 
+from conftest import make_tokens
 from vllm_tokcomp.methods import VisualTokens, get_method
 from vllm_tokcomp.methods.pool import pool_output_grid
 

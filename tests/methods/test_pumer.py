@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_tokens
 from test_tome import reference_tome
 
+from conftest import make_tokens
 from vllm_tokcomp.methods import VisualTokens, get_method
 
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import make_tokens
 
+from conftest import make_tokens
 from vllm_tokcomp.methods import VisualTokens, get_method
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tokens
 
+from conftest import make_tokens
 from vllm_tokcomp.methods import VisualTokens, get_method
 from vllm_tokcomp.methods.visionzip import contextual_targets
 
