@@ -42,8 +42,11 @@ PY
 if [ -z "${BUNDLED:-}" ]; then
   BUNDLED=$($PY -c "from vllm_tokcomp.bench.accuracy import model_or_default; print(model_or_default(None))" | tail -n 1)
 fi
-# the test sets beside v1's (docs/dataset.md): the same 250 scenes drawn by spec v2 with strokes no arm trains on,
-# and the harder split's 250 scenes
+# the test sets each model is scored on, and their data folders (empty: the v1 test split, accuracy_positions.py's
+# default); beside v1's (docs/dataset.md): the same 250 scenes drawn by spec v2 with strokes no arm trains on, and the
+# harder split's 250 scenes
+sets=(test strokes-2-5 harder)
+declare -A set_data=([test]="" [strokes-2-5]="$work/strokes-2-5/test" [harder]="$work/harder/hard")
 $PY -m vllm_tokcomp.data.generate "$work/strokes-2-5" --seed 0 --test 250 --spec-version 2 --strokes 2,5 \
   >> "$OUT/setup.log" 2>&1
 $PY -m vllm_tokcomp.data.generate "$work/harder" --seed 0 --hard 250 >> "$OUT/setup.log" 2>&1
@@ -67,8 +70,8 @@ echo "trained $(elapsed)"
 
 score() {  # NAME MODEL-FOLDER: the three test sets one after another (one model on the device at a time per arm)
   local set data
-  for set in test strokes-2-5 harder; do
-    case $set in test) data=();; strokes-2-5) data=(--data "$work/strokes-2-5/test");; harder) data=(--data "$work/harder/hard");; esac
+  for set in "${sets[@]}"; do
+    data=(); [ -n "${set_data[$set]}" ] && data=(--data "${set_data[$set]}")
     $PY lab/benchmarks/accuracy_positions.py --model "$2" --budgets "" ${LIMIT:+--limit "$LIMIT"} "${data[@]}" \
       --device "$DEV" --out "$OUT/$set-$1" >> "$OUT/eval-$1.log" 2>&1
   done
@@ -91,7 +94,7 @@ $PY lab/benchmarks/heldout.py "${heldout[@]}" --tokenizer "$BUNDLED/tokenizer.js
 wait
 echo "scored $(elapsed)"
 for name in bundled "${names[@]}"; do
-  for set in test strokes-2-5 harder; do
+  for set in "${sets[@]}"; do
     $PY -c "import json; d = json.load(open('$OUT/$set-$name.json')); a = d['arms']['576']
 print('$name', '$set', d['n'], round(a['accuracy'], 3), {k: round(v, 3) for k, v in a['per_type'].items()},
       {k: round(v, 3) for k, v in a.get('per_difficulty', {}).items()})" || echo "$name $set: scoring failed"
@@ -104,11 +107,11 @@ else
   echo "held-out scoring failed: see heldout.log" | tee -a "$OUT/summary.txt"
 fi
 for name in bundled "${names[@]}"; do
-  for set in test strokes-2-5 harder; do [ -f "$OUT/$set-$name.json" ] && small+=("$set-$name.json"); done
+  for set in "${sets[@]}"; do [ -f "$OUT/$set-$name.json" ] && small+=("$set-$name.json"); done
   small+=("eval-$name.log")
 done
 for name in "${names[@]}"; do small+=("train-$name.log" "log-$name.jsonl"); done
 tar czf "$OUT/small.tgz" -C "$OUT" "${small[@]}"
-(cd "$OUT" && rm -f "${small[@]}" test-*.md strokes-2-5-*.md harder-*.md)
+(cd "$OUT" && rm -f "${small[@]}" && for set in "${sets[@]}"; do rm -f "$set"-*.md; done)
 rm -rf "$work"
 ls -la "$OUT"
