@@ -759,3 +759,31 @@ def test_hard_share_draws_harder_split_scenes_from_their_own_stream():
     for flags in (["--hard-share", "0.5"], ["--spec-version", "2", "--hard-share", "1.5"]):
         with pytest.raises(SystemExit):
             main(["/tmp/unused-run", *flags])
+
+
+def test_v1_share_draws_some_spec_v2_training_images_exactly_as_spec_v1():
+    """``--v1-share``: share 0 leaves spec v2's batches alone; share 1 draws and words every image as a spec-v1 run
+    does (same pixels, ids and labels), rendering variation and all; which images are v1 is decided per image from a
+    stream of its own, so the scenes stay those of the v2 run."""
+    from tokcomp_lab.train.llava import Drawing, QAEncoder, drawn_as_v1, main, qa_batch
+    from vllm_tokcomp.data.synth import RenderingRange
+
+    enc = QAEncoder()
+    varied = RenderingRange((3, 4), 0.08, 16, True)
+    v2 = qa_batch(enc, 0, 3, 4, 6, drawing=Drawing(2, varied))
+    for key, value in qa_batch(enc, 0, 3, 4, 6, drawing=Drawing(2, varied, v1_share=0.0)).items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(v2[key], value), key
+    v1 = qa_batch(enc, 0, 3, 4, 6)
+    as_v1 = qa_batch(enc, 0, 3, 4, 6, drawing=Drawing(2, varied, v1_share=1.0))
+    for key in ("input_ids", "labels", "pixel_values", "patch_labels"):
+        assert torch.equal(v1[key], as_v1[key]), key
+    assert not torch.equal(v1["pixel_values"], v2["pixel_values"])
+    drawn = [drawn_as_v1(0, i, 0.25) for i in range(400)]
+    assert 60 < sum(drawn) < 140  # about a quarter
+    assert not any(drawn_as_v1(0, i, 0.0) for i in range(50))
+
+    for flags in (["--v1-share", "0.5"], ["--spec-version", "2", "--v1-share", "-0.1"],
+                  ["--spec-version", "2", "--v1-share", "nan"]):
+        with pytest.raises(SystemExit):
+            main(["/tmp/unused-run", *flags])

@@ -32,8 +32,9 @@ from .spec import SPEC_VERSION, SPEC_VERSIONS
 from .synth import RenderingRange, make_questions, make_scene, render_scene
 from .video import FRAMES, make_clip, make_video_questions, render_clip
 
-# "hard_train": the stream the trainers draw harder-split training scenes from (never written as a split)
-SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "hard": 5, "hard_train": 6}
+# "hard_train": the stream the trainers draw harder-split training scenes from; "v1_train": the stream that decides
+# which spec-v2 training images are drawn by spec v1 instead (neither is written as a split)
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "hard": 5, "hard_train": 6, "v1_train": 7}
 
 
 STREAM = 1  # the generator streams' first key; every spec version draws the same scenes (v2 renders them anew)

@@ -593,9 +593,18 @@ class Drawing:
     spec_version: int = 1
     renderings: RenderingRange = RenderingRange()
     hard_share: float = 0.0  # share of the images drawn as harder-split scenes (:func:`hard_scene_rng`)
+    v1_share: float = 0.0  # share of the other images drawn and worded by spec v1 (:func:`drawn_as_v1`)
 
 
 HARD_TRAIN_SPLIT = "hard_train"  # the harder split's training stream (data.generate.SPLIT_IDS)
+V1_TRAIN_SPLIT = "v1_train"  # the stream deciding which images spec v1 draws (data.generate.SPLIT_IDS)
+
+
+def drawn_as_v1(seed: int, index: int, share: float) -> bool:
+    """Whether training image ``index`` is drawn exactly as spec v1 draws and words it (with probability ``share``,
+    from a stream of its own: the scene and its questions are the same either way, only the drawing and wording
+    differ). Rehearsing v1's drawing keeps what a spec-v2 run would otherwise unlearn on v1's test split."""
+    return share > 0 and scene_rng(seed, V1_TRAIN_SPLIT, index).random() < share
 
 
 def hard_scene_rng(seed: int, index: int, share: float) -> np.random.Generator | None:
@@ -644,8 +653,9 @@ def qa_batch(enc: QAEncoder, seed: int, start: int, n: int, per_image: int, capt
             scene = make_hard_scene(rng)
         else:
             rng = scene_rng(seed, "train", index)
-            scene = training_scene(rng, min_objects, drawing.spec_version)
-        if drawing.renderings.varies:
+            v1 = drawn_as_v1(seed, index, drawing.v1_share)
+            scene = training_scene(rng, min_objects, 1 if v1 else drawing.spec_version)
+        if drawing.renderings.varies and scene.spec_version >= 2:
             scene.rendering = drawing.renderings.draw(rendering_rng(seed, "train", index), len(scene.objects))
         images.append(pixels(render_hard_scene(scene) if hard else render_scene(scene)))
         qas = make_hard_questions(scene, rng, per_image) if hard else dense_questions(scene, rng, per_image)
@@ -998,6 +1008,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hard-share", type=float, default=0.0,
                         help="spec v2: draw this share of the QA images (0-1) as harder-split scenes with its "
                         "questions (data/hard.py), from a training stream of their own")
+    parser.add_argument("--v1-share", type=float, default=0.0,
+                        help="spec v2: draw this share of the other QA images (0-1) exactly as spec v1 draws and "
+                        "words them, so the run keeps v1's test split")
     parser.add_argument("--rope-theta", type=float, default=None,
                         help="the LM's rotary base (default: --init-lm's, else --init's, else "
                         f"{tiny.ROPE_THETA:g}); a larger one turns the keys of far-apart image patches less against "
@@ -1043,7 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
         strokes = tuple(int(t) for t in args.strokes.split(",")) if args.strokes else RenderingRange().strokes
         drawing = Drawing(args.spec_version,
                           RenderingRange(strokes, args.size_jitter, args.color_jitter, args.both_spellings),
-                          args.hard_share)
+                          args.hard_share, args.v1_share)
     except ValueError as error:
         parser.error(f"rendering variation: {error}")
     if drawing.renderings.varies and drawing.spec_version < 2:
@@ -1052,6 +1065,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--hard-share must be in [0, 1], got {args.hard_share}")
     if args.hard_share > 0 and drawing.spec_version < 2:
         parser.error("--hard-share needs --spec-version 2 (the harder split is drawn as spec v2)")
+    if not 0 <= args.v1_share <= 1:
+        parser.error(f"--v1-share must be in [0, 1], got {args.v1_share}")
+    if args.v1_share > 0 and drawing.spec_version < 2:
+        parser.error("--v1-share needs --spec-version 2 (a v1 run draws every image as v1)")
     if not 1 <= args.min_objects <= MAX_OBJECTS:
         parser.error(f"--min-objects must be 1-{MAX_OBJECTS} (a scene has at most {MAX_OBJECTS} objects), "
                      f"got {args.min_objects}")
