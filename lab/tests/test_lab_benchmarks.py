@@ -1,7 +1,13 @@
-"""lab/benchmarks/mustdrop_auto.py (the pixel budget estimator against MustDrop's threshold form) and
-lab/benchmarks/accuracy_positions.py (kept image tokens renumbered, as served, vs at their original positions)."""
+"""lab/benchmarks/mustdrop_auto.py (the pixel budget estimator against MustDrop's threshold form),
+lab/benchmarks/accuracy_positions.py (kept image tokens renumbered, as served, vs at their original positions) and
+lab/benchmarks/splits.py (uncompressed accuracy on every test set)."""
 
 import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_mustdrop_auto_compares_both_counts_on_real_images(tmp_path):
@@ -29,3 +35,28 @@ def test_positions_renumbered_vs_original() -> None:
     # text before at 0..2, the kept image tokens where they were (3 + index), text after the full image
     assert positions(3, kept, 2, renumber=False).tolist() == [0, 1, 2, 3, 8, 578, 579, 580]
 
+
+
+# the committed uncompressed results of the bundled tiny LLaVA on each test set splits.py scores
+COMMITTED = {"v1": "accuracy", "v2": "accuracy-spec-v2", "v2-varied": "accuracy-spec-v2-varied",
+             "strokes-2-5": "accuracy-spec-v2-strokes-2-5", "harder": "accuracy-hard"}
+
+
+@pytest.mark.slow
+def test_splits_scores_the_test_sets_the_committed_results_were_measured_on(tmp_path):
+    """``lab/benchmarks/splits.py`` regenerates each test set and answers it through one vLLM engine per model: the
+    bundled model's answers to the first questions of every set are the ones the accuracy harness committed for that
+    set (same question ids, answers and predictions), so a candidate's row is comparable with the README's."""
+    from lab.benchmarks import splits
+
+    assert set(COMMITTED) == set(splits.TEST_SETS)
+    out = tmp_path / "splits"
+    assert splits.main(["--limit", "6", "--jobs", "1", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    bundled = report["models"]["bundled"]
+    for name, stem in COMMITTED.items():
+        committed = json.loads((REPO / "benchmarks" / "results" / f"{stem}.json").read_text())
+        assert committed["provenance"]["weights_sha256"] == bundled["weights_sha256"]
+        assert bundled["scores"][name]["predictions"] == committed["baseline_predictions"][:6], name
+    assert "easy" in bundled["scores"]["harder"]["per_difficulty"]
+    assert "| harder split" in out.with_suffix(".md").read_text()
